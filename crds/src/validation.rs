@@ -1,0 +1,67 @@
+//! Rust-side validation: each spec's cross-field invariants, mirrored one-for-one from the CEL rules
+//! in its schema, plus the ranges and patterns the operator relies on. Errors name the field by its
+//! path in the manifest (`spec.replicas.min`), the way the API server does.
+
+use std::fmt;
+
+/// One violated rule: the field's path in the manifest and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+/// Every rule a spec violates, reported together so a user fixes a manifest in one pass.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+pub struct Invalid(pub Vec<FieldError>);
+
+impl Invalid {
+    /// Whether any violation is reported for `field` (an exact path or a path below it).
+    pub fn names(&self, field: &str) -> bool {
+        self.0.iter().any(|e| {
+            e.field == field || e.field.starts_with(&format!("{field}.")) || e.field.starts_with(&format!("{field}["))
+        })
+    }
+}
+
+/// A spec that can check its own invariants. `validate` sees the spec alone; paths are reported
+/// from the manifest root (`spec.…`).
+pub trait Validate {
+    fn validate(&self) -> Result<(), Invalid>;
+}
+
+/// Collects violations while a spec is walked.
+#[derive(Default)]
+pub(crate) struct Violations(Vec<FieldError>);
+
+impl Violations {
+    /// Records `message` against `field` unless `ok` holds.
+    pub(crate) fn check(&mut self, ok: bool, field: impl Into<String>, message: impl Into<String>) {
+        if !ok {
+            self.0.push(FieldError { field: field.into(), message: message.into() });
+        }
+    }
+
+    /// Checks that `value` matches the anchored `pattern` (one of the schema's patterns).
+    pub(crate) fn pattern(&mut self, value: &str, pattern: &str, field: impl Into<String>) {
+        let ok = regex::Regex::new(pattern).is_ok_and(|re| re.is_match(value));
+        self.check(ok, field, format!("{value:?} does not match {pattern}"));
+    }
+
+    /// Checks `min <= value <= max`.
+    pub(crate) fn range<T: PartialOrd + fmt::Display>(&mut self, value: T, min: T, max: T, field: impl Into<String>) {
+        let ok = value >= min && value <= max;
+        self.check(ok, field, format!("{value} is outside {min}..={max}"));
+    }
+
+    pub(crate) fn finish(self) -> Result<(), Invalid> {
+        if self.0.is_empty() { Ok(()) } else { Err(Invalid(self.0)) }
+    }
+}
