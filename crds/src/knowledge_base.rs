@@ -308,22 +308,20 @@ impl Validate for KnowledgeBaseSpec {
         v.pattern(&self.data_source.uri, DATA_URI_PATTERN, "spec.dataSource.uri");
         v.pattern(&self.embedding_model_id, MODEL_ID_PATTERN, "spec.embeddingModelId");
         let c = &self.chunking;
-        let only_when = "is required when strategy is set to it, and only then";
-        v.check(
-            (c.strategy == ChunkingStrategy::FixedSize) == c.fixed_size.is_some(),
-            "spec.chunking.fixedSize",
-            only_when,
-        );
-        v.check(
-            (c.strategy == ChunkingStrategy::Hierarchical) == c.hierarchical.is_some(),
-            "spec.chunking.hierarchical",
-            only_when,
-        );
-        v.check(
-            (c.strategy == ChunkingStrategy::Semantic) == c.semantic.is_some(),
-            "spec.chunking.semantic",
-            only_when,
-        );
+        let strategy_block = |present: bool, strategy: ChunkingStrategy, name: &str, value: &str| {
+            (
+                (c.strategy == strategy) == present,
+                format!("spec.chunking.{name}"),
+                format!("{name} is required when strategy is {value}, and only then"),
+            )
+        };
+        for (ok, field, message) in [
+            strategy_block(c.fixed_size.is_some(), ChunkingStrategy::FixedSize, "fixedSize", "FIXED_SIZE"),
+            strategy_block(c.hierarchical.is_some(), ChunkingStrategy::Hierarchical, "hierarchical", "HIERARCHICAL"),
+            strategy_block(c.semantic.is_some(), ChunkingStrategy::Semantic, "semantic", "SEMANTIC"),
+        ] {
+            v.check(ok, field, message);
+        }
         if let Some(f) = &c.fixed_size {
             v.range(f.max_tokens, 20, 8192, "spec.chunking.fixedSize.maxTokens");
             v.check(
@@ -349,16 +347,15 @@ impl Validate for KnowledgeBaseSpec {
             v.range(s.breakpoint_percentile_threshold, 50, 99, "spec.chunking.semantic.breakpointPercentileThreshold");
         }
         let store = &self.vector_store;
-        let store_only_when = "is required when type is set to it, and only then";
         v.check(
             (store.type_ == VectorStoreType::Pgvector) == store.pgvector.is_some(),
             "spec.vectorStore.pgvector",
-            store_only_when,
+            "pgvector is required when type is Pgvector, and only then",
         );
         v.check(
             (store.type_ == VectorStoreType::OpenSearch) == store.open_search.is_some(),
             "spec.vectorStore.openSearch",
-            store_only_when,
+            "openSearch is required when type is OpenSearch, and only then",
         );
         v.finish()
     }

@@ -1,0 +1,67 @@
+//! Every example manifest is something a user can apply as is: it parses into the Rust types,
+//! passes `validate()`, and is admitted by the schema and CEL rules the API server enforces.
+
+mod support;
+
+use mantle_crds::read_manifest_dir;
+use support::{admit, repo_root, yaml_documents};
+
+#[test]
+fn every_example_parses_and_validates() {
+    let manifests = read_manifest_dir(&repo_root().join("examples")).expect("examples parse");
+    let mut kinds: Vec<&str> = manifests.iter().map(|(_, m)| m.kind()).collect();
+    kinds.sort();
+    kinds.dedup();
+    assert_eq!(
+        kinds,
+        ["BatchJob", "Cell", "FoundationModel", "Guardrail", "KnowledgeBase", "ProvisionedThroughput"],
+        "one example per kind at least"
+    );
+    for (path, manifest) in &manifests {
+        if let Err(e) = manifest.validate() {
+            panic!("{} {} in {}: {e}", manifest.kind(), manifest.name(), path.display());
+        }
+    }
+}
+
+#[test]
+fn every_example_is_admitted_by_schema_and_cel() {
+    for path in example_files() {
+        for object in yaml_documents(&path) {
+            if let Err(rejections) = admit(&object) {
+                panic!("{} rejected: {rejections:#?}", path.display());
+            }
+        }
+    }
+}
+
+#[test]
+fn every_example_is_commented() {
+    for path in example_files() {
+        let text = std::fs::read_to_string(&path).expect("readable");
+        assert!(text.starts_with("# "), "{} should open with a comment saying what it is for", path.display());
+    }
+}
+
+#[test]
+fn sample_batch_input_is_bedrock_record_format() {
+    let text = std::fs::read_to_string(repo_root().join("examples/batch-input.jsonl")).expect("sample input");
+    let mut ids = std::collections::HashSet::new();
+    for line in text.lines() {
+        let record: serde_json::Value = serde_json::from_str(line).expect("each line is one JSON object");
+        let id = record["recordId"].as_str().expect("recordId is a string");
+        assert!(ids.insert(id.to_string()), "recordId {id} repeats");
+        assert!(record["modelInput"].is_object(), "modelInput is an object");
+    }
+    assert!(ids.len() >= 3);
+}
+
+fn example_files() -> Vec<std::path::PathBuf> {
+    let mut files: Vec<_> = std::fs::read_dir(repo_root().join("examples"))
+        .expect("examples dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    files
+}
