@@ -1,0 +1,8 @@
+//! The Mantle operator: reconciles the `mantle.dev` resources into model-runner pods with
+//! weight-cache tiers, ingestion Jobs and batch Jobs.
+//!
+//! Its controllers arrive with their own issues; every one of them starts from the same gate,
+//! [`mantle_crds::Validate`], so a spec the API server let through but that breaks an invariant is
+//! reported as a `SpecValid=False` condition instead of being acted on.
+
+pub use mantle_crds::Validate;
