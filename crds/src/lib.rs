@@ -2,6 +2,9 @@
 //! CEL rules (what the API server enforces), and `validate()` (the same invariants, checked in Rust
 //! by the operator before it acts and by `mantle validate` before anything reaches a cluster).
 
+// `#[kube(printcolumn(...))]` repeats `type_ = "string"`; clippy mistakes that for a duplicate.
+#![allow(clippy::duplicated_attributes)]
+
 mod batch_job;
 mod cell;
 mod common;

@@ -65,3 +65,28 @@ fn example_files() -> Vec<std::path::PathBuf> {
     files.sort();
     files
 }
+
+/// kind-config.yaml gives each example Cell a worker node its selector matches.
+#[test]
+fn kind_config_has_a_worker_for_every_example_cell() {
+    let kind = yaml_documents(&repo_root().join("kind-config.yaml")).pop().expect("kind config");
+    let nodes = kind["nodes"].as_array().expect("nodes");
+    assert_eq!(nodes.iter().filter(|n| n["role"] == "control-plane").count(), 1);
+    let workers: Vec<&serde_json::Value> = nodes.iter().filter(|n| n["role"] == "worker").collect();
+    let cells: Vec<_> = read_manifest_dir(&repo_root().join("examples"))
+        .expect("examples parse")
+        .into_iter()
+        .filter_map(|(_, m)| match m {
+            mantle_crds::Manifest::Cell(c) => Some(c),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(cells.len(), 2, "two example Cells");
+    for cell in cells {
+        let matching = workers
+            .iter()
+            .filter(|w| cell.spec.node_selector.iter().all(|(k, v)| w["labels"][k].as_str() == Some(v.as_str())))
+            .count();
+        assert_eq!(matching, 1, "Cell {:?} selects exactly one kind worker", cell.metadata.name);
+    }
+}

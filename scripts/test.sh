@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Mantle's test suite: the command README.md gives and CI runs. Installs what it needs (helm,
+# kubectl, a Python venv for the chart checks) into $MANTLE_CACHE (default ~/.cache/mantle).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+cache="${MANTLE_CACHE:-$HOME/.cache/mantle}"
+export MANTLE_CACHE="$cache"
+
+echo "==> tools"
+tools_bin=$(bash scripts/fetch-tools.sh | tail -n 1)
+venv="$cache/venv"
+if [ ! -x "$venv/bin/kubernetes-validate" ]; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "kubernetes-validate==1.37.0" "PyYAML>=6"
+fi
+
+echo "==> cargo test"
+cargo test --workspace --locked
+
+echo "==> chart"
+"$tools_bin/helm" lint --strict charts/mantle
+rendered=$(mktemp)
+trap 'rm -f "$rendered"' EXIT
+for values in "" "--set metrics.serviceMonitor.enabled=true --set router.auth.mode=none"; do
+  # shellcheck disable=SC2086
+  "$tools_bin/helm" template mantle charts/mantle --include-crds --namespace mantle-system $values >"$rendered"
+  # Every rendered object against the Kubernetes 1.34 schemas, unknown fields rejected
+  # (the ServiceMonitor's CRD is not among them and is only warned about).
+  "$venv/bin/kubernetes-validate" --kubernetes-version 1.34.0 --strict --quiet "$rendered"
+done
+"$venv/bin/python" scripts/check-chart.py "$tools_bin/helm" charts/mantle
+echo "==> all tests passed"
