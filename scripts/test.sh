@@ -16,12 +16,13 @@ if [ ! -x "$venv/bin/kubernetes-validate" ]; then
 fi
 
 echo "==> cargo test"
-cargo test --workspace --locked
+log=$(mktemp)
+trap 'rm -f "$log" "${rendered:-}"' EXIT
+cargo test --workspace --locked 2>&1 | tee "$log"
 
 echo "==> chart"
 "$tools_bin/helm" lint --strict charts/mantle
 rendered=$(mktemp)
-trap 'rm -f "$rendered"' EXIT
 for values in "" "--set metrics.serviceMonitor.enabled=true --set router.auth.mode=none"; do
   # shellcheck disable=SC2086
   "$tools_bin/helm" template mantle charts/mantle --include-crds --namespace mantle-system $values >"$rendered"
@@ -30,4 +31,6 @@ for values in "" "--set metrics.serviceMonitor.enabled=true --set router.auth.mo
   "$venv/bin/kubernetes-validate" --kubernetes-version 1.34.0 --strict --quiet "$rendered"
 done
 "$venv/bin/python" scripts/check-chart.py "$tools_bin/helm" charts/mantle
-echo "==> all tests passed"
+
+# One closing line over every cargo test binary (the chart checks above stop the script on failure).
+awk '/^test result:/ { passed += $4; failed += $6 } END { printf "tests: %d passed, %d failed\n", passed, failed }' "$log"
