@@ -1,0 +1,77 @@
+//! Mantle's inference engine: llama-family GGUF models with quantized CPU kernels, a paged KV
+//! cache and continuous batching; the tokenizer and chat template come from the model file.
+
+pub mod chat;
+pub mod gguf;
+pub mod kv_cache;
+pub mod model;
+pub mod quant;
+pub mod sampling;
+pub mod tokenizer;
+
+use std::path::Path;
+
+pub use chat::{ChatMessage, ChatTemplate, TemplateFamily};
+pub use gguf::GgufFile;
+pub use model::{LlamaConfig, LlamaModel, Scratch, Step};
+pub use sampling::{Sampled, Sampler, SamplingParams};
+pub use tokenizer::{IncrementalDecoder, Tokenizer};
+
+/// Everything that can go wrong in the engine, with a message a caller can show.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EngineError {
+    #[error("{0}")]
+    Io(String),
+    #[error("invalid model: {0}")]
+    InvalidModel(String),
+    #[error("unsupported tokenizer: {0}")]
+    UnsupportedTokenizer(String),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("chat template: {0}")]
+    Template(String),
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    #[error("the prompt has {prompt_tokens} tokens; the model's context is {context_length}")]
+    PromptTooLong { prompt_tokens: usize, context_length: usize },
+    #[error(
+        "max tokens {max_tokens} is invalid: it must be between 1 and {available} (context {context_length} minus {prompt_tokens} prompt tokens)"
+    )]
+    InvalidMaxTokens { max_tokens: usize, available: usize, prompt_tokens: usize, context_length: usize },
+}
+
+/// A text model ready to run: weights, tokenizer and chat template.
+pub struct TextModel {
+    pub model: LlamaModel,
+    pub tokenizer: Tokenizer,
+    pub template: ChatTemplate,
+}
+
+impl TextModel {
+    /// Loads a GGUF file. `family` overrides the template embedded in the file.
+    pub fn load(path: &Path, family: Option<TemplateFamily>) -> Result<Self, EngineError> {
+        Self::from_gguf(&GgufFile::open(path)?, family)
+    }
+
+    pub fn from_gguf(gguf: &GgufFile, family: Option<TemplateFamily>) -> Result<Self, EngineError> {
+        let model = LlamaModel::load(gguf)?;
+        let tokenizer = Tokenizer::from_gguf(gguf)?;
+        let token_text = |id: Option<u32>| id.and_then(|i| tokenizer.decode_special(i)).unwrap_or_default();
+        let (bos, eos) = (token_text(tokenizer.bos()), token_text(Some(tokenizer.eos())));
+        let template = match (family, gguf.string("tokenizer.chat_template")) {
+            (Some(f), _) => ChatTemplate::family(f, &bos, &eos)?,
+            (None, Ok(source)) => ChatTemplate::from_source(source, &bos, &eos)?,
+            (None, Err(_)) => {
+                return Err(EngineError::Template(
+                    "the model file has no chat template; name a template family in the FoundationModel".into(),
+                ));
+            }
+        };
+        Ok(Self { model, tokenizer, template })
+    }
+
+    /// Prompt token ids for a conversation, through the chat template.
+    pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, EngineError> {
+        self.tokenizer.encode(&self.template.render(messages)?)
+    }
+}

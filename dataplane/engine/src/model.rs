@@ -1,0 +1,343 @@
+//! The llama-family transformer, run over a batch of sequence steps at once.
+//!
+//! A step is a run of new tokens of one sequence starting at some position: one token for a
+//! sequence that is decoding, a chunk of the prompt for one that is prefilling. All tokens of all
+//! steps go through the weight matrices together (one matrix product per weight, so the weights
+//! are read once per batch rather than once per sequence); attention is per token, over the
+//! token's own sequence in the paged KV cache.
+//!
+//! Shapes, with T the tokens in the batch, E the embedding width, H / Hkv the query / key-value
+//! heads of width D, F the feed-forward width and V the vocabulary:
+//!   x: T×E → per layer: q T×(H·D), k and v T×(Hkv·D), attention T×(H·D), gate and up T×F → logits V
+//! per step that asks for them (only from its last token).
+//! RoPE rotates adjacent pairs `(2i, 2i+1)`; GGUF conversion permuted the Q and K weights for that.
+
+use rayon::prelude::*;
+
+use crate::EngineError;
+use crate::gguf::GgufFile;
+use crate::kv_cache::KvCache;
+use crate::quant::{BlockQ8, QMatrix, quantize_rows};
+
+/// The hyper-parameters read from GGUF metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaConfig {
+    pub n_layer: usize,
+    pub n_embd: usize,
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+    pub n_ff: usize,
+    pub vocab: usize,
+    pub context_length: usize,
+    pub rope_base: f32,
+    pub rms_eps: f32,
+}
+
+impl LlamaConfig {
+    pub fn from_gguf(gguf: &GgufFile) -> Result<Self, EngineError> {
+        let arch = gguf.string("general.architecture")?;
+        if arch != "llama" {
+            return Err(EngineError::InvalidModel(format!(
+                "architecture {arch:?} is not supported; this engine runs llama"
+            )));
+        }
+        let u = |k: &str| gguf.u32(&format!("llama.{k}")).map(|v| v as usize);
+        let n_embd = u("embedding_length")?;
+        let n_head = u("attention.head_count")?;
+        let n_head_kv = u("attention.head_count_kv").unwrap_or(n_head);
+        if n_head == 0 || n_head_kv == 0 || n_embd % n_head != 0 || n_head % n_head_kv != 0 {
+            return Err(EngineError::InvalidModel(format!(
+                "inconsistent heads: {n_head} query, {n_head_kv} key-value, width {n_embd}"
+            )));
+        }
+        let vocab = match u("vocab_size") {
+            Ok(v) => v,
+            Err(_) => gguf.strings("tokenizer.ggml.tokens")?.len(),
+        };
+        Ok(Self {
+            n_layer: u("block_count")?,
+            n_embd,
+            n_head,
+            n_head_kv,
+            head_dim: n_embd / n_head,
+            n_ff: u("feed_forward_length")?,
+            vocab,
+            context_length: u("context_length")?,
+            rope_base: gguf.f32("llama.rope.freq_base").unwrap_or(10_000.0),
+            rms_eps: gguf.f32("llama.attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
+        })
+    }
+
+    /// Floats of key (or value) per token per layer.
+    pub fn kv_dim(&self) -> usize {
+        self.n_head_kv * self.head_dim
+    }
+}
+
+struct Layer {
+    attn_norm: Vec<f32>,
+    wq: QMatrix,
+    wk: QMatrix,
+    wv: QMatrix,
+    wo: QMatrix,
+    ffn_norm: Vec<f32>,
+    gate: QMatrix,
+    up: QMatrix,
+    down: QMatrix,
+}
+
+pub struct LlamaModel {
+    pub config: LlamaConfig,
+    token_embd: QMatrix,
+    layers: Vec<Layer>,
+    output_norm: Vec<f32>,
+    output: QMatrix,
+    /// `[position][pair]` cos and sin of the rotary angles.
+    rope_cos: Vec<f32>,
+    rope_sin: Vec<f32>,
+}
+
+/// New tokens of one sequence to run.
+pub struct Step<'a> {
+    pub tokens: &'a [u32],
+    /// Position of `tokens[0]` in the sequence.
+    pub start: usize,
+    /// The sequence's blocks; must already cover `start + tokens.len()` positions.
+    pub blocks: &'a [u32],
+    /// Whether to compute logits for the step's last token.
+    pub logits: bool,
+}
+
+/// Buffers reused across forward passes.
+#[derive(Default)]
+pub struct Scratch {
+    x: Vec<f32>,
+    h: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attn: Vec<f32>,
+    proj: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    xq: Vec<BlockQ8>,
+}
+
+impl LlamaModel {
+    pub fn load(gguf: &GgufFile) -> Result<Self, EngineError> {
+        let config = LlamaConfig::from_gguf(gguf)?;
+        let layers = (0..config.n_layer)
+            .map(|i| {
+                let m = |n: &str| gguf.matrix(&format!("blk.{i}.{n}.weight"));
+                Ok(Layer {
+                    attn_norm: gguf.vector(&format!("blk.{i}.attn_norm.weight"))?,
+                    wq: m("attn_q")?,
+                    wk: m("attn_k")?,
+                    wv: m("attn_v")?,
+                    wo: m("attn_output")?,
+                    ffn_norm: gguf.vector(&format!("blk.{i}.ffn_norm.weight"))?,
+                    gate: m("ffn_gate")?,
+                    up: m("ffn_up")?,
+                    down: m("ffn_down")?,
+                })
+            })
+            .collect::<Result<Vec<_>, EngineError>>()?;
+        let token_embd = gguf.matrix("token_embd.weight")?;
+        // Small models tie the output projection to the token embedding.
+        let output = gguf.matrix("output.weight").unwrap_or_else(|_| token_embd.clone());
+        let c = &config;
+        let shape_ok = token_embd.rows == c.vocab
+            && token_embd.cols == c.n_embd
+            && output.rows == c.vocab
+            && layers.iter().all(|l| {
+                l.wq.rows == c.n_head * c.head_dim
+                    && l.wk.rows == c.kv_dim()
+                    && l.wv.rows == c.kv_dim()
+                    && l.gate.rows == c.n_ff
+                    && l.down.cols == c.n_ff
+                    && l.attn_norm.len() == c.n_embd
+            });
+        if !shape_ok {
+            return Err(EngineError::InvalidModel("tensor shapes do not match the model's metadata".into()));
+        }
+        let pairs = c.head_dim / 2;
+        let mut rope_cos = Vec::with_capacity(c.context_length * pairs);
+        let mut rope_sin = Vec::with_capacity(c.context_length * pairs);
+        for pos in 0..c.context_length {
+            for i in 0..pairs {
+                let theta = pos as f32 * c.rope_base.powf(-2.0 * i as f32 / c.head_dim as f32);
+                rope_cos.push(theta.cos());
+                rope_sin.push(theta.sin());
+            }
+        }
+        Ok(Self {
+            output_norm: gguf.vector("output_norm.weight")?,
+            config,
+            token_embd,
+            layers,
+            output,
+            rope_cos,
+            rope_sin,
+        })
+    }
+
+    /// Runs the steps, writing their keys and values into `cache`, and returns the logits of each
+    /// step that asked for them, in step order.
+    pub fn forward(&self, steps: &[Step<'_>], cache: &mut KvCache, s: &mut Scratch) -> Vec<Vec<f32>> {
+        let c = &self.config;
+        let (e, kv_dim, hd) = (c.n_embd, c.kv_dim(), c.head_dim);
+        // (step, position) of every token in the batch.
+        let tokens: Vec<(usize, usize)> =
+            steps.iter().enumerate().flat_map(|(i, st)| (0..st.tokens.len()).map(move |j| (i, st.start + j))).collect();
+        let t_count = tokens.len();
+
+        s.x.resize(t_count * e, 0.0);
+        let ids = steps.iter().flat_map(|st| st.tokens.iter());
+        for (row, &id) in s.x.chunks_exact_mut(e).zip(ids) {
+            self.token_embd.dequantize_row(id as usize, row);
+        }
+
+        for (li, layer) in self.layers.iter().enumerate() {
+            rms_norm(&s.x, &layer.attn_norm, c.rms_eps, &mut s.h);
+            quantize_rows(&s.h, e, &mut s.xq);
+            layer.wq.matmul(&s.xq, &mut s.q);
+            layer.wk.matmul(&s.xq, &mut s.k);
+            layer.wv.matmul(&s.xq, &mut s.v);
+            for (t, &(_, pos)) in tokens.iter().enumerate() {
+                self.rope(&mut s.q[t * c.n_head * hd..(t + 1) * c.n_head * hd], pos);
+                self.rope(&mut s.k[t * kv_dim..(t + 1) * kv_dim], pos);
+            }
+            for (t, &(si, pos)) in tokens.iter().enumerate() {
+                let blocks = steps[si].blocks;
+                let bs = cache.block_size();
+                cache.write(
+                    li,
+                    blocks[pos / bs],
+                    pos % bs,
+                    &s.k[t * kv_dim..(t + 1) * kv_dim],
+                    &s.v[t * kv_dim..(t + 1) * kv_dim],
+                );
+            }
+            self.attention(li, steps, &tokens, cache, &s.q, &mut s.attn);
+            quantize_rows(&s.attn, e, &mut s.xq);
+            layer.wo.matmul(&s.xq, &mut s.proj);
+            add_in_place(&mut s.x, &s.proj);
+
+            rms_norm(&s.x, &layer.ffn_norm, c.rms_eps, &mut s.h);
+            quantize_rows(&s.h, e, &mut s.xq);
+            layer.gate.matmul(&s.xq, &mut s.gate);
+            layer.up.matmul(&s.xq, &mut s.up);
+            s.gate.par_iter_mut().zip(s.up.par_iter()).for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
+            quantize_rows(&s.gate, c.n_ff, &mut s.xq);
+            layer.down.matmul(&s.xq, &mut s.proj);
+            add_in_place(&mut s.x, &s.proj);
+        }
+
+        // Logits only for the last token of the steps that want them.
+        let mut last = Vec::new();
+        let mut offset = 0;
+        for st in steps {
+            offset += st.tokens.len();
+            if st.logits {
+                last.extend_from_slice(&s.x[(offset - 1) * e..offset * e]);
+            }
+        }
+        if last.is_empty() {
+            return Vec::new();
+        }
+        rms_norm(&last, &self.output_norm, c.rms_eps, &mut s.h);
+        quantize_rows(&s.h, e, &mut s.xq);
+        let mut logits = Vec::new();
+        self.output.matmul(&s.xq, &mut logits);
+        logits.chunks_exact(c.vocab).map(<[f32]>::to_vec).collect()
+    }
+
+    /// Rotates each head's adjacent pairs by the angles of `pos`.
+    fn rope(&self, heads: &mut [f32], pos: usize) {
+        let pairs = self.config.head_dim / 2;
+        let (cos, sin) =
+            (&self.rope_cos[pos * pairs..(pos + 1) * pairs], &self.rope_sin[pos * pairs..(pos + 1) * pairs]);
+        for head in heads.chunks_exact_mut(self.config.head_dim) {
+            for (i, pair) in head.chunks_exact_mut(2).enumerate() {
+                let (a, b) = (pair[0], pair[1]);
+                pair[0] = a * cos[i] - b * sin[i];
+                pair[1] = a * sin[i] + b * cos[i];
+            }
+        }
+    }
+
+    /// Causal attention of every batch token over its own sequence, one task per (token, head).
+    fn attention(
+        &self,
+        layer: usize,
+        steps: &[Step<'_>],
+        tokens: &[(usize, usize)],
+        cache: &KvCache,
+        q: &[f32],
+        out: &mut Vec<f32>,
+    ) {
+        let c = &self.config;
+        let (hd, group) = (c.head_dim, c.n_head / c.n_head_kv);
+        let scale = 1.0 / (hd as f32).sqrt();
+        out.resize(tokens.len() * c.n_head * hd, 0.0);
+        out.par_chunks_mut(hd).enumerate().for_each_init(Vec::new, |scores, (i, o)| {
+            let (t, h) = (i / c.n_head, i % c.n_head);
+            let (si, pos) = tokens[t];
+            let blocks = steps[si].blocks;
+            let qh = &q[i * hd..(i + 1) * hd];
+            let kv_off = (h / group) * hd;
+            scores.clear();
+            let mut max = f32::NEG_INFINITY;
+            for p in 0..=pos {
+                let (k, _) = cache.read(layer, blocks, p);
+                let score = dot(qh, &k[kv_off..kv_off + hd]) * scale;
+                max = max.max(score);
+                scores.push(score);
+            }
+            let mut sum = 0.0;
+            for sc in scores.iter_mut() {
+                *sc = (*sc - max).exp();
+                sum += *sc;
+            }
+            o.fill(0.0);
+            for (p, sc) in scores.iter().enumerate() {
+                let (_, v) = cache.read(layer, blocks, p);
+                let w = sc / sum;
+                for (acc, val) in o.iter_mut().zip(&v[kv_off..kv_off + hd]) {
+                    *acc += w * val;
+                }
+            }
+        });
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight independent partial sums let the compiler vectorise the loop.
+    let mut acc = [0f32; 8];
+    for (ca, cb) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
+        for i in 0..8 {
+            acc[i] += ca[i] * cb[i];
+        }
+    }
+    let tail: f32 = a.chunks_exact(8).remainder().iter().zip(b.chunks_exact(8).remainder()).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut Vec<f32>) {
+    let e = weight.len();
+    out.resize(x.len(), 0.0);
+    for (row, o) in x.chunks_exact(e).zip(out.chunks_exact_mut(e)) {
+        let mean_sq = row.iter().map(|v| v * v).sum::<f32>() / e as f32;
+        let inv = 1.0 / (mean_sq + eps).sqrt();
+        for ((o, v), w) in o.iter_mut().zip(row).zip(weight) {
+            *o = v * inv * w;
+        }
+    }
+}
+
+fn add_in_place(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}

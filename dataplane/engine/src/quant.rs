@@ -1,0 +1,406 @@
+//! Quantized weights and the kernels that multiply by them.
+//!
+//! Weights stay in their GGUF block formats, read straight from the memory-mapped file:
+//! - Q4_1: blocks of 32 weights, `d: f16, m: f16, qs: [u8; 16]`; weight `i` is `d * q_i + m` with
+//!   `q_i` the low nibble of `qs[i]` for `i < 16` and the high nibble of `qs[i - 16]` otherwise.
+//! - Q8_0: blocks of 32 weights, `d: f16, qs: [i8; 32]`; weight `i` is `d * qs[i]`.
+//!
+//! Activations are quantized per token to [`BlockQ8`] (32 int8 values, their scale, and the scaled
+//! sum that Q4_1's offset term needs), so each block product is one integer dot product:
+//! `sum_i (d_w q_i + m)(d_x x_i) = d_w d_x sum_i q_i x_i + m (d_x sum_i x_i)`.
+//!
+//! Single-stream decode reads every weight once per token, so it is bound by memory bandwidth; the
+//! kernels therefore work on the packed blocks directly (AVX2 where the CPU has it, portable code
+//! otherwise) and a matrix product splits its output rows across the rayon pool.
+
+use half::f16;
+use rayon::prelude::*;
+
+/// Values per quantization block, for every format here.
+pub const BLOCK: usize = 32;
+
+/// The weight formats the engine multiplies by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightType {
+    Q4_1,
+    Q8_0,
+}
+
+impl WeightType {
+    /// Bytes per block of 32 weights.
+    pub const fn block_bytes(self) -> usize {
+        match self {
+            WeightType::Q4_1 => 20,
+            WeightType::Q8_0 => 34,
+        }
+    }
+}
+
+/// One block of quantized activations.
+#[derive(Debug, Clone, Copy, Default)]
+#[repr(C, align(32))]
+pub struct BlockQ8 {
+    pub qs: [i8; BLOCK],
+    /// Scale: value `i` is `d * qs[i]`.
+    pub d: f32,
+    /// `d * sum(qs)`, the factor Q4_1's offset multiplies.
+    pub s: f32,
+}
+
+/// Quantizes `x` (a multiple of 32 long) into `out` (`x.len() / 32` blocks).
+pub fn quantize_row(x: &[f32], out: &mut [BlockQ8]) {
+    debug_assert_eq!(x.len(), out.len() * BLOCK);
+    for (chunk, block) in x.chunks_exact(BLOCK).zip(out.iter_mut()) {
+        let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+        let mut sum = 0i32;
+        for (q, v) in block.qs.iter_mut().zip(chunk) {
+            let r = (v * id).round() as i32;
+            *q = r as i8;
+            sum += r;
+        }
+        block.d = d;
+        block.s = d * sum as f32;
+    }
+}
+
+/// Quantizes each of the `rows` rows of `x` (row-major, `k` columns) into `k / 32` blocks.
+pub fn quantize_rows(x: &[f32], k: usize, out: &mut Vec<BlockQ8>) {
+    let rows = x.len() / k;
+    out.clear();
+    out.resize(rows * k / BLOCK, BlockQ8::default());
+    out.par_chunks_mut(k / BLOCK).zip(x.par_chunks(k)).for_each(|(o, row)| quantize_row(row, o));
+}
+
+/// A quantized matrix of `rows` output features by `cols` inputs, each row `cols / 32` blocks.
+#[derive(Clone)]
+pub struct QMatrix {
+    pub wtype: WeightType,
+    pub rows: usize,
+    pub cols: usize,
+    data: crate::gguf::Bytes,
+}
+
+impl QMatrix {
+    pub fn new(wtype: WeightType, rows: usize, cols: usize, data: crate::gguf::Bytes) -> Self {
+        debug_assert_eq!(data.len(), rows * cols / BLOCK * wtype.block_bytes());
+        Self { wtype, rows, cols, data }
+    }
+
+    fn row_bytes(&self) -> usize {
+        self.cols / BLOCK * self.wtype.block_bytes()
+    }
+
+    /// The packed blocks of row `r`.
+    pub fn row(&self, r: usize) -> &[u8] {
+        let n = self.row_bytes();
+        &self.data[r * n..(r + 1) * n]
+    }
+
+    /// Row `r` as f32 (an embedding lookup).
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        let row = self.row(r);
+        let bb = self.wtype.block_bytes();
+        for (b, out) in row.chunks_exact(bb).zip(out.chunks_exact_mut(BLOCK)) {
+            let d = f16_at(b, 0);
+            match self.wtype {
+                WeightType::Q4_1 => {
+                    let m = f16_at(b, 2);
+                    for j in 0..16 {
+                        out[j] = d * (b[4 + j] & 0x0F) as f32 + m;
+                        out[j + 16] = d * (b[4 + j] >> 4) as f32 + m;
+                    }
+                }
+                WeightType::Q8_0 => {
+                    for j in 0..BLOCK {
+                        out[j] = d * (b[2 + j] as i8) as f32;
+                    }
+                }
+            }
+        }
+    }
+
+    /// `out[t][r] = dot(row r, x[t])` for each of the `x.len() / (cols / 32)` tokens in `x`.
+    /// `out` is resized to tokens × rows (row-major by token).
+    pub fn matmul(&self, x: &[BlockQ8], out: &mut Vec<f32>) {
+        let kb = self.cols / BLOCK;
+        let tokens = x.len() / kb;
+        let dot = kernels().dot(self.wtype);
+        out.clear();
+        out.resize(tokens * self.rows, 0.0);
+        // Work items of ROWS_PER_TASK output rows × all tokens; each writes a transposed tile.
+        const ROWS_PER_TASK: usize = 32;
+        if tokens == 1 {
+            out.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(task, chunk)| {
+                let r0 = task * ROWS_PER_TASK;
+                for (i, o) in chunk.iter_mut().enumerate() {
+                    *o = dot(self.row(r0 + i), x);
+                }
+            });
+            return;
+        }
+        let mut transposed = vec![0f32; tokens * self.rows];
+        transposed.par_chunks_mut(ROWS_PER_TASK * tokens).enumerate().for_each(|(task, tile)| {
+            let r0 = task * ROWS_PER_TASK;
+            for (i, row_out) in tile.chunks_exact_mut(tokens).enumerate() {
+                let w = self.row(r0 + i);
+                for (t, o) in row_out.iter_mut().enumerate() {
+                    *o = dot(w, &x[t * kb..(t + 1) * kb]);
+                }
+            }
+        });
+        for r in 0..self.rows {
+            for t in 0..tokens {
+                out[t * self.rows + r] = transposed[r * tokens + t];
+            }
+        }
+    }
+}
+
+#[inline]
+fn f16_at(b: &[u8], at: usize) -> f32 {
+    f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32()
+}
+
+type DotFn = fn(&[u8], &[BlockQ8]) -> f32;
+
+/// The dot-product kernels chosen for this CPU, once.
+pub struct Kernels {
+    pub name: &'static str,
+    q4_1: DotFn,
+    q8_0: DotFn,
+}
+
+impl Kernels {
+    pub fn dot(&self, wtype: WeightType) -> DotFn {
+        match wtype {
+            WeightType::Q4_1 => self.q4_1,
+            WeightType::Q8_0 => self.q8_0,
+        }
+    }
+}
+
+/// The fastest kernels this CPU supports.
+pub fn kernels() -> &'static Kernels {
+    static KERNELS: std::sync::OnceLock<Kernels> = std::sync::OnceLock::new();
+    KERNELS.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        if x86::supported() {
+            return Kernels { name: "avx2", q4_1: x86::dot_q4_1, q8_0: x86::dot_q8_0 };
+        }
+        Kernels { name: "portable", q4_1: dot_q4_1_portable, q8_0: dot_q8_0_portable }
+    })
+}
+
+/// Reference Q4_1 block dot product.
+pub fn dot_q4_1_portable(w: &[u8], x: &[BlockQ8]) -> f32 {
+    let mut sum = 0f32;
+    for (b, xb) in w.chunks_exact(20).zip(x) {
+        let (d, m) = (f16_at(b, 0), f16_at(b, 2));
+        let mut isum = 0i32;
+        for j in 0..16 {
+            isum += (b[4 + j] & 0x0F) as i32 * xb.qs[j] as i32;
+            isum += (b[4 + j] >> 4) as i32 * xb.qs[j + 16] as i32;
+        }
+        sum += d * xb.d * isum as f32 + m * xb.s;
+    }
+    sum
+}
+
+/// Reference Q8_0 block dot product.
+pub fn dot_q8_0_portable(w: &[u8], x: &[BlockQ8]) -> f32 {
+    let mut sum = 0f32;
+    for (b, xb) in w.chunks_exact(34).zip(x) {
+        let d = f16_at(b, 0);
+        let isum: i32 = (0..BLOCK).map(|j| (b[2 + j] as i8) as i32 * xb.qs[j] as i32).sum();
+        sum += d * xb.d * isum as f32;
+    }
+    sum
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    //! AVX2 kernels (with F16C for the block scales): 32 int8 products per block in two instructions (`maddubs` multiplies unsigned
+    //! by signed bytes into i16 pairs, `madd` widens to i32), scaled and accumulated in f32 lanes.
+    use std::arch::x86_64::*;
+
+    use super::BlockQ8;
+
+    /// The f16 at `p` and the one after it, as f32 (one `vcvtph2ps`).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn two_f16(p: *const u8) -> (f32, f32) {
+        // SAFETY: the caller passes a pointer to at least 4 readable bytes.
+        let bits = unsafe { std::ptr::read_unaligned(p as *const i32) };
+        let v = _mm_cvtph_ps(_mm_cvtsi32_si128(bits));
+        (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_movehdup_ps(v)))
+    }
+
+    pub fn supported() -> bool {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+    }
+
+    pub fn dot_q4_1(w: &[u8], x: &[BlockQ8]) -> f32 {
+        assert!(w.len() >= x.len() * 20);
+        // SAFETY: `kernels()` selects this only when AVX2 and FMA are present; lengths checked above.
+        unsafe { dot_q4_1_avx2(w, x) }
+    }
+
+    pub fn dot_q8_0(w: &[u8], x: &[BlockQ8]) -> f32 {
+        assert!(w.len() >= x.len() * 34);
+        // SAFETY: as above.
+        unsafe { dot_q8_0_avx2(w, x) }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps(v, 1);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_q4_1_avx2(w: &[u8], x: &[BlockQ8]) -> f32 {
+        let low_nibbles = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = _mm256_setzero_ps();
+        let mut offsets = 0f32;
+        for (i, xb) in x.iter().enumerate() {
+            let b = &w[i * 20..i * 20 + 20];
+            // SAFETY: `b` holds 20 bytes.
+            let (d, m) = unsafe { two_f16(b.as_ptr()) };
+            offsets += m * xb.s;
+            // SAFETY: `b` holds 20 bytes, the 16 packed nibble bytes start at 4; `xb.qs` is 32 bytes.
+            let packed = unsafe { _mm_loadu_si128(b.as_ptr().add(4) as *const __m128i) };
+            let q4 = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), low_nibbles);
+            let q8 = unsafe { _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i) };
+            let products = _mm256_madd_epi16(_mm256_maddubs_epi16(q4, q8), ones);
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(products), _mm256_set1_ps(d * xb.d), acc);
+        }
+        unsafe { hsum(acc) + offsets }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_q8_0_avx2(w: &[u8], x: &[BlockQ8]) -> f32 {
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = _mm256_setzero_ps();
+        for (i, xb) in x.iter().enumerate() {
+            let b = &w[i * 34..i * 34 + 34];
+            // SAFETY: `b` holds 34 bytes; the second value read is the first two quants, unused.
+            let (d, _) = unsafe { two_f16(b.as_ptr()) };
+            // SAFETY: `b` holds 34 bytes, the 32 quants start at 2; `xb.qs` is 32 bytes.
+            let qw = unsafe { _mm256_loadu_si256(b.as_ptr().add(2) as *const __m256i) };
+            let qx = unsafe { _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i) };
+            // maddubs wants unsigned × signed: |w| × (x with w's sign).
+            let products = _mm256_maddubs_epi16(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(qx, qw));
+            let products = _mm256_madd_epi16(products, ones);
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(products), _mm256_set1_ps(d * xb.d), acc);
+        }
+        unsafe { hsum(acc) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic pseudo-random bytes and floats for kernel tests.
+    fn lcg(seed: &mut u64) -> u32 {
+        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (*seed >> 33) as u32
+    }
+
+    fn random_q4_1_row(blocks: usize, seed: &mut u64) -> Vec<u8> {
+        let mut row = Vec::new();
+        for _ in 0..blocks {
+            row.extend(f16::from_f32((lcg(seed) % 100) as f32 / 1000.0).to_le_bytes());
+            row.extend(f16::from_f32(-((lcg(seed) % 100) as f32) / 500.0).to_le_bytes());
+            row.extend((0..16).map(|_| lcg(seed) as u8));
+        }
+        row
+    }
+
+    fn random_q8_0_row(blocks: usize, seed: &mut u64) -> Vec<u8> {
+        let mut row = Vec::new();
+        for _ in 0..blocks {
+            row.extend(f16::from_f32((lcg(seed) % 100) as f32 / 1000.0).to_le_bytes());
+            row.extend((0..32).map(|_| ((lcg(seed) % 255) as i32 - 127) as i8 as u8));
+        }
+        row
+    }
+
+    fn random_activations(n: usize, seed: &mut u64) -> Vec<f32> {
+        (0..n).map(|_| (lcg(seed) % 2001) as f32 / 1000.0 - 1.0).collect()
+    }
+
+    #[test]
+    fn quantized_activations_round_trip_within_half_a_step() {
+        let mut seed = 7;
+        let x = random_activations(128, &mut seed);
+        let mut q = vec![BlockQ8::default(); 4];
+        quantize_row(&x, &mut q);
+        for (block, chunk) in q.iter().zip(x.chunks(32)) {
+            let sum: i32 = block.qs.iter().map(|&v| v as i32).sum();
+            assert!((block.s - block.d * sum as f32).abs() < 1e-6);
+            for (qv, v) in block.qs.iter().zip(chunk) {
+                assert!((block.d * *qv as f32 - v).abs() <= block.d / 2.0 + 1e-6);
+            }
+        }
+    }
+
+    #[test]
+    fn q4_1_dot_matches_dequantized_float_dot() {
+        let mut seed = 11;
+        let w = random_q4_1_row(18, &mut seed);
+        let x = random_activations(18 * 32, &mut seed);
+        let mut q = vec![BlockQ8::default(); 18];
+        quantize_row(&x, &mut q);
+        let m = QMatrix::new(WeightType::Q4_1, 1, 18 * 32, crate::gguf::Bytes::from_vec(w.clone()));
+        let mut wf = vec![0f32; 18 * 32];
+        m.dequantize_row(0, &mut wf);
+        let exact: f32 = wf.iter().zip(&x).map(|(a, b)| a * b).sum();
+        let portable = dot_q4_1_portable(&w, &q);
+        assert!((portable - exact).abs() < 0.02 * exact.abs().max(1.0), "{portable} vs {exact}");
+        let fast = kernels().dot(WeightType::Q4_1)(&w, &q);
+        assert!((fast - portable).abs() < 1e-3 * portable.abs().max(1.0), "{} {fast} vs {portable}", kernels().name);
+    }
+
+    #[test]
+    fn q8_0_dot_matches_dequantized_float_dot() {
+        let mut seed = 13;
+        let w = random_q8_0_row(18, &mut seed);
+        let x = random_activations(18 * 32, &mut seed);
+        let mut q = vec![BlockQ8::default(); 18];
+        quantize_row(&x, &mut q);
+        let m = QMatrix::new(WeightType::Q8_0, 1, 18 * 32, crate::gguf::Bytes::from_vec(w.clone()));
+        let mut wf = vec![0f32; 18 * 32];
+        m.dequantize_row(0, &mut wf);
+        let exact: f32 = wf.iter().zip(&x).map(|(a, b)| a * b).sum();
+        let portable = dot_q8_0_portable(&w, &q);
+        assert!((portable - exact).abs() < 0.02 * exact.abs().max(1.0), "{portable} vs {exact}");
+        let fast = kernels().dot(WeightType::Q8_0)(&w, &q);
+        assert!((fast - portable).abs() < 1e-3 * portable.abs().max(1.0), "{} {fast} vs {portable}", kernels().name);
+    }
+
+    #[test]
+    fn batched_matmul_equals_one_token_at_a_time() {
+        let mut seed = 17;
+        let (rows, cols, tokens) = (70, 64, 5);
+        let w: Vec<u8> = (0..rows).flat_map(|_| random_q4_1_row(cols / 32, &mut seed)).collect();
+        let m = QMatrix::new(WeightType::Q4_1, rows, cols, crate::gguf::Bytes::from_vec(w));
+        let x = random_activations(tokens * cols, &mut seed);
+        let mut q = Vec::new();
+        quantize_rows(&x, cols, &mut q);
+        let mut batched = Vec::new();
+        m.matmul(&q, &mut batched);
+        for t in 0..tokens {
+            let mut single = Vec::new();
+            m.matmul(&q[t * 2..t * 2 + 2], &mut single);
+            assert_eq!(&batched[t * rows..(t + 1) * rows], &single[..]);
+        }
+    }
+}

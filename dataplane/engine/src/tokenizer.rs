@@ -1,0 +1,176 @@
+//! The tokenizer, built from the GGUF file's own metadata (vocabulary, merges, token types,
+//! pre-tokenizer name): nothing is downloaded at run time.
+
+use std::collections::HashMap;
+
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{AddedToken, SplitDelimiterBehavior};
+
+use crate::EngineError;
+use crate::gguf::GgufFile;
+
+/// GGUF token types (`tokenizer.ggml.token_type`).
+const TOKEN_TYPE_CONTROL: i32 = 3;
+const TOKEN_TYPE_USER_DEFINED: i32 = 4;
+
+/// Llama 3's pre-tokenizer pattern.
+const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    bos: Option<u32>,
+    eos: u32,
+    /// Tokens that end a turn: EOS plus control tokens such as `<|im_end|>` or `<|eot_id|>`.
+    stop_tokens: Vec<u32>,
+    add_bos: bool,
+    vocab: HashMap<String, u32>,
+}
+
+impl Tokenizer {
+    pub fn from_gguf(gguf: &GgufFile) -> Result<Self, EngineError> {
+        let model = gguf.string("tokenizer.ggml.model")?;
+        if model != "gpt2" {
+            return Err(EngineError::UnsupportedTokenizer(format!(
+                "tokenizer model {model:?} (this engine builds byte-level BPE tokenizers, GGUF model \"gpt2\")"
+            )));
+        }
+        let pre = gguf.string("tokenizer.ggml.pre").unwrap_or("default");
+        let tokens = gguf.strings("tokenizer.ggml.tokens")?;
+        let merges = gguf.strings("tokenizer.ggml.merges")?;
+        let types = gguf.i32s("tokenizer.ggml.token_type").unwrap_or_default();
+
+        let vocab: HashMap<String, u32> = tokens.iter().enumerate().map(|(i, t)| (t.to_string(), i as u32)).collect();
+        let merges = merges
+            .iter()
+            .map(|m| {
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .ok_or_else(|| EngineError::InvalidModel(format!("malformed merge {m:?}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let bpe = BPE::builder()
+            .vocab_and_merges(
+                vocab.iter().map(|(k, v)| (k.clone(), *v)).collect::<tokenizers::models::bpe::Vocab>(),
+                merges,
+            )
+            .build()
+            .map_err(|e| EngineError::InvalidModel(format!("building the BPE tokenizer: {e}")))?;
+
+        let pre_tokenizer: PreTokenizerWrapper = match pre {
+            "default" | "gpt2" | "gpt-2" => ByteLevel::new(false, true, true).into(),
+            "smollm" | "starcoder" | "refact" => {
+                Sequence::new(vec![Digits::new(true).into(), ByteLevel::new(false, true, true).into()]).into()
+            }
+            "llama-bpe" | "llama3" => {
+                let split =
+                    Split::new(SplitPattern::Regex(LLAMA3_PATTERN.into()), SplitDelimiterBehavior::Isolated, false)
+                        .map_err(|e| EngineError::InvalidModel(format!("pre-tokenizer pattern: {e}")))?;
+                Sequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()]).into()
+            }
+            other => {
+                return Err(EngineError::UnsupportedTokenizer(format!("pre-tokenizer {other:?}")));
+            }
+        };
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        inner.with_pre_tokenizer(Some(pre_tokenizer));
+        inner.with_decoder(Some(ByteLevelDecoder::default()));
+        let specials: Vec<AddedToken> = tokens
+            .iter()
+            .zip(types.iter().chain(std::iter::repeat(&1)))
+            .filter(|(_, t)| matches!(**t, TOKEN_TYPE_CONTROL | TOKEN_TYPE_USER_DEFINED))
+            .map(|(tok, _)| AddedToken::from(tok.to_string(), true))
+            .collect();
+        inner.add_special_tokens(&specials);
+
+        let id = |k: &str| gguf.u32(k).ok().filter(|&i| (i as usize) < tokens.len());
+        let eos = id("tokenizer.ggml.eos_token_id").ok_or_else(|| EngineError::InvalidModel("no EOS token".into()))?;
+        let mut stop_tokens = vec![eos];
+        for name in ["<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "</s>"] {
+            if let Some(&i) = vocab.get(name)
+                && types.get(i as usize).is_none_or(|&t| t == TOKEN_TYPE_CONTROL)
+                && !stop_tokens.contains(&i)
+            {
+                stop_tokens.push(i);
+            }
+        }
+        if let Some(eot) = id("tokenizer.ggml.eot_token_id").filter(|i| !stop_tokens.contains(i)) {
+            stop_tokens.push(eot);
+        }
+        let add_bos =
+            gguf.metadata().get("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(false);
+        Ok(Self { inner, bos: id("tokenizer.ggml.bos_token_id"), eos, stop_tokens, add_bos, vocab })
+    }
+
+    /// Token ids of `text`; special-token text such as `<|im_start|>` becomes its one id.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, EngineError> {
+        let encoding = self.inner.encode_fast(text, false).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        let mut ids = Vec::with_capacity(encoding.len() + 1);
+        if self.add_bos
+            && let Some(bos) = self.bos
+        {
+            ids.push(bos);
+        }
+        ids.extend_from_slice(encoding.get_ids());
+        Ok(ids)
+    }
+
+    /// Text of `ids`, special tokens left out.
+    pub fn decode(&self, ids: &[u32]) -> Result<String, EngineError> {
+        self.inner.decode(ids, true).map_err(|e| EngineError::Tokenizer(e.to_string()))
+    }
+
+    pub fn is_stop_token(&self, id: u32) -> bool {
+        self.stop_tokens.contains(&id)
+    }
+
+    pub fn eos(&self) -> u32 {
+        self.eos
+    }
+
+    pub fn bos(&self) -> Option<u32> {
+        self.bos
+    }
+
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.vocab.get(token).copied()
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.vocab.len()
+    }
+}
+
+/// Turns a growing list of token ids into text deltas without splitting UTF-8 characters that
+/// span tokens: text is released only once it no longer ends in an incomplete character.
+#[derive(Default)]
+pub struct IncrementalDecoder {
+    ids: Vec<u32>,
+    emitted: usize,
+}
+
+impl IncrementalDecoder {
+    /// Adds a token and returns the new text it completes (possibly empty).
+    pub fn push(&mut self, tokenizer: &Tokenizer, id: u32) -> Result<String, EngineError> {
+        self.ids.push(id);
+        let text = tokenizer.decode(&self.ids)?;
+        if text.ends_with('\u{FFFD}') || text.len() <= self.emitted || !text.is_char_boundary(self.emitted) {
+            return Ok(String::new());
+        }
+        let delta = text[self.emitted..].to_string();
+        self.emitted = text.len();
+        Ok(delta)
+    }
+}
+
+impl Tokenizer {
+    /// The text of one token, special or not (`<|im_end|>`), for chat templates.
+    pub fn decode_special(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+}

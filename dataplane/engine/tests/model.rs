@@ -1,0 +1,145 @@
+//! The engine on the real SmolLM2-135M-Instruct model: it loads from GGUF, tokenizes with the
+//! file's own vocabulary, renders the file's chat template and answers real prompts.
+
+mod support;
+
+use mantle_engine::kv_cache::{BlockTable, KvCache};
+use mantle_engine::{ChatMessage, EngineError, GgufFile, Sampler, SamplingParams, Scratch, Step, TextModel};
+
+/// Greedy generation of one sequence, straight on the model (no scheduler).
+fn generate(model: &TextModel, prompt: &[u32], max_tokens: usize) -> Vec<u32> {
+    let c = &model.model.config;
+    let mut cache = KvCache::new(c.n_layer, c.kv_dim(), 16, 64);
+    let mut table = BlockTable::default();
+    let mut scratch = Scratch::default();
+    let mut sampler = Sampler::new(SamplingParams::default());
+    table.reserve(&mut cache, prompt.len()).unwrap();
+    let mut logits = model.model.forward(
+        &[Step { tokens: prompt, start: 0, blocks: table.blocks(), logits: true }],
+        &mut cache,
+        &mut scratch,
+    );
+    let mut out = Vec::new();
+    for _ in 0..max_tokens {
+        let next = sampler.sample(&logits[0]).token;
+        if model.tokenizer.is_stop_token(next) {
+            break;
+        }
+        out.push(next);
+        let pos = prompt.len() + out.len() - 1;
+        table.reserve(&mut cache, pos + 1).unwrap();
+        logits = model.model.forward(
+            &[Step { tokens: &[next], start: pos, blocks: table.blocks(), logits: true }],
+            &mut cache,
+            &mut scratch,
+        );
+    }
+    out
+}
+
+#[test]
+fn smollm2_answers_factual_questions() {
+    let model = support::smollm2();
+    for (question, expected) in [
+        ("What is the capital of France? Answer in one sentence.", "Paris"),
+        ("Name the largest ocean on Earth.", "Pacific"),
+        ("What is 2 + 2?", "4"),
+    ] {
+        let prompt = model.chat_prompt(&[ChatMessage::new("user", question)]).unwrap();
+        let answer = model.tokenizer.decode(&generate(&model, &prompt, 24)).unwrap();
+        assert!(answer.contains(expected), "{question} -> {answer:?}");
+    }
+}
+
+#[test]
+fn tokenizer_round_trips_text_and_keeps_special_tokens_whole() {
+    let model = support::smollm2();
+    let t = &model.tokenizer;
+    let text = "Hello, world! 12345 naïve café 🚀";
+    assert_eq!(t.decode(&t.encode(text).unwrap()).unwrap(), text);
+    let im_start = t.token_id("<|im_start|>").expect("ChatML token in the vocabulary");
+    let ids = t.encode("<|im_start|>user\nhi").unwrap();
+    assert_eq!(ids[0], im_start);
+    assert!(t.is_stop_token(t.token_id("<|im_end|>").unwrap()));
+}
+
+#[test]
+fn the_file_template_renders_chatml() {
+    let model = support::smollm2();
+    let text = model.template.render(&[ChatMessage::new("user", "hi")]).unwrap();
+    assert!(text.starts_with("<|im_start|>system\n"), "{text}");
+    assert!(text.ends_with("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"), "{text}");
+}
+
+#[test]
+fn a_batch_of_sequences_gives_the_same_logits_as_each_alone() {
+    let model = support::smollm2();
+    let c = &model.model.config;
+    let prompts: Vec<Vec<u32>> = ["The sky is", "One, two, three,", "def fibonacci(n):"]
+        .iter()
+        .map(|p| model.tokenizer.encode(p).unwrap())
+        .collect();
+    let mut scratch = Scratch::default();
+    let alone: Vec<Vec<f32>> = prompts
+        .iter()
+        .map(|p| {
+            let mut cache = KvCache::new(c.n_layer, c.kv_dim(), 16, 8);
+            let mut table = BlockTable::default();
+            table.reserve(&mut cache, p.len()).unwrap();
+            model
+                .model
+                .forward(
+                    &[Step { tokens: p, start: 0, blocks: table.blocks(), logits: true }],
+                    &mut cache,
+                    &mut scratch,
+                )
+                .remove(0)
+        })
+        .collect();
+    let mut cache = KvCache::new(c.n_layer, c.kv_dim(), 16, 8);
+    let tables: Vec<BlockTable> = prompts
+        .iter()
+        .map(|p| {
+            let mut t = BlockTable::default();
+            t.reserve(&mut cache, p.len()).unwrap();
+            t
+        })
+        .collect();
+    let steps: Vec<Step> = prompts
+        .iter()
+        .zip(&tables)
+        .map(|(p, t)| Step { tokens: p, start: 0, blocks: t.blocks(), logits: true })
+        .collect();
+    let together = model.model.forward(&steps, &mut cache, &mut scratch);
+    for (a, b) in alone.iter().zip(&together) {
+        let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(worst < 1e-3, "logits differ by {worst}");
+    }
+}
+
+#[test]
+fn a_truncated_or_corrupt_model_file_is_refused_with_a_reason() {
+    let bytes = std::fs::read(support::smollm2_path()).unwrap();
+    let dir = std::env::temp_dir().join(format!("mantle-engine-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+
+    let truncated = dir.join("truncated.gguf");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    let err = GgufFile::open(&truncated).err().expect("truncated file refused");
+    assert!(matches!(&err, EngineError::InvalidModel(m) if m.contains("truncated")), "{err}");
+
+    let mut corrupt = bytes[..4096].to_vec();
+    corrupt[0] = b'X';
+    let bad_magic = dir.join("bad-magic.gguf");
+    std::fs::write(&bad_magic, &corrupt).unwrap();
+    let err = GgufFile::open(&bad_magic).err().expect("bad magic refused");
+    assert!(err.to_string().contains("not a GGUF file"), "{err}");
+
+    let header_only = dir.join("header-only.gguf");
+    std::fs::write(&header_only, &bytes[..64]).unwrap();
+    assert!(matches!(GgufFile::open(&header_only), Err(EngineError::InvalidModel(_))));
+
+    let missing = GgufFile::open(&dir.join("missing.gguf")).err().expect("missing file refused");
+    assert!(matches!(missing, EngineError::Io(_)));
+    std::fs::remove_dir_all(&dir).ok();
+}
