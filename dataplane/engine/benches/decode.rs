@@ -26,7 +26,7 @@ fn main() {
     let path = models.join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
     let model = TextModel::load(&path, None)
         .unwrap_or_else(|e| panic!("{}: {e} (run scripts/fetch-models.sh)", path.display()));
-    println!("kernels: {}, threads: {}", mantle_engine::quant::kernels().name, rayon::current_num_threads());
+    println!("kernels: {}, threads: {}", mantle_engine::quant::kernels().name, model.model.threads());
     let prompt = model
         .chat_prompt(&[ChatMessage::new("user", "Write a short story about a lighthouse keeper.")])
         .expect("prompt");

@@ -89,6 +89,9 @@ struct Layer {
 
 pub struct LlamaModel {
     pub config: LlamaConfig,
+    /// The threads a forward pass runs on; the pass itself runs inside the pool so that its
+    /// parallel loops split work between workers instead of waking them from outside.
+    pool: rayon::ThreadPool,
     token_embd: QMatrix,
     layers: Vec<Layer>,
     output_norm: Vec<f32>,
@@ -171,9 +174,14 @@ impl LlamaModel {
                 rope_sin.push(theta.sin());
             }
         }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .thread_name(|i| format!("mantle-engine-{i}"))
+            .build()
+            .map_err(|e| EngineError::Io(format!("starting the engine threads: {e}")))?;
         Ok(Self {
             output_norm: gguf.vector("output_norm.weight")?,
             config,
+            pool,
             token_embd,
             layers,
             output,
@@ -185,6 +193,15 @@ impl LlamaModel {
     /// Runs the steps, writing their keys and values into `cache`, and returns the logits of each
     /// step that asked for them, in step order.
     pub fn forward(&self, steps: &[Step<'_>], cache: &mut KvCache, s: &mut Scratch) -> Vec<Vec<f32>> {
+        self.pool.install(|| self.forward_in_pool(steps, cache, s))
+    }
+
+    /// Threads the forward pass uses.
+    pub fn threads(&self) -> usize {
+        self.pool.current_num_threads()
+    }
+
+    fn forward_in_pool(&self, steps: &[Step<'_>], cache: &mut KvCache, s: &mut Scratch) -> Vec<Vec<f32>> {
         let c = &self.config;
         let (e, kv_dim, hd) = (c.n_embd, c.kv_dim(), c.head_dim);
         // (step, position) of every token in the batch.
