@@ -7,6 +7,7 @@ pub mod kv_cache;
 pub mod model;
 pub mod quant;
 pub mod sampling;
+pub mod scheduler;
 pub mod tokenizer;
 
 use std::path::Path;
@@ -15,6 +16,7 @@ pub use chat::{ChatMessage, ChatTemplate, TemplateFamily};
 pub use gguf::GgufFile;
 pub use model::{LlamaConfig, LlamaModel, Scratch, Step};
 pub use sampling::{Sampled, Sampler, SamplingParams};
+pub use scheduler::{Event, FinishReason, GenerateRequest, Scheduler, SchedulerConfig, SchedulerStats, Usage};
 pub use tokenizer::{IncrementalDecoder, Tokenizer};
 
 /// Everything that can go wrong in the engine, with a message a caller can show.

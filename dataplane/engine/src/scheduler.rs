@@ -1,0 +1,437 @@
+//! Continuous batching: one scheduler owns the KV cache and the running sequences, and each
+//! `step` runs one forward pass over a batch it assembles anew.
+//!
+//! Per step:
+//! 1. Admission. Waiting sequences (highest priority first, then oldest) join while the cache has
+//!    blocks for their prompt and the batch has room; a waiting sequence that outranks a running
+//!    one may preempt it.
+//! 2. Batch. Every decoding sequence contributes its one new token; prefilling sequences
+//!    contribute prompt chunks up to `max_batch_tokens`, so a long prompt is spread over several
+//!    steps and running decodes never stall behind it.
+//! 3. Blocks. Each step first reserves the KV blocks it will write. When blocks run out, the
+//!    lowest-priority running sequence (youngest among equals) is preempted: its blocks are
+//!    freed and it goes back to the waiting queue with the tokens it has, to be recomputed
+//!    when there is room again.
+//! 4. Sampling. A sequence whose step reached its last token samples the next one; the step
+//!    emits its text (held back while it could still be the start of a stop sequence) and ends
+//!    the sequence on a stop token, a stop sequence, `max_tokens`, or a full context.
+//!
+//! Tunables: `block_size` (KV slots per block), `num_blocks` (cache size), `max_batch_tokens`
+//! (tokens per forward pass, bounds step latency), `max_running` (sequences decoding at once).
+
+use std::sync::Arc;
+
+use crate::kv_cache::{BlockTable, KvCache};
+use crate::model::{Scratch, Step};
+use crate::sampling::{Sampler, SamplingParams};
+use crate::tokenizer::IncrementalDecoder;
+use crate::{EngineError, TextModel};
+
+/// Request priority: higher runs first and is preempted last.
+pub type Priority = u8;
+/// The highest priority level (levels are 0..=3).
+pub const MAX_PRIORITY: Priority = 3;
+
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub id: u64,
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop_sequences: Vec<String>,
+    pub priority: Priority,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// The model ended its turn.
+    EndTurn,
+    /// `max_tokens` were generated, or the context is full.
+    MaxTokens,
+    /// A stop sequence appeared; it is not part of the text.
+    StopSequence,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub input_tokens: usize,
+    pub output_tokens: usize,
+    /// Prompt tokens whose keys and values came from the prefix cache.
+    pub cached_tokens: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A generated token and the text it completes (empty while held back).
+    Token {
+        id: u64,
+        token: u32,
+        text: String,
+        logprob: f32,
+    },
+    Finished {
+        id: u64,
+        reason: FinishReason,
+        stop_sequence: Option<String>,
+        usage: Usage,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    pub block_size: usize,
+    pub num_blocks: usize,
+    pub max_batch_tokens: usize,
+    pub max_running: usize,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self { block_size: 16, num_blocks: 1024, max_batch_tokens: 256, max_running: 64 }
+    }
+}
+
+struct Sequence {
+    req: GenerateRequest,
+    /// Prompt followed by the generated tokens.
+    tokens: Vec<u32>,
+    /// Tokens whose keys and values are in the cache.
+    computed: usize,
+    table: BlockTable,
+    sampler: Sampler,
+    decoder: IncrementalDecoder,
+    /// Generated text not yet emitted because it may begin a stop sequence.
+    held: String,
+    /// Admission order, for fairness among equal priorities.
+    arrival: u64,
+    preemptions: u32,
+}
+
+impl Sequence {
+    fn generated(&self) -> usize {
+        self.tokens.len() - self.req.prompt.len()
+    }
+}
+
+/// Counters for health and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SchedulerStats {
+    pub waiting: usize,
+    pub running: usize,
+    pub free_blocks: usize,
+    pub total_blocks: usize,
+    pub preemptions: u64,
+    pub generated_tokens: u64,
+}
+
+pub struct Scheduler {
+    model: Arc<TextModel>,
+    cache: KvCache,
+    scratch: Scratch,
+    config: SchedulerConfig,
+    waiting: Vec<Sequence>,
+    running: Vec<Sequence>,
+    arrivals: u64,
+    preemptions: u64,
+    generated_tokens: u64,
+}
+
+impl Scheduler {
+    pub fn new(model: Arc<TextModel>, config: SchedulerConfig) -> Self {
+        let c = &model.model.config;
+        let cache = KvCache::new(c.n_layer, c.kv_dim(), config.block_size, config.num_blocks);
+        Self {
+            model,
+            cache,
+            scratch: Scratch::default(),
+            config,
+            waiting: Vec::new(),
+            running: Vec::new(),
+            arrivals: 0,
+            preemptions: 0,
+            generated_tokens: 0,
+        }
+    }
+
+    pub fn model(&self) -> &Arc<TextModel> {
+        &self.model
+    }
+
+    /// Checks a request against the model's context and queues it.
+    pub fn add(&mut self, req: GenerateRequest) -> Result<(), EngineError> {
+        let context_length =
+            self.model.model.config.context_length.min(self.config.num_blocks * self.config.block_size);
+        let prompt_tokens = req.prompt.len();
+        if prompt_tokens == 0 {
+            return Err(EngineError::EmptyPrompt);
+        }
+        if prompt_tokens >= context_length {
+            return Err(EngineError::PromptTooLong { prompt_tokens, context_length });
+        }
+        let available = context_length - prompt_tokens;
+        if req.max_tokens == 0 || req.max_tokens > available {
+            return Err(EngineError::InvalidMaxTokens {
+                max_tokens: req.max_tokens,
+                available,
+                prompt_tokens,
+                context_length,
+            });
+        }
+        let sampler = Sampler::new(req.sampling.clone());
+        self.arrivals += 1;
+        self.waiting.push(Sequence {
+            tokens: req.prompt.clone(),
+            req,
+            computed: 0,
+            table: BlockTable::default(),
+            sampler,
+            decoder: IncrementalDecoder::default(),
+            held: String::new(),
+            arrival: self.arrivals,
+            preemptions: 0,
+        });
+        Ok(())
+    }
+
+    /// Drops a request wherever it is, freeing its blocks at once. Returns whether it was known.
+    pub fn cancel(&mut self, id: u64) -> bool {
+        if let Some(i) = self.waiting.iter().position(|s| s.req.id == id) {
+            let mut seq = self.waiting.remove(i);
+            seq.table.release(&mut self.cache);
+            return true;
+        }
+        if let Some(i) = self.running.iter().position(|s| s.req.id == id) {
+            let mut seq = self.running.remove(i);
+            seq.table.release(&mut self.cache);
+            return true;
+        }
+        false
+    }
+
+    pub fn has_work(&self) -> bool {
+        !self.waiting.is_empty() || !self.running.is_empty()
+    }
+
+    pub fn stats(&self) -> SchedulerStats {
+        SchedulerStats {
+            waiting: self.waiting.len(),
+            running: self.running.len(),
+            free_blocks: self.cache.free_blocks(),
+            total_blocks: self.cache.num_blocks(),
+            preemptions: self.preemptions,
+            generated_tokens: self.generated_tokens,
+        }
+    }
+
+    /// Runs one batch and returns what happened.
+    pub fn step(&mut self) -> Vec<Event> {
+        self.admit();
+        let plan = self.plan_batch();
+        if plan.is_empty() {
+            return Vec::new();
+        }
+        let steps: Vec<Step<'_>> = plan
+            .iter()
+            .map(|&(i, n)| {
+                let s = &self.running[i];
+                Step {
+                    tokens: &s.tokens[s.computed..s.computed + n],
+                    start: s.computed,
+                    blocks: s.table.blocks(),
+                    logits: s.computed + n == s.tokens.len(),
+                }
+            })
+            .collect();
+        let logits = self.model.model.forward(&steps, &mut self.cache, &mut self.scratch);
+        let mut logits = logits.into_iter();
+        let mut events = Vec::new();
+        let mut finished = Vec::new();
+        for &(i, n) in &plan {
+            let seq = &mut self.running[i];
+            seq.computed += n;
+            if seq.computed < seq.tokens.len() {
+                continue;
+            }
+            let Some(l) = logits.next() else { continue };
+            let sampled = seq.sampler.sample(&l);
+            seq.tokens.push(sampled.token);
+            self.generated_tokens += 1;
+            if let Some(event) = self.finish_or_emit(i, sampled.token, sampled.logprob, &mut events) {
+                finished.push((i, event));
+            }
+        }
+        // Remove finished sequences from the back so indices stay valid.
+        finished.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
+        for (i, event) in finished {
+            let mut seq = self.running.remove(i);
+            seq.table.release(&mut self.cache);
+            events.push(event);
+        }
+        events
+    }
+
+    /// Emits the token's text, or ends the sequence (returning its `Finished` event).
+    fn finish_or_emit(&mut self, i: usize, token: u32, logprob: f32, events: &mut Vec<Event>) -> Option<Event> {
+        let context_length =
+            self.model.model.config.context_length.min(self.cache.num_blocks() * self.config.block_size);
+        let tokenizer = &self.model.tokenizer;
+        let seq = &mut self.running[i];
+        let id = seq.req.id;
+        let usage = |seq: &Sequence| Usage {
+            input_tokens: seq.req.prompt.len(),
+            output_tokens: seq.generated(),
+            cached_tokens: 0,
+        };
+        if tokenizer.is_stop_token(token) {
+            seq.tokens.pop();
+            let text = std::mem::take(&mut seq.held);
+            if !text.is_empty() {
+                events.push(Event::Token { id, token, text, logprob });
+            }
+            return Some(Event::Finished { id, reason: FinishReason::EndTurn, stop_sequence: None, usage: usage(seq) });
+        }
+        let delta = seq.decoder.push(tokenizer, token).unwrap_or_default();
+        seq.held.push_str(&delta);
+        if let Some((at, stop)) = find_stop(&seq.held, &seq.req.stop_sequences) {
+            let text = seq.held[..at].to_string();
+            seq.held.clear();
+            events.push(Event::Token { id, token, text, logprob });
+            return Some(Event::Finished {
+                id,
+                reason: FinishReason::StopSequence,
+                stop_sequence: Some(stop),
+                usage: usage(seq),
+            });
+        }
+        let out_of_room = seq.generated() >= seq.req.max_tokens || seq.tokens.len() >= context_length;
+        let emit_len = if out_of_room { seq.held.len() } else { safe_prefix_len(&seq.held, &seq.req.stop_sequences) };
+        let text: String = seq.held.drain(..emit_len).collect();
+        events.push(Event::Token { id, token, text, logprob });
+        out_of_room.then(|| Event::Finished {
+            id,
+            reason: FinishReason::MaxTokens,
+            stop_sequence: None,
+            usage: usage(seq),
+        })
+    }
+
+    /// Moves waiting sequences into the running set, best first, while they fit.
+    fn admit(&mut self) {
+        self.waiting.sort_by_key(|s| (std::cmp::Reverse(s.req.priority), s.arrival));
+        while !self.waiting.is_empty() && self.running.len() < self.config.max_running {
+            let candidate = &self.waiting[0];
+            // Room for the whole prompt (it will be prefilled over the next steps) plus one
+            // block of headroom per running sequence, so admission does not force preemption.
+            let needed = candidate.tokens.len().div_ceil(self.config.block_size) + self.running.len();
+            if needed > self.cache.free_blocks() {
+                let Some(victim) = self.lowest_running() else { break };
+                if self.running[victim].req.priority >= candidate.req.priority {
+                    break;
+                }
+                self.preempt(victim);
+                continue;
+            }
+            let seq = self.waiting.remove(0);
+            self.running.push(seq);
+        }
+    }
+
+    /// The running sequence to give up first: lowest priority, then latest arrival.
+    fn lowest_running(&self) -> Option<usize> {
+        (0..self.running.len())
+            .min_by_key(|&i| (self.running[i].req.priority, std::cmp::Reverse(self.running[i].arrival)))
+    }
+
+    /// Frees a running sequence's blocks and queues it to be recomputed later.
+    fn preempt(&mut self, i: usize) {
+        let mut seq = self.running.remove(i);
+        seq.table.release(&mut self.cache);
+        seq.computed = 0;
+        seq.preemptions += 1;
+        self.preemptions += 1;
+        self.waiting.push(seq);
+    }
+
+    /// Chooses (running index, tokens) for this step and reserves their blocks, preempting when
+    /// the cache is full. Decodes come first, then prompt chunks in priority order.
+    fn plan_batch(&mut self) -> Vec<(usize, usize)> {
+        self.running.sort_by_key(|s| (std::cmp::Reverse(s.req.priority), s.arrival));
+        loop {
+            let mut budget = self.config.max_batch_tokens;
+            let mut plan = Vec::new();
+            let decoding = |s: &Sequence| s.tokens.len() - s.computed == 1;
+            let order: Vec<usize> = (0..self.running.len())
+                .filter(|&i| decoding(&self.running[i]))
+                .chain((0..self.running.len()).filter(|&i| !decoding(&self.running[i])))
+                .collect();
+            for i in order {
+                if budget == 0 {
+                    break;
+                }
+                let s = &self.running[i];
+                let n = (s.tokens.len() - s.computed).min(budget);
+                budget -= n;
+                plan.push((i, n));
+            }
+            let mut short = None;
+            for &(i, n) in &plan {
+                let s = &mut self.running[i];
+                if s.table.reserve(&mut self.cache, s.computed + n).is_err() {
+                    short = Some(i);
+                    break;
+                }
+            }
+            match short {
+                None => return plan,
+                Some(_) => {
+                    let victim = self.lowest_running().expect("a sequence ran short, so one is running");
+                    self.preempt(victim);
+                    if self.running.is_empty() {
+                        return Vec::new();
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The earliest stop sequence in `text`: (byte offset, the sequence).
+fn find_stop(text: &str, stops: &[String]) -> Option<(usize, String)> {
+    stops
+        .iter()
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| text.find(s.as_str()).map(|at| (at, s.clone())))
+        .min_by_key(|(at, _)| *at)
+}
+
+/// How much of `text` can be emitted: everything except a tail that is a proper prefix of a
+/// stop sequence (it might still complete).
+fn safe_prefix_len(text: &str, stops: &[String]) -> usize {
+    let mut keep = text.len();
+    for stop in stops {
+        for (start, _) in text.char_indices() {
+            if start < keep && stop.starts_with(&text[start..]) {
+                keep = start;
+                break;
+            }
+        }
+    }
+    keep
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_that_may_begin_a_stop_sequence_is_held_back() {
+        let stops = vec!["END".to_string(), "\n\n".to_string()];
+        assert_eq!(safe_prefix_len("hello", &stops), 5);
+        assert_eq!(safe_prefix_len("hello E", &stops), 6);
+        assert_eq!(safe_prefix_len("hello EN", &stops), 6);
+        assert_eq!(safe_prefix_len("hello\n", &stops), 5);
+        assert_eq!(safe_prefix_len("héllo", &[]), "héllo".len());
+        assert_eq!(find_stop("a END b\n\n", &stops), Some((2, "END".into())));
+        assert_eq!(find_stop("abc", &stops), None);
+    }
+}

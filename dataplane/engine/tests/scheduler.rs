@@ -1,0 +1,201 @@
+//! Continuous batching on the real model: sequences that share batches, get prefilled in chunks,
+//! are preempted, cancelled or stopped behave exactly as if each ran alone.
+
+mod support;
+
+use std::collections::HashMap;
+
+use mantle_engine::{
+    ChatMessage, EngineError, Event, FinishReason, GenerateRequest, SamplingParams, Scheduler, SchedulerConfig,
+};
+
+fn request(id: u64, question: &str, max_tokens: usize) -> GenerateRequest {
+    let model = support::smollm2();
+    GenerateRequest {
+        id,
+        prompt: model.chat_prompt(&[ChatMessage::new("user", question)]).unwrap(),
+        max_tokens,
+        sampling: SamplingParams::default(),
+        stop_sequences: Vec::new(),
+        priority: 1,
+    }
+}
+
+#[derive(Default, Debug, Clone, PartialEq)]
+struct Outcome {
+    tokens: Vec<u32>,
+    text: String,
+    reason: Option<FinishReason>,
+}
+
+/// Runs the scheduler until idle; returns each request's outcome and the order they finished.
+fn run(scheduler: &mut Scheduler) -> (HashMap<u64, Outcome>, Vec<u64>) {
+    let mut outcomes: HashMap<u64, Outcome> = HashMap::new();
+    let mut finished = Vec::new();
+    let mut steps = 0;
+    while scheduler.has_work() {
+        steps += 1;
+        assert!(steps < 10_000, "scheduler made no progress");
+        for event in scheduler.step() {
+            match event {
+                Event::Token { id, token, text, .. } => {
+                    let o = outcomes.entry(id).or_default();
+                    o.tokens.push(token);
+                    o.text.push_str(&text);
+                }
+                Event::Finished { id, reason, .. } => {
+                    outcomes.entry(id).or_default().reason = Some(reason);
+                    finished.push(id);
+                }
+            }
+        }
+    }
+    (outcomes, finished)
+}
+
+const QUESTIONS: [&str; 5] = [
+    "What is the capital of France? Answer in one sentence.",
+    "Name the largest ocean on Earth.",
+    "Write a haiku about the sea.",
+    "What is 2 + 2?",
+    "List three colors of the rainbow.",
+];
+
+fn alone(question: &str, max_tokens: usize) -> Outcome {
+    let mut s = Scheduler::new(support::smollm2(), SchedulerConfig::default());
+    s.add(request(0, question, max_tokens)).unwrap();
+    run(&mut s).0.remove(&0).unwrap()
+}
+
+#[test]
+fn sequences_batched_together_generate_what_each_would_alone() {
+    let expected: Vec<Outcome> = QUESTIONS.iter().map(|q| alone(q, 24)).collect();
+    let mut s = Scheduler::new(support::smollm2(), SchedulerConfig::default());
+    for (i, q) in QUESTIONS.iter().enumerate() {
+        s.add(request(i as u64, q, 24)).unwrap();
+    }
+    let (outcomes, _) = run(&mut s);
+    for (i, e) in expected.iter().enumerate() {
+        assert_eq!(&outcomes[&(i as u64)], e, "request {i}");
+    }
+    assert!(expected[0].text.contains("Paris"), "{:?}", expected[0].text);
+    let stats = s.stats();
+    assert_eq!(stats.free_blocks, stats.total_blocks, "every block is back");
+}
+
+#[test]
+fn a_long_prompt_is_prefilled_in_chunks_while_others_keep_decoding() {
+    let config = SchedulerConfig { max_batch_tokens: 24, ..Default::default() };
+    let mut s = Scheduler::new(support::smollm2(), config);
+    s.add(request(1, "Count from one to twenty in words.", 40)).unwrap();
+    // Let the first request finish its prompt and start decoding.
+    while !s.step().iter().any(|e| matches!(e, Event::Token { id: 1, .. })) {}
+    let long_question = "Summarise this: ".to_string() + &"The quick brown fox jumps over the lazy dog. ".repeat(12);
+    s.add(request(2, &long_question, 4)).unwrap();
+    let mut steps_with_a_token_for_1 = 0;
+    let mut steps = 0;
+    loop {
+        let events = s.step();
+        steps += 1;
+        if events.iter().any(|e| matches!(e, Event::Token { id: 1, .. })) {
+            steps_with_a_token_for_1 += 1;
+        }
+        if events.iter().any(|e| matches!(e, Event::Token { id: 2, .. })) {
+            break;
+        }
+    }
+    assert!(steps >= 5, "a ~150-token prompt takes several 24-token steps, took {steps}");
+    assert_eq!(steps_with_a_token_for_1, steps, "the decoding sequence got a token in every step");
+}
+
+#[test]
+fn preempted_sequences_resume_and_generate_the_same_text() {
+    let long_answers =
+        ["Write a short story about a robot.", "Count from one to twenty in words.", "Explain how rain forms."];
+    let expected: Vec<Outcome> = long_answers.iter().map(|q| alone(q, 48)).collect();
+    assert!(expected.iter().all(|o| o.tokens.len() == 48), "each answer runs to max_tokens");
+    // 12 blocks of 16 slots: each sequence needs 6 blocks by the end, so three cannot all fit.
+    let config = SchedulerConfig { num_blocks: 12, ..Default::default() };
+    let mut s = Scheduler::new(support::smollm2(), config);
+    for (i, q) in long_answers.iter().enumerate() {
+        s.add(request(i as u64, q, 48)).unwrap();
+    }
+    let (outcomes, _) = run(&mut s);
+    assert!(s.stats().preemptions > 0, "the cache was too small for all three");
+    for (i, e) in expected.iter().enumerate() {
+        assert_eq!(&outcomes[&(i as u64)], e, "request {i}");
+    }
+    assert_eq!(s.stats().free_blocks, 12);
+}
+
+#[test]
+fn higher_priority_requests_run_first() {
+    let config = SchedulerConfig { max_running: 1, ..Default::default() };
+    let mut s = Scheduler::new(support::smollm2(), config);
+    let mut low = request(1, QUESTIONS[1], 8);
+    low.priority = 0;
+    let mut high = request(2, QUESTIONS[3], 8);
+    high.priority = 3;
+    s.add(low).unwrap();
+    s.add(high).unwrap();
+    let (_, finished) = run(&mut s);
+    assert_eq!(finished, vec![2, 1]);
+}
+
+#[test]
+fn a_cancelled_request_frees_its_blocks_at_once() {
+    let mut s = Scheduler::new(support::smollm2(), SchedulerConfig::default());
+    s.add(request(7, QUESTIONS[2], 200)).unwrap();
+    for _ in 0..5 {
+        s.step();
+    }
+    let before = s.stats();
+    assert!(before.free_blocks < before.total_blocks);
+    assert!(s.cancel(7));
+    let after = s.stats();
+    assert_eq!(after.free_blocks, after.total_blocks);
+    assert!(!s.has_work());
+    assert!(!s.cancel(7), "cancelling twice is harmless");
+}
+
+#[test]
+fn generation_stops_at_a_stop_sequence_which_is_left_out() {
+    let full = alone(QUESTIONS[0], 24).text;
+    let stop = "France";
+    let at = full.find(stop).expect("the answer names France");
+    let mut req = request(3, QUESTIONS[0], 24);
+    req.stop_sequences = vec![stop.to_string()];
+    let mut s = Scheduler::new(support::smollm2(), SchedulerConfig::default());
+    s.add(req).unwrap();
+    let (mut outcomes, _) = run(&mut s);
+    let o = outcomes.remove(&3).unwrap();
+    assert_eq!(o.reason, Some(FinishReason::StopSequence));
+    assert_eq!(o.text, full[..at]);
+}
+
+#[test]
+fn max_tokens_ends_generation() {
+    let o = alone(QUESTIONS[2], 5);
+    assert_eq!(o.reason, Some(FinishReason::MaxTokens));
+    assert_eq!(o.tokens.len(), 5);
+}
+
+#[test]
+fn bad_requests_are_refused_with_the_numbers() {
+    let mut s = Scheduler::new(support::smollm2(), SchedulerConfig { num_blocks: 8, ..Default::default() });
+    let mut empty = request(1, "x", 4);
+    empty.prompt.clear();
+    assert_eq!(s.add(empty), Err(EngineError::EmptyPrompt));
+
+    let mut long = request(2, "x", 4);
+    long.prompt = vec![1; 500];
+    let err = s.add(long).unwrap_err();
+    assert_eq!(err, EngineError::PromptTooLong { prompt_tokens: 500, context_length: 128 });
+    assert!(err.to_string().contains("500") && err.to_string().contains("128"), "{err}");
+
+    let zero = GenerateRequest { max_tokens: 0, ..request(3, "hi", 1) };
+    assert!(matches!(s.add(zero), Err(EngineError::InvalidMaxTokens { max_tokens: 0, .. })));
+    let too_many = GenerateRequest { max_tokens: 10_000, ..request(4, "hi", 1) };
+    assert!(matches!(s.add(too_many), Err(EngineError::InvalidMaxTokens { max_tokens: 10_000, .. })));
+    assert!(!s.has_work());
+}
