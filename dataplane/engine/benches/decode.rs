@@ -24,7 +24,7 @@ fn main() {
         .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/mantle"))
         .join("models");
     let path = models.join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    let model = TextModel::load(&path, None)
+    let model = TextModel::load(&path, None, 0)
         .unwrap_or_else(|e| panic!("{}: {e} (run scripts/fetch-models.sh)", path.display()));
     println!("kernels: {}, threads: {}", mantle_engine::quant::kernels().name, model.model.threads());
     let prompt = model

@@ -8,6 +8,8 @@ pub mod model;
 pub mod quant;
 pub mod sampling;
 pub mod scheduler;
+#[cfg(feature = "test-support")]
+pub mod test_support;
 pub mod tokenizer;
 
 use std::path::Path;
@@ -50,13 +52,14 @@ pub struct TextModel {
 }
 
 impl TextModel {
-    /// Loads a GGUF file. `family` overrides the template embedded in the file.
-    pub fn load(path: &Path, family: Option<TemplateFamily>) -> Result<Self, EngineError> {
-        Self::from_gguf(&GgufFile::open(path)?, family)
+    /// Loads a GGUF file. `family` overrides the template embedded in the file; `threads` sizes
+    /// the compute pool (0: one thread per core).
+    pub fn load(path: &Path, family: Option<TemplateFamily>, threads: usize) -> Result<Self, EngineError> {
+        Self::from_gguf(&GgufFile::open(path)?, family, threads)
     }
 
-    pub fn from_gguf(gguf: &GgufFile, family: Option<TemplateFamily>) -> Result<Self, EngineError> {
-        let model = LlamaModel::load(gguf)?;
+    pub fn from_gguf(gguf: &GgufFile, family: Option<TemplateFamily>, threads: usize) -> Result<Self, EngineError> {
+        let model = LlamaModel::load(gguf, threads)?;
         let tokenizer = Tokenizer::from_gguf(gguf)?;
         let token_text = |id: Option<u32>| id.and_then(|i| tokenizer.decode_special(i)).unwrap_or_default();
         let (bos, eos) = (token_text(tokenizer.bos()), token_text(Some(tokenizer.eos())));

@@ -128,7 +128,8 @@ pub struct Scratch {
 }
 
 impl LlamaModel {
-    pub fn load(gguf: &GgufFile) -> Result<Self, EngineError> {
+    /// Loads the weights; `threads` is the size of the compute pool (0: one per core).
+    pub fn load(gguf: &GgufFile, threads: usize) -> Result<Self, EngineError> {
         let config = LlamaConfig::from_gguf(gguf)?;
         let layers = (0..config.n_layer)
             .map(|i| {
@@ -175,6 +176,7 @@ impl LlamaModel {
             }
         }
         let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
             .thread_name(|i| format!("mantle-engine-{i}"))
             .build()
             .map_err(|e| EngineError::Io(format!("starting the engine threads: {e}")))?;

@@ -1,7 +1,7 @@
 //! The engine on the real SmolLM2-135M-Instruct model: it loads from GGUF, tokenizes with the
 //! file's own vocabulary, renders the file's chat template and answers real prompts.
 
-mod support;
+use mantle_engine::test_support as support;
 
 use mantle_engine::kv_cache::{BlockTable, KvCache};
 use mantle_engine::{ChatMessage, EngineError, GgufFile, Sampler, SamplingParams, Scratch, Step, TextModel};

@@ -1,7 +1,7 @@
 //! Continuous batching on the real model: sequences that share batches, get prefilled in chunks,
 //! are preempted, cancelled or stopped behave exactly as if each ran alone.
 
-mod support;
+use mantle_engine::test_support as support;
 
 use std::collections::HashMap;
 

@@ -1,4 +1,11 @@
-//! The Mantle model runner: a gRPC server over the inference engine, one per model replica, with
-//! the weight-cache tiers of [`mantle_crds::CacheTier`]. Filled in by the runner issue.
+//! The Mantle model runner: one model replica behind the `mantle.runner.v1` gRPC API, with
+//! Prometheus metrics and health endpoints over HTTP.
 
-pub use mantle_crds::CacheTier;
+pub mod engine_loop;
+pub mod health;
+pub mod http;
+pub mod metrics;
+pub mod server;
+pub mod service;
+
+pub use server::{RunnerConfig, RunningRunner, start};

@@ -1,21 +1,17 @@
-//! Test support: the real SmolLM2 model, fetched once by scripts/fetch-models.sh.
-
-#![allow(dead_code)]
+//! Helpers for tests (feature `test-support`): the small real models, fetched once per test
+//! binary by `scripts/fetch-models.sh` (idempotent, cached outside the repository).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
-use mantle_engine::TextModel;
+use crate::TextModel;
 
-/// Runs scripts/fetch-models.sh (idempotent) and returns the models directory.
+/// Runs scripts/fetch-models.sh and returns the models directory.
 pub fn models_dir() -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-        let out = std::process::Command::new("bash")
-            .arg(root.join("scripts/fetch-models.sh"))
-            .output()
-            .expect("bash runs scripts/fetch-models.sh");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/fetch-models.sh");
+        let out = std::process::Command::new("bash").arg(&script).output().expect("bash runs scripts/fetch-models.sh");
         assert!(out.status.success(), "fetch-models.sh failed: {}", String::from_utf8_lossy(&out.stderr));
         let stdout = String::from_utf8_lossy(&out.stdout);
         PathBuf::from(stdout.lines().last().expect("fetch-models.sh prints the models directory").trim())
@@ -23,12 +19,13 @@ pub fn models_dir() -> PathBuf {
     .clone()
 }
 
+/// SmolLM2-135M-Instruct, Q4_1 GGUF.
 pub fn smollm2_path() -> PathBuf {
     models_dir().join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
-/// SmolLM2-135M-Instruct, loaded once per test binary.
+/// SmolLM2 loaded once per test binary.
 pub fn smollm2() -> Arc<TextModel> {
     static MODEL: OnceLock<Arc<TextModel>> = OnceLock::new();
-    MODEL.get_or_init(|| Arc::new(TextModel::load(&smollm2_path(), None).expect("SmolLM2 loads"))).clone()
+    MODEL.get_or_init(|| Arc::new(TextModel::load(&smollm2_path(), None, 0).expect("SmolLM2 loads"))).clone()
 }

@@ -1,0 +1,95 @@
+//! The runner's Prometheus metrics, registered once: `mantle_runner_*`.
+
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    /// Generate requests by outcome: end_turn, max_tokens, stop_sequence, cancelled,
+    /// deadline_exceeded, rejected.
+    pub requests: IntCounterVec,
+    pub prompt_tokens: IntCounter,
+    pub generated_tokens: IntCounter,
+    pub time_to_first_token: Histogram,
+    pub queue_depth: IntGauge,
+    pub running_sequences: IntGauge,
+    pub kv_blocks_free: IntGauge,
+    pub kv_blocks_total: IntGauge,
+    pub preemptions: IntCounter,
+    /// Seconds the last weight load took per tier.
+    pub weight_load_seconds: prometheus::GaugeVec,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let requests =
+            IntCounterVec::new(Opts::new("mantle_runner_requests_total", "Generate requests by outcome"), &["outcome"])
+                .expect("valid metric");
+        let prompt_tokens =
+            IntCounter::new("mantle_runner_prompt_tokens_total", "Prompt tokens accepted").expect("valid metric");
+        let generated_tokens =
+            IntCounter::new("mantle_runner_generated_tokens_total", "Tokens generated").expect("valid metric");
+        let time_to_first_token = Histogram::with_opts(
+            HistogramOpts::new(
+                "mantle_runner_time_to_first_token_seconds",
+                "From accepting a request to its first token",
+            )
+            .buckets(vec![0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
+        )
+        .expect("valid metric");
+        let queue_depth =
+            IntGauge::new("mantle_runner_queue_depth", "Requests waiting to start").expect("valid metric");
+        let running_sequences =
+            IntGauge::new("mantle_runner_running_sequences", "Sequences in the running batch").expect("valid metric");
+        let kv_blocks_free =
+            IntGauge::new("mantle_runner_kv_blocks_free", "Free KV-cache blocks").expect("valid metric");
+        let kv_blocks_total = IntGauge::new("mantle_runner_kv_blocks_total", "KV-cache blocks").expect("valid metric");
+        let preemptions =
+            IntCounter::new("mantle_runner_preemptions_total", "Sequences preempted for lack of KV blocks")
+                .expect("valid metric");
+        let weight_load_seconds = prometheus::GaugeVec::new(
+            Opts::new("mantle_runner_weight_load_seconds", "Time the last weight load took, by cache tier"),
+            &["tier"],
+        )
+        .expect("valid metric");
+        for c in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(prompt_tokens.clone()),
+            Box::new(generated_tokens.clone()),
+            Box::new(time_to_first_token.clone()),
+            Box::new(queue_depth.clone()),
+            Box::new(running_sequences.clone()),
+            Box::new(kv_blocks_free.clone()),
+            Box::new(kv_blocks_total.clone()),
+            Box::new(preemptions.clone()),
+            Box::new(weight_load_seconds.clone()),
+        ] {
+            registry.register(c).expect("each metric registered once");
+        }
+        Self {
+            registry,
+            requests,
+            prompt_tokens,
+            generated_tokens,
+            time_to_first_token,
+            queue_depth,
+            running_sequences,
+            kv_blocks_free,
+            kv_blocks_total,
+            preemptions,
+            weight_load_seconds,
+        }
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        prometheus::TextEncoder::new().encode_to_string(&self.registry.gather()).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

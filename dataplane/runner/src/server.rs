@@ -1,0 +1,135 @@
+//! Wiring: load the model, start the scheduler thread, serve gRPC and HTTP until shut down.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use anyhow::Context;
+use mantle_engine::kv_cache::KvCache;
+use mantle_engine::{Scheduler, SchedulerConfig, TemplateFamily, TextModel};
+use mantle_proto::runner_server::RunnerServer;
+use mantle_proto::{InfoResponse, TierLoad};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::engine_loop::EngineHandle;
+use crate::http::{HttpState, router};
+use crate::metrics::Metrics;
+use crate::service::RunnerService;
+
+#[derive(Debug, Clone)]
+pub struct RunnerConfig {
+    /// The GGUF weights.
+    pub model_path: PathBuf,
+    /// The Bedrock-style id the model is served under.
+    pub model_id: String,
+    pub grpc_listen: SocketAddr,
+    pub http_listen: SocketAddr,
+    /// Compute threads (0: one per core).
+    pub threads: usize,
+    /// Bytes of KV cache.
+    pub kv_cache_bytes: usize,
+    /// Tokens per forward pass.
+    pub max_batch_tokens: usize,
+    /// Sequences decoding at once.
+    pub max_running: usize,
+    /// Overrides the chat template embedded in the weights.
+    pub chat_template: Option<TemplateFamily>,
+}
+
+/// A started runner. Dropping it shuts the servers down.
+pub struct RunningRunner {
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    grpc: JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl RunningRunner {
+    /// Stops accepting requests, lets open streams end, and waits for the gRPC server.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        (&mut self.grpc).await.context("gRPC server task")?.context("gRPC server")
+    }
+}
+
+impl Drop for RunningRunner {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// Binds both listeners, loads the model (HTTP answers `/readyz` 503 meanwhile) and serves.
+pub async fn start(config: RunnerConfig) -> anyhow::Result<RunningRunner> {
+    let metrics = Metrics::new();
+    let ready = Arc::new(AtomicBool::new(false));
+    let http_listener =
+        TcpListener::bind(config.http_listen).await.with_context(|| format!("binding {}", config.http_listen))?;
+    let http_addr = http_listener.local_addr()?;
+    let app = router(HttpState { metrics: metrics.clone(), ready: ready.clone() });
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(http_listener, app).await {
+            tracing::error!(error = %e, "HTTP server stopped");
+        }
+    });
+    let grpc_listener =
+        TcpListener::bind(config.grpc_listen).await.with_context(|| format!("binding {}", config.grpc_listen))?;
+    let grpc_addr = grpc_listener.local_addr()?;
+
+    let started = Instant::now();
+    let path = config.model_path.clone();
+    let (template, threads) = (config.chat_template, config.threads);
+    let model = tokio::task::spawn_blocking(move || TextModel::load(&path, template, threads))
+        .await
+        .context("loading task")?
+        .with_context(|| format!("loading {}", config.model_path.display()))?;
+    let load_seconds = started.elapsed().as_secs_f64();
+    metrics.weight_load_seconds.with_label_values(&["host_memory"]).set(load_seconds);
+    let model = Arc::new(model);
+    let c = &model.model.config;
+    let block_size = 16;
+    let num_blocks = KvCache::blocks_for_budget(config.kv_cache_bytes, c.n_layer, c.kv_dim(), block_size);
+    anyhow::ensure!(num_blocks > 0, "--kv-cache-bytes {} holds no block of {block_size} tokens", config.kv_cache_bytes);
+    let scheduler = Scheduler::new(
+        model.clone(),
+        SchedulerConfig {
+            block_size,
+            num_blocks,
+            max_batch_tokens: config.max_batch_tokens,
+            max_running: config.max_running,
+        },
+    );
+    let info = InfoResponse {
+        model_id: config.model_id.clone(),
+        modality: "TEXT".into(),
+        context_length: c.context_length.min(num_blocks * block_size) as u32,
+        vocab_size: c.vocab as u32,
+        embedding_dimensions: 0,
+        weight_load: vec![TierLoad { tier: "host_memory".into(), seconds: load_seconds }],
+        kernels: mantle_engine::quant::kernels().name.into(),
+        threads: model.model.threads() as u32,
+    };
+    let engine = EngineHandle::spawn(scheduler, metrics.clone()).context("starting the scheduler thread")?;
+    let service = RunnerService::new(model.clone(), engine, info);
+
+    let (shutdown, shutdown_rx) = oneshot::channel::<()>();
+    let grpc = tokio::spawn(
+        tonic::transport::Server::builder().add_service(RunnerServer::new(service)).serve_with_incoming_shutdown(
+            TcpListenerStream::new(grpc_listener),
+            async {
+                let _ = shutdown_rx.await;
+            },
+        ),
+    );
+    ready.store(true, Ordering::Release);
+    tracing::info!(model_id = %config.model_id, %grpc_addr, %http_addr, load_seconds, kv_blocks = num_blocks, "runner ready");
+    Ok(RunningRunner { grpc_addr, http_addr, shutdown: Some(shutdown), grpc })
+}

@@ -1,0 +1,182 @@
+//! The gRPC service: requests are checked and turned into engine requests at the edge, engine
+//! errors map to gRPC statuses in one place, and each Generate stream is fed by the scheduler.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use mantle_engine::{ChatMessage, EngineError, Event, FinishReason, GenerateRequest, SamplingParams, TextModel};
+use mantle_proto::runner_server::Runner;
+use mantle_proto::{
+    CountTokensRequest, CountTokensResponse, EmbedRequest, EmbedResponse, Finished, GenerateResponse, HealthRequest,
+    HealthSignal, InfoRequest, InfoResponse, TokenChunk, Usage, generate_response,
+};
+use tokio_stream::Stream;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::{IntervalStream, UnboundedReceiverStream};
+use tonic::{Request, Response, Status};
+
+use crate::engine_loop::{EngineHandle, Output};
+use crate::health;
+
+type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// How often Health pushes a signal.
+pub const HEALTH_INTERVAL: Duration = Duration::from_millis(100);
+
+pub struct RunnerService {
+    model: Arc<TextModel>,
+    engine: EngineHandle,
+    info: InfoResponse,
+}
+
+impl RunnerService {
+    pub fn new(model: Arc<TextModel>, engine: EngineHandle, info: InfoResponse) -> Self {
+        Self { model, engine, info }
+    }
+
+    /// Prompt tokens for a request: the conversation through the chat template, or the raw prompt.
+    fn prompt_tokens(&self, messages: &[mantle_proto::ChatMessage], prompt: &str) -> Result<Vec<u32>, Status> {
+        if messages.is_empty() {
+            if prompt.is_empty() {
+                return Err(Status::invalid_argument("the request has neither messages nor a prompt"));
+            }
+            return self.model.tokenizer.encode(prompt).map_err(status);
+        }
+        let mut chat = Vec::with_capacity(messages.len());
+        for (i, m) in messages.iter().enumerate() {
+            if !matches!(m.role.as_str(), "system" | "user" | "assistant") {
+                return Err(Status::invalid_argument(format!(
+                    "messages[{i}].role is {:?}; expected system, user or assistant",
+                    m.role
+                )));
+            }
+            chat.push(ChatMessage::new(&m.role, &m.content));
+        }
+        self.model.chat_prompt(&chat).map_err(status)
+    }
+}
+
+/// The one place engine errors become gRPC statuses.
+pub fn status(e: EngineError) -> Status {
+    match e {
+        EngineError::EmptyPrompt
+        | EngineError::PromptTooLong { .. }
+        | EngineError::InvalidMaxTokens { .. }
+        | EngineError::Tokenizer(_)
+        | EngineError::Template(_) => Status::invalid_argument(e.to_string()),
+        EngineError::InvalidModel(_) | EngineError::UnsupportedTokenizer(_) => {
+            Status::failed_precondition(e.to_string())
+        }
+        EngineError::Io(_) => Status::unavailable(e.to_string()),
+    }
+}
+
+fn finish_reason(reason: FinishReason) -> mantle_proto::FinishReason {
+    match reason {
+        FinishReason::EndTurn => mantle_proto::FinishReason::EndTurn,
+        FinishReason::MaxTokens => mantle_proto::FinishReason::MaxTokens,
+        FinishReason::StopSequence => mantle_proto::FinishReason::StopSequence,
+    }
+}
+
+fn response(output: Output, logprobs: bool) -> Result<GenerateResponse, Status> {
+    let event = match output {
+        Output::DeadlineExceeded => {
+            return Err(Status::deadline_exceeded("the request's deadline passed before it finished"));
+        }
+        Output::Event(Event::Token { token, text, logprob, .. }) => generate_response::Event::Token(TokenChunk {
+            text,
+            token_ids: vec![token],
+            logprobs: if logprobs { vec![logprob] } else { Vec::new() },
+        }),
+        Output::Event(Event::Finished { reason, stop_sequence, usage, .. }) => {
+            generate_response::Event::Finished(Finished {
+                reason: finish_reason(reason) as i32,
+                stop_sequence: stop_sequence.unwrap_or_default(),
+                usage: Some(Usage {
+                    input_tokens: usage.input_tokens as u32,
+                    output_tokens: usage.output_tokens as u32,
+                    cached_prompt_tokens: usage.cached_tokens as u32,
+                }),
+            })
+        }
+    };
+    Ok(GenerateResponse { event: Some(event) })
+}
+
+#[tonic::async_trait]
+impl Runner for RunnerService {
+    type GenerateStream = ResponseStream<GenerateResponse>;
+    type HealthStream = ResponseStream<HealthSignal>;
+
+    #[tracing::instrument(skip_all, fields(request_id = %request.get_ref().request_id))]
+    async fn generate(
+        &self,
+        request: Request<mantle_proto::GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStream>, Status> {
+        let r = request.into_inner();
+        let prompt = self.prompt_tokens(&r.messages, &r.prompt)?;
+        if !(r.temperature.is_finite() && r.temperature >= 0.0) {
+            return Err(Status::invalid_argument(format!("temperature {} must be 0 or more", r.temperature)));
+        }
+        if !(r.top_p.is_finite() && (0.0..=1.0).contains(&r.top_p)) {
+            return Err(Status::invalid_argument(format!("top_p {} must be between 0 and 1", r.top_p)));
+        }
+        let deadline = match r.deadline_unix_ms {
+            0 => None,
+            ms => {
+                let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
+                if ms <= now_ms {
+                    return Err(Status::deadline_exceeded("the request's deadline has already passed"));
+                }
+                Some(Instant::now() + Duration::from_millis(ms - now_ms))
+            }
+        };
+        let engine_request = GenerateRequest {
+            id: 0,
+            prompt,
+            max_tokens: r.max_tokens as usize,
+            sampling: SamplingParams {
+                temperature: r.temperature,
+                top_p: if r.top_p == 0.0 { 1.0 } else { r.top_p },
+                top_k: r.top_k as usize,
+                seed: r.seed,
+            },
+            stop_sequences: r.stop_sequences,
+            priority: r.priority.clamp(0, mantle_engine::scheduler::MAX_PRIORITY as i32) as u8,
+        };
+        let events = self.engine.generate(engine_request, deadline).await.map_err(status)?;
+        tracing::debug!("generation started");
+        let logprobs = r.logprobs;
+        let stream = UnboundedReceiverStream::new(events).map(move |output| response(output, logprobs));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn embed(&self, _request: Request<EmbedRequest>) -> Result<Response<EmbedResponse>, Status> {
+        Err(Status::failed_precondition(format!(
+            "{} is a {} model; Embed needs an EMBEDDING model",
+            self.info.model_id, self.info.modality
+        )))
+    }
+
+    async fn count_tokens(
+        &self,
+        request: Request<CountTokensRequest>,
+    ) -> Result<Response<CountTokensResponse>, Status> {
+        let r = request.into_inner();
+        let tokens = self.prompt_tokens(&r.messages, &r.prompt)?;
+        Ok(Response::new(CountTokensResponse { input_tokens: tokens.len() as u32 }))
+    }
+
+    async fn info(&self, _request: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
+        Ok(Response::new(self.info.clone()))
+    }
+
+    async fn health(&self, _request: Request<HealthRequest>) -> Result<Response<Self::HealthStream>, Status> {
+        let stats = self.engine.stats();
+        let ticks = IntervalStream::new(tokio::time::interval(HEALTH_INTERVAL));
+        let stream = ticks.map(move |_| Ok(health::signal(&stats.borrow())));
+        Ok(Response::new(Box::pin(stream)))
+    }
+}

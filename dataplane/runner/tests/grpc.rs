@@ -1,0 +1,189 @@
+//! The runner over real gRPC with the real SmolLM2 model: streamed tokens, cancellation that
+//! frees KV blocks, health signals, token counting, and clear statuses for bad requests.
+
+use std::time::Duration;
+
+use mantle_engine::test_support;
+use mantle_proto::runner_client::RunnerClient;
+use mantle_proto::{
+    ChatMessage, CountTokensRequest, EmbedRequest, FinishReason, GenerateRequest, HealthRequest, InfoRequest,
+    LoadState, generate_response,
+};
+use mantle_runner::{RunnerConfig, RunningRunner};
+use tokio_stream::StreamExt;
+use tonic::Code;
+use tonic::transport::Channel;
+
+async fn start() -> (RunningRunner, RunnerClient<Channel>) {
+    let config = RunnerConfig {
+        model_path: test_support::smollm2_path(),
+        model_id: "huggingfacetb.smollm2-135m-instruct-v1:0".into(),
+        grpc_listen: "127.0.0.1:0".parse().unwrap(),
+        http_listen: "127.0.0.1:0".parse().unwrap(),
+        threads: 0,
+        kv_cache_bytes: 64 << 20,
+        max_batch_tokens: 256,
+        max_running: 16,
+        chat_template: None,
+    };
+    let runner = mantle_runner::start(config).await.expect("runner starts");
+    let client = RunnerClient::connect(format!("http://{}", runner.grpc_addr)).await.expect("client connects");
+    (runner, client)
+}
+
+fn ask(question: &str, max_tokens: u32) -> GenerateRequest {
+    GenerateRequest {
+        request_id: "test".into(),
+        messages: vec![ChatMessage { role: "user".into(), content: question.into() }],
+        max_tokens,
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generate_streams_real_tokens_then_a_finish_with_usage() {
+    let (_runner, mut client) = start().await;
+    let mut stream =
+        client.generate(ask("What is the capital of France? Answer in one sentence.", 32)).await.unwrap().into_inner();
+    let mut text = String::new();
+    let mut chunks = 0;
+    let mut finished = None;
+    while let Some(msg) = stream.next().await {
+        match msg.unwrap().event.unwrap() {
+            generate_response::Event::Token(t) => {
+                chunks += 1;
+                assert_eq!(t.token_ids.len(), 1);
+                text.push_str(&t.text);
+            }
+            generate_response::Event::Finished(f) => finished = Some(f),
+        }
+    }
+    let finished = finished.expect("a Finished message ends the stream");
+    assert!(text.contains("Paris"), "{text:?}");
+    assert!(chunks > 3, "tokens are streamed one by one");
+    assert_eq!(finished.reason(), FinishReason::EndTurn);
+    let usage = finished.usage.unwrap();
+    assert_eq!(usage.output_tokens as usize, chunks);
+    assert!(usage.input_tokens > 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_stream_frees_its_kv_blocks() {
+    let (runner, mut client) = start().await;
+    let mut health = client.health(HealthRequest {}).await.unwrap().into_inner();
+    let idle = health.next().await.unwrap().unwrap();
+    assert_eq!(idle.free_kv_blocks, idle.total_kv_blocks);
+
+    let mut stream = client.generate(ask("Write a long story about a dragon.", 1000)).await.unwrap().into_inner();
+    for _ in 0..3 {
+        stream.next().await.unwrap().unwrap();
+    }
+    // Signals sent before the generation started may still be in flight; wait for a current one.
+    let busy = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let s = health.next().await.unwrap().unwrap();
+            if s.running_sequences == 1 {
+                return s;
+            }
+        }
+    })
+    .await
+    .expect("the health stream reports the running generation");
+    assert!(busy.free_kv_blocks < busy.total_kv_blocks, "the generation holds blocks");
+    drop(stream);
+
+    // 1,000 tokens would take seconds to generate; a cancelled one stops within a decode step.
+    let freed = tokio::time::timeout(Duration::from_secs(1), async {
+        loop {
+            let s = health.next().await.unwrap().unwrap();
+            if s.running_sequences == 0 && s.free_kv_blocks == s.total_kv_blocks {
+                return s;
+            }
+        }
+    })
+    .await
+    .expect("blocks are freed soon after the client goes away");
+    assert_eq!(freed.state(), LoadState::Healthy);
+    let metrics = http_get(&format!("http://{}/metrics", runner.http_addr)).await;
+    assert!(metrics.contains("mantle_runner_requests_total{outcome=\"cancelled\"} 1"), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_pushes_a_signal_every_100ms() {
+    let (_runner, mut client) = start().await;
+    let mut health = client.health(HealthRequest {}).await.unwrap().into_inner();
+    let started = tokio::time::Instant::now();
+    for _ in 0..5 {
+        let s = health.next().await.unwrap().unwrap();
+        assert_eq!(s.state(), LoadState::Healthy);
+        assert_eq!(s.queue_depth, 0);
+    }
+    let elapsed = started.elapsed();
+    assert!(elapsed >= Duration::from_millis(350) && elapsed < Duration::from_secs(3), "{elapsed:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn info_count_tokens_and_embed_describe_the_model() {
+    let (runner, mut client) = start().await;
+    let info = client.info(InfoRequest {}).await.unwrap().into_inner();
+    assert_eq!(info.model_id, "huggingfacetb.smollm2-135m-instruct-v1:0");
+    assert_eq!(info.modality, "TEXT");
+    assert_eq!(info.vocab_size, 49152);
+    assert!(info.context_length >= 1024);
+    assert_eq!(info.weight_load[0].tier, "host_memory");
+
+    let raw =
+        client.count_tokens(CountTokensRequest { prompt: "Hello world".into(), ..Default::default() }).await.unwrap();
+    assert_eq!(raw.into_inner().input_tokens, 2);
+    let chat = CountTokensRequest { messages: ask("Hello world", 1).messages, ..Default::default() };
+    assert!(client.count_tokens(chat).await.unwrap().into_inner().input_tokens > 10, "the chat template adds tokens");
+
+    let err = client.embed(EmbedRequest { texts: vec!["x".into()], ..Default::default() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+
+    let http = format!("http://{}", runner.http_addr);
+    let ready = http_get(&format!("{http}/readyz")).await;
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+    let metrics = http_get(&format!("{http}/metrics")).await;
+    assert!(metrics.contains("mantle_runner_kv_blocks_total"), "{metrics}");
+    assert!(metrics.contains("mantle_runner_weight_load_seconds{tier=\"host_memory\"}"), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_invalid_argument_with_a_reason() {
+    let (_runner, mut client) = start().await;
+    let mut cases = vec![
+        (GenerateRequest { max_tokens: 5, ..Default::default() }, "neither messages nor a prompt"),
+        (GenerateRequest { max_tokens: 0, ..ask("hi", 0) }, "max tokens 0"),
+        (GenerateRequest { max_tokens: 1_000_000, ..ask("hi", 0) }, "max tokens 1000000"),
+        (GenerateRequest { temperature: -1.0, ..ask("hi", 5) }, "temperature"),
+        (GenerateRequest { top_p: 1.5, ..ask("hi", 5) }, "top_p"),
+    ];
+    let mut bad_role = ask("hi", 5);
+    bad_role.messages[0].role = "robot".into();
+    cases.push((bad_role, "messages[0].role"));
+    let long = GenerateRequest { prompt: "word ".repeat(5000), max_tokens: 5, ..Default::default() };
+    cases.push((long, "the model's context is"));
+    for (request, expected) in cases {
+        let err = client.generate(request).await.err().expect("refused");
+        assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+        assert!(err.message().contains(expected), "{:?} should mention {expected:?}", err.message());
+    }
+    let past = GenerateRequest { deadline_unix_ms: 1, ..ask("hi", 5) };
+    assert_eq!(client.generate(past).await.err().unwrap().code(), Code::DeadlineExceeded);
+}
+
+/// A minimal HTTP/1.1 GET over a TCP socket, to keep test dependencies small.
+async fn http_get(url: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest.split_at(rest.find('/').unwrap());
+    let mut socket = tokio::net::TcpStream::connect(host).await.unwrap();
+    socket
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut response = String::new();
+    socket.read_to_string(&mut response).await.unwrap();
+    response
+}
