@@ -165,7 +165,7 @@ async fn bad_requests_get_invalid_argument_with_a_reason() {
     let long = GenerateRequest { prompt: "word ".repeat(5000), max_tokens: 5, ..Default::default() };
     cases.push((long, "the model's context is"));
     for (request, expected) in cases {
-        let err = client.generate(request).await.err().expect("refused");
+        let Err(err) = client.generate(request).await else { panic!("{expected}: accepted") };
         assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
         assert!(err.message().contains(expected), "{:?} should mention {expected:?}", err.message());
     }
