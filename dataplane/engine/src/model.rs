@@ -286,7 +286,9 @@ impl LlamaModel {
         }
     }
 
-    /// Causal attention of every batch token over its own sequence, one task per (token, head).
+    /// Causal attention of every batch token over its own sequence. One task per (token, KV head)
+    /// serves the query heads that share that KV head, so each cached key and value is read once
+    /// per task rather than once per query head.
     fn attention(
         &self,
         layer: usize,
@@ -300,31 +302,41 @@ impl LlamaModel {
         let (hd, group) = (c.head_dim, c.n_head / c.n_head_kv);
         let scale = 1.0 / (hd as f32).sqrt();
         out.resize(tokens.len() * c.n_head * hd, 0.0);
-        out.par_chunks_mut(hd).enumerate().for_each_init(Vec::new, |scores, (i, o)| {
-            let (t, h) = (i / c.n_head, i % c.n_head);
+        // Query heads h of a KV head g are g*group .. (g+1)*group, contiguous in q and out.
+        out.par_chunks_mut(group * hd).enumerate().for_each_init(Vec::new, |scores, (i, o)| {
+            let (t, g) = (i / c.n_head_kv, i % c.n_head_kv);
             let (si, pos) = tokens[t];
             let blocks = steps[si].blocks;
-            let qh = &q[i * hd..(i + 1) * hd];
-            let kv_off = (h / group) * hd;
+            let queries = &q[i * group * hd..(i + 1) * group * hd];
+            let kv = g * hd..(g + 1) * hd;
+            let positions = pos + 1;
+            // scores[h * positions + p]
             scores.clear();
-            let mut max = f32::NEG_INFINITY;
-            for p in 0..=pos {
-                let (k, _) = cache.read(layer, blocks, p);
-                let score = dot(qh, &k[kv_off..kv_off + hd]) * scale;
-                max = max.max(score);
-                scores.push(score);
+            scores.resize(group * positions, 0.0);
+            for p in 0..positions {
+                let key = &cache.read(layer, blocks, p).0[kv.clone()];
+                for (h, query) in queries.chunks_exact(hd).enumerate() {
+                    scores[h * positions + p] = dot(query, key) * scale;
+                }
             }
-            let mut sum = 0.0;
-            for sc in scores.iter_mut() {
-                *sc = (*sc - max).exp();
-                sum += *sc;
+            for row in scores.chunks_exact_mut(positions) {
+                let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                let mut sum = 0.0;
+                for v in row.iter_mut() {
+                    *v = (*v - max).exp();
+                    sum += *v;
+                }
+                let inv = 1.0 / sum;
+                row.iter_mut().for_each(|v| *v *= inv);
             }
             o.fill(0.0);
-            for (p, sc) in scores.iter().enumerate() {
-                let (_, v) = cache.read(layer, blocks, p);
-                let w = sc / sum;
-                for (acc, val) in o.iter_mut().zip(&v[kv_off..kv_off + hd]) {
-                    *acc += w * val;
+            for p in 0..positions {
+                let value = &cache.read(layer, blocks, p).1[kv.clone()];
+                for (h, acc) in o.chunks_exact_mut(hd).enumerate() {
+                    let w = scores[h * positions + p];
+                    for (a, v) in acc.iter_mut().zip(value) {
+                        *a += w * v;
+                    }
                 }
             }
         });

@@ -140,21 +140,36 @@ impl QMatrix {
             });
             return;
         }
+        let dot4 = kernels().dot_x4(self.wtype);
+        let token = |t: usize| &x[t * kb..(t + 1) * kb];
         let mut transposed = vec![0f32; tokens * self.rows];
         transposed.par_chunks_mut(ROWS_PER_TASK * tokens).enumerate().for_each(|(task, tile)| {
             let r0 = task * ROWS_PER_TASK;
             for (i, row_out) in tile.chunks_exact_mut(tokens).enumerate() {
                 let w = self.row(r0 + i);
-                for (t, o) in row_out.iter_mut().enumerate() {
-                    *o = dot(w, &x[t * kb..(t + 1) * kb]);
+                let mut quads = row_out.chunks_exact_mut(4);
+                for (q, out4) in (&mut quads).enumerate() {
+                    let t = q * 4;
+                    out4.copy_from_slice(&dot4(w, [token(t), token(t + 1), token(t + 2), token(t + 3)]));
+                }
+                let done = tokens - quads.into_remainder().len();
+                for t in done..tokens {
+                    row_out[t] = dot(w, token(t));
                 }
             }
         });
-        for r in 0..self.rows {
-            for t in 0..tokens {
-                out[t * self.rows + r] = transposed[r * tokens + t];
+        // Back to token-major, a group of tokens at a time so both sides stay cache-friendly.
+        const GROUP: usize = 16;
+        out.par_chunks_mut(GROUP * self.rows).enumerate().for_each(|(g, group)| {
+            let t0 = g * GROUP;
+            let n = group.len() / self.rows;
+            for r in 0..self.rows {
+                let column = &transposed[r * tokens + t0..r * tokens + t0 + n];
+                for (j, v) in column.iter().enumerate() {
+                    group[j * self.rows + r] = *v;
+                }
             }
-        }
+        });
     }
 }
 
@@ -164,12 +179,16 @@ fn f16_at(b: &[u8], at: usize) -> f32 {
 }
 
 type DotFn = fn(&[u8], &[BlockQ8]) -> f32;
+/// One weight row against four tokens' activations: each weight block is unpacked once.
+type Dot4Fn = fn(&[u8], [&[BlockQ8]; 4]) -> [f32; 4];
 
 /// The dot-product kernels chosen for this CPU, once.
 pub struct Kernels {
     pub name: &'static str,
     q4_1: DotFn,
     q8_0: DotFn,
+    q4_1_x4: Dot4Fn,
+    q8_0_x4: Dot4Fn,
 }
 
 impl Kernels {
@@ -177,6 +196,13 @@ impl Kernels {
         match wtype {
             WeightType::Q4_1 => self.q4_1,
             WeightType::Q8_0 => self.q8_0,
+        }
+    }
+
+    pub fn dot_x4(&self, wtype: WeightType) -> Dot4Fn {
+        match wtype {
+            WeightType::Q4_1 => self.q4_1_x4,
+            WeightType::Q8_0 => self.q8_0_x4,
         }
     }
 }
@@ -187,9 +213,21 @@ pub fn kernels() -> &'static Kernels {
     KERNELS.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         if x86::supported() {
-            return Kernels { name: "avx2", q4_1: x86::dot_q4_1, q8_0: x86::dot_q8_0 };
+            return Kernels {
+                name: "avx2",
+                q4_1: x86::dot_q4_1,
+                q8_0: x86::dot_q8_0,
+                q4_1_x4: x86::dot_q4_1_x4,
+                q8_0_x4: x86::dot_q8_0_x4,
+            };
         }
-        Kernels { name: "portable", q4_1: dot_q4_1_portable, q8_0: dot_q8_0_portable }
+        Kernels {
+            name: "portable",
+            q4_1: dot_q4_1_portable,
+            q8_0: dot_q8_0_portable,
+            q4_1_x4: |w, xs| xs.map(|x| dot_q4_1_portable(w, x)),
+            q8_0_x4: |w, xs| xs.map(|x| dot_q8_0_portable(w, x)),
+        }
     })
 }
 
@@ -256,6 +294,20 @@ mod x86 {
         unsafe { dot_q8_0_avx2(w, x) }
     }
 
+    pub fn dot_q4_1_x4(w: &[u8], xs: [&[BlockQ8]; 4]) -> [f32; 4] {
+        let n = xs[0].len();
+        assert!(w.len() >= n * 20 && xs.iter().all(|x| x.len() == n));
+        // SAFETY: as above; all four activation rows have the weight row's block count.
+        unsafe { dot_q4_1_x4_avx2(w, xs) }
+    }
+
+    pub fn dot_q8_0_x4(w: &[u8], xs: [&[BlockQ8]; 4]) -> [f32; 4] {
+        let n = xs[0].len();
+        assert!(w.len() >= n * 34 && xs.iter().all(|x| x.len() == n));
+        // SAFETY: as above.
+        unsafe { dot_q8_0_x4_avx2(w, xs) }
+    }
+
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn hsum(v: __m256) -> f32 {
         let lo = _mm256_castps256_ps128(v);
@@ -309,11 +361,79 @@ mod x86 {
         }
         unsafe { hsum(acc) }
     }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_q4_1_x4_avx2(w: &[u8], xs: [&[BlockQ8]; 4]) -> [f32; 4] {
+        let low_nibbles = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut offsets = [0f32; 4];
+        for i in 0..xs[0].len() {
+            let b = &w[i * 20..i * 20 + 20];
+            _mm_prefetch::<_MM_HINT_T0>(b.as_ptr().wrapping_add(PREFETCH_DISTANCE) as *const i8);
+            // SAFETY: `b` holds 20 bytes; each activation block holds 32 quants.
+            let (d, m) = unsafe { two_f16(b.as_ptr()) };
+            let packed = unsafe { _mm_loadu_si128(b.as_ptr().add(4) as *const __m128i) };
+            let q4 = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), low_nibbles);
+            for t in 0..4 {
+                let xb = &xs[t][i];
+                offsets[t] += m * xb.s;
+                let q8 = unsafe { _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i) };
+                let products = _mm256_madd_epi16(_mm256_maddubs_epi16(q4, q8), ones);
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(products), _mm256_set1_ps(d * xb.d), acc[t]);
+            }
+        }
+        // SAFETY: AVX2 is enabled for this function.
+        [0, 1, 2, 3].map(|t| unsafe { hsum(acc[t]) } + offsets[t])
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_q8_0_x4_avx2(w: &[u8], xs: [&[BlockQ8]; 4]) -> [f32; 4] {
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for i in 0..xs[0].len() {
+            let b = &w[i * 34..i * 34 + 34];
+            _mm_prefetch::<_MM_HINT_T0>(b.as_ptr().wrapping_add(PREFETCH_DISTANCE) as *const i8);
+            // SAFETY: `b` holds 34 bytes; each activation block holds 32 quants.
+            let (d, _) = unsafe { two_f16(b.as_ptr()) };
+            let qw = unsafe { _mm256_loadu_si256(b.as_ptr().add(2) as *const __m256i) };
+            let abs_w = _mm256_sign_epi8(qw, qw);
+            for t in 0..4 {
+                let xb = &xs[t][i];
+                let qx = unsafe { _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i) };
+                let products = _mm256_madd_epi16(_mm256_maddubs_epi16(abs_w, _mm256_sign_epi8(qx, qw)), ones);
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(products), _mm256_set1_ps(d * xb.d), acc[t]);
+            }
+        }
+        // SAFETY: AVX2 is enabled for this function.
+        [0, 1, 2, 3].map(|t| unsafe { hsum(acc[t]) })
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn four_token_kernels_equal_four_single_dots() {
+        let mut seed = 19;
+        let w4 = random_q4_1_row(18, &mut seed);
+        let w8 = random_q8_0_row(18, &mut seed);
+        let rows: Vec<Vec<BlockQ8>> = (0..4)
+            .map(|_| {
+                let mut q = vec![BlockQ8::default(); 18];
+                quantize_row(&random_activations(18 * 32, &mut seed), &mut q);
+                q
+            })
+            .collect();
+        let xs = [&rows[0][..], &rows[1][..], &rows[2][..], &rows[3][..]];
+        let k = kernels();
+        let singles4 = xs.map(|x| k.dot(WeightType::Q4_1)(&w4, x));
+        let singles8 = xs.map(|x| k.dot(WeightType::Q8_0)(&w8, x));
+        let close = |a: [f32; 4], b: [f32; 4]| a.iter().zip(&b).all(|(x, y)| (x - y).abs() <= 1e-4 * y.abs().max(1.0));
+        assert!(close(k.dot_x4(WeightType::Q4_1)(&w4, xs), singles4));
+        assert!(close(k.dot_x4(WeightType::Q8_0)(&w8, xs), singles8));
+    }
 
     /// Deterministic pseudo-random bytes and floats for kernel tests.
     fn lcg(seed: &mut u64) -> u32 {
