@@ -153,8 +153,8 @@ impl QMatrix {
                     out4.copy_from_slice(&dot4(w, [token(t), token(t + 1), token(t + 2), token(t + 3)]));
                 }
                 let done = tokens - quads.into_remainder().len();
-                for t in done..tokens {
-                    row_out[t] = dot(w, token(t));
+                for (t, o) in row_out.iter_mut().enumerate().skip(done) {
+                    *o = dot(w, token(t));
                 }
             }
         });
