@@ -1,21 +1,25 @@
 //! Decode benchmark on the real SmolLM2-135M-Instruct Q4_1 model:
 //! time to first token and decode tokens/s for one stream, and aggregate decode tokens/s for
-//! N streams decoding together in one batch.
+//! N streams decoding together in one batch; then time to first token with a shared ~1,000-token
+//! system prompt, cold (nothing cached) and warm (the prefix cache holds it).
 //!
-//! `cargo bench -p mantle-engine --bench decode -- [--tokens 128] [--streams 1,4,16,64]`
-//! Thread count: `RAYON_NUM_THREADS` (default: all cores). The model comes from
-//! scripts/fetch-models.sh (`$MANTLE_CACHE/models`).
+//! `cargo bench -p mantle-engine --bench decode -- [--tokens 128] [--streams 1,4,16,64] [--threads N]`
+//! (threads 0: one per core). The model comes from scripts/fetch-models.sh (`$MANTLE_CACHE/models`).
+//! `scripts/bench-engine.sh` runs this next to llama.cpp on the same inputs.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use mantle_engine::kv_cache::{BlockTable, KvCache};
-use mantle_engine::{ChatMessage, Sampler, SamplingParams, Scratch, Step, TextModel};
+use mantle_engine::{
+    ChatMessage, Event, GenerateRequest, Sampler, SamplingParams, Scheduler, SchedulerConfig, Scratch, Step, TextModel,
+};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let flag = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
     let tokens: usize = flag("--tokens").and_then(|v| v.parse().ok()).unwrap_or(128);
+    let threads: usize = flag("--threads").and_then(|v| v.parse().ok()).unwrap_or(0);
     let streams: Vec<usize> = flag("--streams")
         .map(|v| v.split(',').filter_map(|s| s.parse().ok()).collect())
         .unwrap_or_else(|| vec![1, 4, 16, 64]);
@@ -24,7 +28,7 @@ fn main() {
         .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/mantle"))
         .join("models");
     let path = models.join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    let model = TextModel::load(&path, None, 0)
+    let model = TextModel::load(&path, None, threads)
         .unwrap_or_else(|e| panic!("{}: {e} (run scripts/fetch-models.sh)", path.display()));
     println!("kernels: {}, threads: {}", mantle_engine::quant::kernels().name, model.model.threads());
     let prompt = model
@@ -66,11 +70,50 @@ fn main() {
         let decode = decode_start.elapsed().as_secs_f64();
         let rate = (n * (tokens - 1)) as f64 / decode;
         println!(
-            "streams {n:>3}: prompt {} tokens, time to first token {:>7.1} ms, decode {:>7.1} tokens/s aggregate ({:.1} per stream)",
+            "mantle    streams {n:>3}: prompt {} tokens, time to first token {:>7.1} ms, decode {:>7.1} tokens/s aggregate ({:.1} per stream)",
             prompt.len(),
             ttft.as_secs_f64() * 1e3,
             rate,
             rate / n as f64
         );
     }
+
+    prefix_cache(model);
+}
+
+/// Time to first token of a request whose ~1,000-token system prompt is (warm) or is not (cold)
+/// in the prefix cache.
+fn prefix_cache(model: TextModel) {
+    let system = "You are the support assistant of ACME Corp. Follow these policies. ".to_string()
+        + &"Refunds are granted within thirty days of purchase when the item is unused and in its original packaging. "
+            .repeat(45);
+    let model = std::sync::Arc::new(model);
+    let mut scheduler = Scheduler::new(model.clone(), SchedulerConfig::default());
+    let mut ttft = |question: &str, id: u64| {
+        let prompt = model
+            .chat_prompt(&[ChatMessage::new("system", &system), ChatMessage::new("user", question)])
+            .expect("prompt");
+        let tokens = prompt.len();
+        let request = GenerateRequest {
+            id,
+            prompt,
+            max_tokens: 1,
+            sampling: SamplingParams::default(),
+            stop_sequences: Vec::new(),
+            priority: 1,
+        };
+        scheduler.add(request).expect("fits");
+        let start = Instant::now();
+        loop {
+            if scheduler.step().iter().any(|e| matches!(e, Event::Finished { .. })) {
+                return (start.elapsed().as_secs_f64() * 1e3, tokens);
+            }
+        }
+    };
+    let (cold, tokens) = ttft("Can I return a used kettle?", 1);
+    let (warm, _) = ttft("Can I return shoes after six weeks?", 2);
+    println!(
+        "prefix cache: prompt {tokens} tokens, time to first token cold {cold:.1} ms, warm {warm:.1} ms ({:.1}x faster)",
+        cold / warm
+    );
 }

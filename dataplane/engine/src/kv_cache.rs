@@ -2,7 +2,21 @@
 //! `block_size` token slots; each sequence owns a block table mapping its positions to blocks, so
 //! memory is handed out a block at a time and freed the moment a sequence ends.
 //!
+//! Prefix caching: once a block is full, it is registered under a hash chained over every token
+//! of the sequence up to its end, so equal prefixes have equal hashes. A new sequence looks its
+//! prompt's full blocks up and shares the ones found (reference-counted) instead of computing
+//! them again. A block nobody holds keeps its contents and stays findable until the space is
+//! needed; then the least recently used such block is reused.
+//!
+//! Integrity: a registered block carries a CRC32 of its keys and values (all layers). It is
+//! checked before a cached block is shared and by a background sweep; a block that fails is
+//! dropped from the cache and its sequences recompute it, and the corruption is counted.
+//!
 //! Layout per layer: `[block][slot][kv_head * head_dim]` f32, keys and values in separate arrays.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
 
 /// Ran out of free blocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -14,7 +28,19 @@ pub struct KvCache {
     kv_dim: usize,
     keys: Vec<Vec<f32>>,
     values: Vec<Vec<f32>>,
+    /// Blocks holding nothing worth keeping.
     free: Vec<u32>,
+    refcount: Vec<u32>,
+    /// The prefix hash of each registered block.
+    hash: Vec<Option<u64>>,
+    checksum: Vec<u32>,
+    by_hash: HashMap<u64, u32>,
+    /// Registered blocks nobody holds, by last use: reused oldest first.
+    idle: BTreeMap<u64, u32>,
+    last_used: Vec<u64>,
+    clock: u64,
+    sweep_cursor: usize,
+    corruptions: u64,
 }
 
 impl KvCache {
@@ -28,6 +54,15 @@ impl KvCache {
             values: (0..n_layer).map(|_| vec![0.0; per_layer]).collect(),
             // Pop from the end, so hand out low block numbers first.
             free: (0..num_blocks as u32).rev().collect(),
+            refcount: vec![0; num_blocks],
+            hash: vec![None; num_blocks],
+            checksum: vec![0; num_blocks],
+            by_hash: HashMap::new(),
+            idle: BTreeMap::new(),
+            last_used: vec![0; num_blocks],
+            clock: 0,
+            sweep_cursor: 0,
+            corruptions: 0,
         }
     }
 
@@ -41,21 +76,153 @@ impl KvCache {
     }
 
     pub fn num_blocks(&self) -> usize {
-        self.keys.first().map_or(0, |k| k.len() / (self.block_size * self.kv_dim))
+        self.refcount.len()
     }
 
+    /// Blocks that can be handed out: empty ones plus cached ones nobody holds.
     pub fn free_blocks(&self) -> usize {
-        self.free.len()
+        self.free.len() + self.idle.len()
+    }
+
+    /// Registered blocks (held or idle) that later sequences can share.
+    pub fn cached_blocks(&self) -> usize {
+        self.by_hash.len()
+    }
+
+    /// Cached blocks found corrupt so far.
+    pub fn corruptions(&self) -> u64 {
+        self.corruptions
     }
 
     fn allocate(&mut self) -> Result<u32, OutOfBlocks> {
-        self.free.pop().ok_or(OutOfBlocks)
+        let block = match self.free.pop() {
+            Some(b) => b,
+            None => {
+                let (&used, &b) = self.idle.iter().next().ok_or(OutOfBlocks)?;
+                self.idle.remove(&used);
+                self.unregister(b);
+                b
+            }
+        };
+        self.refcount[block as usize] = 1;
+        Ok(block)
     }
 
-    /// Returns a block to the free list.
+    fn touch(&mut self, block: u32) {
+        self.clock += 1;
+        self.last_used[block as usize] = self.clock;
+    }
+
+    /// One more holder of a registered block.
+    fn retain(&mut self, block: u32) {
+        let b = block as usize;
+        if self.refcount[b] == 0 {
+            self.idle.remove(&self.last_used[b]);
+        }
+        self.refcount[b] += 1;
+        self.touch(block);
+    }
+
+    /// One holder fewer; an unheld block stays cached if registered, else becomes free.
     fn release(&mut self, block: u32) {
-        debug_assert!(!self.free.contains(&block), "block {block} freed twice");
-        self.free.push(block);
+        let b = block as usize;
+        debug_assert!(self.refcount[b] > 0, "block {block} released more often than held");
+        self.refcount[b] -= 1;
+        if self.refcount[b] == 0 {
+            if self.hash[b].is_some() {
+                self.touch(block);
+                self.idle.insert(self.last_used[b], block);
+            } else {
+                self.free.push(block);
+            }
+        }
+    }
+
+    /// Forgets a block's registration (its contents can no longer be shared).
+    fn unregister(&mut self, block: u32) {
+        if let Some(h) = self.hash[block as usize].take()
+            && self.by_hash.get(&h) == Some(&block)
+        {
+            self.by_hash.remove(&h);
+        }
+    }
+
+    /// Makes a full block findable under `hash`, with the checksum of its current contents.
+    fn register(&mut self, block: u32, hash: u64) {
+        if self.by_hash.contains_key(&hash) || self.hash[block as usize].is_some() {
+            return;
+        }
+        self.checksum[block as usize] = self.crc(block);
+        self.hash[block as usize] = Some(hash);
+        self.by_hash.insert(hash, block);
+    }
+
+    /// A cached block with this prefix hash whose checksum still holds, now held by the caller.
+    fn lookup(&mut self, hash: u64) -> Option<u32> {
+        let block = *self.by_hash.get(&hash)?;
+        if self.crc(block) != self.checksum[block as usize] {
+            self.drop_corrupt(block);
+            return None;
+        }
+        self.retain(block);
+        Some(block)
+    }
+
+    fn drop_corrupt(&mut self, block: u32) {
+        self.corruptions += 1;
+        self.unregister(block);
+        let b = block as usize;
+        if self.refcount[b] == 0 {
+            self.idle.remove(&self.last_used[b]);
+            self.free.push(block);
+        }
+    }
+
+    /// Checks up to `max_blocks` registered blocks (round robin) and drops those whose contents
+    /// no longer match their checksum; returns them, so their holders can recompute.
+    pub fn sweep(&mut self, max_blocks: usize) -> Vec<u32> {
+        let n = self.num_blocks();
+        let mut corrupt = Vec::new();
+        let mut checked = 0;
+        for _ in 0..n {
+            if checked == max_blocks {
+                break;
+            }
+            let block = self.sweep_cursor as u32;
+            self.sweep_cursor = (self.sweep_cursor + 1) % n;
+            if self.hash[block as usize].is_none() {
+                continue;
+            }
+            checked += 1;
+            if self.crc(block) != self.checksum[block as usize] {
+                self.drop_corrupt(block);
+                corrupt.push(block);
+            }
+        }
+        corrupt
+    }
+
+    fn crc(&self, block: u32) -> u32 {
+        let range = self.offset(block, 0)..self.offset(block, self.block_size);
+        let mut h = crc32fast::Hasher::new();
+        for layer in self.keys.iter().chain(&self.values) {
+            h.update(bytemuck::cast_slice(&layer[range.clone()]));
+        }
+        h.finalize()
+    }
+
+    /// Fault injection for tests and drills: flips one bit of a cached block's stored keys.
+    pub fn flip_bit(&mut self, block: u32, layer: usize) {
+        let at = self.offset(block, 0);
+        let v = &mut self.keys[layer][at];
+        *v = f32::from_bits(v.to_bits() ^ 0x0040_0000);
+    }
+
+    /// Registered blocks, for fault injection.
+    pub fn registered_blocks(&self) -> Vec<u32> {
+        let mut blocks: Vec<u32> = self.by_hash.values().copied().collect();
+        blocks.sort_unstable();
+        blocks
     }
 
     fn offset(&self, block: u32, slot: usize) -> usize {
@@ -80,6 +247,10 @@ impl KvCache {
 #[derive(Debug, Default, Clone)]
 pub struct BlockTable {
     blocks: Vec<u32>,
+    /// Leading blocks that are registered (or were found) in the prefix cache.
+    hashed: usize,
+    /// The prefix hash of the last of those.
+    chain: u64,
 }
 
 impl BlockTable {
@@ -99,17 +270,64 @@ impl BlockTable {
         Ok(())
     }
 
+    /// Takes the longest cached prefix of `tokens` (whole blocks, always leaving at least one
+    /// token to compute) into an empty table; returns how many tokens it covers.
+    pub fn match_prefix(&mut self, cache: &mut KvCache, tokens: &[u32]) -> usize {
+        debug_assert!(self.blocks.is_empty());
+        let bs = cache.block_size();
+        for chunk in tokens[..tokens.len().saturating_sub(1)].chunks_exact(bs) {
+            let hash = chain_hash(self.chain, chunk);
+            let Some(block) = cache.lookup(hash) else { break };
+            self.blocks.push(block);
+            self.hashed += 1;
+            self.chain = hash;
+        }
+        self.hashed * bs
+    }
+
+    /// Registers the blocks that `computed` tokens have filled, so later sequences can share them.
+    pub fn register_full(&mut self, cache: &mut KvCache, tokens: &[u32], computed: usize) {
+        let bs = cache.block_size();
+        while self.hashed < (computed / bs).min(self.blocks.len()) {
+            let hash = chain_hash(self.chain, &tokens[self.hashed * bs..(self.hashed + 1) * bs]);
+            cache.register(self.blocks[self.hashed], hash);
+            self.hashed += 1;
+            self.chain = hash;
+        }
+    }
+
+    pub fn contains(&self, block: u32) -> bool {
+        self.blocks.contains(&block)
+    }
+
     /// Returns every block to the cache.
     pub fn release(&mut self, cache: &mut KvCache) {
         for block in self.blocks.drain(..) {
             cache.release(block);
         }
+        self.hashed = 0;
+        self.chain = 0;
     }
+}
+
+/// The hash of a block given the hash of the prefix before it.
+fn chain_hash(parent: u64, tokens: &[u32]) -> u64 {
+    let mut h = DefaultHasher::new();
+    parent.hash(&mut h);
+    tokens.hash(&mut h);
+    h.finish()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn filled(cache: &mut KvCache, table: &BlockTable, tokens: usize, seed: f32) {
+        for pos in 0..tokens {
+            let v = [seed + pos as f32, 1.0];
+            cache.write(0, table.blocks()[pos / 4], pos % 4, &v, &v);
+        }
+    }
 
     #[test]
     fn blocks_are_handed_out_as_needed_and_all_come_back() {
@@ -145,5 +363,74 @@ mod tests {
         }
         assert_eq!(cache.read(0, a.blocks(), 4), (&[4.0, 1.0][..], &[0.0, 4.0][..]));
         assert_eq!(cache.read(0, b.blocks(), 4).0, &[-4.0, 2.0][..]);
+    }
+
+    #[test]
+    fn a_shared_prefix_is_found_block_by_block_and_reference_counted() {
+        let mut cache = KvCache::new(1, 2, 4, 8);
+        let tokens: Vec<u32> = (0..10).collect();
+        let mut a = BlockTable::default();
+        a.reserve(&mut cache, 10).unwrap();
+        filled(&mut cache, &a, 10, 0.0);
+        a.register_full(&mut cache, &tokens, 10);
+        assert_eq!(cache.cached_blocks(), 2, "two full blocks of four");
+
+        let mut b = BlockTable::default();
+        assert_eq!(b.match_prefix(&mut cache, &tokens), 8);
+        assert_eq!(&b.blocks()[..2], &a.blocks()[..2]);
+        let mut other = tokens.clone();
+        other[5] = 99;
+        let mut c = BlockTable::default();
+        assert_eq!(c.match_prefix(&mut cache, &other), 4, "the chain breaks at the first different block");
+
+        // Held by a, b and c: releasing two keeps it cached and out of the free pool.
+        let before = cache.free_blocks();
+        a.release(&mut cache);
+        b.release(&mut cache);
+        assert_eq!(cache.cached_blocks(), 2);
+        c.release(&mut cache);
+        assert_eq!(cache.free_blocks(), before + 3, "a's three blocks come back, shared ones only once");
+    }
+
+    #[test]
+    fn unheld_cached_blocks_are_reused_least_recently_used_first() {
+        let mut cache = KvCache::new(1, 2, 4, 3);
+        let (t1, t2): (Vec<u32>, Vec<u32>) = ((0..5).collect(), (100..105).collect());
+        for tokens in [&t1, &t2] {
+            let mut t = BlockTable::default();
+            t.reserve(&mut cache, 4).unwrap();
+            filled(&mut cache, &t, 4, tokens[0] as f32);
+            t.register_full(&mut cache, tokens, 4);
+            t.release(&mut cache);
+        }
+        assert_eq!((cache.cached_blocks(), cache.free_blocks()), (2, 3));
+        // Use t1's block again, then need two fresh blocks: t2's (older) goes first.
+        let mut again = BlockTable::default();
+        assert_eq!(again.match_prefix(&mut cache, &t1), 4);
+        let mut fresh = BlockTable::default();
+        fresh.reserve(&mut cache, 8).unwrap();
+        let mut probe = BlockTable::default();
+        assert_eq!(probe.match_prefix(&mut cache, &t2), 0, "t2's block was reused");
+        again.release(&mut cache);
+        assert_eq!(probe.match_prefix(&mut cache, &t1), 4, "t1's block survived");
+    }
+
+    #[test]
+    fn a_corrupted_block_is_not_shared_and_the_sweep_finds_it() {
+        let mut cache = KvCache::new(1, 2, 4, 4);
+        let tokens: Vec<u32> = (0..9).collect();
+        let mut a = BlockTable::default();
+        a.reserve(&mut cache, 9).unwrap();
+        filled(&mut cache, &a, 9, 0.0);
+        a.register_full(&mut cache, &tokens, 9);
+        let (first, second) = (a.blocks()[0], a.blocks()[1]);
+        cache.flip_bit(second, 0);
+        let mut b = BlockTable::default();
+        assert_eq!(b.match_prefix(&mut cache, &tokens), 4, "the corrupt second block is not shared");
+        assert_eq!(cache.corruptions(), 1);
+        cache.flip_bit(first, 0);
+        assert_eq!(cache.sweep(10), vec![first]);
+        assert_eq!(cache.corruptions(), 2);
+        assert_eq!(cache.cached_blocks(), 0);
     }
 }

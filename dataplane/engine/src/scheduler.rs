@@ -105,6 +105,8 @@ struct Sequence {
     /// Admission order, for fairness among equal priorities.
     arrival: u64,
     preemptions: u32,
+    /// Prompt tokens found in the prefix cache at first admission.
+    cached: usize,
 }
 
 impl Sequence {
@@ -122,6 +124,12 @@ pub struct SchedulerStats {
     pub total_blocks: usize,
     pub preemptions: u64,
     pub generated_tokens: u64,
+    /// Blocks in the prefix cache.
+    pub cached_blocks: usize,
+    /// Prompt tokens served from the prefix cache.
+    pub prefix_hit_tokens: u64,
+    /// Cached blocks found corrupt (and recomputed).
+    pub kv_corruptions: u64,
 }
 
 pub struct Scheduler {
@@ -134,6 +142,7 @@ pub struct Scheduler {
     arrivals: u64,
     preemptions: u64,
     generated_tokens: u64,
+    prefix_hit_tokens: u64,
 }
 
 impl Scheduler {
@@ -150,6 +159,7 @@ impl Scheduler {
             arrivals: 0,
             preemptions: 0,
             generated_tokens: 0,
+            prefix_hit_tokens: 0,
         }
     }
 
@@ -189,6 +199,7 @@ impl Scheduler {
             held: String::new(),
             arrival: self.arrivals,
             preemptions: 0,
+            cached: 0,
         });
         Ok(())
     }
@@ -220,11 +231,37 @@ impl Scheduler {
             total_blocks: self.cache.num_blocks(),
             preemptions: self.preemptions,
             generated_tokens: self.generated_tokens,
+            cached_blocks: self.cache.cached_blocks(),
+            prefix_hit_tokens: self.prefix_hit_tokens,
+            kv_corruptions: self.cache.corruptions(),
+        }
+    }
+
+    /// Checks up to `max_blocks` cached blocks against their checksums; sequences holding a
+    /// corrupt block go back to the queue and recompute it. Each step checks one block.
+    pub fn sweep(&mut self, max_blocks: usize) {
+        for block in self.cache.sweep(max_blocks) {
+            while let Some(i) = self.running.iter().position(|s| s.table.contains(block)) {
+                tracing::warn!(block, sequence = self.running[i].req.id, "KV block failed its checksum; recomputing");
+                self.preempt(i);
+            }
+        }
+    }
+
+    /// Fault injection for tests and drills: flips a bit in the `nth` cached block.
+    pub fn corrupt_cached_block(&mut self, nth: usize) -> bool {
+        match self.cache.registered_blocks().get(nth) {
+            Some(&block) => {
+                self.cache.flip_bit(block, 0);
+                true
+            }
+            None => false,
         }
     }
 
     /// Runs one batch and returns what happened.
     pub fn step(&mut self) -> Vec<Event> {
+        self.sweep(1);
         self.admit();
         let plan = self.plan_batch();
         if plan.is_empty() {
@@ -249,6 +286,7 @@ impl Scheduler {
         for &(i, n) in &plan {
             let seq = &mut self.running[i];
             seq.computed += n;
+            seq.table.register_full(&mut self.cache, &seq.tokens, seq.computed);
             if seq.computed < seq.tokens.len() {
                 continue;
             }
@@ -280,7 +318,7 @@ impl Scheduler {
         let usage = |seq: &Sequence| Usage {
             input_tokens: seq.req.prompt.len(),
             output_tokens: seq.generated(),
-            cached_tokens: 0,
+            cached_tokens: seq.cached,
         };
         if tokenizer.is_stop_token(token) {
             seq.tokens.pop();
@@ -331,7 +369,13 @@ impl Scheduler {
                 self.preempt(victim);
                 continue;
             }
-            let seq = self.waiting.remove(0);
+            let mut seq = self.waiting.remove(0);
+            let matched = seq.table.match_prefix(&mut self.cache, &seq.tokens);
+            seq.computed = matched;
+            if seq.preemptions == 0 {
+                seq.cached = matched;
+                self.prefix_hit_tokens += matched as u64;
+            }
             self.running.push(seq);
         }
     }

@@ -92,11 +92,17 @@ fn run(
     let mut recent: VecDeque<(Instant, u64)> = VecDeque::new();
     let mut next_id = 0u64;
     loop {
-        // Block while idle; otherwise take whatever has arrived and go on stepping.
+        // Wait while idle (checking cached KV blocks now and then); otherwise take whatever has
+        // arrived and go on stepping.
         if !scheduler.has_work() {
-            match requests.recv() {
+            match requests.recv_timeout(IDLE_SWEEP_INTERVAL) {
                 Ok(submit) => accept(&mut scheduler, &mut active, &mut next_id, submit, &metrics),
-                Err(_) => return,
+                Err(std_mpsc::RecvTimeoutError::Timeout) => {
+                    scheduler.sweep(IDLE_SWEEP_BLOCKS);
+                    publish(&scheduler, &stats, &metrics, 0.0);
+                    continue;
+                }
+                Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
             }
         }
         while let Ok(submit) = requests.try_recv() {
@@ -109,9 +115,8 @@ fn run(
             route(event, &mut active, &metrics);
         }
 
-        let s = scheduler.stats();
         let now = Instant::now();
-        recent.push_back((now, s.generated_tokens));
+        recent.push_back((now, scheduler.stats().generated_tokens));
         while recent.front().is_some_and(|(t, _)| now.duration_since(*t) > Duration::from_secs(5)) {
             recent.pop_front();
         }
@@ -119,13 +124,26 @@ fn run(
             (Some((t0, n0)), Some((t1, n1))) if t1 > t0 => (n1 - n0) as f32 / t1.duration_since(*t0).as_secs_f32(),
             _ => 0.0,
         };
-        metrics.queue_depth.set(s.waiting as i64);
-        metrics.running_sequences.set(s.running as i64);
-        metrics.kv_blocks_free.set(s.free_blocks as i64);
-        metrics.kv_blocks_total.set(s.total_blocks as i64);
-        metrics.preemptions.inc_by(s.preemptions.saturating_sub(metrics.preemptions.get()));
-        stats.send_replace(LoopStats { scheduler: s, tokens_per_second });
+        publish(&scheduler, &stats, &metrics, tokens_per_second);
     }
+}
+
+/// Cached blocks checked per second while idle (each step checks one as well).
+const IDLE_SWEEP_BLOCKS: usize = 64;
+const IDLE_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+fn publish(scheduler: &Scheduler, stats: &watch::Sender<LoopStats>, metrics: &Metrics, tokens_per_second: f32) {
+    let s = scheduler.stats();
+    metrics.queue_depth.set(s.waiting as i64);
+    metrics.running_sequences.set(s.running as i64);
+    metrics.kv_blocks_free.set(s.free_blocks as i64);
+    metrics.kv_blocks_total.set(s.total_blocks as i64);
+    metrics.kv_cached_blocks.set(s.cached_blocks as i64);
+    // The scheduler keeps running totals; the counters catch up to them.
+    metrics.preemptions.inc_by(s.preemptions.saturating_sub(metrics.preemptions.get()));
+    metrics.prefix_hit_tokens.inc_by(s.prefix_hit_tokens.saturating_sub(metrics.prefix_hit_tokens.get()));
+    metrics.kv_corruptions.inc_by(s.kv_corruptions.saturating_sub(metrics.kv_corruptions.get()));
+    stats.send_replace(LoopStats { scheduler: s, tokens_per_second });
 }
 
 fn accept(

@@ -16,6 +16,9 @@ pub struct Metrics {
     pub kv_blocks_free: IntGauge,
     pub kv_blocks_total: IntGauge,
     pub preemptions: IntCounter,
+    pub prefix_hit_tokens: IntCounter,
+    pub kv_corruptions: IntCounter,
+    pub kv_cached_blocks: IntGauge,
     /// Seconds the last weight load took per tier.
     pub weight_load_seconds: prometheus::GaugeVec,
 }
@@ -48,6 +51,18 @@ impl Metrics {
         let preemptions =
             IntCounter::new("mantle_runner_preemptions_total", "Sequences preempted for lack of KV blocks")
                 .expect("valid metric");
+        let prefix_hit_tokens = IntCounter::new(
+            "mantle_runner_prefix_cache_hit_tokens_total",
+            "Prompt tokens served from the prefix cache",
+        )
+        .expect("valid metric");
+        let kv_corruptions = IntCounter::new(
+            "mantle_runner_kv_corruptions_total",
+            "Cached KV blocks that failed their checksum and were recomputed",
+        )
+        .expect("valid metric");
+        let kv_cached_blocks =
+            IntGauge::new("mantle_runner_kv_cached_blocks", "KV blocks in the prefix cache").expect("valid metric");
         let weight_load_seconds = prometheus::GaugeVec::new(
             Opts::new("mantle_runner_weight_load_seconds", "Time the last weight load took, by cache tier"),
             &["tier"],
@@ -63,6 +78,9 @@ impl Metrics {
             Box::new(kv_blocks_free.clone()),
             Box::new(kv_blocks_total.clone()),
             Box::new(preemptions.clone()),
+            Box::new(prefix_hit_tokens.clone()),
+            Box::new(kv_corruptions.clone()),
+            Box::new(kv_cached_blocks.clone()),
             Box::new(weight_load_seconds.clone()),
         ] {
             registry.register(c).expect("each metric registered once");
@@ -78,6 +96,9 @@ impl Metrics {
             kv_blocks_free,
             kv_blocks_total,
             preemptions,
+            prefix_hit_tokens,
+            kv_corruptions,
+            kv_cached_blocks,
             weight_load_seconds,
         }
     }
