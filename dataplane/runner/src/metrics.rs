@@ -24,50 +24,41 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new() -> Self {
+    /// Creates and registers every metric (an error here is a bug in a metric definition).
+    pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
-        let requests =
-            IntCounterVec::new(Opts::new("mantle_runner_requests_total", "Generate requests by outcome"), &["outcome"])
-                .expect("valid metric");
-        let prompt_tokens =
-            IntCounter::new("mantle_runner_prompt_tokens_total", "Prompt tokens accepted").expect("valid metric");
-        let generated_tokens =
-            IntCounter::new("mantle_runner_generated_tokens_total", "Tokens generated").expect("valid metric");
+        let requests = IntCounterVec::new(
+            Opts::new("mantle_runner_requests_total", "Generate requests by outcome"),
+            &["outcome"],
+        )?;
+        let prompt_tokens = IntCounter::new("mantle_runner_prompt_tokens_total", "Prompt tokens accepted")?;
+        let generated_tokens = IntCounter::new("mantle_runner_generated_tokens_total", "Tokens generated")?;
         let time_to_first_token = Histogram::with_opts(
             HistogramOpts::new(
                 "mantle_runner_time_to_first_token_seconds",
                 "From accepting a request to its first token",
             )
             .buckets(vec![0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
-        )
-        .expect("valid metric");
-        let queue_depth =
-            IntGauge::new("mantle_runner_queue_depth", "Requests waiting to start").expect("valid metric");
-        let running_sequences =
-            IntGauge::new("mantle_runner_running_sequences", "Sequences in the running batch").expect("valid metric");
-        let kv_blocks_free =
-            IntGauge::new("mantle_runner_kv_blocks_free", "Free KV-cache blocks").expect("valid metric");
-        let kv_blocks_total = IntGauge::new("mantle_runner_kv_blocks_total", "KV-cache blocks").expect("valid metric");
+        )?;
+        let queue_depth = IntGauge::new("mantle_runner_queue_depth", "Requests waiting to start")?;
+        let running_sequences = IntGauge::new("mantle_runner_running_sequences", "Sequences in the running batch")?;
+        let kv_blocks_free = IntGauge::new("mantle_runner_kv_blocks_free", "Free KV-cache blocks")?;
+        let kv_blocks_total = IntGauge::new("mantle_runner_kv_blocks_total", "KV-cache blocks")?;
         let preemptions =
-            IntCounter::new("mantle_runner_preemptions_total", "Sequences preempted for lack of KV blocks")
-                .expect("valid metric");
+            IntCounter::new("mantle_runner_preemptions_total", "Sequences preempted for lack of KV blocks")?;
         let prefix_hit_tokens = IntCounter::new(
             "mantle_runner_prefix_cache_hit_tokens_total",
             "Prompt tokens served from the prefix cache",
-        )
-        .expect("valid metric");
+        )?;
         let kv_corruptions = IntCounter::new(
             "mantle_runner_kv_corruptions_total",
             "Cached KV blocks that failed their checksum and were recomputed",
-        )
-        .expect("valid metric");
-        let kv_cached_blocks =
-            IntGauge::new("mantle_runner_kv_cached_blocks", "KV blocks in the prefix cache").expect("valid metric");
+        )?;
+        let kv_cached_blocks = IntGauge::new("mantle_runner_kv_cached_blocks", "KV blocks in the prefix cache")?;
         let weight_load_seconds = prometheus::GaugeVec::new(
             Opts::new("mantle_runner_weight_load_seconds", "Time the last weight load took, by cache tier"),
             &["tier"],
-        )
-        .expect("valid metric");
+        )?;
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(prompt_tokens.clone()),
@@ -83,9 +74,9 @@ impl Metrics {
             Box::new(kv_cached_blocks.clone()),
             Box::new(weight_load_seconds.clone()),
         ] {
-            registry.register(c).expect("each metric registered once");
+            registry.register(c)?;
         }
-        Self {
+        Ok(Self {
             registry,
             requests,
             prompt_tokens,
@@ -100,17 +91,11 @@ impl Metrics {
             kv_corruptions,
             kv_cached_blocks,
             weight_load_seconds,
-        }
+        })
     }
 
     /// The text exposition format.
     pub fn render(&self) -> String {
         prometheus::TextEncoder::new().encode_to_string(&self.registry.gather()).unwrap_or_default()
-    }
-}
-
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new()
     }
 }

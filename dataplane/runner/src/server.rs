@@ -8,22 +8,23 @@ use std::time::Instant;
 
 use anyhow::Context;
 use mantle_engine::kv_cache::KvCache;
-use mantle_engine::{Scheduler, SchedulerConfig, TemplateFamily, TextModel};
+use mantle_engine::{EmbeddingModel, Scheduler, SchedulerConfig, TemplateFamily, TextModel};
 use mantle_proto::runner_server::RunnerServer;
 use mantle_proto::{InfoResponse, TierLoad};
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 
-use crate::engine_loop::EngineHandle;
+use crate::engine_loop::{EngineHandle, LoopStats};
 use crate::http::{HttpState, router};
 use crate::metrics::Metrics;
-use crate::service::RunnerService;
+use crate::service::{RunnerService, Served};
 
 #[derive(Debug, Clone)]
 pub struct RunnerConfig {
-    /// The GGUF weights.
+    /// The weights: a GGUF file (TEXT) or a directory with `model.safetensors`,
+    /// `config.json` and `tokenizer.json` (EMBEDDING).
     pub model_path: PathBuf,
     /// The Bedrock-style id the model is served under.
     pub model_id: String,
@@ -69,7 +70,7 @@ impl Drop for RunningRunner {
 
 /// Binds both listeners, loads the model (HTTP answers `/readyz` 503 meanwhile) and serves.
 pub async fn start(config: RunnerConfig) -> anyhow::Result<RunningRunner> {
-    let metrics = Metrics::new();
+    let metrics = Metrics::new().context("registering metrics")?;
     let ready = Arc::new(AtomicBool::new(false));
     let http_listener =
         TcpListener::bind(config.http_listen).await.with_context(|| format!("binding {}", config.http_listen))?;
@@ -85,40 +86,12 @@ pub async fn start(config: RunnerConfig) -> anyhow::Result<RunningRunner> {
     let grpc_addr = grpc_listener.local_addr()?;
 
     let started = Instant::now();
-    let path = config.model_path.clone();
-    let (template, threads) = (config.chat_template, config.threads);
-    let model = tokio::task::spawn_blocking(move || TextModel::load(&path, template, threads))
-        .await
-        .context("loading task")?
-        .with_context(|| format!("loading {}", config.model_path.display()))?;
+    let (served, info) = load(&config, &metrics).await?;
     let load_seconds = started.elapsed().as_secs_f64();
     metrics.weight_load_seconds.with_label_values(&["host_memory"]).set(load_seconds);
-    let model = Arc::new(model);
-    let c = &model.model.config;
-    let block_size = 16;
-    let num_blocks = KvCache::blocks_for_budget(config.kv_cache_bytes, c.n_layer, c.kv_dim(), block_size);
-    anyhow::ensure!(num_blocks > 0, "--kv-cache-bytes {} holds no block of {block_size} tokens", config.kv_cache_bytes);
-    let scheduler = Scheduler::new(
-        model.clone(),
-        SchedulerConfig {
-            block_size,
-            num_blocks,
-            max_batch_tokens: config.max_batch_tokens,
-            max_running: config.max_running,
-        },
-    );
-    let info = InfoResponse {
-        model_id: config.model_id.clone(),
-        modality: "TEXT".into(),
-        context_length: c.context_length.min(num_blocks * block_size) as u32,
-        vocab_size: c.vocab as u32,
-        embedding_dimensions: 0,
-        weight_load: vec![TierLoad { tier: "host_memory".into(), seconds: load_seconds }],
-        kernels: mantle_engine::quant::kernels().name.into(),
-        threads: model.model.threads() as u32,
-    };
-    let engine = EngineHandle::spawn(scheduler, metrics.clone()).context("starting the scheduler thread")?;
-    let service = RunnerService::new(model.clone(), engine, info);
+    let info =
+        InfoResponse { weight_load: vec![TierLoad { tier: "host_memory".into(), seconds: load_seconds }], ..info };
+    let service = RunnerService::new(served, info);
 
     let (shutdown, shutdown_rx) = oneshot::channel::<()>();
     let grpc = tokio::spawn(
@@ -130,6 +103,64 @@ pub async fn start(config: RunnerConfig) -> anyhow::Result<RunningRunner> {
         ),
     );
     ready.store(true, Ordering::Release);
-    tracing::info!(model_id = %config.model_id, %grpc_addr, %http_addr, load_seconds, kv_blocks = num_blocks, "runner ready");
+    tracing::info!(model_id = %config.model_id, %grpc_addr, %http_addr, load_seconds, "runner ready");
     Ok(RunningRunner { grpc_addr, http_addr, shutdown: Some(shutdown), grpc })
+}
+
+/// Loads what `config.model_path` holds: a directory with `model.safetensors` is an EMBEDDING
+/// model, a file is a TEXT model in GGUF (served through the scheduler).
+async fn load(config: &RunnerConfig, metrics: &Metrics) -> anyhow::Result<(Served, InfoResponse)> {
+    let path = config.model_path.clone();
+    let info = InfoResponse {
+        model_id: config.model_id.clone(),
+        kernels: mantle_engine::quant::kernels().name.into(),
+        ..Default::default()
+    };
+    if path.is_dir() {
+        let model = tokio::task::spawn_blocking(move || EmbeddingModel::load(&path))
+            .await
+            .context("loading task")?
+            .with_context(|| format!("loading {}", config.model_path.display()))?;
+        let (_, stats) = watch::channel(LoopStats::default());
+        let info = InfoResponse {
+            modality: "EMBEDDING".into(),
+            context_length: model.max_tokens() as u32,
+            embedding_dimensions: model.dimensions() as u32,
+            ..info
+        };
+        return Ok((Served::Embedding { model: Arc::new(model), stats }, info));
+    }
+    let (template, threads) = (config.chat_template, config.threads);
+    let model = tokio::task::spawn_blocking(move || TextModel::load(&path, template, threads))
+        .await
+        .context("loading task")?
+        .with_context(|| format!("loading {}", config.model_path.display()))?;
+    let model = Arc::new(model);
+    let c = &model.model.config;
+    let block_size = 16;
+    let num_blocks = KvCache::blocks_for_budget(config.kv_cache_bytes, c.n_layer, c.kv_dim(), block_size);
+    anyhow::ensure!(
+        num_blocks > 0,
+        "--kv-cache-mib {} holds no block of {block_size} tokens",
+        config.kv_cache_bytes >> 20
+    );
+    let scheduler = Scheduler::new(
+        model.clone(),
+        SchedulerConfig {
+            block_size,
+            num_blocks,
+            max_batch_tokens: config.max_batch_tokens,
+            max_running: config.max_running,
+        },
+    );
+    let info = InfoResponse {
+        modality: "TEXT".into(),
+        context_length: c.context_length.min(num_blocks * block_size) as u32,
+        vocab_size: c.vocab as u32,
+        threads: model.model.threads() as u32,
+        ..info
+    };
+    let engine = EngineHandle::spawn(scheduler, metrics.clone()).context("starting the scheduler thread")?;
+    tracing::info!(kv_blocks = num_blocks, "KV cache allocated");
+    Ok((Served::Text { model, engine }, info))
 }

@@ -5,11 +5,13 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use mantle_engine::{ChatMessage, EngineError, Event, FinishReason, GenerateRequest, SamplingParams, TextModel};
+use mantle_engine::{
+    ChatMessage, EmbeddingModel, EngineError, Event, FinishReason, GenerateRequest, SamplingParams, TextModel,
+};
 use mantle_proto::runner_server::Runner;
 use mantle_proto::{
-    CountTokensRequest, CountTokensResponse, EmbedRequest, EmbedResponse, Finished, GenerateResponse, HealthRequest,
-    HealthSignal, InfoRequest, InfoResponse, TokenChunk, Usage, generate_response,
+    CountTokensRequest, CountTokensResponse, EmbedRequest, EmbedResponse, Embedding, Finished, GenerateResponse,
+    HealthRequest, HealthSignal, InfoRequest, InfoResponse, TokenChunk, Usage, generate_response,
 };
 use tokio_stream::Stream;
 use tokio_stream::StreamExt;
@@ -24,24 +26,42 @@ type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 /// How often Health pushes a signal.
 pub const HEALTH_INTERVAL: Duration = Duration::from_millis(100);
 
+/// Texts one Embed request may carry.
+pub const MAX_EMBED_TEXTS: usize = 256;
+
+/// The model a runner serves: a text model behind the scheduler, or an embedding model.
+pub enum Served {
+    Text { model: Arc<TextModel>, engine: EngineHandle },
+    Embedding { model: Arc<EmbeddingModel>, stats: tokio::sync::watch::Receiver<crate::engine_loop::LoopStats> },
+}
+
 pub struct RunnerService {
-    model: Arc<TextModel>,
-    engine: EngineHandle,
+    served: Served,
     info: InfoResponse,
 }
 
 impl RunnerService {
-    pub fn new(model: Arc<TextModel>, engine: EngineHandle, info: InfoResponse) -> Self {
-        Self { model, engine, info }
+    pub fn new(served: Served, info: InfoResponse) -> Self {
+        Self { served, info }
+    }
+
+    fn wrong_modality(&self, rpc: &str, needs: &str) -> Status {
+        Status::failed_precondition(format!(
+            "{} is a {} model; {rpc} needs a {needs} model",
+            self.info.model_id, self.info.modality
+        ))
     }
 
     /// Prompt tokens for a request: the conversation through the chat template, or the raw prompt.
     fn prompt_tokens(&self, messages: &[mantle_proto::ChatMessage], prompt: &str) -> Result<Vec<u32>, Status> {
+        let Served::Text { model, .. } = &self.served else {
+            return Err(self.wrong_modality("a prompt", "TEXT"));
+        };
         if messages.is_empty() {
             if prompt.is_empty() {
                 return Err(Status::invalid_argument("the request has neither messages nor a prompt"));
             }
-            return self.model.tokenizer.encode(prompt).map_err(status);
+            return model.tokenizer.encode(prompt).map_err(status);
         }
         let mut chat = Vec::with_capacity(messages.len());
         for (i, m) in messages.iter().enumerate() {
@@ -53,7 +73,7 @@ impl RunnerService {
             }
             chat.push(ChatMessage::new(&m.role, &m.content));
         }
-        self.model.chat_prompt(&chat).map_err(status)
+        model.chat_prompt(&chat).map_err(status)
     }
 }
 
@@ -116,6 +136,9 @@ impl Runner for RunnerService {
         request: Request<mantle_proto::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
         let r = request.into_inner();
+        let Served::Text { engine, .. } = &self.served else {
+            return Err(self.wrong_modality("Generate", "TEXT"));
+        };
         let prompt = self.prompt_tokens(&r.messages, &r.prompt)?;
         if !(r.temperature.is_finite() && r.temperature >= 0.0) {
             return Err(Status::invalid_argument(format!("temperature {} must be 0 or more", r.temperature)));
@@ -146,18 +169,34 @@ impl Runner for RunnerService {
             stop_sequences: r.stop_sequences,
             priority: r.priority.clamp(0, mantle_engine::scheduler::MAX_PRIORITY as i32) as u8,
         };
-        let events = self.engine.generate(engine_request, deadline).await.map_err(status)?;
+        let events = engine.generate(engine_request, deadline).await.map_err(status)?;
         tracing::debug!("generation started");
         let logprobs = r.logprobs;
         let stream = UnboundedReceiverStream::new(events).map(move |output| response(output, logprobs));
         Ok(Response::new(Box::pin(stream)))
     }
 
-    async fn embed(&self, _request: Request<EmbedRequest>) -> Result<Response<EmbedResponse>, Status> {
-        Err(Status::failed_precondition(format!(
-            "{} is a {} model; Embed needs an EMBEDDING model",
-            self.info.model_id, self.info.modality
-        )))
+    #[tracing::instrument(skip_all, fields(request_id = %request.get_ref().request_id))]
+    async fn embed(&self, request: Request<EmbedRequest>) -> Result<Response<EmbedResponse>, Status> {
+        let Served::Embedding { model, .. } = &self.served else {
+            return Err(self.wrong_modality("Embed", "EMBEDDING"));
+        };
+        let texts = request.into_inner().texts;
+        if texts.is_empty() || texts.len() > MAX_EMBED_TEXTS {
+            return Err(Status::invalid_argument(format!(
+                "texts has {} entries; send 1 to {MAX_EMBED_TEXTS}",
+                texts.len()
+            )));
+        }
+        let model = model.clone();
+        let out = tokio::task::spawn_blocking(move || model.embed(&texts))
+            .await
+            .map_err(|e| Status::internal(format!("embedding task: {e}")))?
+            .map_err(status)?;
+        Ok(Response::new(EmbedResponse {
+            embeddings: out.vectors.into_iter().map(|values| Embedding { values }).collect(),
+            input_tokens: out.input_tokens as u32,
+        }))
     }
 
     async fn count_tokens(
@@ -165,8 +204,22 @@ impl Runner for RunnerService {
         request: Request<CountTokensRequest>,
     ) -> Result<Response<CountTokensResponse>, Status> {
         let r = request.into_inner();
-        let tokens = self.prompt_tokens(&r.messages, &r.prompt)?;
-        Ok(Response::new(CountTokensResponse { input_tokens: tokens.len() as u32 }))
+        let count = match &self.served {
+            Served::Text { .. } => self.prompt_tokens(&r.messages, &r.prompt)?.len(),
+            Served::Embedding { model, .. } => {
+                let texts = r
+                    .messages
+                    .iter()
+                    .map(|m| m.content.as_str())
+                    .chain((!r.prompt.is_empty()).then_some(r.prompt.as_str()));
+                let mut total = 0;
+                for text in texts {
+                    total += model.count_tokens(text).map_err(status)?;
+                }
+                total
+            }
+        };
+        Ok(Response::new(CountTokensResponse { input_tokens: count as u32 }))
     }
 
     async fn info(&self, _request: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
@@ -174,7 +227,10 @@ impl Runner for RunnerService {
     }
 
     async fn health(&self, _request: Request<HealthRequest>) -> Result<Response<Self::HealthStream>, Status> {
-        let stats = self.engine.stats();
+        let stats = match &self.served {
+            Served::Text { engine, .. } => engine.stats(),
+            Served::Embedding { stats, .. } => stats.clone(),
+        };
         let ticks = IntervalStream::new(tokio::time::interval(HEALTH_INTERVAL));
         let stream = ticks.map(move |_| Ok(health::signal(&stats.borrow())));
         Ok(Response::new(Box::pin(stream)))

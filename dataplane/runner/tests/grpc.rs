@@ -15,9 +15,13 @@ use tonic::Code;
 use tonic::transport::Channel;
 
 async fn start() -> (RunningRunner, RunnerClient<Channel>) {
+    start_model(test_support::smollm2_path(), "huggingfacetb.smollm2-135m-instruct-v1:0").await
+}
+
+async fn start_model(model_path: std::path::PathBuf, model_id: &str) -> (RunningRunner, RunnerClient<Channel>) {
     let config = RunnerConfig {
-        model_path: test_support::smollm2_path(),
-        model_id: "huggingfacetb.smollm2-135m-instruct-v1:0".into(),
+        model_path,
+        model_id: model_id.into(),
         grpc_listen: "127.0.0.1:0".parse().unwrap(),
         http_listen: "127.0.0.1:0".parse().unwrap(),
         threads: 0,
@@ -119,7 +123,7 @@ async fn health_pushes_a_signal_every_100ms() {
         assert_eq!(s.queue_depth, 0);
     }
     let elapsed = started.elapsed();
-    assert!(elapsed >= Duration::from_millis(350) && elapsed < Duration::from_secs(3), "{elapsed:?}");
+    assert!(elapsed >= Duration::from_millis(300) && elapsed < Duration::from_secs(3), "{elapsed:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -171,6 +175,31 @@ async fn bad_requests_get_invalid_argument_with_a_reason() {
     }
     let past = GenerateRequest { deadline_unix_ms: 1, ..ask("hi", 5) };
     assert_eq!(client.generate(past).await.err().unwrap().code(), Code::DeadlineExceeded);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_embedding_runner_serves_normalised_vectors() {
+    let (_runner, mut client) =
+        start_model(test_support::minilm_dir(), "sentence-transformers.all-minilm-l6-v2-v1:0").await;
+    let info = client.info(InfoRequest {}).await.unwrap().into_inner();
+    assert_eq!((info.modality.as_str(), info.embedding_dimensions), ("EMBEDDING", 384));
+    let texts = vec![
+        "How do I reset my password?".to_string(),
+        "I forgot my password.".to_string(),
+        "Bananas are yellow.".to_string(),
+    ];
+    let out = client.embed(EmbedRequest { request_id: "e".into(), texts }).await.unwrap().into_inner();
+    assert_eq!(out.embeddings.len(), 3);
+    let v: Vec<&[f32]> = out.embeddings.iter().map(|e| e.values.as_slice()).collect();
+    let cos = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+    assert!((cos(v[0], v[0]) - 1.0).abs() < 1e-4);
+    assert!(cos(v[0], v[1]) > cos(v[0], v[2]) + 0.3);
+    assert!(out.input_tokens > 10);
+
+    let err = client.embed(EmbedRequest { request_id: "e".into(), texts: vec![] }).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let Err(err) = client.generate(ask("hi", 5)).await else { panic!("an embedding model cannot generate") };
+    assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
 }
 
 /// A minimal HTTP/1.1 GET over a TCP socket, to keep test dependencies small.
