@@ -103,7 +103,7 @@ impl EmbeddingModel {
                 config.model_type
             )));
         }
-        if config.hidden_size % config.num_attention_heads != 0 {
+        if config.num_attention_heads == 0 || !config.hidden_size.is_multiple_of(config.num_attention_heads) {
             return Err(model_error("hidden_size is not a multiple of num_attention_heads"));
         }
         let max_tokens = read("sentence_bert_config.json")
