@@ -13,6 +13,7 @@ use mantle_engine::scheduler::SchedulerStats;
 use mantle_engine::{EngineError, Event, FinishReason, GenerateRequest, Scheduler};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::health::HourlyRate;
 use crate::metrics::Metrics;
 
 /// What a request's stream receives.
@@ -34,6 +35,8 @@ struct Submit {
 pub struct LoopStats {
     pub scheduler: SchedulerStats,
     pub tokens_per_second: f32,
+    /// KV blocks that failed their checksum in the last hour.
+    pub corruptions_last_hour: u64,
 }
 
 /// A handle to the scheduler thread; cheap to clone.
@@ -54,7 +57,7 @@ impl EngineHandle {
     /// Starts the scheduler thread.
     pub fn spawn(scheduler: Scheduler, metrics: Metrics) -> std::io::Result<Self> {
         let (submit, requests) = std_mpsc::channel();
-        let (stats_tx, stats) = watch::channel(LoopStats { scheduler: scheduler.stats(), tokens_per_second: 0.0 });
+        let (stats_tx, stats) = watch::channel(LoopStats { scheduler: scheduler.stats(), ..Default::default() });
         std::thread::Builder::new()
             .name("mantle-scheduler".into())
             .spawn(move || run(scheduler, requests, stats_tx, metrics))?;
@@ -91,6 +94,7 @@ fn run(
     let mut active: HashMap<u64, Active> = HashMap::new();
     let mut recent: VecDeque<(Instant, u64)> = VecDeque::new();
     let mut next_id = 0u64;
+    let mut corruption_rate = HourlyRate::default();
     loop {
         // Wait while idle (checking cached KV blocks now and then); otherwise take whatever has
         // arrived and go on stepping.
@@ -99,7 +103,7 @@ fn run(
                 Ok(submit) => accept(&mut scheduler, &mut active, &mut next_id, submit, &metrics),
                 Err(std_mpsc::RecvTimeoutError::Timeout) => {
                     scheduler.sweep(IDLE_SWEEP_BLOCKS);
-                    publish(&scheduler, &stats, &metrics, 0.0);
+                    publish(&scheduler, &stats, &metrics, 0.0, &mut corruption_rate);
                     continue;
                 }
                 Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
@@ -124,7 +128,7 @@ fn run(
             (Some((t0, n0)), Some((t1, n1))) if t1 > t0 => (n1 - n0) as f32 / t1.duration_since(*t0).as_secs_f32(),
             _ => 0.0,
         };
-        publish(&scheduler, &stats, &metrics, tokens_per_second);
+        publish(&scheduler, &stats, &metrics, tokens_per_second, &mut corruption_rate);
     }
 }
 
@@ -132,8 +136,15 @@ fn run(
 const IDLE_SWEEP_BLOCKS: usize = 64;
 const IDLE_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
-fn publish(scheduler: &Scheduler, stats: &watch::Sender<LoopStats>, metrics: &Metrics, tokens_per_second: f32) {
+fn publish(
+    scheduler: &Scheduler,
+    stats: &watch::Sender<LoopStats>,
+    metrics: &Metrics,
+    tokens_per_second: f32,
+    corruption_rate: &mut HourlyRate,
+) {
     let s = scheduler.stats();
+    let corruptions_last_hour = corruption_rate.observe(Instant::now(), s.kv_corruptions);
     metrics.queue_depth.set(s.waiting as i64);
     metrics.running_sequences.set(s.running as i64);
     metrics.kv_blocks_free.set(s.free_blocks as i64);
@@ -143,7 +154,7 @@ fn publish(scheduler: &Scheduler, stats: &watch::Sender<LoopStats>, metrics: &Me
     metrics.preemptions.inc_by(s.preemptions.saturating_sub(metrics.preemptions.get()));
     metrics.prefix_hit_tokens.inc_by(s.prefix_hit_tokens.saturating_sub(metrics.prefix_hit_tokens.get()));
     metrics.kv_corruptions.inc_by(s.kv_corruptions.saturating_sub(metrics.kv_corruptions.get()));
-    stats.send_replace(LoopStats { scheduler: s, tokens_per_second });
+    stats.send_replace(LoopStats { scheduler: s, tokens_per_second, corruptions_last_hour });
 }
 
 fn accept(

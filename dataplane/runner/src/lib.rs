@@ -2,6 +2,7 @@
 //! Prometheus metrics and health endpoints over HTTP.
 
 pub mod engine_loop;
+pub mod gpu;
 pub mod health;
 pub mod http;
 pub mod metrics;

@@ -47,6 +47,10 @@ struct ServeArgs {
     /// Sequences decoding at once.
     #[arg(long, default_value_t = 64)]
     max_running: usize,
+    /// The GPU whose memory, ECC errors, temperature and power go into the Health signal
+    /// (builds with the `nvml` feature).
+    #[arg(long, default_value_t = 0)]
+    gpu_index: u32,
     /// Use a built-in chat template instead of the one in the weights.
     #[arg(long, value_enum)]
     chat_template: Option<Template>,
@@ -74,6 +78,7 @@ async fn main() -> anyhow::Result<()> {
         kv_cache_bytes: args.kv_cache_mib << 20,
         max_batch_tokens: args.max_batch_tokens,
         max_running: args.max_running,
+        gpu_index: args.gpu_index,
         chat_template: args.chat_template.map(|t| match t {
             Template::Chatml => TemplateFamily::ChatMl,
             Template::Llama3 => TemplateFamily::Llama3,

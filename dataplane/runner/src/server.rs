@@ -40,6 +40,8 @@ pub struct RunnerConfig {
     pub max_running: usize,
     /// Overrides the chat template embedded in the weights.
     pub chat_template: Option<TemplateFamily>,
+    /// The GPU whose health is reported (with the `nvml` feature).
+    pub gpu_index: u32,
 }
 
 /// A started runner. Dropping it shuts the servers down.
@@ -91,7 +93,7 @@ pub async fn start(config: RunnerConfig) -> anyhow::Result<RunningRunner> {
     metrics.weight_load_seconds.with_label_values(&["host_memory"]).set(load_seconds);
     let info =
         InfoResponse { weight_load: vec![TierLoad { tier: "host_memory".into(), seconds: load_seconds }], ..info };
-    let service = RunnerService::new(served, info);
+    let service = RunnerService::new(served, info, crate::gpu::spawn_sampler(config.gpu_index));
 
     let (shutdown, shutdown_rx) = oneshot::channel::<()>();
     let grpc = tokio::spawn(

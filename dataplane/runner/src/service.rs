@@ -38,11 +38,16 @@ pub enum Served {
 pub struct RunnerService {
     served: Served,
     info: InfoResponse,
+    gpu: tokio::sync::watch::Receiver<Option<crate::gpu::GpuSample>>,
 }
 
 impl RunnerService {
-    pub fn new(served: Served, info: InfoResponse) -> Self {
-        Self { served, info }
+    pub fn new(
+        served: Served,
+        info: InfoResponse,
+        gpu: tokio::sync::watch::Receiver<Option<crate::gpu::GpuSample>>,
+    ) -> Self {
+        Self { served, info, gpu }
     }
 
     fn wrong_modality(&self, rpc: &str, needs: &str) -> Status {
@@ -232,7 +237,8 @@ impl Runner for RunnerService {
             Served::Embedding { stats, .. } => stats.clone(),
         };
         let ticks = IntervalStream::new(tokio::time::interval(HEALTH_INTERVAL));
-        let stream = ticks.map(move |_| Ok(health::signal(&stats.borrow())));
+        let gpu = self.gpu.clone();
+        let stream = ticks.map(move |_| Ok(health::signal(&stats.borrow(), gpu.borrow().as_ref())));
         Ok(Response::new(Box::pin(stream)))
     }
 }

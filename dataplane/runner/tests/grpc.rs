@@ -29,6 +29,7 @@ async fn start_model(model_path: std::path::PathBuf, model_id: &str) -> (Running
         max_batch_tokens: 256,
         max_running: 16,
         chat_template: None,
+        gpu_index: 0,
     };
     let runner = mantle_runner::start(config).await.expect("runner starts");
     let client = RunnerClient::connect(format!("http://{}", runner.grpc_addr)).await.expect("client connects");
