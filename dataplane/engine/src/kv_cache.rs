@@ -211,6 +211,35 @@ impl KvCache {
         h.finalize()
     }
 
+    /// Floats one block holds over all layers, keys and values.
+    pub fn block_floats(&self) -> usize {
+        2 * self.keys.len() * self.block_size * self.kv_dim
+    }
+
+    /// A copy of a block's keys and values (all layers), for swapping it out to host memory.
+    pub fn copy_out(&self, block: u32) -> Vec<f32> {
+        let range = self.offset(block, 0)..self.offset(block, self.block_size);
+        let mut out = Vec::with_capacity(self.block_floats());
+        for layer in self.keys.iter().chain(&self.values) {
+            out.extend_from_slice(&layer[range.clone()]);
+        }
+        out
+    }
+
+    /// Restores a block's keys and values from a [`copy_out`](Self::copy_out) copy.
+    pub fn copy_in(&mut self, block: u32, data: &[f32]) {
+        let range = self.offset(block, 0)..self.offset(block, self.block_size);
+        let n = range.len();
+        for (layer, chunk) in self.keys.iter_mut().chain(self.values.iter_mut()).zip(data.chunks_exact(n)) {
+            layer[range.clone()].copy_from_slice(chunk);
+        }
+    }
+
+    /// Counts a corruption found outside the cache (in swapped-out copies).
+    pub fn record_corruption(&mut self) {
+        self.corruptions += 1;
+    }
+
     /// Fault injection for tests and drills: flips one bit of a cached block's stored keys.
     pub fn flip_bit(&mut self, block: u32, layer: usize) {
         let at = self.offset(block, 0);

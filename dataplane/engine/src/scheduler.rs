@@ -10,14 +10,16 @@
 //!    steps and running decodes never stall behind it.
 //! 3. Blocks. Each step first reserves the KV blocks it will write. When blocks run out, the
 //!    lowest-priority running sequence (youngest among equals) is preempted: its blocks are
-//!    freed and it goes back to the waiting queue with the tokens it has, to be recomputed
-//!    when there is room again.
+//!    copied to host memory (with a CRC32 each) and freed, and it goes back to the waiting queue.
+//!    On resumption the copies are checked and restored; when the host budget is spent, or a
+//!    copy fails its check, the sequence recomputes its tokens instead.
 //! 4. Sampling. A sequence whose step reached its last token samples the next one; the step
 //!    emits its text (held back while it could still be the start of a stop sequence) and ends
 //!    the sequence on a stop token, a stop sequence, `max_tokens`, or a full context.
 //!
 //! Tunables: `block_size` (KV slots per block), `num_blocks` (cache size), `max_batch_tokens`
-//! (tokens per forward pass, bounds step latency), `max_running` (sequences decoding at once).
+//! (tokens per forward pass, bounds step latency), `max_running` (sequences decoding at once),
+//! `swap_bytes` (host memory for preempted sequences' blocks).
 
 use std::sync::Arc;
 
@@ -83,12 +85,30 @@ pub struct SchedulerConfig {
     pub num_blocks: usize,
     pub max_batch_tokens: usize,
     pub max_running: usize,
+    pub swap_bytes: usize,
 }
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
-        Self { block_size: 16, num_blocks: 1024, max_batch_tokens: 256, max_running: 64 }
+        Self { block_size: 16, num_blocks: 1024, max_batch_tokens: 256, max_running: 64, swap_bytes: 1 << 30 }
     }
+}
+
+/// A preempted sequence's blocks, copied to host memory.
+struct Swapped {
+    /// Each block's keys and values and the CRC32 of that copy.
+    blocks: Vec<(Vec<f32>, u32)>,
+    computed: usize,
+}
+
+impl Swapped {
+    fn bytes(&self) -> usize {
+        self.blocks.iter().map(|(d, _)| d.len() * std::mem::size_of::<f32>()).sum()
+    }
+}
+
+fn crc(data: &[f32]) -> u32 {
+    crc32fast::hash(bytemuck::cast_slice(data))
 }
 
 struct Sequence {
@@ -107,6 +127,8 @@ struct Sequence {
     preemptions: u32,
     /// Prompt tokens found in the prefix cache at first admission.
     cached: usize,
+    /// Blocks saved in host memory while preempted.
+    swapped: Option<Swapped>,
 }
 
 impl Sequence {
@@ -128,8 +150,12 @@ pub struct SchedulerStats {
     pub cached_blocks: usize,
     /// Prompt tokens served from the prefix cache.
     pub prefix_hit_tokens: u64,
-    /// Cached blocks found corrupt (and recomputed).
+    /// Cached or swapped blocks found corrupt (and recomputed).
     pub kv_corruptions: u64,
+    /// Preemptions that saved the sequence's blocks to host memory.
+    pub swaps_out: u64,
+    /// Host-memory bytes held by preempted sequences.
+    pub swap_bytes: usize,
 }
 
 pub struct Scheduler {
@@ -143,6 +169,8 @@ pub struct Scheduler {
     preemptions: u64,
     generated_tokens: u64,
     prefix_hit_tokens: u64,
+    swaps_out: u64,
+    swap_bytes: usize,
 }
 
 impl Scheduler {
@@ -160,6 +188,8 @@ impl Scheduler {
             preemptions: 0,
             generated_tokens: 0,
             prefix_hit_tokens: 0,
+            swaps_out: 0,
+            swap_bytes: 0,
         }
     }
 
@@ -200,6 +230,7 @@ impl Scheduler {
             arrival: self.arrivals,
             preemptions: 0,
             cached: 0,
+            swapped: None,
         });
         Ok(())
     }
@@ -209,6 +240,9 @@ impl Scheduler {
         if let Some(i) = self.waiting.iter().position(|s| s.req.id == id) {
             let mut seq = self.waiting.remove(i);
             seq.table.release(&mut self.cache);
+            if let Some(swapped) = seq.swapped.take() {
+                self.swap_bytes -= swapped.bytes();
+            }
             return true;
         }
         if let Some(i) = self.running.iter().position(|s| s.req.id == id) {
@@ -234,7 +268,20 @@ impl Scheduler {
             cached_blocks: self.cache.cached_blocks(),
             prefix_hit_tokens: self.prefix_hit_tokens,
             kv_corruptions: self.cache.corruptions(),
+            swaps_out: self.swaps_out,
+            swap_bytes: self.swap_bytes,
         }
+    }
+
+    /// Fault injection for tests and drills: flips a bit in a preempted sequence's host copy.
+    pub fn corrupt_swapped_block(&mut self) -> bool {
+        let Some((data, _)) =
+            self.waiting.iter_mut().find_map(|s| s.swapped.as_mut()).and_then(|w| w.blocks.first_mut())
+        else {
+            return false;
+        };
+        data[0] = f32::from_bits(data[0].to_bits() ^ 0x0040_0000);
+        true
     }
 
     /// Checks up to `max_blocks` cached blocks against their checksums; sequences holding a
@@ -370,6 +417,11 @@ impl Scheduler {
                 continue;
             }
             let mut seq = self.waiting.remove(0);
+            if let Some(swapped) = seq.swapped.take() {
+                self.swap_in(&mut seq, swapped);
+                self.running.push(seq);
+                continue;
+            }
             let matched = seq.table.match_prefix(&mut self.cache, &seq.tokens);
             seq.computed = matched;
             if seq.preemptions == 0 {
@@ -386,14 +438,52 @@ impl Scheduler {
             .min_by_key(|&i| (self.running[i].req.priority, std::cmp::Reverse(self.running[i].arrival)))
     }
 
-    /// Frees a running sequence's blocks and queues it to be recomputed later.
+    /// Frees a running sequence's blocks and queues it again: its blocks go to host memory when
+    /// the swap budget allows, otherwise it will recompute them.
     fn preempt(&mut self, i: usize) {
         let mut seq = self.running.remove(i);
+        let bytes = seq.table.blocks().len() * self.cache.block_floats() * std::mem::size_of::<f32>();
+        if seq.computed > 0 && self.swap_bytes + bytes <= self.config.swap_bytes {
+            let blocks = seq
+                .table
+                .blocks()
+                .iter()
+                .map(|&b| {
+                    let data = self.cache.copy_out(b);
+                    let sum = crc(&data);
+                    (data, sum)
+                })
+                .collect();
+            seq.swapped = Some(Swapped { blocks, computed: seq.computed });
+            self.swap_bytes += bytes;
+            self.swaps_out += 1;
+        }
         seq.table.release(&mut self.cache);
         seq.computed = 0;
         seq.preemptions += 1;
         self.preemptions += 1;
         self.waiting.push(seq);
+    }
+
+    /// Restores a preempted sequence's blocks from host memory, checking each copy's CRC; on a
+    /// mismatch (or no room) the sequence recomputes instead.
+    fn swap_in(&mut self, seq: &mut Sequence, swapped: Swapped) {
+        self.swap_bytes -= swapped.bytes();
+        let bs = self.config.block_size;
+        if seq.table.reserve(&mut self.cache, swapped.blocks.len() * bs).is_ok() {
+            let intact = swapped.blocks.iter().all(|(data, sum)| crc(data) == *sum);
+            if intact {
+                for (&block, (data, _)) in seq.table.blocks().iter().zip(&swapped.blocks) {
+                    self.cache.copy_in(block, data);
+                }
+                seq.computed = swapped.computed;
+                return;
+            }
+            tracing::warn!(sequence = seq.req.id, "a swapped-out KV block failed its checksum; recomputing");
+            self.cache.record_corruption();
+            seq.table.release(&mut self.cache);
+        }
+        seq.computed = seq.table.match_prefix(&mut self.cache, &seq.tokens);
     }
 
     /// Chooses (running index, tokens) for this step and reserves their blocks, preempting when

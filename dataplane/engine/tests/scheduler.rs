@@ -108,24 +108,61 @@ fn a_long_prompt_is_prefilled_in_chunks_while_others_keep_decoding() {
     assert_eq!(steps_with_a_token_for_1, steps, "the decoding sequence got a token in every step");
 }
 
-#[test]
-fn preempted_sequences_resume_and_generate_the_same_text() {
-    let long_answers =
-        ["Write a short story about a robot.", "Count from one to twenty in words.", "Explain how rain forms."];
-    let expected: Vec<Outcome> = long_answers.iter().map(|q| alone(q, 48)).collect();
+const LONG_ANSWERS: [&str; 3] =
+    ["Write a short story about a robot.", "Count from one to twenty in words.", "Explain how rain forms."];
+
+/// Three 48-token generations that do not fit a 12-block cache together, so some are preempted.
+fn run_preempting(config: SchedulerConfig, corrupt_a_swap: bool) -> Scheduler {
+    let expected: Vec<Outcome> = LONG_ANSWERS.iter().map(|q| alone(q, 48)).collect();
     assert!(expected.iter().all(|o| o.tokens.len() == 48), "each answer runs to max_tokens");
-    // 12 blocks of 16 slots: each sequence needs 6 blocks by the end, so three cannot all fit.
-    let config = SchedulerConfig { num_blocks: 12, ..Default::default() };
-    let mut s = Scheduler::new(support::smollm2(), config);
-    for (i, q) in long_answers.iter().enumerate() {
+    let mut s = Scheduler::new(support::smollm2(), SchedulerConfig { num_blocks: 12, ..config });
+    for (i, q) in LONG_ANSWERS.iter().enumerate() {
         s.add(request(i as u64, q, 48)).unwrap();
     }
-    let (outcomes, _) = run(&mut s);
-    assert!(s.stats().preemptions > 0, "the cache was too small for all three");
+    let mut outcomes: HashMap<u64, Outcome> = HashMap::new();
+    let mut corrupted = false;
+    while s.has_work() {
+        for event in s.step() {
+            match event {
+                Event::Token { id, token, text, .. } => {
+                    let o = outcomes.entry(id).or_default();
+                    o.tokens.push(token);
+                    o.text.push_str(&text);
+                }
+                Event::Finished { id, reason, .. } => outcomes.entry(id).or_default().reason = Some(reason),
+            }
+        }
+        if corrupt_a_swap && !corrupted {
+            corrupted = s.corrupt_swapped_block();
+        }
+    }
+    assert_eq!(corrupted, corrupt_a_swap, "a swapped copy existed to corrupt");
     for (i, e) in expected.iter().enumerate() {
         assert_eq!(&outcomes[&(i as u64)], e, "request {i}");
     }
-    assert_eq!(s.stats().free_blocks, 12);
+    let stats = s.stats();
+    assert!(stats.preemptions > 0, "the cache was too small for all three");
+    assert_eq!((stats.free_blocks, stats.swap_bytes), (12, 0), "every block and every host copy is released");
+    s
+}
+
+#[test]
+fn preempted_sequences_swap_to_host_memory_and_resume_with_the_same_text() {
+    let s = run_preempting(SchedulerConfig::default(), false);
+    assert!(s.stats().swaps_out > 0, "preemption saved blocks to host memory");
+    assert_eq!(s.stats().kv_corruptions, 0);
+}
+
+#[test]
+fn without_swap_space_preempted_sequences_recompute_the_same_text() {
+    let s = run_preempting(SchedulerConfig { swap_bytes: 0, ..Default::default() }, false);
+    assert_eq!(s.stats().swaps_out, 0);
+}
+
+#[test]
+fn a_corrupted_host_copy_is_caught_on_swap_in_and_recomputed() {
+    let s = run_preempting(SchedulerConfig::default(), true);
+    assert!(s.stats().kv_corruptions >= 1);
 }
 
 #[test]

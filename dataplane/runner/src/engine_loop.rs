@@ -154,6 +154,8 @@ fn publish(
     metrics.preemptions.inc_by(s.preemptions.saturating_sub(metrics.preemptions.get()));
     metrics.prefix_hit_tokens.inc_by(s.prefix_hit_tokens.saturating_sub(metrics.prefix_hit_tokens.get()));
     metrics.kv_corruptions.inc_by(s.kv_corruptions.saturating_sub(metrics.kv_corruptions.get()));
+    metrics.swaps_out.inc_by(s.swaps_out.saturating_sub(metrics.swaps_out.get()));
+    metrics.swap_bytes.set(s.swap_bytes as i64);
     stats.send_replace(LoopStats { scheduler: s, tokens_per_second, corruptions_last_hour });
 }
 

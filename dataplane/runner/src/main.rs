@@ -47,6 +47,10 @@ struct ServeArgs {
     /// Sequences decoding at once.
     #[arg(long, default_value_t = 64)]
     max_running: usize,
+    /// Host memory in MiB for the KV blocks of preempted sequences (0: preempted sequences
+    /// recompute).
+    #[arg(long, default_value_t = 1024)]
+    swap_mib: usize,
     /// The GPU whose memory, ECC errors, temperature and power go into the Health signal
     /// (builds with the `nvml` feature).
     #[arg(long, default_value_t = 0)]
@@ -78,6 +82,7 @@ async fn main() -> anyhow::Result<()> {
         kv_cache_bytes: args.kv_cache_mib << 20,
         max_batch_tokens: args.max_batch_tokens,
         max_running: args.max_running,
+        swap_bytes: args.swap_mib << 20,
         gpu_index: args.gpu_index,
         chat_template: args.chat_template.map(|t| match t {
             Template::Chatml => TemplateFamily::ChatMl,

@@ -19,6 +19,8 @@ pub struct Metrics {
     pub prefix_hit_tokens: IntCounter,
     pub kv_corruptions: IntCounter,
     pub kv_cached_blocks: IntGauge,
+    pub swaps_out: IntCounter,
+    pub swap_bytes: IntGauge,
     /// Seconds the last weight load took per tier.
     pub weight_load_seconds: prometheus::GaugeVec,
 }
@@ -55,6 +57,10 @@ impl Metrics {
             "Cached KV blocks that failed their checksum and were recomputed",
         )?;
         let kv_cached_blocks = IntGauge::new("mantle_runner_kv_cached_blocks", "KV blocks in the prefix cache")?;
+        let swaps_out =
+            IntCounter::new("mantle_runner_kv_swaps_out_total", "Preemptions that saved KV blocks to host memory")?;
+        let swap_bytes =
+            IntGauge::new("mantle_runner_kv_swap_bytes", "Host memory held by preempted sequences' KV blocks")?;
         let weight_load_seconds = prometheus::GaugeVec::new(
             Opts::new("mantle_runner_weight_load_seconds", "Time the last weight load took, by cache tier"),
             &["tier"],
@@ -72,6 +78,8 @@ impl Metrics {
             Box::new(prefix_hit_tokens.clone()),
             Box::new(kv_corruptions.clone()),
             Box::new(kv_cached_blocks.clone()),
+            Box::new(swaps_out.clone()),
+            Box::new(swap_bytes.clone()),
             Box::new(weight_load_seconds.clone()),
         ] {
             registry.register(c)?;
@@ -90,6 +98,8 @@ impl Metrics {
             prefix_hit_tokens,
             kv_corruptions,
             kv_cached_blocks,
+            swaps_out,
+            swap_bytes,
             weight_load_seconds,
         })
     }

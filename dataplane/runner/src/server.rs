@@ -38,6 +38,8 @@ pub struct RunnerConfig {
     pub max_batch_tokens: usize,
     /// Sequences decoding at once.
     pub max_running: usize,
+    /// Host memory for the KV blocks of preempted sequences.
+    pub swap_bytes: usize,
     /// Overrides the chat template embedded in the weights.
     pub chat_template: Option<TemplateFamily>,
     /// The GPU whose health is reported (with the `nvml` feature).
@@ -153,6 +155,7 @@ async fn load(config: &RunnerConfig, metrics: &Metrics) -> anyhow::Result<(Serve
             num_blocks,
             max_batch_tokens: config.max_batch_tokens,
             max_running: config.max_running,
+            swap_bytes: config.swap_bytes,
         },
     );
     let info = InfoResponse {

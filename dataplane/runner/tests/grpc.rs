@@ -28,6 +28,7 @@ async fn start_model(model_path: std::path::PathBuf, model_id: &str) -> (Running
         kv_cache_bytes: 64 << 20,
         max_batch_tokens: 256,
         max_running: 16,
+        swap_bytes: 64 << 20,
         chat_template: None,
         gpu_index: 0,
     };
