@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Mantle's test suite: the command README.md gives and CI runs. Installs what it needs (helm,
-# kubectl, a Python venv for the chart checks) into $MANTLE_CACHE (default ~/.cache/mantle).
+# kubectl, the test models, a Python venv with the chart checkers and moto's S3 server) into
+# $MANTLE_CACHE (default ~/.cache/mantle).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,11 +10,8 @@ export MANTLE_CACHE="$cache"
 
 echo "==> tools"
 tools_bin=$(bash scripts/fetch-tools.sh | tail -n 1)
-venv="$cache/venv"
-if [ ! -x "$venv/bin/kubernetes-validate" ]; then
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check "kubernetes-validate==1.37.0" "PyYAML>=6"
-fi
+venv=$(bash scripts/python-env.sh | tail -n 1)
+bash scripts/fetch-models.sh >/dev/null
 
 echo "==> cargo test"
 log=$(mktemp)

@@ -8,5 +8,6 @@ pub mod http;
 pub mod metrics;
 pub mod server;
 pub mod service;
+pub mod weights;
 
 pub use server::{RunnerConfig, RunningRunner, start};

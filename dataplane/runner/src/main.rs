@@ -18,14 +18,40 @@ struct Cli {
 enum Command {
     /// Load a model and serve it.
     Serve(ServeArgs),
+    /// Copy weights from an object store into the node-local cache (the runner pod's init
+    /// container); prints the cached path.
+    Fetch {
+        /// The weights URI (`s3://…`, `gs://…`, `az://…`, `https://…`, `file://…`, `pvc://…`;
+        /// a directory ends in `/`). Credentials come from AWS_*, GOOGLE_* and AZURE_* variables.
+        #[arg(long)]
+        source: String,
+        #[command(flatten)]
+        cache: CacheArgs,
+    },
+}
+
+#[derive(clap::Args)]
+struct CacheArgs {
+    /// Expected SHA-256 (of the file, or of the manifest for a directory).
+    #[arg(long)]
+    sha256: Option<String>,
+    /// The node-local weight cache.
+    #[arg(long, default_value = "/var/cache/mantle/weights")]
+    cache_dir: PathBuf,
+    /// Byte budget of the node-local cache, in GiB.
+    #[arg(long, default_value_t = 100)]
+    cache_budget_gib: u64,
 }
 
 #[derive(clap::Args)]
 struct ServeArgs {
     /// The weights: a GGUF file (text model) or a directory holding model.safetensors,
-    /// config.json and tokenizer.json (embedding model).
+    /// config.json and tokenizer.json (embedding model); a local path or an object-store URI
+    /// fetched through the node cache.
     #[arg(long)]
-    model: PathBuf,
+    model: String,
+    #[command(flatten)]
+    cache: CacheArgs,
     /// The Bedrock-style model id to serve it under.
     #[arg(long)]
     model_id: String,
@@ -72,9 +98,22 @@ async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
-    let Command::Serve(args) = Cli::parse().command;
+    let args = match Cli::parse().command {
+        Command::Serve(args) => args,
+        Command::Fetch { source, cache } => {
+            let node = mantle_runner::weights::NodeCache::new(cache.cache_dir, cache.cache_budget_gib << 30);
+            let options = mantle_runner::weights::store_options_from_env();
+            let cached = node.fetch(&source, cache.sha256.as_deref(), &options).await?;
+            tracing::info!(tier = cached.tier.name(), seconds = cached.seconds, bytes = cached.bytes, sha256 = %cached.sha256, "weights cached");
+            println!("{}", cached.path.display());
+            return Ok(());
+        }
+    };
     let config = RunnerConfig {
-        model_path: args.model,
+        model: args.model,
+        sha256: args.cache.sha256,
+        cache_dir: args.cache.cache_dir,
+        cache_budget_bytes: args.cache.cache_budget_gib << 30,
         model_id: args.model_id,
         grpc_listen: args.listen,
         http_listen: args.http_listen,

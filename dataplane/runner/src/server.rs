@@ -20,12 +20,20 @@ use crate::engine_loop::{EngineHandle, LoopStats};
 use crate::http::{HttpState, router};
 use crate::metrics::Metrics;
 use crate::service::{RunnerService, Served};
+use crate::weights::{NodeCache, store_options_from_env};
 
 #[derive(Debug, Clone)]
 pub struct RunnerConfig {
     /// The weights: a GGUF file (TEXT) or a directory with `model.safetensors`,
-    /// `config.json` and `tokenizer.json` (EMBEDDING).
-    pub model_path: PathBuf,
+    /// `config.json` and `tokenizer.json` (EMBEDDING) — a local path, or an object-store URI
+    /// (`s3://…`, `gs://…`, `az://…`, `https://…`, `file://…`, `pvc://…`; a directory ends in `/`)
+    /// fetched through the node weight cache.
+    pub model: String,
+    /// Expected SHA-256 of the weights (of the manifest, for a directory).
+    pub sha256: Option<String>,
+    /// The node-local weight cache (L3) and its byte budget.
+    pub cache_dir: PathBuf,
+    pub cache_budget_bytes: u64,
     /// The Bedrock-style id the model is served under.
     pub model_id: String,
     pub grpc_listen: SocketAddr,
@@ -89,12 +97,25 @@ pub async fn start(config: RunnerConfig) -> anyhow::Result<RunningRunner> {
         TcpListener::bind(config.grpc_listen).await.with_context(|| format!("binding {}", config.grpc_listen))?;
     let grpc_addr = grpc_listener.local_addr()?;
 
+    let mut weight_load = Vec::new();
+    let model_path = if config.model.contains("://") {
+        let cache = NodeCache::new(&config.cache_dir, config.cache_budget_bytes);
+        let cached = cache
+            .fetch(&config.model, config.sha256.as_deref(), &store_options_from_env())
+            .await
+            .with_context(|| format!("fetching {}", config.model))?;
+        weight_load.push(TierLoad { tier: cached.tier.name().into(), seconds: cached.seconds });
+        cached.path
+    } else {
+        PathBuf::from(&config.model)
+    };
     let started = Instant::now();
-    let (served, info) = load(&config, &metrics).await?;
-    let load_seconds = started.elapsed().as_secs_f64();
-    metrics.weight_load_seconds.with_label_values(&["host_memory"]).set(load_seconds);
-    let info =
-        InfoResponse { weight_load: vec![TierLoad { tier: "host_memory".into(), seconds: load_seconds }], ..info };
+    let (served, info) = load(&config, &model_path, &metrics).await?;
+    weight_load.push(TierLoad { tier: "host_memory".into(), seconds: started.elapsed().as_secs_f64() });
+    for load in &weight_load {
+        metrics.weight_load_seconds.with_label_values(&[&load.tier]).set(load.seconds);
+    }
+    let info = InfoResponse { weight_load, ..info };
     let service = RunnerService::new(served, info, crate::gpu::spawn_sampler(config.gpu_index));
 
     let (shutdown, shutdown_rx) = oneshot::channel::<()>();
@@ -107,14 +128,18 @@ pub async fn start(config: RunnerConfig) -> anyhow::Result<RunningRunner> {
         ),
     );
     ready.store(true, Ordering::Release);
-    tracing::info!(model_id = %config.model_id, %grpc_addr, %http_addr, load_seconds, "runner ready");
+    tracing::info!(model_id = %config.model_id, %grpc_addr, %http_addr, "runner ready");
     Ok(RunningRunner { grpc_addr, http_addr, shutdown: Some(shutdown), grpc })
 }
 
 /// Loads what `config.model_path` holds: a directory with `model.safetensors` is an EMBEDDING
 /// model, a file is a TEXT model in GGUF (served through the scheduler).
-async fn load(config: &RunnerConfig, metrics: &Metrics) -> anyhow::Result<(Served, InfoResponse)> {
-    let path = config.model_path.clone();
+async fn load(
+    config: &RunnerConfig,
+    model_path: &std::path::Path,
+    metrics: &Metrics,
+) -> anyhow::Result<(Served, InfoResponse)> {
+    let path = model_path.to_path_buf();
     let info = InfoResponse {
         model_id: config.model_id.clone(),
         kernels: mantle_engine::quant::kernels().name.into(),
@@ -124,7 +149,7 @@ async fn load(config: &RunnerConfig, metrics: &Metrics) -> anyhow::Result<(Serve
         let model = tokio::task::spawn_blocking(move || EmbeddingModel::load(&path))
             .await
             .context("loading task")?
-            .with_context(|| format!("loading {}", config.model_path.display()))?;
+            .with_context(|| format!("loading {}", model_path.display()))?;
         let (_, stats) = watch::channel(LoopStats::default());
         let info = InfoResponse {
             modality: "EMBEDDING".into(),
@@ -138,7 +163,7 @@ async fn load(config: &RunnerConfig, metrics: &Metrics) -> anyhow::Result<(Serve
     let model = tokio::task::spawn_blocking(move || TextModel::load(&path, template, threads))
         .await
         .context("loading task")?
-        .with_context(|| format!("loading {}", config.model_path.display()))?;
+        .with_context(|| format!("loading {}", model_path.display()))?;
     let model = Arc::new(model);
     let c = &model.model.config;
     let block_size = 16;

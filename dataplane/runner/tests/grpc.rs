@@ -20,7 +20,10 @@ async fn start() -> (RunningRunner, RunnerClient<Channel>) {
 
 async fn start_model(model_path: std::path::PathBuf, model_id: &str) -> (RunningRunner, RunnerClient<Channel>) {
     let config = RunnerConfig {
-        model_path,
+        model: model_path.to_string_lossy().into_owned(),
+        sha256: None,
+        cache_dir: std::env::temp_dir().join("mantle-runner-test-cache"),
+        cache_budget_bytes: 1 << 30,
         model_id: model_id.into(),
         grpc_listen: "127.0.0.1:0".parse().unwrap(),
         http_listen: "127.0.0.1:0".parse().unwrap(),
