@@ -8,6 +8,8 @@ pub mod http;
 pub mod metrics;
 pub mod server;
 pub mod service;
+#[cfg(feature = "test-support")]
+pub mod test_support;
 pub mod weights;
 
 pub use server::{RunnerConfig, RunningRunner, start};
