@@ -2,6 +2,7 @@
 //! - L4: the GGUF only in the object store (moto's S3 server on loopback), empty node cache;
 //! - L3: the node cache holds it; the OS page cache was dropped for the file where possible;
 //! - L2: the file is also in host memory (page cache) from the previous start.
+//!
 //! `cargo bench -p mantle-runner --bench cold_start` (fetches SmolLM2 and moto if missing).
 
 use std::time::Instant;
