@@ -83,7 +83,8 @@ impl NodeCache {
 
     /// Returns the cached copy of `uri`, filling it from the object store when missing.
     /// With `expected_sha256`, a copy is used only if its address matches, and a download that
-    /// does not match is refused while any previous good copy stays in place. `options` configure
+    /// does not match is refused while any previous good copy stays in place. Without it, the
+    /// object is downloaded to learn its digest (a FoundationModel should name one). `options` configure
     /// the store (`aws_endpoint`, `aws_access_key_id`, …; see [`store_options_from_env`]).
     pub async fn fetch(
         &self,
@@ -107,7 +108,7 @@ impl NodeCache {
         let tmp = self.root.join("tmp");
         tokio::fs::create_dir_all(&tmp).await.map_err(io(&tmp))?;
         tokio::fs::create_dir_all(self.blobs()).await.map_err(io(&self.blobs()))?;
-        let staging = tmp.join(format!("{}-{}", std::process::id(), started.elapsed().as_nanos() ^ unique()));
+        let staging = tmp.join(format!("{}-{}", std::process::id(), unique()));
         let result = if is_dir {
             download_dir(store.as_ref(), &location, &staging, uri).await
         } else {
@@ -189,10 +190,11 @@ pub fn eviction_plan(entries: &[(String, u64, SystemTime)], budget: u64, keep: &
     evict
 }
 
-fn unique() -> u128 {
+/// A number no other download in this process uses, for staging names.
+fn unique() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    COUNTER.fetch_add(1, Ordering::Relaxed) as u128
+    COUNTER.fetch_add(1, Ordering::Relaxed)
 }
 
 fn size_of_path(path: &Path) -> u64 {
