@@ -518,7 +518,7 @@ impl Scheduler {
             match short {
                 None => return plan,
                 Some(_) => {
-                    let victim = self.lowest_running().expect("a sequence ran short, so one is running");
+                    let Some(victim) = self.lowest_running() else { return Vec::new() };
                     self.preempt(victim);
                     if self.running.is_empty() {
                         return Vec::new();
