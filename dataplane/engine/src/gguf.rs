@@ -90,6 +90,19 @@ impl GgufFile {
         Ok(Self { bytes, content })
     }
 
+    /// Locks the mapped weights in RAM (`mlock`) so they are never paged out: the pinned
+    /// host-memory tier. Needs CAP_IPC_LOCK or a large enough memlock limit.
+    pub fn lock_in_memory(&self) -> Result<(), EngineError> {
+        match &*self.bytes.backing {
+            Backing::Mapped(map) => map.lock().map_err(|e| {
+                EngineError::Io(format!(
+                    "locking the weights in memory: {e} (grant CAP_IPC_LOCK, raise the memlock limit, or turn pinInHostMemory off)"
+                ))
+            }),
+            Backing::Owned(_) => Ok(()),
+        }
+    }
+
     pub fn metadata(&self) -> &HashMap<String, Value> {
         &self.content.metadata
     }

@@ -143,3 +143,24 @@ fn a_truncated_or_corrupt_model_file_is_refused_with_a_reason() {
     assert!(matches!(missing, EngineError::Io(_)));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn weights_can_be_pinned_in_memory_or_say_why_not() {
+    let gguf = GgufFile::open(&support::smollm2_path()).unwrap();
+    let size = std::fs::metadata(support::smollm2_path()).unwrap().len();
+    match gguf.lock_in_memory() {
+        Ok(()) => {
+            // The kernel now counts the whole file as locked memory of this process.
+            let status = std::fs::read_to_string("/proc/self/status").unwrap();
+            let locked_kb: u64 = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmLck:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                .expect("VmLck in /proc/self/status");
+            assert!(locked_kb * 1024 >= size, "{locked_kb} kB locked, file is {size} bytes");
+        }
+        // Without CAP_IPC_LOCK and a small memlock limit the lock is refused, with a remedy.
+        Err(EngineError::Io(message)) => assert!(message.contains("memlock limit"), "{message}"),
+        Err(other) => panic!("unexpected error {other}"),
+    }
+}

@@ -42,6 +42,7 @@ async fn main() {
             sha256: None,
             cache_dir: cache_dir.clone(),
             cache_budget_bytes: 1 << 30,
+            pin_weights: false,
             model_id: "huggingfacetb.smollm2-135m-instruct-v1:0".into(),
             grpc_listen: "127.0.0.1:0".parse().unwrap(),
             http_listen: "127.0.0.1:0".parse().unwrap(),

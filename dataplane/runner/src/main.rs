@@ -81,6 +81,10 @@ struct ServeArgs {
     /// (builds with the `nvml` feature).
     #[arg(long, default_value_t = 0)]
     gpu_index: u32,
+    /// Lock the weights in RAM so they are never paged out (needs CAP_IPC_LOCK or a memlock limit
+    /// above the model's size).
+    #[arg(long)]
+    pin_weights: bool,
     /// Use a built-in chat template instead of the one in the weights.
     #[arg(long, value_enum)]
     chat_template: Option<Template>,
@@ -114,6 +118,7 @@ async fn main() -> anyhow::Result<()> {
         sha256: args.cache.sha256,
         cache_dir: args.cache.cache_dir,
         cache_budget_bytes: args.cache.cache_budget_gib << 30,
+        pin_weights: args.pin_weights,
         model_id: args.model_id,
         grpc_listen: args.listen,
         http_listen: args.http_listen,

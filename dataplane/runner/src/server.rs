@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use mantle_engine::kv_cache::KvCache;
-use mantle_engine::{EmbeddingModel, Scheduler, SchedulerConfig, TemplateFamily, TextModel};
+use mantle_engine::{EmbeddingModel, GgufFile, Scheduler, SchedulerConfig, TemplateFamily, TextModel};
 use mantle_proto::runner_server::RunnerServer;
 use mantle_proto::{InfoResponse, TierLoad};
 use tokio::net::TcpListener;
@@ -34,6 +34,8 @@ pub struct RunnerConfig {
     /// The node-local weight cache (L3) and its byte budget.
     pub cache_dir: PathBuf,
     pub cache_budget_bytes: u64,
+    /// Lock the mapped weights in RAM (a FoundationModel's `weightCache.pinInHostMemory`).
+    pub pin_weights: bool,
     /// The Bedrock-style id the model is served under.
     pub model_id: String,
     pub grpc_listen: SocketAddr,
@@ -159,11 +161,17 @@ async fn load(
         };
         return Ok((Served::Embedding { model: Arc::new(model), stats }, info));
     }
-    let (template, threads) = (config.chat_template, config.threads);
-    let model = tokio::task::spawn_blocking(move || TextModel::load(&path, template, threads))
-        .await
-        .context("loading task")?
-        .with_context(|| format!("loading {}", model_path.display()))?;
+    let (template, threads, pin) = (config.chat_template, config.threads, config.pin_weights);
+    let model = tokio::task::spawn_blocking(move || {
+        let gguf = GgufFile::open(&path)?;
+        if pin {
+            gguf.lock_in_memory()?;
+        }
+        TextModel::from_gguf(&gguf, template, threads)
+    })
+    .await
+    .context("loading task")?
+    .with_context(|| format!("loading {}", model_path.display()))?;
     let model = Arc::new(model);
     let c = &model.model.config;
     let block_size = 16;

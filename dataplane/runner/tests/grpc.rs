@@ -24,6 +24,7 @@ async fn start_model(model_path: std::path::PathBuf, model_id: &str) -> (Running
         sha256: None,
         cache_dir: std::env::temp_dir().join("mantle-runner-test-cache"),
         cache_budget_bytes: 1 << 30,
+        pin_weights: false,
         model_id: model_id.into(),
         grpc_listen: "127.0.0.1:0".parse().unwrap(),
         http_listen: "127.0.0.1:0".parse().unwrap(),

@@ -94,6 +94,7 @@ async fn a_runner_serves_a_model_from_s3_and_reports_each_tier() {
         sha256: Some(sha),
         cache_dir,
         cache_budget_bytes: 1 << 30,
+        pin_weights: false,
         model_id: "huggingfacetb.smollm2-135m-instruct-v1:0".into(),
         grpc_listen: "127.0.0.1:0".parse().unwrap(),
         http_listen: "127.0.0.1:0".parse().unwrap(),
