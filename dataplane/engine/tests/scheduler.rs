@@ -30,6 +30,14 @@ struct Outcome {
 
 /// Runs the scheduler until idle; returns each request's outcome and the order they finished.
 fn run(scheduler: &mut Scheduler) -> (HashMap<u64, Outcome>, Vec<u64>) {
+    run_with(scheduler, |_| {})
+}
+
+/// [`run`], calling `after_step` after every step (for fault injection).
+fn run_with(
+    scheduler: &mut Scheduler,
+    mut after_step: impl FnMut(&mut Scheduler),
+) -> (HashMap<u64, Outcome>, Vec<u64>) {
     let mut outcomes: HashMap<u64, Outcome> = HashMap::new();
     let mut finished = Vec::new();
     let mut steps = 0;
@@ -49,6 +57,7 @@ fn run(scheduler: &mut Scheduler) -> (HashMap<u64, Outcome>, Vec<u64>) {
                 }
             }
         }
+        after_step(scheduler);
     }
     (outcomes, finished)
 }
@@ -119,23 +128,12 @@ fn run_preempting(config: SchedulerConfig, corrupt_a_swap: bool) -> Scheduler {
     for (i, q) in LONG_ANSWERS.iter().enumerate() {
         s.add(request(i as u64, q, 48)).unwrap();
     }
-    let mut outcomes: HashMap<u64, Outcome> = HashMap::new();
     let mut corrupted = false;
-    while s.has_work() {
-        for event in s.step() {
-            match event {
-                Event::Token { id, token, text, .. } => {
-                    let o = outcomes.entry(id).or_default();
-                    o.tokens.push(token);
-                    o.text.push_str(&text);
-                }
-                Event::Finished { id, reason, .. } => outcomes.entry(id).or_default().reason = Some(reason),
-            }
-        }
+    let (outcomes, _) = run_with(&mut s, |s| {
         if corrupt_a_swap && !corrupted {
             corrupted = s.corrupt_swapped_block();
         }
-    }
+    });
     assert_eq!(corrupted, corrupt_a_swap, "a swapped copy existed to corrupt");
     for (i, e) in expected.iter().enumerate() {
         assert_eq!(&outcomes[&(i as u64)], e, "request {i}");

@@ -38,21 +38,12 @@ async fn main() {
         sha256 = Some(cached.sha256.clone());
         let fetched = started.elapsed().as_secs_f64();
         let config = mantle_runner::RunnerConfig {
-            model: cached.path.to_string_lossy().into_owned(),
-            sha256: None,
             cache_dir: cache_dir.clone(),
-            cache_budget_bytes: 1 << 30,
-            pin_weights: false,
-            model_id: "huggingfacetb.smollm2-135m-instruct-v1:0".into(),
-            grpc_listen: "127.0.0.1:0".parse().unwrap(),
-            http_listen: "127.0.0.1:0".parse().unwrap(),
-            threads: 0,
             kv_cache_bytes: 64 << 20,
-            max_batch_tokens: 256,
-            max_running: 4,
-            swap_bytes: 0,
-            chat_template: None,
-            gpu_index: 0,
+            ..mantle_runner::RunnerConfig::local(
+                cached.path.to_string_lossy(),
+                "huggingfacetb.smollm2-135m-instruct-v1:0",
+            )
         };
         let runner = mantle_runner::start(config).await.expect("runner starts");
         let ready = started.elapsed().as_secs_f64();

@@ -56,6 +56,30 @@ pub struct RunnerConfig {
     pub gpu_index: u32,
 }
 
+impl RunnerConfig {
+    /// A runner for one machine (`mantle dev`, tests, benchmarks): gRPC and HTTP on free loopback
+    /// ports, a 256 MiB KV cache and as much swap, a node cache in the temporary directory.
+    pub fn local(model: impl Into<String>, model_id: impl Into<String>) -> Self {
+        Self {
+            model: model.into(),
+            model_id: model_id.into(),
+            sha256: None,
+            cache_dir: std::env::temp_dir().join("mantle-weights"),
+            cache_budget_bytes: 8 << 30,
+            pin_weights: false,
+            grpc_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            http_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            threads: 0,
+            kv_cache_bytes: 256 << 20,
+            max_batch_tokens: 256,
+            max_running: 64,
+            swap_bytes: 256 << 20,
+            chat_template: None,
+            gpu_index: 0,
+        }
+    }
+}
+
 /// A started runner. Dropping it shuts the servers down.
 pub struct RunningRunner {
     pub grpc_addr: SocketAddr,

@@ -20,21 +20,10 @@ async fn start() -> (RunningRunner, RunnerClient<Channel>) {
 
 async fn start_model(model_path: std::path::PathBuf, model_id: &str) -> (RunningRunner, RunnerClient<Channel>) {
     let config = RunnerConfig {
-        model: model_path.to_string_lossy().into_owned(),
-        sha256: None,
-        cache_dir: std::env::temp_dir().join("mantle-runner-test-cache"),
-        cache_budget_bytes: 1 << 30,
-        pin_weights: false,
-        model_id: model_id.into(),
-        grpc_listen: "127.0.0.1:0".parse().unwrap(),
-        http_listen: "127.0.0.1:0".parse().unwrap(),
-        threads: 0,
         kv_cache_bytes: 64 << 20,
-        max_batch_tokens: 256,
-        max_running: 16,
         swap_bytes: 64 << 20,
-        chat_template: None,
-        gpu_index: 0,
+        max_running: 16,
+        ..RunnerConfig::local(model_path.to_string_lossy(), model_id)
     };
     let runner = mantle_runner::start(config).await.expect("runner starts");
     let client = RunnerClient::connect(format!("http://{}", runner.grpc_addr)).await.expect("client connects");

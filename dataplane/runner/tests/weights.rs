@@ -90,21 +90,13 @@ async fn a_runner_serves_a_model_from_s3_and_reports_each_tier() {
         .unwrap();
     assert_eq!(cached.tier, Tier::ObjectStore);
     let config = mantle_runner::RunnerConfig {
-        model: "s3://models/smollm2/model.gguf".into(),
         sha256: Some(sha),
         cache_dir,
-        cache_budget_bytes: 1 << 30,
-        pin_weights: false,
-        model_id: "huggingfacetb.smollm2-135m-instruct-v1:0".into(),
-        grpc_listen: "127.0.0.1:0".parse().unwrap(),
-        http_listen: "127.0.0.1:0".parse().unwrap(),
-        threads: 0,
         kv_cache_bytes: 16 << 20,
-        max_batch_tokens: 256,
-        max_running: 4,
-        swap_bytes: 0,
-        chat_template: None,
-        gpu_index: 0,
+        ..mantle_runner::RunnerConfig::local(
+            "s3://models/smollm2/model.gguf",
+            "huggingfacetb.smollm2-135m-instruct-v1:0",
+        )
     };
     let runner = mantle_runner::start(config).await.unwrap();
     let mut client =
