@@ -1,0 +1,1 @@
+//! Admission and scheduling for the Mantle router (being written).

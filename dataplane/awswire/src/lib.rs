@@ -1,0 +1,1 @@
+//! AWS wire formats for the Mantle router (being written).
