@@ -33,7 +33,8 @@ use crate::validation::{Invalid, Validate, Violations};
 #[x_kube(
     validation = Rule::new("self.modality == 'TEXT' || !has(self.draftModel)").message("draftModel (speculative decoding) applies to TEXT models only").field_path(".draftModel"),
     validation = Rule::new("self.modality == 'TEXT' || !has(self.chatTemplate)").message("chatTemplate applies to TEXT models only").field_path(".chatTemplate"),
-    validation = Rule::new("!has(self.draftModel) || self.draftModel.modelId != self.modelId").message("a model cannot be its own draft model").field_path(".draftModel.modelId")
+    validation = Rule::new("!has(self.draftModel) || self.draftModel.modelId != self.modelId").message("a model cannot be its own draft model").field_path(".draftModel.modelId"),
+    validation = Rule::new("!has(self.fallbacks) || self.fallbacks.all(f, f.modelId != self.modelId)").message("a model cannot be its own fallback").field_path(".fallbacks")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct FoundationModelSpec {
@@ -86,6 +87,36 @@ pub struct FoundationModelSpec {
     /// A smaller model of the same tokenizer that drafts tokens for speculative decoding.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub draft_model: Option<DraftModel>,
+    /// Models the router tries, in order, when this one cannot take a request; the response's
+    /// `x-mantle-model-used` header names the model that answered.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 5))]
+    pub fallbacks: Vec<Fallback>,
+}
+
+/// One step of a model's fallback chain.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Fallback {
+    /// The model to try next (another FoundationModel of the same modality).
+    #[schemars(regex(pattern = MODEL_ID_PATTERN))]
+    pub model_id: String,
+    /// Which failures of the previous model send a request here.
+    #[serde(default)]
+    pub on: FallbackTrigger,
+}
+
+/// The failures that move a request down the fallback chain.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum FallbackTrigger {
+    /// The model's queue is full or the tenant's limit on it is reached (429).
+    Throttled,
+    /// No ready runner, or the runners failed (503 and runner errors).
+    #[default]
+    Unavailable,
+    /// Any failure that is not the client's fault.
+    AnyError,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
@@ -463,6 +494,15 @@ impl Validate for FoundationModelSpec {
             "spec.draftModel",
             "draftModel (speculative decoding) applies to TEXT models only",
         );
+        v.check(
+            self.fallbacks.iter().all(|f| f.model_id != self.model_id),
+            "spec.fallbacks",
+            "a model cannot be its own fallback",
+        );
+        v.check(self.fallbacks.len() <= 5, "spec.fallbacks", "at most 5 fallbacks");
+        for (i, f) in self.fallbacks.iter().enumerate() {
+            v.pattern(&f.model_id, MODEL_ID_PATTERN, format!("spec.fallbacks[{i}].modelId"));
+        }
         v.check(
             self.modality == Modality::Text || self.chat_template.is_none(),
             "spec.chatTemplate",

@@ -88,6 +88,7 @@ invalid_manifests! {
     fm_min_replicas_over_max => "fm-min-replicas-over-max.yaml",
     fm_model_id_pattern => "fm-model-id-pattern.yaml",
     fm_own_draft_model => "fm-own-draft-model.yaml",
+    fm_own_fallback => "fm-own-fallback.yaml",
     fm_pin_without_host_memory_tier => "fm-pin-without-host-memory-tier.yaml",
     fm_prewarm_without_node_disk_tier => "fm-prewarm-without-node-disk-tier.yaml",
     fm_source_uri_scheme => "fm-source-uri-scheme.yaml",

@@ -3,6 +3,10 @@
 //!
 //! Its controllers arrive with their own issues; every one of them starts from the same gate,
 //! [`mantle_crds::Validate`], so a spec the API server let through but that breaks an invariant is
-//! reported as a `SpecValid=False` condition instead of being acted on.
+//! reported as a `SpecValid=False` condition instead of being acted on. Pure render functions
+//! (what goes into the objects it creates) live beside it and are golden-tested.
+
+pub mod runner_args;
 
 pub use mantle_crds::Validate;
+pub use runner_args::{RunnerPlacement, runner_args};
