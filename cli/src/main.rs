@@ -4,6 +4,11 @@
 //!   default) and checks each against the same invariants the operator enforces.
 //! - `mantle crdgen [--check]` writes the CRD YAML generated from the Rust types, or checks that
 //!   the checked-in copies are current.
+//! - `mantle dev` runs the platform on this machine: a runner per FoundationModel in `examples/`
+//!   and the router on 127.0.0.1:8080.
+//! - `mantle runner serve|fetch …` is the model runner (what `mantle dev` starts per model).
+
+mod dev;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -35,6 +40,13 @@ enum Command {
         #[arg(long, default_value = ".")]
         root: PathBuf,
     },
+    /// Run the platform on this machine: one runner per FoundationModel and the router.
+    Dev(dev::DevArgs),
+    /// The model runner (the same as the `mantle-runner` binary).
+    Runner {
+        #[command(subcommand)]
+        command: mantle_runner::cli::Command,
+    },
 }
 
 fn main() -> ExitCode {
@@ -62,6 +74,8 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             }
             Ok(stale.is_empty())
         }
+        Command::Dev(args) => serve(dev::run(args)),
+        Command::Runner { command } => serve(mantle_runner::cli::run(command)),
         Command::Crdgen { check: false, root } => {
             for path in mantle_crds::write_generated(&root).context("writing CRD manifests")? {
                 println!("wrote {}", path.display());
@@ -69,6 +83,15 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             Ok(true)
         }
     }
+}
+
+/// Runs a long-running command on a tokio runtime, with logging.
+fn serve(command: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<bool> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    tokio::runtime::Runtime::new().context("starting the async runtime")?.block_on(command)?;
+    Ok(true)
 }
 
 fn validate(paths: &[PathBuf]) -> anyhow::Result<bool> {

@@ -1,5 +1,21 @@
 //! The Mantle router: the Bedrock- and OpenAI-compatible inference API in front of the model
-//! runners — admission, fair queuing, placement, guardrail hooks and metering. Filled in by the
-//! router issue; it serves the models described by [`mantle_crds::FoundationModel`].
+//! runners — authentication, admission and fair queuing, placement, guardrail hooks, metering.
 
-pub use mantle_crds::FoundationModel;
+pub mod adapters;
+pub mod api;
+pub mod auth;
+pub mod catalog;
+pub mod error;
+pub mod guard;
+pub mod inference;
+pub mod metering;
+pub mod metrics;
+pub mod placement;
+pub mod runners;
+pub mod server;
+pub mod tenants;
+
+pub use catalog::{Catalog, ModelEntry};
+pub use error::ApiError;
+pub use runners::RunnerSpec;
+pub use server::{AuthConfig, Platform, RouterConfig, RunningRouter, start};

@@ -1,6 +1,7 @@
 //! The Mantle model runner: one model replica behind the `mantle.runner.v1` gRPC API, with
 //! Prometheus metrics and health endpoints over HTTP.
 
+pub mod cli;
 pub mod engine_loop;
 pub mod gpu;
 pub mod health;

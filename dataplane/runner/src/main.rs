@@ -1,100 +1,12 @@
 //! `mantle-runner`: serves one model over gRPC.
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
-
-use clap::{Parser, Subcommand, ValueEnum};
-use mantle_engine::TemplateFamily;
-use mantle_runner::RunnerConfig;
+use clap::Parser;
 
 #[derive(Parser)]
 #[command(name = "mantle-runner", version, about = "Serves one model over Mantle's runner gRPC API")]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Load a model and serve it.
-    Serve(ServeArgs),
-    /// Copy weights from an object store into the node-local cache (the runner pod's init
-    /// container); prints the cached path.
-    Fetch {
-        /// The weights URI (`s3://…`, `gs://…`, `az://…`, `https://…`, `file://…`, `pvc://…`;
-        /// a directory ends in `/`). Credentials come from AWS_*, GOOGLE_* and AZURE_* variables.
-        #[arg(long)]
-        source: String,
-        #[command(flatten)]
-        cache: CacheArgs,
-    },
-}
-
-#[derive(clap::Args)]
-struct CacheArgs {
-    /// Expected SHA-256 (of the file, or of the manifest for a directory).
-    #[arg(long)]
-    sha256: Option<String>,
-    /// The node-local weight cache.
-    #[arg(long, default_value = "/var/cache/mantle/weights")]
-    cache_dir: PathBuf,
-    /// Byte budget of the node-local cache, in GiB.
-    #[arg(long, default_value_t = 100)]
-    cache_budget_gib: u64,
-}
-
-#[derive(clap::Args)]
-struct ServeArgs {
-    /// The weights: a GGUF file (text model) or a directory holding model.safetensors,
-    /// config.json and tokenizer.json (embedding model); a local path or an object-store URI
-    /// fetched through the node cache.
-    #[arg(long)]
-    model: String,
-    #[command(flatten)]
-    cache: CacheArgs,
-    /// The Bedrock-style model id to serve it under.
-    #[arg(long)]
-    model_id: String,
-    /// gRPC listen address.
-    #[arg(long, default_value = "0.0.0.0:50051")]
-    listen: SocketAddr,
-    /// HTTP listen address for /metrics, /healthz and /readyz.
-    #[arg(long, default_value = "0.0.0.0:9090")]
-    http_listen: SocketAddr,
-    /// Compute threads (0: one per core).
-    #[arg(long, default_value_t = 0)]
-    threads: usize,
-    /// KV-cache size in MiB.
-    #[arg(long, default_value_t = 1024)]
-    kv_cache_mib: usize,
-    /// Tokens per forward pass (bounds a step's latency; long prompts are prefilled in chunks).
-    #[arg(long, default_value_t = 256)]
-    max_batch_tokens: usize,
-    /// Sequences decoding at once.
-    #[arg(long, default_value_t = 64)]
-    max_running: usize,
-    /// Host memory in MiB for the KV blocks of preempted sequences (0: preempted sequences
-    /// recompute).
-    #[arg(long, default_value_t = 1024)]
-    swap_mib: usize,
-    /// The GPU whose memory, ECC errors, temperature and power go into the Health signal
-    /// (builds with the `nvml` feature).
-    #[arg(long, default_value_t = 0)]
-    gpu_index: u32,
-    /// Lock the weights in RAM so they are never paged out (needs CAP_IPC_LOCK or a memlock limit
-    /// above the model's size).
-    #[arg(long)]
-    pin_weights: bool,
-    /// Use a built-in chat template instead of the one in the weights.
-    #[arg(long, value_enum)]
-    chat_template: Option<Template>,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum Template {
-    Chatml,
-    Llama3,
-    Mistral,
+    command: mantle_runner::cli::Command,
 }
 
 #[tokio::main]
@@ -102,40 +14,5 @@ async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
-    let args = match Cli::parse().command {
-        Command::Serve(args) => args,
-        Command::Fetch { source, cache } => {
-            let node = mantle_runner::weights::NodeCache::new(cache.cache_dir, cache.cache_budget_gib << 30);
-            let options = mantle_runner::weights::store_options_from_env();
-            let cached = node.fetch(&source, cache.sha256.as_deref(), &options).await?;
-            tracing::info!(tier = cached.tier.name(), seconds = cached.seconds, bytes = cached.bytes, sha256 = %cached.sha256, "weights cached");
-            println!("{}", cached.path.display());
-            return Ok(());
-        }
-    };
-    let config = RunnerConfig {
-        model: args.model,
-        sha256: args.cache.sha256,
-        cache_dir: args.cache.cache_dir,
-        cache_budget_bytes: args.cache.cache_budget_gib << 30,
-        pin_weights: args.pin_weights,
-        model_id: args.model_id,
-        grpc_listen: args.listen,
-        http_listen: args.http_listen,
-        threads: args.threads,
-        kv_cache_bytes: args.kv_cache_mib << 20,
-        max_batch_tokens: args.max_batch_tokens,
-        max_running: args.max_running,
-        swap_bytes: args.swap_mib << 20,
-        gpu_index: args.gpu_index,
-        chat_template: args.chat_template.map(|t| match t {
-            Template::Chatml => TemplateFamily::ChatMl,
-            Template::Llama3 => TemplateFamily::Llama3,
-            Template::Mistral => TemplateFamily::Mistral,
-        }),
-    };
-    let runner = mantle_runner::start(config).await?;
-    tokio::signal::ctrl_c().await?;
-    tracing::info!("shutting down");
-    runner.shutdown().await
+    mantle_runner::cli::run(Cli::parse().command).await
 }

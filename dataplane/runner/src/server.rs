@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use mantle_engine::kv_cache::KvCache;
@@ -85,16 +85,29 @@ pub struct RunningRunner {
     pub grpc_addr: SocketAddr,
     pub http_addr: SocketAddr,
     shutdown: Option<oneshot::Sender<()>>,
+    stopping: Arc<AtomicBool>,
     grpc: JoinHandle<Result<(), tonic::transport::Error>>,
 }
 
+/// How long open generations get to finish when the runner stops.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
 impl RunningRunner {
-    /// Stops accepting requests, lets open streams end, and waits for the gRPC server.
+    /// Stops accepting requests, ends Health streams, lets running generations finish for up to
+    /// [`SHUTDOWN_GRACE`], and waits for the gRPC server.
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        self.stopping.store(true, Ordering::Relaxed);
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        (&mut self.grpc).await.context("gRPC server task")?.context("gRPC server")
+        match tokio::time::timeout(SHUTDOWN_GRACE, &mut self.grpc).await {
+            Ok(done) => done.context("gRPC server task")?.context("gRPC server"),
+            Err(_) => {
+                tracing::warn!("streams still open after {}s; stopping anyway", SHUTDOWN_GRACE.as_secs());
+                self.grpc.abort();
+                Ok(())
+            }
+        }
     }
 }
 
@@ -142,7 +155,8 @@ pub async fn start(config: RunnerConfig) -> anyhow::Result<RunningRunner> {
         metrics.weight_load_seconds.with_label_values(&[&load.tier]).set(load.seconds);
     }
     let info = InfoResponse { weight_load, ..info };
-    let service = RunnerService::new(served, info, crate::gpu::spawn_sampler(config.gpu_index));
+    let stopping = Arc::new(AtomicBool::new(false));
+    let service = RunnerService::new(served, info, crate::gpu::spawn_sampler(config.gpu_index), stopping.clone());
 
     let (shutdown, shutdown_rx) = oneshot::channel::<()>();
     let grpc = tokio::spawn(
@@ -155,7 +169,7 @@ pub async fn start(config: RunnerConfig) -> anyhow::Result<RunningRunner> {
     );
     ready.store(true, Ordering::Release);
     tracing::info!(model_id = %config.model_id, %grpc_addr, %http_addr, "runner ready");
-    Ok(RunningRunner { grpc_addr, http_addr, shutdown: Some(shutdown), grpc })
+    Ok(RunningRunner { grpc_addr, http_addr, shutdown: Some(shutdown), stopping, grpc })
 }
 
 /// Loads what `config.model_path` holds: a directory with `model.safetensors` is an EMBEDDING

@@ -11,7 +11,7 @@ use mantle_engine::{
 use mantle_proto::runner_server::Runner;
 use mantle_proto::{
     CountTokensRequest, CountTokensResponse, EmbedRequest, EmbedResponse, Embedding, Finished, GenerateResponse,
-    HealthRequest, HealthSignal, InfoRequest, InfoResponse, TokenChunk, Usage, generate_response,
+    HealthRequest, HealthSignal, InfoRequest, InfoResponse, Started, TokenChunk, Usage, generate_response,
 };
 use tokio_stream::Stream;
 use tokio_stream::StreamExt;
@@ -39,6 +39,8 @@ pub struct RunnerService {
     served: Served,
     info: InfoResponse,
     gpu: tokio::sync::watch::Receiver<Option<crate::gpu::GpuSample>>,
+    /// Set when the runner shuts down: Health streams end so the server can drain.
+    stopping: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl RunnerService {
@@ -46,8 +48,9 @@ impl RunnerService {
         served: Served,
         info: InfoResponse,
         gpu: tokio::sync::watch::Receiver<Option<crate::gpu::GpuSample>>,
+        stopping: Arc<std::sync::atomic::AtomicBool>,
     ) -> Self {
-        Self { served, info, gpu }
+        Self { served, info, gpu, stopping }
     }
 
     fn wrong_modality(&self, rpc: &str, needs: &str) -> Status {
@@ -161,10 +164,20 @@ impl Runner for RunnerService {
                 Some(Instant::now() + Duration::from_millis(ms - now_ms))
             }
         };
+        let mut max_tokens = r.max_tokens as usize;
+        if r.clamp_max_tokens {
+            max_tokens = max_tokens.min((self.info.context_length as usize).saturating_sub(prompt.len()));
+        }
+        let started = GenerateResponse {
+            event: Some(generate_response::Event::Started(Started {
+                input_tokens: prompt.len() as u32,
+                max_tokens: max_tokens as u32,
+            })),
+        };
         let engine_request = GenerateRequest {
             id: 0,
             prompt,
-            max_tokens: r.max_tokens as usize,
+            max_tokens,
             sampling: SamplingParams {
                 temperature: r.temperature,
                 top_p: if r.top_p == 0.0 { 1.0 } else { r.top_p },
@@ -177,7 +190,8 @@ impl Runner for RunnerService {
         let events = engine.generate(engine_request, deadline).await.map_err(status)?;
         tracing::debug!("generation started");
         let logprobs = r.logprobs;
-        let stream = UnboundedReceiverStream::new(events).map(move |output| response(output, logprobs));
+        let stream = tokio_stream::once(Ok(started))
+            .chain(UnboundedReceiverStream::new(events).map(move |output| response(output, logprobs)));
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -238,7 +252,10 @@ impl Runner for RunnerService {
         };
         let ticks = IntervalStream::new(tokio::time::interval(HEALTH_INTERVAL));
         let gpu = self.gpu.clone();
-        let stream = ticks.map(move |_| Ok(health::signal(&stats.borrow(), gpu.borrow().as_ref())));
+        let stopping = self.stopping.clone();
+        let stream = ticks
+            .take_while(move |_| !stopping.load(std::sync::atomic::Ordering::Relaxed))
+            .map(move |_| Ok(health::signal(&stats.borrow(), gpu.borrow().as_ref())));
         Ok(Response::new(Box::pin(stream)))
     }
 }

@@ -47,8 +47,13 @@ async fn generate_streams_real_tokens_then_a_finish_with_usage() {
     let mut text = String::new();
     let mut chunks = 0;
     let mut finished = None;
+    let mut started = None;
     while let Some(msg) = stream.next().await {
         match msg.unwrap().event.unwrap() {
+            generate_response::Event::Started(s) => {
+                assert!(started.is_none() && chunks == 0, "Started comes first, once");
+                started = Some(s);
+            }
             generate_response::Event::Token(t) => {
                 chunks += 1;
                 assert_eq!(t.token_ids.len(), 1);
@@ -64,6 +69,21 @@ async fn generate_streams_real_tokens_then_a_finish_with_usage() {
     let usage = finished.usage.unwrap();
     assert_eq!(usage.output_tokens as usize, chunks);
     assert!(usage.input_tokens > 20);
+    assert_eq!(started.map(|s| (s.input_tokens, s.max_tokens)), Some((usage.input_tokens, 32)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clamped_max_tokens_fit_the_context_instead_of_failing() {
+    let (_runner, mut client) = start().await;
+    let mut too_many = ask("Hi", 1_000_000);
+    assert_eq!(client.generate(too_many.clone()).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+    too_many.clamp_max_tokens = true;
+    let mut stream = client.generate(too_many).await.unwrap().into_inner();
+    let Some(generate_response::Event::Started(started)) = stream.next().await.unwrap().unwrap().event else {
+        panic!("the stream opens with Started");
+    };
+    let context = client.info(InfoRequest {}).await.unwrap().into_inner().context_length;
+    assert_eq!(started.input_tokens + started.max_tokens, context);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

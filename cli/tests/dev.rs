@@ -1,0 +1,102 @@
+//! End to end: `mantle dev` with the real models, driven by boto3 and the OpenAI Python client
+//! (`tests/e2e/sdk_clients.py`, run with the venv of scripts/python-env.sh); then Ctrl-C stops
+//! every child process.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("cli/ sits in the repository").to_path_buf()
+}
+
+fn cache() -> PathBuf {
+    std::env::var_os("MANTLE_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").expect("HOME")).join(".cache/mantle"))
+}
+
+fn status(addr: SocketAddr, path: &str) -> Option<u16> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(300)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\n\r\n").ok()?;
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).ok()?;
+    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
+}
+
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+struct Dev(Child);
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn boto3_and_openai_clients_work_against_mantle_dev() {
+    let python = cache().join("venv/bin/python");
+    assert!(python.exists(), "{} is missing: run scripts/python-env.sh (scripts/test.sh does)", python.display());
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut dev = Dev(Command::new(env!("CARGO_BIN_EXE_mantle"))
+        .args(["dev", "--listen", &addr.to_string()])
+        .current_dir(repo_root())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("mantle dev starts"));
+    let started = Instant::now();
+    while status(addr, "/readyz") != Some(200) {
+        assert!(dev.0.try_wait().unwrap().is_none(), "mantle dev exited before it was ready");
+        assert!(started.elapsed() < Duration::from_secs(600), "not ready after 10 minutes");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let runners = children(dev.0.id());
+    assert_eq!(runners.len(), 2, "one runner process per FoundationModel in examples/");
+
+    let out = Command::new(&python)
+        .arg(repo_root().join("tests/e2e/sdk_clients.py"))
+        .arg(format!("http://{addr}"))
+        .output()
+        .expect("python runs");
+    let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    println!("{report}");
+    assert!(out.status.success(), "the SDK clients failed:\n{report}");
+
+    // The banner tells a user what to run.
+    let _ = Command::new("kill").args(["-INT", &dev.0.id().to_string()]).status();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let exit = loop {
+        if let Some(exit) = dev.0.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(Instant::now() < deadline, "mantle dev did not stop on Ctrl-C");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(exit.success(), "{exit}");
+    let mut banner = String::new();
+    dev.0.stdout.take().unwrap().read_to_string(&mut banner).unwrap();
+    assert!(
+        banner.contains(&format!("Mantle is ready at http://{addr}")) && banner.contains("boto3.client"),
+        "{banner}"
+    );
+    for pid in runners {
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists()
+                || std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z ")),
+            "runner {pid} outlived mantle dev"
+        );
+    }
+}

@@ -1,0 +1,362 @@
+//! The OpenAI API: `/v1/chat/completions` and `/v1/embeddings` bodies to runner requests, and
+//! replies (whole or as server-sent-event chunks) back.
+
+use base64::Engine as _;
+use mantle_proto::ChatMessage;
+use serde_json::{Value, json};
+
+use super::{StopReason, TextOutput, TextRequest, Tool, ToolChoice, check_sampling, tools_prompt};
+use crate::error::ApiError;
+
+/// A chat-completions body, mapped: the model id, whether to stream (and include usage), and
+/// the request.
+pub struct ChatCompletion {
+    pub model: String,
+    pub stream: bool,
+    pub include_usage: bool,
+    pub request: TextRequest,
+}
+
+fn content_text(content: &Value, at: &str) -> Result<String, ApiError> {
+    match content {
+        Value::String(s) => Ok(s.clone()),
+        Value::Null => Ok(String::new()),
+        Value::Array(parts) => {
+            let mut out = Vec::new();
+            for (i, p) in parts.iter().enumerate() {
+                match p["type"].as_str() {
+                    Some("text") => out.push(
+                        p["text"]
+                            .as_str()
+                            .ok_or_else(|| ApiError::validation(format!("{at}[{i}].text must be a string")))?
+                            .to_string(),
+                    ),
+                    Some(other) => {
+                        return Err(ApiError::validation(format!(
+                            "{at}[{i}]: content part type {other:?} is not supported by this model"
+                        )));
+                    }
+                    None => return Err(ApiError::validation(format!("{at}[{i}].type is required"))),
+                }
+            }
+            Ok(out.join("\n"))
+        }
+        _ => Err(ApiError::validation(format!("{at} must be a string or a list of content parts"))),
+    }
+}
+
+pub fn chat_request(body: &Value) -> Result<ChatCompletion, ApiError> {
+    if !body.is_object() {
+        return Err(ApiError::validation("the request body must be a JSON object"));
+    }
+    let model = body["model"]
+        .as_str()
+        .filter(|m| !m.is_empty())
+        .ok_or_else(|| ApiError::validation("you must provide a model parameter"))?
+        .to_string();
+    let list = body["messages"]
+        .as_array()
+        .filter(|m| !m.is_empty())
+        .ok_or_else(|| ApiError::validation("messages must be a non-empty array"))?;
+    let mut messages = Vec::new();
+    for (i, m) in list.iter().enumerate() {
+        let role = match m["role"].as_str() {
+            Some("system" | "developer") => "system",
+            Some("user") => "user",
+            Some("assistant") => "assistant",
+            Some("tool") => "user",
+            other => return Err(ApiError::validation(format!("messages[{i}].role {other:?} is not supported"))),
+        };
+        let mut content = content_text(&m["content"], &format!("messages[{i}].content"))?;
+        if m["role"] == "tool" {
+            content = format!("Result of tool call {}:\n{content}", m["tool_call_id"].as_str().unwrap_or(""));
+        }
+        if let Some(calls) = m["tool_calls"].as_array() {
+            for c in calls {
+                content.push_str(
+                    &json!({"name": c["function"]["name"], "input": c["function"]["arguments"].as_str()
+                        .and_then(|a| serde_json::from_str::<Value>(a).ok())})
+                    .to_string(),
+                );
+            }
+        }
+        messages.push(ChatMessage { role: role.into(), content });
+    }
+    if body["n"].as_u64().is_some_and(|n| n != 1) {
+        return Err(ApiError::validation("n must be 1"));
+    }
+    let max_tokens = match body.get("max_completion_tokens").or_else(|| body.get("max_tokens")) {
+        None | Some(Value::Null) => None,
+        Some(v) => match v.as_u64() {
+            Some(n) if (1..=u32::MAX as u64).contains(&n) => Some(n as u32),
+            _ => return Err(ApiError::validation("max_tokens must be an integer of at least 1")),
+        },
+    };
+    let number = |key: &str, default: f32| -> Result<f32, ApiError> {
+        match body.get(key) {
+            None | Some(Value::Null) => Ok(default),
+            Some(v) => {
+                v.as_f64().map(|f| f as f32).ok_or_else(|| ApiError::validation(format!("{key} must be a number")))
+            }
+        }
+    };
+    let temperature = number("temperature", 1.0)?;
+    let top_p = number("top_p", 1.0)?;
+    check_sampling(temperature, top_p, 2.0)?;
+    let stop_sequences = match &body["stop"] {
+        Value::Null => Vec::new(),
+        Value::String(s) => vec![s.clone()],
+        Value::Array(a) => a.iter().filter_map(|s| s.as_str().map(str::to_owned)).collect(),
+        _ => return Err(ApiError::validation("stop must be a string or a list of strings")),
+    };
+    let mut tools = Vec::new();
+    if let Some(list) = body["tools"].as_array() {
+        for (i, t) in list.iter().enumerate() {
+            let f = &t["function"];
+            let name = f["name"]
+                .as_str()
+                .ok_or_else(|| ApiError::validation(format!("tools[{i}].function.name is required")))?;
+            tools.push(Tool {
+                name: name.into(),
+                description: f["description"].as_str().unwrap_or_default().into(),
+                input_schema: f.get("parameters").cloned().unwrap_or(json!({"type": "object"})),
+            });
+        }
+    }
+    let json_schema = match body["response_format"]["type"].as_str() {
+        Some("json_schema") => {
+            let schema = body["response_format"]["json_schema"]["schema"].clone();
+            super::structured::compile(&schema)?;
+            Some(schema)
+        }
+        Some("json_object") => Some(json!({"type": "object"})),
+        Some("text") | None => None,
+        Some(other) => return Err(ApiError::validation(format!("response_format.type {other:?} is not supported"))),
+    };
+    let mut system = Vec::new();
+    if !tools.is_empty() {
+        let choice = match &body["tool_choice"] {
+            Value::String(s) if s == "required" => ToolChoice::Any,
+            Value::Object(o) => ToolChoice::Named(o["function"]["name"].as_str().unwrap_or_default().into()),
+            _ => ToolChoice::Auto,
+        };
+        if body["tool_choice"] != "none" {
+            system.push(tools_prompt(&tools, &choice));
+        } else {
+            tools.clear();
+        }
+    }
+    if let Some(schema) = &json_schema {
+        system.push(super::structured::instruction(schema));
+    }
+    if !system.is_empty() {
+        match messages.first_mut() {
+            Some(first) if first.role == "system" => {
+                first.content = format!("{}\n\n{}", first.content, system.join("\n\n"))
+            }
+            _ => messages.insert(0, ChatMessage { role: "system".into(), content: system.join("\n\n") }),
+        }
+    }
+    Ok(ChatCompletion {
+        model,
+        stream: body["stream"].as_bool().unwrap_or(false),
+        include_usage: body["stream_options"]["include_usage"].as_bool().unwrap_or(false),
+        request: TextRequest {
+            messages,
+            max_tokens,
+            temperature,
+            top_p,
+            seed: body["seed"].as_u64().unwrap_or(0),
+            stop_sequences,
+            tools,
+            json_schema,
+            ..Default::default()
+        },
+    })
+}
+
+fn finish_reason(reason: StopReason) -> &'static str {
+    match reason {
+        StopReason::MaxTokens => "length",
+        StopReason::ToolUse => "tool_calls",
+        StopReason::GuardrailIntervened => "content_filter",
+        _ => "stop",
+    }
+}
+
+fn usage(output: &TextOutput) -> Value {
+    json!({
+        "prompt_tokens": output.usage.input_tokens,
+        "completion_tokens": output.usage.output_tokens,
+        "total_tokens": output.usage.input_tokens + output.usage.output_tokens,
+        "prompt_tokens_details": { "cached_tokens": output.usage.cached_tokens },
+    })
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+pub fn chat_response(id: &str, model: &str, output: &TextOutput) -> Value {
+    let mut message = json!({ "role": "assistant", "content": output.text });
+    if let Some(call) = &output.tool_call {
+        message["content"] = Value::Null;
+        message["tool_calls"] = json!([{
+            "id": call.id, "type": "function",
+            "function": { "name": call.name, "arguments": call.input.to_string() },
+        }]);
+    }
+    json!({
+        "id": format!("chatcmpl-{id}"),
+        "object": "chat.completion",
+        "created": unix_now(),
+        "model": model,
+        "choices": [{ "index": 0, "message": message, "finish_reason": finish_reason(output.stop_reason), "logprobs": null }],
+        "usage": usage(output),
+    })
+}
+
+/// One `chat.completion.chunk`.
+pub fn chunk(id: &str, model: &str, delta: Value, finish: Option<StopReason>) -> Value {
+    json!({
+        "id": format!("chatcmpl-{id}"),
+        "object": "chat.completion.chunk",
+        "created": unix_now(),
+        "model": model,
+        "choices": [{ "index": 0, "delta": delta, "finish_reason": finish.map(finish_reason), "logprobs": null }],
+    })
+}
+
+/// The usage-only chunk sent last when `stream_options.include_usage` is set.
+pub fn usage_chunk(id: &str, model: &str, output: &TextOutput) -> Value {
+    json!({
+        "id": format!("chatcmpl-{id}"),
+        "object": "chat.completion.chunk",
+        "created": unix_now(),
+        "model": model,
+        "choices": [],
+        "usage": usage(output),
+    })
+}
+
+/// An embeddings body: model, texts, and whether vectors go back as base64 (what the OpenAI
+/// Python client asks for by default).
+pub struct EmbeddingsRequest {
+    pub model: String,
+    pub texts: Vec<String>,
+    pub base64: bool,
+}
+
+pub fn embeddings_request(body: &Value) -> Result<EmbeddingsRequest, ApiError> {
+    let model = body["model"]
+        .as_str()
+        .filter(|m| !m.is_empty())
+        .ok_or_else(|| ApiError::validation("you must provide a model parameter"))?
+        .to_string();
+    let texts = match &body["input"] {
+        Value::String(s) => vec![s.clone()],
+        Value::Array(items) => {
+            items.iter().map(|v| v.as_str().map(str::to_owned)).collect::<Option<Vec<_>>>().ok_or_else(|| {
+                ApiError::validation("input must be a string or a list of strings (token arrays are not supported)")
+            })?
+        }
+        _ => return Err(ApiError::validation("input is required: a string or a list of strings")),
+    };
+    if texts.is_empty() || texts.len() > 2048 || texts.iter().any(String::is_empty) {
+        return Err(ApiError::validation("input must hold 1 to 2048 non-empty strings"));
+    }
+    let base64 = match body["encoding_format"].as_str() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(other) => return Err(ApiError::validation(format!("encoding_format {other:?} must be float or base64"))),
+    };
+    Ok(EmbeddingsRequest { model, texts, base64 })
+}
+
+pub fn embeddings_response(model: &str, vectors: &[Vec<f32>], base64: bool, tokens: u32) -> Value {
+    let data: Vec<Value> = vectors
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let embedding = if base64 {
+                let bytes: Vec<u8> = v.iter().flat_map(|f| f.to_le_bytes()).collect();
+                Value::from(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                json!(v)
+            };
+            json!({ "object": "embedding", "index": i, "embedding": embedding })
+        })
+        .collect();
+    json!({
+        "object": "list",
+        "data": data,
+        "model": model,
+        "usage": { "prompt_tokens": tokens, "total_tokens": tokens },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapters::Usage;
+
+    #[test]
+    fn chat_bodies_map_to_runner_requests() {
+        let c = chat_request(&json!({
+            "model": "m", "stream": true, "stream_options": {"include_usage": true},
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+            ],
+            "max_tokens": 9, "temperature": 1.5, "stop": "\n", "seed": 3,
+        }))
+        .unwrap();
+        assert!(c.stream && c.include_usage);
+        assert_eq!(c.request.messages[1].content, "Hi");
+        assert_eq!((c.request.max_tokens, c.request.seed, c.request.stop_sequences.len()), (Some(9), 3, 1));
+    }
+
+    #[test]
+    fn bad_chat_bodies_are_rejected() {
+        for body in [
+            json!({"messages": [{"role": "user", "content": "x"}]}),
+            json!({"model": "m", "messages": []}),
+            json!({"model": "m", "messages": [{"role": "wizard", "content": "x"}]}),
+            json!({"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}),
+            json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 3}),
+            json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 2}),
+            json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}),
+            json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}}),
+            json!([1, 2]),
+        ] {
+            assert!(chat_request(&body).is_err(), "{body}");
+        }
+    }
+
+    #[test]
+    fn embeddings_come_back_as_floats_or_base64() {
+        let r = embeddings_request(&json!({"model": "e", "input": ["a", "b"], "encoding_format": "base64"})).unwrap();
+        assert!(r.base64 && r.texts.len() == 2);
+        let body = embeddings_response("e", &[vec![1.0, -2.0]], true, 3);
+        let b64 = body["data"][0]["embedding"].as_str().unwrap();
+        let bytes = base64::engine::general_purpose::STANDARD.decode(b64).unwrap();
+        assert_eq!(f32::from_le_bytes(bytes[4..8].try_into().unwrap()), -2.0);
+        assert!(embeddings_request(&json!({"model": "e", "input": [[1, 2]]})).is_err());
+        assert!(embeddings_request(&json!({"model": "e", "input": "x", "encoding_format": "int8"})).is_err());
+    }
+
+    #[test]
+    fn replies_follow_the_openai_shapes() {
+        let out = TextOutput {
+            text: "Hi".into(),
+            tool_call: None,
+            stop_reason: StopReason::MaxTokens,
+            stop_sequence: None,
+            usage: Usage { input_tokens: 5, output_tokens: 1, cached_tokens: 0 },
+        };
+        let r = chat_response("abc", "m", &out);
+        assert_eq!(r["choices"][0]["finish_reason"], "length");
+        assert_eq!(r["usage"]["total_tokens"], 6);
+        assert_eq!(chunk("abc", "m", json!({"content": "x"}), None)["object"], "chat.completion.chunk");
+    }
+}

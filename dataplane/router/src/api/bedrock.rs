@@ -1,0 +1,422 @@
+//! bedrock-runtime: Converse, ConverseStream, InvokeModel, InvokeModelWithResponseStream,
+//! CountTokens.
+
+use axum::Extension;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue};
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use mantle_admission::Priority;
+use mantle_crds::Modality;
+use serde_json::{Value, json};
+use tracing::Instrument;
+
+use super::stream::{self, Frames};
+use super::{Caller, Shared, require_json};
+use crate::adapters::converse::{self, ConverseBody};
+use crate::adapters::native::{self, StreamChunks, TextDialect};
+use crate::adapters::{StopReason, TextOutput, TextRequest, parse_body};
+use crate::catalog::ModelEntry;
+use crate::error::{ApiError, ApiResult};
+use crate::guard::OutputVerdict;
+use crate::inference::{Ctx, Generation, Inference, Piece};
+
+/// Answers an error (counted under the model the client asked for).
+fn fail(state: &Shared, api: &str, model_id: &str, error: ApiError) -> Response {
+    state.inference.metrics.requests.with_label_values(&[api, model_id, error.kind()]).inc();
+    error.into_bedrock()
+}
+
+fn model_used(response: &mut Response, model_id: &str) {
+    if let Ok(v) = HeaderValue::from_str(model_id) {
+        response.headers_mut().insert("x-mantle-model-used", v);
+    }
+}
+
+/// The request context and model for a Bedrock operation.
+fn begin(
+    state: &Shared,
+    caller: &Caller,
+    api: &'static str,
+    model_id: &str,
+    headers: &HeaderMap,
+) -> ApiResult<(Ctx, ModelEntry)> {
+    let ctx = caller.ctx(api, headers)?;
+    let model = state.inference.catalog.resolve(model_id)?.clone();
+    Ok((ctx, model))
+}
+
+/// Applies an output guard to a whole reply.
+fn guard_output(inference: &Inference, ctx: &Ctx, output: &mut TextOutput) {
+    match inference.guards.check_output(ctx, "", &output.text) {
+        OutputVerdict::Pass => {}
+        OutputVerdict::Rewrite(text) => output.text = text,
+        OutputVerdict::Block(message) => {
+            output.text = message;
+            output.tool_call = None;
+            output.stop_reason = StopReason::GuardrailIntervened;
+        }
+    }
+}
+
+pub async fn converse(
+    State(state): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path(model_id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let api = "Converse";
+    let result = async {
+        require_json(&headers, "content-type")?;
+        let (mut ctx, model) = begin(&state, &caller, api, &model_id, &headers)?;
+        let body: ConverseBody = parse_body(&body)?;
+        apply_service_tier(&mut ctx, &body);
+        let req = converse::to_request(&body)?;
+        let span = Inference::span(&ctx, &model.model_id);
+        let mut done = state.inference.complete(&ctx, &model, &req).instrument(span).await?;
+        guard_output(&state.inference, &ctx, &mut done.output);
+        let latency = ctx.received.elapsed().as_millis() as u64;
+        let mut response = axum::Json(converse::response(&done.output, latency)).into_response();
+        model_used(&mut response, &done.model_used);
+        Ok::<_, ApiError>(response)
+    }
+    .await;
+    result.unwrap_or_else(|e| fail(&state, api, &model_id, e))
+}
+
+/// Converse's `serviceTier`: `flex` lowers the request to LOW priority.
+fn apply_service_tier(ctx: &mut Ctx, body: &ConverseBody) {
+    if body.service_tier.as_ref().and_then(|t| t["type"].as_str()) == Some("flex") {
+        ctx.priority = ctx.priority.max(Priority::Low);
+    }
+}
+
+pub async fn converse_stream(
+    State(state): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path(model_id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let api = "ConverseStream";
+    let result = async {
+        require_json(&headers, "content-type")?;
+        let (mut ctx, model) = begin(&state, &caller, api, &model_id, &headers)?;
+        let body: ConverseBody = parse_body(&body)?;
+        apply_service_tier(&mut ctx, &body);
+        let req = converse::to_request(&body)?;
+        let span = Inference::span(&ctx, &model.model_id);
+        // Tool calls and structured output are known only once the reply is whole: generate it,
+        // then stream it.
+        if !req.tools.is_empty() || req.json_schema.is_some() {
+            let mut done = state.inference.complete(&ctx, &model, &req).instrument(span.clone()).await?;
+            guard_output(&state.inference, &ctx, &mut done.output);
+            let (frames, mut response) = stream::event_stream(&[]);
+            model_used(&mut response, &done.model_used);
+            tokio::spawn(
+                async move {
+                    let latency = ctx.received.elapsed().as_millis() as u64;
+                    let output = done.output;
+                    if !frames.event("messageStart", &converse::message_start()).await {
+                        return;
+                    }
+                    let text = output.tool_call.is_none() && !output.text.is_empty();
+                    if text && !frames.event("contentBlockDelta", &converse::text_delta(&output.text)).await {
+                        return;
+                    }
+                    for (name, payload) in converse::closing_events(&output, text, latency) {
+                        if !frames.event(name, &payload).await {
+                            return;
+                        }
+                    }
+                }
+                .instrument(span),
+            );
+            return Ok(response);
+        }
+        let generation = state.inference.generate(&ctx, &model, &req).instrument(span.clone()).await?;
+        let (frames, mut response) = stream::event_stream(&[]);
+        model_used(&mut response, &generation.model.model_id);
+        tokio::spawn(pump_converse(state.clone(), ctx, generation, frames).instrument(span));
+        Ok::<_, ApiError>(response)
+    }
+    .await;
+    result.unwrap_or_else(|e| fail(&state, api, &model_id, e))
+}
+
+/// Streams a generation as ConverseStream events. Returns early (dropping the generation, which
+/// cancels it on the runner) as soon as the client is gone.
+async fn pump_converse(state: Shared, ctx: Ctx, mut generation: Generation, frames: Frames) {
+    if !frames.event("messageStart", &converse::message_start()).await {
+        return;
+    }
+    let mut open = false;
+    let mut so_far = String::new();
+    loop {
+        match generation.next().await {
+            Ok(Some(Piece::Text { text, .. })) => {
+                let text = match state.inference.guards.check_output(&ctx, &so_far, &text) {
+                    OutputVerdict::Pass => text,
+                    OutputVerdict::Rewrite(t) => t,
+                    OutputVerdict::Block(message) => {
+                        let output = TextOutput {
+                            text: message.clone(),
+                            tool_call: None,
+                            stop_reason: StopReason::GuardrailIntervened,
+                            stop_sequence: None,
+                            usage: Default::default(),
+                        };
+                        let _ = frames.event("contentBlockDelta", &converse::text_delta(&message)).await;
+                        let latency = ctx.received.elapsed().as_millis() as u64;
+                        for (name, payload) in converse::closing_events(&output, true, latency) {
+                            let _ = frames.event(name, &payload).await;
+                        }
+                        return;
+                    }
+                };
+                if text.is_empty() {
+                    continue;
+                }
+                so_far.push_str(&text);
+                open = true;
+                if !frames.event("contentBlockDelta", &converse::text_delta(&text)).await {
+                    return;
+                }
+            }
+            Ok(Some(Piece::Done(output))) => {
+                let latency = ctx.received.elapsed().as_millis() as u64;
+                for (name, payload) in converse::closing_events(&output, open, latency) {
+                    if !frames.event(name, &payload).await {
+                        return;
+                    }
+                }
+                return;
+            }
+            Ok(None) => return,
+            Err(error) => {
+                state
+                    .inference
+                    .metrics
+                    .requests
+                    .with_label_values(&[ctx.api, &generation.requested, error.kind()])
+                    .inc();
+                let _ = frames.exception(&error).await;
+                return;
+            }
+        }
+    }
+}
+
+fn accept_json(headers: &HeaderMap, name: &str) -> ApiResult<()> {
+    require_json(headers, name)
+}
+
+fn token_headers(response: &mut Response, output: &TextOutput, latency_ms: u64) {
+    let headers = response.headers_mut();
+    headers.insert("x-amzn-bedrock-input-token-count", HeaderValue::from(output.usage.input_tokens));
+    headers.insert("x-amzn-bedrock-output-token-count", HeaderValue::from(output.usage.output_tokens));
+    headers.insert("x-amzn-bedrock-invocation-latency", HeaderValue::from(latency_ms));
+}
+
+pub async fn invoke(
+    State(state): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path(model_id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let api = "InvokeModel";
+    let result = async {
+        require_json(&headers, "content-type")?;
+        accept_json(&headers, "accept")?;
+        let (ctx, model) = begin(&state, &caller, api, &model_id, &headers)?;
+        let value = native::json_body(&body)?;
+        let span = Inference::span(&ctx, &model.model_id);
+        match model.modality {
+            Modality::Text => {
+                let (dialect, req) = native::text_request(&value)?;
+                let mut done = state.inference.complete(&ctx, &model, &req).instrument(span).await?;
+                guard_output(&state.inference, &ctx, &mut done.output);
+                let body = native::response(dialect, &ctx.request_id, &done.model_used, &done.output);
+                let mut response = axum::Json(body).into_response();
+                token_headers(&mut response, &done.output, ctx.received.elapsed().as_millis() as u64);
+                model_used(&mut response, &done.model_used);
+                Ok(response)
+            }
+            Modality::Embedding => {
+                let (dialect, texts) = native::embed_request(&value)?;
+                let (vectors, tokens) = state.inference.embed(&ctx, &model, texts.clone()).instrument(span).await?;
+                let body = native::embed_response(dialect, &ctx.request_id, &texts, &vectors, tokens);
+                let mut response = axum::Json(body).into_response();
+                response.headers_mut().insert("x-amzn-bedrock-input-token-count", HeaderValue::from(tokens));
+                Ok::<_, ApiError>(response)
+            }
+        }
+    }
+    .await;
+    result.unwrap_or_else(|e| fail(&state, api, &model_id, e))
+}
+
+pub async fn invoke_stream(
+    State(state): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path(model_id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let api = "InvokeModelWithResponseStream";
+    let result = async {
+        require_json(&headers, "content-type")?;
+        accept_json(&headers, "x-amzn-bedrock-accept")?;
+        let (ctx, model) = begin(&state, &caller, api, &model_id, &headers)?;
+        if model.modality != Modality::Text {
+            return Err(ApiError::validation(format!("{} does not support response streaming.", model.model_id)));
+        }
+        let (dialect, req) = native::text_request(&native::json_body(&body)?)?;
+        let span = Inference::span(&ctx, &model.model_id);
+        let extra = [("x-amzn-bedrock-content-type", "application/json")];
+        if !req.tools.is_empty() {
+            let mut done = state.inference.complete(&ctx, &model, &req).instrument(span.clone()).await?;
+            guard_output(&state.inference, &ctx, &mut done.output);
+            let (frames, mut response) = stream::event_stream(&extra);
+            model_used(&mut response, &done.model_used);
+            tokio::spawn(
+                async move {
+                    let output = done.output;
+                    let mut chunks = StreamChunks::new(dialect);
+                    let mut all = chunks.start(&ctx.request_id, &done.model_used, output.usage.input_tokens);
+                    match &output.tool_call {
+                        Some(call) => all.extend(chunks.tool_use(call)),
+                        None => {
+                            all.push(chunks.delta(&output.text, output.usage.output_tokens, output.usage.input_tokens))
+                        }
+                    }
+                    let latency = ctx.received.elapsed().as_millis() as u64;
+                    all.extend(chunks.finish(&output, native::invocation_metrics(&output, latency, latency)));
+                    for chunk in all {
+                        if !send_chunk(&frames, &chunk).await {
+                            return;
+                        }
+                    }
+                }
+                .instrument(span),
+            );
+            return Ok(response);
+        }
+        let generation = state.inference.generate(&ctx, &model, &req).instrument(span.clone()).await?;
+        let (frames, mut response) = stream::event_stream(&extra);
+        model_used(&mut response, &generation.model.model_id);
+        tokio::spawn(pump_native(state.clone(), ctx, dialect, generation, frames).instrument(span));
+        Ok::<_, ApiError>(response)
+    }
+    .await;
+    result.unwrap_or_else(|e| fail(&state, api, &model_id, e))
+}
+
+/// One IMWRS `chunk` event: the model chunk's JSON, base64 encoded.
+async fn send_chunk(frames: &Frames, chunk: &Value) -> bool {
+    let bytes = base64::engine::general_purpose::STANDARD.encode(chunk.to_string());
+    frames.event("chunk", &json!({ "bytes": bytes })).await
+}
+
+async fn pump_native(state: Shared, ctx: Ctx, dialect: TextDialect, mut generation: Generation, frames: Frames) {
+    let mut chunks = StreamChunks::new(dialect);
+    let input_tokens = generation.input_tokens;
+    for chunk in chunks.start(&ctx.request_id, &generation.model.model_id, input_tokens) {
+        if !send_chunk(&frames, &chunk).await {
+            return;
+        }
+    }
+    let mut so_far = String::new();
+    loop {
+        match generation.next().await {
+            Ok(Some(Piece::Text { text, tokens })) => {
+                let text = match state.inference.guards.check_output(&ctx, &so_far, &text) {
+                    OutputVerdict::Pass => text,
+                    OutputVerdict::Rewrite(t) => t,
+                    OutputVerdict::Block(message) => message,
+                };
+                so_far.push_str(&text);
+                if !send_chunk(&frames, &chunks.delta(&text, tokens, input_tokens)).await {
+                    return;
+                }
+            }
+            Ok(Some(Piece::Done(output))) => {
+                let latency = ctx.received.elapsed().as_millis() as u64;
+                let metrics = native::invocation_metrics(&output, latency, generation.first_byte_ms());
+                for chunk in chunks.finish(&output, metrics) {
+                    if !send_chunk(&frames, &chunk).await {
+                        return;
+                    }
+                }
+                return;
+            }
+            Ok(None) => return,
+            Err(error) => {
+                state
+                    .inference
+                    .metrics
+                    .requests
+                    .with_label_values(&[ctx.api, &generation.requested, error.kind()])
+                    .inc();
+                let _ = frames.exception(&error).await;
+                return;
+            }
+        }
+    }
+}
+
+pub async fn count_tokens(
+    State(state): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path(model_id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let api = "CountTokens";
+    let result = async {
+        require_json(&headers, "content-type")?;
+        let (ctx, model) = begin(&state, &caller, api, &model_id, &headers)?;
+        if model.modality != Modality::Text {
+            return Err(ApiError::validation(format!("{} does not count tokens for text generation.", model.model_id)));
+        }
+        let value: Value = parse_body(&body)?;
+        let req = count_tokens_request(&value)?;
+        let tokens =
+            state.inference.count_tokens(&model, &req).instrument(Inference::span(&ctx, &model.model_id)).await?;
+        state.inference.count_outcome(&ctx, &model, "ok");
+        Ok::<_, ApiError>(axum::Json(json!({ "inputTokens": tokens })).into_response())
+    }
+    .await;
+    result.unwrap_or_else(|e| fail(&state, api, &model_id, e))
+}
+
+/// CountTokens' `input` union: an InvokeModel body (base64) or a Converse request.
+fn count_tokens_request(value: &Value) -> ApiResult<TextRequest> {
+    let input = value.get("input").ok_or_else(|| ApiError::validation("input is required"))?;
+    let obj = input
+        .as_object()
+        .filter(|o| o.len() == 1)
+        .ok_or_else(|| ApiError::validation("input must set exactly one of invokeModel and converse"))?;
+    match obj.iter().next() {
+        Some((k, v)) if k == "invokeModel" => {
+            let encoded =
+                v["body"].as_str().ok_or_else(|| ApiError::validation("input.invokeModel.body is required"))?;
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(encoded)
+                .map_err(|e| ApiError::validation(format!("input.invokeModel.body is not base64: {e}")))?;
+            Ok(native::text_request(&native::json_body(&bytes)?)?.1)
+        }
+        Some((k, v)) if k == "converse" => {
+            let body: ConverseBody = serde_json::from_value(v.clone())
+                .map_err(|e| ApiError::validation(format!("input.converse is malformed: {e}")))?;
+            converse::to_request(&body)
+        }
+        Some((k, _)) => {
+            Err(ApiError::validation(format!("input.{k} is not a CountTokens input; use invokeModel or converse")))
+        }
+        None => Err(ApiError::validation("input is empty")),
+    }
+}

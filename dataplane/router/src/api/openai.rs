@@ -1,0 +1,192 @@
+//! The OpenAI-compatible API: chat completions (whole or streamed as server-sent events),
+//! embeddings and the model list.
+
+use axum::Extension;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue};
+use axum::response::{IntoResponse, Response};
+use mantle_crds::Modality;
+use serde_json::{Value, json};
+use tracing::Instrument;
+
+use super::stream::{self, Frames};
+use super::{Caller, Shared, require_json};
+use crate::adapters::openai::{self, ChatCompletion};
+use crate::adapters::{StopReason, TextOutput};
+use crate::error::ApiError;
+use crate::guard::OutputVerdict;
+use crate::inference::{Ctx, Generation, Inference, Piece};
+
+fn fail(state: &Shared, api: &str, model: &str, error: ApiError) -> Response {
+    state.inference.metrics.requests.with_label_values(&[api, model, error.kind()]).inc();
+    error.into_openai()
+}
+
+fn json_body(body: &[u8]) -> Result<Value, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::validation(format!("the body is not valid JSON: {e}")))
+}
+
+pub async fn chat_completions(
+    State(state): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let api = "ChatCompletions";
+    let mut requested = String::new();
+    let result = async {
+        require_json(&headers, "content-type")?;
+        let completion = openai::chat_request(&json_body(&body)?)?;
+        requested = completion.model.clone();
+        let ctx = caller.ctx(api, &headers)?;
+        let model = state.inference.catalog.resolve(&completion.model)?.clone();
+        let span = Inference::span(&ctx, &model.model_id);
+        let ChatCompletion { model: name, stream, include_usage, request } = completion;
+        let needs_whole_reply = !request.tools.is_empty() || request.json_schema.is_some();
+        if !stream || needs_whole_reply {
+            let mut done = state.inference.complete(&ctx, &model, &request).instrument(span.clone()).await?;
+            if let OutputVerdict::Block(message) | OutputVerdict::Rewrite(message) =
+                state.inference.guards.check_output(&ctx, "", &done.output.text)
+            {
+                done.output.text = message;
+            }
+            if !stream {
+                let mut response =
+                    axum::Json(openai::chat_response(&ctx.request_id, &name, &done.output)).into_response();
+                if let Ok(v) = HeaderValue::from_str(&done.model_used) {
+                    response.headers_mut().insert("x-mantle-model-used", v);
+                }
+                return Ok(response);
+            }
+            let (frames, response) = stream::sse();
+            tokio::spawn(
+                async move {
+                    let id = ctx.request_id.clone();
+                    let output = done.output;
+                    let delta = match &output.tool_call {
+                        Some(call) => {
+                            json!({"role": "assistant", "tool_calls": [{"index": 0, "id": call.id, "type": "function",
+                            "function": {"name": call.name, "arguments": call.input.to_string()}}]})
+                        }
+                        None => json!({"role": "assistant", "content": output.text}),
+                    };
+                    let _ = frames.sse(&openai::chunk(&id, &name, delta, None).to_string()).await
+                        && finish_sse(&frames, &id, &name, &output, include_usage).await;
+                }
+                .instrument(span),
+            );
+            return Ok(response);
+        }
+        let generation = state.inference.generate(&ctx, &model, &request).instrument(span.clone()).await?;
+        let (frames, response) = stream::sse();
+        tokio::spawn(pump_sse(state.clone(), ctx, name, include_usage, generation, frames).instrument(span));
+        Ok::<_, ApiError>(response)
+    }
+    .await;
+    result.unwrap_or_else(|e| fail(&state, api, &requested, e))
+}
+
+async fn finish_sse(frames: &Frames, id: &str, model: &str, output: &TextOutput, include_usage: bool) -> bool {
+    frames.sse(&openai::chunk(id, model, json!({}), Some(output.stop_reason)).to_string()).await
+        && (!include_usage || frames.sse(&openai::usage_chunk(id, model, output).to_string()).await)
+        && frames.sse("[DONE]").await
+}
+
+async fn pump_sse(
+    state: Shared,
+    ctx: Ctx,
+    model: String,
+    include_usage: bool,
+    mut generation: Generation,
+    frames: Frames,
+) {
+    let id = ctx.request_id.clone();
+    if !frames.sse(&openai::chunk(&id, &model, json!({"role": "assistant", "content": ""}), None).to_string()).await {
+        return;
+    }
+    let mut so_far = String::new();
+    loop {
+        match generation.next().await {
+            Ok(Some(Piece::Text { text, .. })) => {
+                let (text, blocked) = match state.inference.guards.check_output(&ctx, &so_far, &text) {
+                    OutputVerdict::Pass => (text, false),
+                    OutputVerdict::Rewrite(t) => (t, false),
+                    OutputVerdict::Block(message) => (message, true),
+                };
+                so_far.push_str(&text);
+                if !frames.sse(&openai::chunk(&id, &model, json!({"content": text}), None).to_string()).await {
+                    return;
+                }
+                if blocked {
+                    let _ = frames
+                        .sse(&openai::chunk(&id, &model, json!({}), Some(StopReason::GuardrailIntervened)).to_string())
+                        .await
+                        && frames.sse("[DONE]").await;
+                    return;
+                }
+            }
+            Ok(Some(Piece::Done(output))) => {
+                finish_sse(&frames, &id, &model, &output, include_usage).await;
+                return;
+            }
+            Ok(None) => return,
+            Err(error) => {
+                state
+                    .inference
+                    .metrics
+                    .requests
+                    .with_label_values(&[ctx.api, &generation.requested, error.kind()])
+                    .inc();
+                let body =
+                    json!({"error": {"message": error.to_string(), "type": "server_error", "code": error.kind()}});
+                let _ = frames.sse(&body.to_string()).await;
+                return;
+            }
+        }
+    }
+}
+
+pub async fn embeddings(
+    State(state): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let api = "Embeddings";
+    let mut requested = String::new();
+    let result = async {
+        require_json(&headers, "content-type")?;
+        let req = openai::embeddings_request(&json_body(&body)?)?;
+        requested = req.model.clone();
+        let ctx = caller.ctx(api, &headers)?;
+        let model = state.inference.catalog.resolve(&req.model)?.clone();
+        let span = Inference::span(&ctx, &model.model_id);
+        let (vectors, tokens) = state.inference.embed(&ctx, &model, req.texts).instrument(span).await?;
+        Ok::<_, ApiError>(
+            axum::Json(openai::embeddings_response(&req.model, &vectors, req.base64, tokens)).into_response(),
+        )
+    }
+    .await;
+    result.unwrap_or_else(|e| fail(&state, api, &requested, e))
+}
+
+fn model_object(id: &str, provider: &str) -> Value {
+    json!({ "id": id, "object": "model", "created": 0, "owned_by": provider })
+}
+
+pub async fn list_models(State(state): State<Shared>) -> Response {
+    let data: Vec<Value> = state.inference.catalog.iter().map(|m| model_object(&m.model_id, &m.provider)).collect();
+    axum::Json(json!({ "object": "list", "data": data })).into_response()
+}
+
+pub async fn get_model(State(state): State<Shared>, Path(model_id): Path<String>) -> Response {
+    match state.inference.catalog.resolve(&model_id) {
+        Ok(m) => {
+            let mut body = model_object(&m.model_id, &m.provider);
+            body["mantle_modality"] = json!(if m.modality == Modality::Text { "TEXT" } else { "EMBEDDING" });
+            axum::Json(body).into_response()
+        }
+        Err(e) => e.into_openai(),
+    }
+}

@@ -1,0 +1,196 @@
+//! The router's one error type and how each API dialect renders it.
+//!
+//! Bedrock clients read the status code, the `x-amzn-ErrorType` header and `{"message"}`; OpenAI
+//! clients read `{"error": {"message", "type", "code"}}`. Every variant has a stable kind string —
+//! the Bedrock shape name — which is also the metric label.
+
+use std::time::Duration;
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    Validation(String),
+    #[error("{0}")]
+    AccessDenied(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{message}")]
+    ModelTimeout { message: String },
+    #[error("{message}")]
+    Throttling { message: String, retry_after: Duration },
+    #[error("{0}")]
+    ModelNotReady(String),
+    #[error("{message}")]
+    ModelError { message: String, original_status: u16 },
+    #[error("{0}")]
+    Internal(String),
+    #[error("{message}")]
+    Unavailable { message: String, retry_after: Duration },
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+}
+
+impl ApiError {
+    pub fn validation(message: impl Into<String>) -> Self {
+        ApiError::Validation(message.into())
+    }
+
+    /// The Bedrock error shape name: `x-amzn-ErrorType`, and the metric label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ApiError::Validation(_) | ApiError::PayloadTooLarge(_) | ApiError::UnsupportedMediaType(_) => {
+                "ValidationException"
+            }
+            ApiError::AccessDenied(_) => "AccessDeniedException",
+            ApiError::NotFound(_) => "ResourceNotFoundException",
+            ApiError::ModelTimeout { .. } => "ModelTimeoutException",
+            ApiError::Throttling { .. } => "ThrottlingException",
+            ApiError::ModelNotReady(_) => "ModelNotReadyException",
+            ApiError::ModelError { .. } => "ModelErrorException",
+            ApiError::Internal(_) => "InternalServerException",
+            ApiError::Unavailable { .. } => "ServiceUnavailableException",
+        }
+    }
+
+    /// The status code bedrock-runtime models for this exception.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::Validation(_) => StatusCode::BAD_REQUEST,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::AccessDenied(_) => StatusCode::FORBIDDEN,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::ModelTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+            ApiError::Throttling { .. } | ApiError::ModelNotReady(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::ModelError { .. } => StatusCode::FAILED_DEPENDENCY,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ApiError::Throttling { retry_after, .. } | ApiError::Unavailable { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        }
+    }
+
+    /// The event-stream exception member (lowerCamel) for errors that happen mid-stream.
+    pub fn stream_exception(&self) -> &'static str {
+        match self {
+            ApiError::Validation(_) | ApiError::PayloadTooLarge(_) | ApiError::UnsupportedMediaType(_) => {
+                "validationException"
+            }
+            ApiError::Throttling { .. } | ApiError::ModelNotReady(_) => "throttlingException",
+            ApiError::Unavailable { .. } => "serviceUnavailableException",
+            ApiError::ModelTimeout { .. } => "modelTimeoutException",
+            ApiError::ModelError { .. } => "modelStreamErrorException",
+            ApiError::AccessDenied(_) | ApiError::NotFound(_) | ApiError::Internal(_) => "internalServerException",
+        }
+    }
+
+    /// The JSON body of the Bedrock error (and of an event-stream exception frame).
+    pub fn bedrock_body(&self) -> serde_json::Value {
+        match self {
+            ApiError::ModelError { message, original_status } => {
+                serde_json::json!({ "message": message, "originalStatusCode": original_status, "originalMessage": message })
+            }
+            other => serde_json::json!({ "message": other.to_string() }),
+        }
+    }
+
+    /// Renders the error as Bedrock does.
+    pub fn into_bedrock(self) -> Response {
+        let mut response = (self.status(), axum::Json(self.bedrock_body())).into_response();
+        let headers = response.headers_mut();
+        headers.insert("x-amzn-ErrorType", HeaderValue::from_static(self.kind()));
+        self.add_retry_headers(headers);
+        response
+    }
+
+    /// Renders the error as the OpenAI API does.
+    pub fn into_openai(self) -> Response {
+        let (kind, code) = match &self {
+            ApiError::Validation(_) | ApiError::PayloadTooLarge(_) | ApiError::UnsupportedMediaType(_) => {
+                ("invalid_request_error", serde_json::Value::Null)
+            }
+            ApiError::AccessDenied(_) => ("authentication_error", "invalid_api_key".into()),
+            ApiError::NotFound(_) => ("invalid_request_error", "model_not_found".into()),
+            ApiError::Throttling { .. } | ApiError::ModelNotReady(_) => {
+                ("rate_limit_exceeded", "rate_limit_exceeded".into())
+            }
+            ApiError::ModelTimeout { .. } => ("timeout", "timeout".into()),
+            _ => ("server_error", serde_json::Value::Null),
+        };
+        let body = serde_json::json!({
+            "error": { "message": self.to_string(), "type": kind, "param": null, "code": code }
+        });
+        let status = match self.status() {
+            // OpenAI answers an unknown key with 401.
+            StatusCode::FORBIDDEN => StatusCode::UNAUTHORIZED,
+            other => other,
+        };
+        let mut response = (status, axum::Json(body)).into_response();
+        self.add_retry_headers(response.headers_mut());
+        response
+    }
+
+    fn add_retry_headers(&self, headers: &mut axum::http::HeaderMap) {
+        if let Some(after) = self.retry_after() {
+            let secs = after.as_secs_f64().ceil().max(1.0) as u64;
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        self.into_bedrock()
+    }
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;
+
+/// Maps a runner's gRPC status to the error a client sees.
+pub fn from_status(status: &tonic::Status) -> ApiError {
+    use tonic::Code;
+    let message = status.message().to_string();
+    match status.code() {
+        Code::InvalidArgument | Code::OutOfRange => ApiError::Validation(message),
+        Code::DeadlineExceeded => ApiError::ModelTimeout { message },
+        Code::ResourceExhausted => ApiError::Throttling { message, retry_after: Duration::from_secs(1) },
+        Code::Unavailable => ApiError::Unavailable { message, retry_after: Duration::from_secs(1) },
+        Code::FailedPrecondition => ApiError::ModelNotReady(message),
+        Code::Cancelled => ApiError::ModelError { message, original_status: 499 },
+        _ => ApiError::ModelError { message, original_status: 500 },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bedrock_errors_carry_the_shape_name_and_status() {
+        let r = ApiError::NotFound("no model x".into()).into_bedrock();
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+        assert_eq!(r.headers()["x-amzn-ErrorType"], "ResourceNotFoundException");
+        let r = ApiError::Throttling { message: "slow down".into(), retry_after: Duration::from_millis(1500) }
+            .into_bedrock();
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "2");
+    }
+
+    #[test]
+    fn grpc_statuses_map_to_bedrock_exceptions() {
+        assert_eq!(from_status(&tonic::Status::invalid_argument("x")).kind(), "ValidationException");
+        assert_eq!(from_status(&tonic::Status::deadline_exceeded("x")).kind(), "ModelTimeoutException");
+        assert_eq!(from_status(&tonic::Status::unavailable("x")).kind(), "ServiceUnavailableException");
+        assert_eq!(from_status(&tonic::Status::internal("x")).kind(), "ModelErrorException");
+    }
+}

@@ -1,0 +1,802 @@
+//! The request path every API shares:
+//!
+//! ```text
+//! resolve model ─► end-of-life check ─► tenant token bucket ─┬► model queue (lane, priority, DRR) ─┐
+//!                                                             └► input guard (concurrently) ───────┴► placement ─► runner
+//! runner stream ─► output guard (per delta) ─► dialect adapter ─► client;   on finish: metrics + metering
+//! ```
+//!
+//! Failures that the model's fallback chain covers move the request to the next model before
+//! anything has been sent to the client.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use mantle_admission::{LoadState as Load, ModelQueue, Permit, Priority, QueueConfig, RateLimiter, Rejected};
+use mantle_crds::{FallbackTrigger, Modality};
+use mantle_proto::{GenerateResponse, LoadState, generate_response};
+use tokio_stream::StreamExt;
+use tracing::Instrument;
+
+use crate::adapters::{self, DEFAULT_MAX_TOKENS, StopReason, TextOutput, TextRequest, Usage, structured};
+use crate::catalog::{Catalog, ModelEntry};
+use crate::error::{ApiError, from_status};
+use crate::guard::Guards;
+use crate::metering::{Meter, MeteringRecord};
+use crate::metrics::Metrics;
+use crate::placement::{self, RequestFacts};
+use crate::runners::{InFlight, RunnerHandle, Runners};
+use crate::tenants::Tenant;
+
+/// Bytes of prompt text hashed for prefix affinity (about 128 tokens).
+const PREFIX_BYTES: usize = 512;
+
+/// One request's identity and constraints, shared by every stage.
+#[derive(Clone, Debug)]
+pub struct Ctx {
+    pub request_id: String,
+    pub tenant: Tenant,
+    pub api: &'static str,
+    pub priority: Priority,
+    /// When the client stops caring (`x-amz-bedrock-deadline-ms`).
+    pub deadline: Option<Instant>,
+    pub received: Instant,
+}
+
+impl Ctx {
+    fn deadline_unix_ms(&self) -> u64 {
+        let Some(deadline) = self.deadline else { return 0 };
+        let left = deadline.saturating_duration_since(Instant::now());
+        (SystemTime::now() + left).duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    }
+}
+
+/// Router-wide settings of the request path.
+#[derive(Clone, Debug)]
+pub struct PathConfig {
+    pub region: String,
+    /// Concurrent requests the router sends one healthy runner.
+    pub slots_per_runner: usize,
+    /// Cells a tenant is shuffle-sharded over (0: all).
+    pub shard_size: usize,
+    pub queue: QueueConfig,
+}
+
+impl Default for PathConfig {
+    fn default() -> Self {
+        PathConfig { region: "us-east-1".into(), slots_per_runner: 16, shard_size: 2, queue: QueueConfig::default() }
+    }
+}
+
+pub struct Inference {
+    pub catalog: Catalog,
+    pub runners: Runners,
+    pub metrics: Metrics,
+    pub meter: Meter,
+    pub guards: Guards,
+    pub config: PathConfig,
+    queues: HashMap<String, ModelQueue>,
+    limiter: std::sync::Mutex<RateLimiter>,
+    /// Provisioned model units by (tenant, model id).
+    provisioned: HashMap<(String, String), f64>,
+    next_id: AtomicU64,
+    /// Randomness for power-of-two choices.
+    rng: std::sync::Mutex<rand::rngs::StdRng>,
+}
+
+fn load_of(state: LoadState) -> Load {
+    match state {
+        LoadState::Healthy => Load::Healthy,
+        LoadState::Degraded => Load::Degraded,
+        LoadState::Throttle => Load::Throttle,
+        LoadState::Critical | LoadState::Unspecified => Load::Critical,
+    }
+}
+
+fn proto_priority(p: Priority) -> mantle_proto::Priority {
+    match p {
+        Priority::Critical => mantle_proto::Priority::Critical,
+        Priority::High => mantle_proto::Priority::High,
+        Priority::Normal => mantle_proto::Priority::Normal,
+        Priority::Low => mantle_proto::Priority::Low,
+    }
+}
+
+impl Inference {
+    pub fn new(
+        catalog: Catalog,
+        runners: Runners,
+        provisioned: HashMap<(String, String), f64>,
+        metrics: Metrics,
+        meter: Meter,
+        config: PathConfig,
+    ) -> Arc<Self> {
+        let queues = catalog.iter().map(|m| (m.model_id.clone(), ModelQueue::new(config.queue.clone()))).collect();
+        let inference = Arc::new(Inference {
+            catalog,
+            runners,
+            metrics,
+            meter,
+            guards: Guards::default(),
+            config,
+            queues,
+            limiter: std::sync::Mutex::new(RateLimiter::new()),
+            provisioned,
+            next_id: AtomicU64::new(1),
+            rng: std::sync::Mutex::new(rand::SeedableRng::seed_from_u64(
+                SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+                    ^ std::process::id() as u64,
+            )),
+        });
+        tokio::spawn(capacity_loop(Arc::downgrade(&inference)));
+        inference
+    }
+
+    /// The model's load as admission sees it: the best state among its ready runners.
+    fn model_load(&self, model_id: &str) -> Load {
+        self.runners
+            .for_model(model_id)
+            .iter()
+            .filter_map(|r| {
+                let (state, ready) = r.state();
+                ready.then(|| load_of(state))
+            })
+            .min()
+            .unwrap_or(Load::Critical)
+    }
+
+    /// Updates each model queue's capacity from its runners' readiness and health.
+    fn refresh_capacity(&self) {
+        for (model_id, queue) in &self.queues {
+            let mut slots = 0;
+            let mut ready = 0;
+            for r in self.runners.for_model(model_id) {
+                let (state, is_ready) = r.state();
+                if is_ready {
+                    ready += 1;
+                    slots += match state {
+                        LoadState::Throttle => self.config.slots_per_runner.div_ceil(2),
+                        _ => self.config.slots_per_runner,
+                    };
+                }
+            }
+            queue.set_capacity(slots);
+            self.metrics.runners_ready.with_label_values(&[model_id.as_str()]).set(ready);
+            for lane in queue.snapshot().lanes {
+                self.metrics
+                    .queue_depth
+                    .with_label_values(&[model_id.as_str(), lane.lane.name()])
+                    .set(lane.queued as i64);
+            }
+        }
+    }
+
+    fn reject(&self, model: &ModelEntry, reason: &str) {
+        self.metrics.rejected.with_label_values(&[model.model_id.as_str(), reason]).inc();
+    }
+
+    /// Rate limit, queue and input guard: a permit to send one request to one of the model's
+    /// runners.
+    async fn admit(
+        &self,
+        ctx: &Ctx,
+        model: &ModelEntry,
+        input_tokens: u64,
+        output_tokens: u64,
+        prompt: &str,
+    ) -> Result<Admission, ApiError> {
+        model.check_serving(SystemTime::now())?;
+        let queue = self.queues.get(&model.model_id).ok_or_else(|| ApiError::NotFound(model.model_id.clone()))?;
+        let weight = self.provisioned.get(&(ctx.tenant.name.clone(), model.model_id.clone())).copied().unwrap_or(1.0);
+        let limits = ctx.tenant.limits(weight);
+        let load = self.model_load(&model.model_id);
+        let tokens = input_tokens + output_tokens;
+        let limited = self.limiter.lock().unwrap_or_else(|e| e.into_inner()).check(
+            &ctx.tenant.name,
+            &limits,
+            tokens,
+            load,
+            Instant::now(),
+        );
+        if let Err(throttled) = limited {
+            self.reject(model, "rate_limit");
+            return Err(ApiError::Throttling {
+                message: format!(
+                    "Too many tokens: tenant {} is over its limit of {} tokens a minute on {}. Retry after {:.1}s.",
+                    ctx.tenant.name,
+                    limits.tokens_per_minute,
+                    model.model_id,
+                    throttled.retry_after.as_secs_f64()
+                ),
+                retry_after: throttled.retry_after,
+            });
+        }
+        let request = mantle_admission::Request {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            tenant: ctx.tenant.name.clone(),
+            priority: ctx.priority,
+            input_tokens,
+            max_output_tokens: output_tokens,
+            deadline: ctx.deadline,
+            weight,
+        };
+        let queued = Instant::now();
+        let (permit, guard) = tokio::join!(queue.acquire(request), self.guards.check_input(ctx, prompt));
+        let permit = permit.map_err(|rejected| {
+            let (reason, error) = self.rejection(model, rejected);
+            self.reject(model, reason);
+            error
+        })?;
+        guard?;
+        let wait = queued.elapsed();
+        self.metrics
+            .queue_wait
+            .with_label_values(&[model.model_id.as_str(), permit.lane().name()])
+            .observe(wait.as_secs_f64());
+        Ok(Admission { permit, queue_wait: wait })
+    }
+
+    fn rejection(&self, model: &ModelEntry, rejected: Rejected) -> (&'static str, ApiError) {
+        let id = &model.model_id;
+        match rejected {
+            Rejected::Throttled { retry_after } => (
+                "queue_full",
+                ApiError::Throttling {
+                    message: format!(
+                        "{id} is at capacity and its queue is full. Retry after {:.1}s.",
+                        retry_after.as_secs_f64()
+                    ),
+                    retry_after,
+                },
+            ),
+            Rejected::Unavailable { retry_after } => (
+                "unavailable",
+                ApiError::Unavailable { message: format!("{id} has no ready runner right now."), retry_after },
+            ),
+            Rejected::DeadlineUnmeetable { estimated_wait } => (
+                "deadline",
+                ApiError::ModelTimeout {
+                    message: format!(
+                        "The request's deadline cannot be met: the estimated queue wait for {id} is {:.0} ms.",
+                        estimated_wait.as_secs_f64() * 1000.0
+                    ),
+                },
+            ),
+            Rejected::DeadlineExpired => (
+                "deadline",
+                ApiError::ModelTimeout { message: format!("The request's deadline passed while it waited for {id}.") },
+            ),
+        }
+    }
+
+    /// Picks a runner for the request.
+    fn place(&self, ctx: &Ctx, model: &ModelEntry, prompt: &str) -> Result<Arc<RunnerHandle>, ApiError> {
+        let runners = self.runners.for_model(&model.model_id);
+        let views: Vec<_> = runners.iter().map(|r| r.view()).collect();
+        let facts = RequestFacts {
+            tenant: &ctx.tenant.name,
+            prefix: placement::prefix_key(prompt, PREFIX_BYTES),
+            shard_size: self.config.shard_size,
+        };
+        let chosen = placement::choose(&views, &facts, &mut *self.rng.lock().unwrap_or_else(|e| e.into_inner()));
+        chosen.map(|i| runners[i].clone()).ok_or_else(|| ApiError::Unavailable {
+            message: format!("{} has no ready runner right now.", model.model_id),
+            retry_after: Duration::from_secs(1),
+        })
+    }
+
+    /// The model and its fallbacks, in order, each with the failures that lead to it.
+    fn chain<'a>(&'a self, model: &'a ModelEntry) -> Vec<(&'a ModelEntry, Option<FallbackTrigger>)> {
+        let mut chain = vec![(model, None)];
+        for (id, on) in &model.fallbacks {
+            if let Some(m) = self.catalog.get(id).filter(|m| m.modality == model.modality) {
+                chain.push((m, Some(*on)));
+            }
+        }
+        chain
+    }
+
+    /// Runs `attempt` on the model, then down its fallback chain while the failure matches.
+    async fn with_fallbacks<'a, T, F, Fut>(&'a self, model: &'a ModelEntry, mut attempt: F) -> Result<T, ApiError>
+    where
+        F: FnMut(&'a ModelEntry) -> Fut,
+        Fut: Future<Output = Result<T, ApiError>>,
+    {
+        let chain = self.chain(model);
+        let mut last = None;
+        for (i, (m, trigger)) in chain.iter().enumerate() {
+            if let (Some(trigger), Some(error)) = (trigger, &last)
+                && !matches_trigger(*trigger, error)
+            {
+                break;
+            }
+            match attempt(m).await {
+                Ok(value) => {
+                    if i > 0 {
+                        self.metrics.fallbacks.with_label_values(&[model.model_id.as_str(), m.model_id.as_str()]).inc();
+                        tracing::info!(model = %model.model_id, fallback = %m.model_id, "served by a fallback model");
+                    }
+                    return Ok(value);
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| ApiError::Internal("empty fallback chain".into())))
+    }
+
+    /// Starts a generation; the first event (the runner accepting the prompt) has arrived when
+    /// this returns, so errors before it are ordinary error responses.
+    pub async fn generate(&self, ctx: &Ctx, model: &ModelEntry, req: &TextRequest) -> Result<Generation, ApiError> {
+        if model.modality != Modality::Text {
+            return Err(ApiError::validation(format!(
+                "{} is an embedding model; it does not generate text.",
+                model.model_id
+            )));
+        }
+        self.with_fallbacks(model, |m| self.generate_on(ctx, model, m, req)).await
+    }
+
+    async fn generate_on(
+        &self,
+        ctx: &Ctx,
+        requested: &ModelEntry,
+        model: &ModelEntry,
+        req: &TextRequest,
+    ) -> Result<Generation, ApiError> {
+        let prompt = req.prompt_text();
+        let output_tokens = req.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS) as u64;
+        let admission = self.admit(ctx, model, req.estimated_input_tokens(), output_tokens, &prompt).await?;
+        let runner = self.place(ctx, model, &prompt)?;
+        let in_flight = runner.begin();
+        let dispatched = Instant::now();
+        let request = mantle_proto::GenerateRequest {
+            request_id: ctx.request_id.clone(),
+            messages: req.messages.clone(),
+            prompt: req.prompt.clone().unwrap_or_default(),
+            max_tokens: req.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
+            clamp_max_tokens: req.max_tokens.is_none(),
+            temperature: req.temperature,
+            top_p: req.top_p,
+            top_k: req.top_k,
+            seed: req.seed,
+            stop_sequences: req.stop_sequences.clone(),
+            priority: proto_priority(ctx.priority) as i32,
+            deadline_unix_ms: ctx.deadline_unix_ms(),
+            logprobs: false,
+        };
+        let mut client = runner.client.clone();
+        let mut grpc = tonic::Request::new(request);
+        if let Ok(id) = ctx.request_id.parse() {
+            grpc.metadata_mut().insert("x-request-id", id);
+        }
+        let mut stream = client.generate(grpc).await.map_err(|s| from_status(&s))?.into_inner();
+        let first = stream
+            .next()
+            .await
+            .ok_or_else(|| ApiError::ModelError {
+                message: "the runner closed the stream".into(),
+                original_status: 502,
+            })?
+            .map_err(|s| from_status(&s))?;
+        let (input_tokens, max_tokens, pending) = match first.event {
+            Some(generate_response::Event::Started(s)) => (s.input_tokens, s.max_tokens, None),
+            // A runner that predates `Started`: keep the event.
+            _ => (0, 0, Some(first)),
+        };
+        Ok(Generation {
+            requested: requested.model_id.clone(),
+            model: model.clone(),
+            input_tokens,
+            max_tokens,
+            ctx: ctx.clone(),
+            stream,
+            pending,
+            permit: Some(admission.permit),
+            in_flight: Some(in_flight),
+            queue_wait: admission.queue_wait,
+            dispatched,
+            first_token: None,
+            last_token: None,
+            generated: 0,
+            text: String::new(),
+            done: false,
+            metrics: self.metrics.clone(),
+            meter: self.meter.clone(),
+        })
+    }
+
+    /// Runs a request to the end, with what the router adds around generation: the output guard,
+    /// tool-call recognition and structured-output validation with retries.
+    pub async fn complete(&self, ctx: &Ctx, model: &ModelEntry, req: &TextRequest) -> Result<Completed, ApiError> {
+        let validator = req.json_schema.as_ref().map(structured::compile).transpose()?;
+        let mut req = req.clone();
+        let mut usage = Usage::default();
+        let attempts = if validator.is_some() { structured::ATTEMPTS } else { 1 };
+        for attempt in 1..=attempts {
+            let generation = self.generate(ctx, model, &req).await?;
+            let model_used = generation.model.model_id.clone();
+            let mut output = generation.collect().await?;
+            usage.input_tokens += output.usage.input_tokens;
+            usage.output_tokens += output.usage.output_tokens;
+            usage.cached_tokens += output.usage.cached_tokens;
+            output.usage = usage;
+            if !req.tools.is_empty()
+                && let Some(call) = adapters::parse_tool_call(&output.text, &req.tools)
+            {
+                output.tool_call = Some(call);
+                output.stop_reason = StopReason::ToolUse;
+            }
+            let Some(validator) = &validator else { return Ok(Completed { output, model_used }) };
+            match structured::check(validator, &output.text) {
+                Ok(value) => {
+                    output.text = value.to_string();
+                    return Ok(Completed { output, model_used });
+                }
+                Err(reason) if attempt < attempts => {
+                    tracing::debug!(attempt, %reason, "structured output did not validate; retrying");
+                    req.messages.push(mantle_proto::ChatMessage { role: "assistant".into(), content: output.text });
+                    req.messages.push(mantle_proto::ChatMessage {
+                        role: "user".into(),
+                        content: structured::retry_prompt(&reason),
+                    });
+                    req.seed = req.seed.wrapping_add(1);
+                }
+                Err(reason) => {
+                    tracing::info!(%reason, "structured output never validated");
+                    output.stop_reason = StopReason::MalformedModelOutput;
+                    return Ok(Completed { output, model_used });
+                }
+            }
+        }
+        Err(ApiError::Internal("no generation attempt ran".into()))
+    }
+
+    /// Embeds texts on one of the model's runners.
+    pub async fn embed(
+        &self,
+        ctx: &Ctx,
+        model: &ModelEntry,
+        texts: Vec<String>,
+    ) -> Result<(Vec<Vec<f32>>, u32), ApiError> {
+        if model.modality != Modality::Embedding {
+            return Err(ApiError::validation(format!(
+                "{} is a text model; it does not produce embeddings.",
+                model.model_id
+            )));
+        }
+        let estimate = texts.iter().map(|t| (t.len() as u64).div_ceil(4)).sum::<u64>().max(1);
+        let started = Instant::now();
+        let result = self
+            .with_fallbacks(model, |m| {
+                let texts = texts.clone();
+                async move {
+                    let admission = self.admit(ctx, m, estimate, 0, "").await?;
+                    let runner = self.place(ctx, m, "")?;
+                    let _in_flight = runner.begin();
+                    let mut client = runner.client.clone();
+                    let reply = client
+                        .embed(mantle_proto::EmbedRequest { request_id: ctx.request_id.clone(), texts })
+                        .await
+                        .map_err(|s| from_status(&s))?
+                        .into_inner();
+                    admission.permit.complete(reply.input_tokens as u64);
+                    Ok((m, reply))
+                }
+            })
+            .await;
+        let (used, reply) = result?;
+        let vectors: Vec<Vec<f32>> = reply.embeddings.into_iter().map(|e| e.values).collect();
+        let total = started.elapsed();
+        self.metrics.tokens.with_label_values(&[used.model_id.as_str(), "input"]).inc_by(reply.input_tokens as u64);
+        self.count_outcome(ctx, model, "ok");
+        self.meter.record(MeteringRecord {
+            request_id: ctx.request_id.clone(),
+            timestamp: unix_seconds(),
+            tenant: ctx.tenant.name.clone(),
+            api: ctx.api,
+            model: model.model_id.clone(),
+            model_used: used.model_id.clone(),
+            input_tokens: reply.input_tokens,
+            output_tokens: 0,
+            cached_tokens: 0,
+            queue_ms: 0.0,
+            prefill_ms: total.as_secs_f64() * 1000.0,
+            decode_ms: 0.0,
+            total_ms: ctx.received.elapsed().as_secs_f64() * 1000.0,
+            cost: used.cost(reply.input_tokens, 0),
+            outcome: "ok".into(),
+        });
+        Ok((vectors, reply.input_tokens))
+    }
+
+    /// Counts a conversation's or prompt's tokens with the model's own tokenizer and template.
+    pub async fn count_tokens(&self, model: &ModelEntry, req: &TextRequest) -> Result<u32, ApiError> {
+        let runner =
+            self.runners.for_model(&model.model_id).iter().find(|r| r.state().1).cloned().ok_or_else(|| {
+                ApiError::Unavailable {
+                    message: format!("{} has no ready runner right now.", model.model_id),
+                    retry_after: Duration::from_secs(1),
+                }
+            })?;
+        let mut client = runner.client.clone();
+        let reply = client
+            .count_tokens(mantle_proto::CountTokensRequest {
+                messages: req.messages.clone(),
+                prompt: req.prompt.clone().unwrap_or_default(),
+            })
+            .await
+            .map_err(|s| from_status(&s))?;
+        Ok(reply.into_inner().input_tokens)
+    }
+
+    pub fn count_outcome(&self, ctx: &Ctx, model: &ModelEntry, outcome: &str) {
+        self.metrics.requests.with_label_values(&[ctx.api, model.model_id.as_str(), outcome]).inc();
+        self.metrics
+            .request_duration
+            .with_label_values(&[ctx.api, model.model_id.as_str()])
+            .observe(ctx.received.elapsed().as_secs_f64());
+    }
+
+    /// A span for one request, carrying its id (and sent to the runner as `x-request-id`).
+    pub fn span(ctx: &Ctx, model: &str) -> tracing::Span {
+        tracing::info_span!("request", request_id = %ctx.request_id, tenant = %ctx.tenant.name, api = ctx.api, model = %model)
+    }
+
+    /// Runs `fut` inside the request's span.
+    pub async fn in_span<T>(ctx: &Ctx, model: &str, fut: impl Future<Output = T>) -> T {
+        fut.instrument(Self::span(ctx, model)).await
+    }
+}
+
+fn matches_trigger(trigger: FallbackTrigger, error: &ApiError) -> bool {
+    match trigger {
+        FallbackTrigger::Throttled => matches!(error, ApiError::Throttling { .. }),
+        FallbackTrigger::Unavailable => {
+            matches!(error, ApiError::Unavailable { .. } | ApiError::ModelNotReady(_) | ApiError::ModelError { .. })
+        }
+        FallbackTrigger::AnyError => !matches!(
+            error,
+            ApiError::Validation(_)
+                | ApiError::AccessDenied(_)
+                | ApiError::NotFound(_)
+                | ApiError::PayloadTooLarge(_)
+                | ApiError::UnsupportedMediaType(_)
+        ),
+    }
+}
+
+fn unix_seconds() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}
+
+async fn capacity_loop(inference: std::sync::Weak<Inference>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tick.tick().await;
+        let Some(inference) = inference.upgrade() else { return };
+        inference.refresh_capacity();
+    }
+}
+
+struct Admission {
+    permit: Permit,
+    queue_wait: Duration,
+}
+
+/// A finished request with the model that answered it.
+pub struct Completed {
+    pub output: TextOutput,
+    pub model_used: String,
+}
+
+/// What a generation yields.
+#[derive(Debug)]
+pub enum Piece {
+    Text { text: String, tokens: u32 },
+    Done(TextOutput),
+}
+
+/// A running generation on one runner. Dropping it cancels the runner's stream (the runner frees
+/// the sequence's KV blocks) and records the request as cancelled.
+pub struct Generation {
+    pub requested: String,
+    pub model: ModelEntry,
+    /// Prompt tokens, and the output tokens the runner allows.
+    pub input_tokens: u32,
+    pub max_tokens: u32,
+    ctx: Ctx,
+    stream: tonic::Streaming<GenerateResponse>,
+    pending: Option<GenerateResponse>,
+    permit: Option<Permit>,
+    in_flight: Option<InFlight>,
+    queue_wait: Duration,
+    dispatched: Instant,
+    first_token: Option<Instant>,
+    last_token: Option<Instant>,
+    generated: u32,
+    text: String,
+    done: bool,
+    metrics: Metrics,
+    meter: Meter,
+}
+
+impl Generation {
+    /// The next piece: text, then exactly one `Done`, then `None`.
+    pub async fn next(&mut self) -> Result<Option<Piece>, ApiError> {
+        loop {
+            if self.done {
+                return Ok(None);
+            }
+            let message = match self.pending.take() {
+                Some(m) => m,
+                None => match self.stream.next().await {
+                    Some(Ok(m)) => m,
+                    Some(Err(status)) => {
+                        let error = from_status(&status);
+                        self.finish(&Usage::default(), error.kind());
+                        return Err(error);
+                    }
+                    None => {
+                        let error = ApiError::ModelError {
+                            message: "the runner ended the stream without finishing".into(),
+                            original_status: 502,
+                        };
+                        self.finish(&Usage::default(), error.kind());
+                        return Err(error);
+                    }
+                },
+            };
+            match message.event {
+                Some(generate_response::Event::Token(t)) => {
+                    let now = Instant::now();
+                    let model = self.model.model_id.as_str();
+                    match self.last_token {
+                        Some(last) => self
+                            .metrics
+                            .inter_token_latency
+                            .with_label_values(&[model])
+                            .observe((now - last).as_secs_f64()),
+                        None => {
+                            self.first_token = Some(now);
+                            self.metrics
+                                .time_to_first_token
+                                .with_label_values(&[model])
+                                .observe((now - self.ctx.received).as_secs_f64());
+                        }
+                    }
+                    self.last_token = Some(now);
+                    let tokens = t.token_ids.len().max(1) as u32;
+                    self.generated += tokens;
+                    self.text.push_str(&t.text);
+                    return Ok(Some(Piece::Text { text: t.text, tokens }));
+                }
+                Some(generate_response::Event::Finished(f)) => {
+                    let usage = f.usage.unwrap_or_default();
+                    let usage = Usage {
+                        input_tokens: usage.input_tokens,
+                        output_tokens: usage.output_tokens,
+                        cached_tokens: usage.cached_prompt_tokens,
+                    };
+                    let stop_reason = match f.reason() {
+                        mantle_proto::FinishReason::MaxTokens => StopReason::MaxTokens,
+                        mantle_proto::FinishReason::StopSequence => StopReason::StopSequence,
+                        _ => StopReason::EndTurn,
+                    };
+                    let output = TextOutput {
+                        text: std::mem::take(&mut self.text),
+                        tool_call: None,
+                        stop_reason,
+                        stop_sequence: (!f.stop_sequence.is_empty()).then_some(f.stop_sequence),
+                        usage,
+                    };
+                    self.finish(&usage, stop_reason.converse());
+                    return Ok(Some(Piece::Done(output)));
+                }
+                Some(generate_response::Event::Started(_)) | None => continue,
+            }
+        }
+    }
+
+    /// Reads to the end.
+    pub async fn collect(mut self) -> Result<TextOutput, ApiError> {
+        while let Some(piece) = self.next().await? {
+            if let Piece::Done(output) = piece {
+                return Ok(output);
+            }
+        }
+        Err(ApiError::Internal("the generation ended twice".into()))
+    }
+
+    /// Time from the request's arrival to its first token, in milliseconds.
+    pub fn first_byte_ms(&self) -> u64 {
+        self.first_token.map_or(0, |t| (t - self.ctx.received).as_millis() as u64)
+    }
+
+    fn finish(&mut self, usage: &Usage, outcome: &str) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        let now = Instant::now();
+        let model = self.model.model_id.as_str();
+        let output_tokens = if usage.output_tokens > 0 { usage.output_tokens } else { self.generated };
+        let input_tokens = if usage.input_tokens > 0 { usage.input_tokens } else { self.input_tokens };
+        if let Some(permit) = self.permit.take() {
+            permit.complete((input_tokens + output_tokens) as u64);
+        }
+        self.in_flight.take();
+        let prefill = self.first_token.unwrap_or(now) - self.dispatched;
+        let decode = self.first_token.map_or(Duration::ZERO, |t| now - t);
+        if output_tokens > 1 && decode > Duration::ZERO {
+            self.metrics
+                .tokens_per_second
+                .with_label_values(&[model])
+                .observe((output_tokens - 1) as f64 / decode.as_secs_f64());
+        }
+        self.metrics.tokens.with_label_values(&[model, "input"]).inc_by(input_tokens as u64);
+        self.metrics.tokens.with_label_values(&[model, "output"]).inc_by(output_tokens as u64);
+        self.metrics.tokens.with_label_values(&[model, "cached"]).inc_by(usage.cached_tokens as u64);
+        self.metrics.finish_reasons.with_label_values(&[model, outcome]).inc();
+        // Errors are counted where they are answered (the handler, or the stream's exception).
+        let requested = self.requested.as_str();
+        let result = match outcome {
+            "end_turn" | "max_tokens" | "stop_sequence" => Some("ok"),
+            "cancelled" => Some("cancelled"),
+            _ => None,
+        };
+        if let Some(result) = result {
+            self.metrics.requests.with_label_values(&[self.ctx.api, requested, result]).inc();
+            self.metrics
+                .request_duration
+                .with_label_values(&[self.ctx.api, requested])
+                .observe(self.ctx.received.elapsed().as_secs_f64());
+        }
+        self.meter.record(MeteringRecord {
+            request_id: self.ctx.request_id.clone(),
+            timestamp: unix_seconds(),
+            tenant: self.ctx.tenant.name.clone(),
+            api: self.ctx.api,
+            model: self.requested.clone(),
+            model_used: self.model.model_id.clone(),
+            input_tokens,
+            output_tokens,
+            cached_tokens: usage.cached_tokens,
+            queue_ms: self.queue_wait.as_secs_f64() * 1000.0,
+            prefill_ms: prefill.as_secs_f64() * 1000.0,
+            decode_ms: decode.as_secs_f64() * 1000.0,
+            total_ms: self.ctx.received.elapsed().as_secs_f64() * 1000.0,
+            cost: self.model.cost(input_tokens, output_tokens),
+            outcome: outcome.into(),
+        });
+    }
+}
+
+impl Drop for Generation {
+    fn drop(&mut self) {
+        if !self.done {
+            tracing::info!(request_id = %self.ctx.request_id, "client went away; generation cancelled");
+            self.finish(&Usage::default(), "cancelled");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fallback_triggers_match_the_failures_they_name() {
+        let throttled = ApiError::Throttling { message: String::new(), retry_after: Duration::ZERO };
+        let unavailable = ApiError::Unavailable { message: String::new(), retry_after: Duration::ZERO };
+        let timeout = ApiError::ModelTimeout { message: String::new() };
+        let invalid = ApiError::validation("x");
+        assert!(matches_trigger(FallbackTrigger::Throttled, &throttled));
+        assert!(!matches_trigger(FallbackTrigger::Throttled, &unavailable));
+        assert!(matches_trigger(FallbackTrigger::Unavailable, &unavailable));
+        assert!(!matches_trigger(FallbackTrigger::Unavailable, &timeout));
+        assert!(matches_trigger(FallbackTrigger::AnyError, &timeout));
+        assert!(!matches_trigger(FallbackTrigger::AnyError, &invalid), "a bad request fails everywhere");
+    }
+}

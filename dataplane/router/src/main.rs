@@ -1,0 +1,71 @@
+//! `mantle-router`: the inference API in front of the model runners.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use mantle_router::inference::PathConfig;
+use mantle_router::{AuthConfig, Platform, RouterConfig};
+
+#[derive(Parser)]
+#[command(name = "mantle-router", version, about = "Mantle's Bedrock- and OpenAI-compatible inference API")]
+struct Args {
+    /// HTTP listen address of the API.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    listen: SocketAddr,
+    /// A separate listener for /metrics.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+    /// The most bytes a request body may have.
+    #[arg(long, default_value_t = 10 << 20)]
+    max_request_bytes: usize,
+    /// The keys file mapping SigV4 access keys and API keys to tenants (in a cluster: the
+    /// mounted `keys.yaml` of the router's Secret).
+    #[arg(long, conflicts_with = "no_auth", required_unless_present = "no_auth")]
+    auth_file: Option<PathBuf>,
+    /// Accept every request without authentication (trusted networks only).
+    #[arg(long)]
+    no_auth: bool,
+    /// A directory of Mantle manifests: the FoundationModels served and ProvisionedThroughputs.
+    #[arg(long)]
+    manifests: PathBuf,
+    /// The runners: `runners: [{model, address, pool?, cell?}]`.
+    #[arg(long)]
+    runners: PathBuf,
+    /// Append one JSON line per request here.
+    #[arg(long)]
+    metering: Option<PathBuf>,
+    /// The region in ARNs.
+    #[arg(long, default_value = "us-east-1")]
+    region: String,
+    /// Concurrent requests sent to one healthy runner.
+    #[arg(long, default_value_t = 16)]
+    slots_per_runner: usize,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    let args = Args::parse();
+    let mut platform = Platform::from_manifest_dir(&args.manifests)?;
+    platform.runners = mantle_router::runners::read_runners_file(&args.runners)?;
+    let config = RouterConfig {
+        listen: args.listen,
+        metrics_listen: args.metrics_listen,
+        max_request_bytes: args.max_request_bytes,
+        auth: match args.auth_file {
+            Some(path) => AuthConfig::File(path),
+            None => AuthConfig::Off,
+        },
+        metering: args.metering,
+        path: PathConfig { region: args.region, slots_per_runner: args.slots_per_runner, ..PathConfig::default() },
+    };
+    let router = mantle_router::start(config, platform).await.context("starting the router")?;
+    tokio::signal::ctrl_c().await?;
+    tracing::info!("shutting down");
+    router.shutdown().await;
+    Ok(())
+}

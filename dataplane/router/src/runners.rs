@@ -1,0 +1,222 @@
+//! The runners behind each model: a gRPC client per runner and a task per runner that follows its
+//! Health stream, so placement and admission always see live load.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mantle_proto::runner_client::RunnerClient;
+use mantle_proto::{HealthRequest, HealthSignal, LoadState};
+use serde::Deserialize;
+use tokio_stream::StreamExt;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::placement::RunnerView;
+
+/// A runner is ready while its Health stream has spoken within this long.
+const HEALTH_FRESH: Duration = Duration::from_secs(1);
+
+/// Where a runner is and what it serves.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RunnerSpec {
+    /// The model id it serves.
+    pub model: String,
+    /// Its gRPC address, `http://host:port`.
+    pub address: String,
+    /// The tenant whose provisioned throughput it is dedicated to.
+    #[serde(default)]
+    pub pool: Option<String>,
+    /// The Cell it runs in.
+    #[serde(default)]
+    pub cell: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RunnersFile {
+    runners: Vec<RunnerSpec>,
+}
+
+/// Reads a static runners file (local mode): `runners: [{model, address, pool?, cell?}]`.
+pub fn read_runners_file(path: &Path) -> anyhow::Result<Vec<RunnerSpec>> {
+    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+    let file: RunnersFile = serde_norway::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok(file.runners)
+}
+
+#[derive(Default)]
+struct Live {
+    signal: Option<HealthSignal>,
+    at: Option<Instant>,
+    error: Option<String>,
+}
+
+/// One runner: its client, the router's in-flight count on it, and its latest Health signal.
+pub struct RunnerHandle {
+    pub spec: RunnerSpec,
+    pub client: RunnerClient<Channel>,
+    in_flight: AtomicU32,
+    live: Mutex<Live>,
+}
+
+impl RunnerHandle {
+    pub fn connect(spec: RunnerSpec) -> anyhow::Result<Arc<Self>> {
+        let endpoint = Endpoint::from_shared(spec.address.clone())
+            .map_err(|e| anyhow::anyhow!("runner address {:?}: {e}", spec.address))?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10));
+        let client = RunnerClient::new(endpoint.connect_lazy());
+        Ok(Arc::new(RunnerHandle { spec, client, in_flight: AtomicU32::new(0), live: Mutex::new(Live::default()) }))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Live> {
+        self.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The latest health state and whether it is fresh enough to route to.
+    pub fn state(&self) -> (LoadState, bool) {
+        let live = self.lock();
+        let fresh = live.at.is_some_and(|at| at.elapsed() <= HEALTH_FRESH);
+        let state = live.signal.as_ref().map_or(LoadState::Unspecified, |s| s.state());
+        (state, fresh && !matches!(state, LoadState::Critical | LoadState::Unspecified))
+    }
+
+    pub fn signal(&self) -> Option<HealthSignal> {
+        self.lock().signal.clone()
+    }
+
+    pub fn last_error(&self) -> Option<String> {
+        self.lock().error.clone()
+    }
+
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Counts a request on this runner until the guard drops.
+    pub fn begin(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+
+    /// Placement's view: load = in-flight + the runner's queue, doubled under THROTTLE.
+    pub fn view(&self) -> RunnerView<'_> {
+        let (state, ready) = self.state();
+        let queued = self.lock().signal.as_ref().map_or(0, |s| s.queue_depth) as f64;
+        let mut load = self.in_flight() as f64 + queued;
+        if state == LoadState::Throttle {
+            load *= 2.0;
+        }
+        RunnerView {
+            id: &self.spec.address,
+            ready,
+            pool: self.spec.pool.as_deref(),
+            cell: self.spec.cell.as_deref(),
+            load,
+        }
+    }
+
+    /// Follows the runner's Health stream for as long as the task runs, reconnecting with backoff.
+    pub async fn watch_health(self: Arc<Self>) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let mut client = self.client.clone();
+            match client.health(HealthRequest {}).await {
+                Ok(response) => {
+                    let mut stream = response.into_inner();
+                    while let Some(item) = stream.next().await {
+                        match item {
+                            Ok(signal) => {
+                                let mut live = self.lock();
+                                live.signal = Some(signal);
+                                live.at = Some(Instant::now());
+                                live.error = None;
+                                backoff = Duration::from_millis(100);
+                            }
+                            Err(status) => {
+                                self.lock().error = Some(status.message().to_string());
+                                break;
+                            }
+                        }
+                    }
+                }
+                Err(status) => self.lock().error = Some(status.message().to_string()),
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+}
+
+/// Decrements a runner's in-flight count when dropped.
+pub struct InFlight(Arc<RunnerHandle>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Every runner, by model id.
+#[derive(Default, Clone)]
+pub struct Runners {
+    by_model: BTreeMap<String, Vec<Arc<RunnerHandle>>>,
+    watchers: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Runners {
+    /// Connects to every runner (lazily) and starts its health watcher.
+    pub fn start(specs: Vec<RunnerSpec>) -> anyhow::Result<Self> {
+        let mut by_model: BTreeMap<String, Vec<Arc<RunnerHandle>>> = BTreeMap::new();
+        let mut watchers = Vec::new();
+        for spec in specs {
+            let handle = RunnerHandle::connect(spec)?;
+            watchers.push(tokio::spawn(handle.clone().watch_health()));
+            by_model.entry(handle.spec.model.clone()).or_default().push(handle);
+        }
+        Ok(Runners { by_model, watchers: Arc::new(Mutex::new(watchers)) })
+    }
+
+    /// Stops following the runners' Health streams (the router is shutting down).
+    pub fn stop(&self) {
+        for task in self.watchers.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+            task.abort();
+        }
+    }
+
+    pub fn for_model(&self, model_id: &str) -> &[Arc<RunnerHandle>] {
+        self.by_model.get(model_id).map_or(&[], Vec::as_slice)
+    }
+
+    /// Whether the model has at least one ready runner.
+    pub fn ready(&self, model_id: &str) -> bool {
+        self.for_model(model_id).iter().any(|r| r.state().1)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &Vec<Arc<RunnerHandle>>)> {
+        self.by_model.iter()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runners_files_parse_and_reject_unknown_fields() {
+        let dir = std::env::temp_dir().join(format!("mantle-runners-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("runners.yaml");
+        std::fs::write(&path, "runners:\n  - {model: a.b-v1:0, address: 'http://127.0.0.1:1', cell: cell-a}\n")
+            .unwrap();
+        let specs = read_runners_file(&path).unwrap();
+        assert_eq!(specs[0].cell.as_deref(), Some("cell-a"));
+        std::fs::write(&path, "runners:\n  - {model: a, address: b, port: 3}\n").unwrap();
+        assert!(read_runners_file(&path).unwrap_err().to_string().contains("unknown field"));
+        std::fs::remove_dir_all(dir).ok();
+    }
+}

@@ -1,0 +1,155 @@
+//! The runner's command line, shared by `mantle-runner` and `mantle runner` (which `mantle dev`
+//! starts once per FoundationModel with the arguments the operator puts in a runner pod).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Subcommand, ValueEnum};
+use mantle_engine::TemplateFamily;
+
+use crate::RunnerConfig;
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Load a model and serve it.
+    Serve(ServeArgs),
+    /// Copy weights from an object store into the node-local cache (the runner pod's init
+    /// container); prints the cached path.
+    Fetch {
+        /// The weights URI (`s3://…`, `gs://…`, `az://…`, `https://…`, `file://…`, `pvc://…`;
+        /// a directory ends in `/`). Credentials come from AWS_*, GOOGLE_* and AZURE_* variables.
+        #[arg(long)]
+        source: String,
+        #[command(flatten)]
+        cache: CacheArgs,
+    },
+}
+
+#[derive(clap::Args)]
+pub struct CacheArgs {
+    /// Expected SHA-256 (of the file, or of the manifest for a directory).
+    #[arg(long)]
+    pub sha256: Option<String>,
+    /// The node-local weight cache.
+    #[arg(long, default_value = "/var/cache/mantle/weights")]
+    pub cache_dir: PathBuf,
+    /// Byte budget of the node-local cache, in GiB.
+    #[arg(long, default_value_t = 100)]
+    pub cache_budget_gib: u64,
+}
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// The weights: a GGUF file (text model) or a directory holding model.safetensors,
+    /// config.json and tokenizer.json (embedding model); a local path or an object-store URI
+    /// fetched through the node cache.
+    #[arg(long)]
+    pub model: String,
+    #[command(flatten)]
+    pub cache: CacheArgs,
+    /// The Bedrock-style model id to serve it under.
+    #[arg(long)]
+    pub model_id: String,
+    /// gRPC listen address.
+    #[arg(long, default_value = "0.0.0.0:50051")]
+    pub listen: SocketAddr,
+    /// HTTP listen address for /metrics, /healthz and /readyz.
+    #[arg(long, default_value = "0.0.0.0:9090")]
+    pub http_listen: SocketAddr,
+    /// Compute threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// KV-cache size in MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub kv_cache_mib: usize,
+    /// Tokens per forward pass (bounds a step's latency; long prompts are prefilled in chunks).
+    #[arg(long, default_value_t = 256)]
+    pub max_batch_tokens: usize,
+    /// Sequences decoding at once.
+    #[arg(long, default_value_t = 64)]
+    pub max_running: usize,
+    /// Host memory in MiB for the KV blocks of preempted sequences (0: preempted sequences
+    /// recompute).
+    #[arg(long, default_value_t = 1024)]
+    pub swap_mib: usize,
+    /// The GPU whose memory, ECC errors, temperature and power go into the Health signal
+    /// (builds with the `nvml` feature).
+    #[arg(long, default_value_t = 0)]
+    pub gpu_index: u32,
+    /// Lock the weights in RAM so they are never paged out (needs CAP_IPC_LOCK or a memlock limit
+    /// above the model's size).
+    #[arg(long)]
+    pub pin_weights: bool,
+    /// Use a built-in chat template instead of the one in the weights.
+    #[arg(long, value_enum)]
+    pub chat_template: Option<Template>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Template {
+    Chatml,
+    Llama3,
+    Mistral,
+}
+
+/// Runs a runner command until it finishes (`fetch`) or Ctrl-C / SIGTERM (`serve`).
+pub async fn run(command: Command) -> anyhow::Result<()> {
+    let args = match command {
+        Command::Serve(args) => args,
+        Command::Fetch { source, cache } => {
+            let node = crate::weights::NodeCache::new(cache.cache_dir, cache.cache_budget_gib << 30);
+            let options = crate::weights::store_options_from_env();
+            let cached = node.fetch(&source, cache.sha256.as_deref(), &options).await?;
+            tracing::info!(tier = cached.tier.name(), seconds = cached.seconds, bytes = cached.bytes, sha256 = %cached.sha256, "weights cached");
+            println!("{}", cached.path.display());
+            return Ok(());
+        }
+    };
+    let config = RunnerConfig {
+        model: args.model,
+        sha256: args.cache.sha256,
+        cache_dir: args.cache.cache_dir,
+        cache_budget_bytes: args.cache.cache_budget_gib << 30,
+        pin_weights: args.pin_weights,
+        model_id: args.model_id,
+        grpc_listen: args.listen,
+        http_listen: args.http_listen,
+        threads: args.threads,
+        kv_cache_bytes: args.kv_cache_mib << 20,
+        max_batch_tokens: args.max_batch_tokens,
+        max_running: args.max_running,
+        swap_bytes: args.swap_mib << 20,
+        gpu_index: args.gpu_index,
+        chat_template: args.chat_template.map(|t| match t {
+            Template::Chatml => TemplateFamily::ChatMl,
+            Template::Llama3 => TemplateFamily::Llama3,
+            Template::Mistral => TemplateFamily::Mistral,
+        }),
+    };
+    let runner = crate::start(config).await?;
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    runner.shutdown().await
+}
+
+/// Ctrl-C, or SIGTERM (what Kubernetes and `mantle dev` send).
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
