@@ -192,7 +192,8 @@ impl Inference {
         let weight = self.provisioned.get(&(ctx.tenant.name.clone(), model.model_id.clone())).copied().unwrap_or(1.0);
         let limits = ctx.tenant.limits(weight);
         let load = self.model_load(&model.model_id);
-        let tokens = input_tokens + output_tokens;
+        // Buckets count input plus the output a request is expected to generate.
+        let tokens = input_tokens + self.config.queue.expected_output_tokens(output_tokens);
         let limited = self.limiter.lock().unwrap_or_else(|e| e.into_inner()).check(
             &ctx.tenant.name,
             &limits,

@@ -14,8 +14,10 @@ pub mod placement;
 pub mod runners;
 pub mod server;
 pub mod tenants;
+#[cfg(feature = "test-support")]
+pub mod test_support;
 
 pub use catalog::{Catalog, ModelEntry};
 pub use error::ApiError;
 pub use runners::RunnerSpec;
-pub use server::{AuthConfig, Platform, RouterConfig, RunningRouter, start};
+pub use server::{AuthConfig, Platform, RouterConfig, RunningRouter, build, start};

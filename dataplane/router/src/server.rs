@@ -104,8 +104,8 @@ impl RunningRouter {
     }
 }
 
-/// Binds the listeners and serves until shut down.
-pub async fn start(config: RouterConfig, platform: Platform) -> anyhow::Result<RunningRouter> {
+/// The router's HTTP app and request path, without listeners (tests drive the app directly).
+pub fn build(config: &RouterConfig, platform: Platform) -> anyhow::Result<(axum::Router, Arc<Inference>)> {
     let metrics = Metrics::new().context("registering metrics")?;
     let meter = match &config.metering {
         Some(path) => Meter::jsonl(path.clone(), metrics.metering_dropped.clone()),
@@ -129,10 +129,15 @@ pub async fn start(config: RouterConfig, platform: Platform) -> anyhow::Result<R
     }
     let catalog = Catalog::from_resources(&platform.models);
     let runners = Runners::start(platform.runners)?;
-    let inference = Inference::new(catalog, runners, provisioned, metrics.clone(), meter, config.path.clone());
+    let inference = Inference::new(catalog, runners, provisioned, metrics, meter, config.path.clone());
     let state = Arc::new(AppState { inference: inference.clone(), auth, max_request_bytes: config.max_request_bytes });
-    let app = api::router(state);
+    Ok((api::router(state), inference))
+}
 
+/// Binds the listeners and serves until shut down.
+pub async fn start(config: RouterConfig, platform: Platform) -> anyhow::Result<RunningRouter> {
+    let (app, inference) = build(&config, platform)?;
+    let metrics = inference.metrics.clone();
     let listener = TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
     let mut metrics_addr = None;

@@ -1,0 +1,225 @@
+//! A runner stand-in for tests and benchmarks: the real `mantle.runner.v1` gRPC API, answering
+//! every Generate with a fixed number of tokens at a fixed rate, so the router's own behaviour
+//! and overhead can be measured without a model. It counts streams that clients abandon.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use mantle_proto::runner_server::{Runner, RunnerServer};
+use mantle_proto::{
+    CountTokensRequest, CountTokensResponse, EmbedRequest, EmbedResponse, Embedding, FinishReason, Finished,
+    GenerateRequest, GenerateResponse, HealthRequest, HealthSignal, InfoRequest, InfoResponse, LoadState, Started,
+    TokenChunk, Usage, generate_response,
+};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{Request, Response, Status};
+
+/// How the stand-in answers.
+#[derive(Clone, Debug)]
+pub struct StandInConfig {
+    /// Tokens per Generate.
+    pub tokens: u32,
+    /// Time between tokens (zero: as fast as the stream is read).
+    pub interval: Duration,
+    /// Refuse every Generate with this gRPC code.
+    pub fail_with: Option<tonic::Code>,
+    pub context_length: u32,
+}
+
+impl Default for StandInConfig {
+    fn default() -> Self {
+        StandInConfig { tokens: 8, interval: Duration::ZERO, fail_with: None, context_length: 4096 }
+    }
+}
+
+/// What the stand-in saw.
+#[derive(Default, Debug)]
+pub struct Counters {
+    pub generates: AtomicU64,
+    /// Streams dropped by the client before their last token.
+    pub cancelled: AtomicU64,
+    pub active: AtomicU32,
+    /// The last request's id, from the `x-request-id` metadata.
+    pub last_request_id: std::sync::Mutex<String>,
+}
+
+struct StandIn {
+    config: StandInConfig,
+    counters: Arc<Counters>,
+}
+
+/// Decrements `active` and counts a cancellation unless the stream finished.
+struct StreamGuard {
+    counters: Arc<Counters>,
+    finished: bool,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.counters.active.fetch_sub(1, Ordering::Relaxed);
+        if !self.finished {
+            self.counters.cancelled.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+fn prompt_tokens(r: &GenerateRequest) -> u32 {
+    let bytes: usize = r.prompt.len() + r.messages.iter().map(|m| m.content.len() + 4).sum::<usize>();
+    (bytes as u32).div_ceil(4).max(1)
+}
+
+#[tonic::async_trait]
+impl Runner for StandIn {
+    type GenerateStream = BoxStream<GenerateResponse>;
+    type HealthStream = BoxStream<HealthSignal>;
+
+    async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
+        if let Some(id) = request.metadata().get("x-request-id").and_then(|v| v.to_str().ok()) {
+            *self.counters.last_request_id.lock().unwrap_or_else(|e| e.into_inner()) = id.to_string();
+        }
+        let r = request.into_inner();
+        self.counters.generates.fetch_add(1, Ordering::Relaxed);
+        if let Some(code) = self.config.fail_with {
+            return Err(Status::new(code, "the stand-in was told to fail"));
+        }
+        let input = prompt_tokens(&r);
+        if r.max_tokens == 0 || (!r.clamp_max_tokens && input + r.max_tokens > self.config.context_length) {
+            return Err(Status::invalid_argument(format!(
+                "max tokens {} is invalid: the context is {} and the prompt has {input} tokens",
+                r.max_tokens, self.config.context_length
+            )));
+        }
+        let n = self.config.tokens.min(r.max_tokens);
+        let interval = self.config.interval;
+        self.counters.active.fetch_add(1, Ordering::Relaxed);
+        let mut guard = StreamGuard { counters: self.counters.clone(), finished: false };
+        let stream = async_stream(move |tx| async move {
+            let started = GenerateResponse {
+                event: Some(generate_response::Event::Started(Started { input_tokens: input, max_tokens: n })),
+            };
+            if tx.send(Ok(started)).await.is_err() {
+                return;
+            }
+            for i in 0..n {
+                if !interval.is_zero() {
+                    tokio::time::sleep(interval).await;
+                }
+                let token = TokenChunk { text: format!(" tok{i}"), token_ids: vec![i], logprobs: Vec::new() };
+                let msg = GenerateResponse { event: Some(generate_response::Event::Token(token)) };
+                if tx.send(Ok(msg)).await.is_err() {
+                    return;
+                }
+            }
+            guard.finished = true;
+            let reason = if n == r.max_tokens { FinishReason::MaxTokens } else { FinishReason::EndTurn };
+            let finished = Finished {
+                reason: reason as i32,
+                stop_sequence: String::new(),
+                usage: Some(Usage { input_tokens: input, output_tokens: n, cached_prompt_tokens: 0 }),
+            };
+            let _ = tx.send(Ok(GenerateResponse { event: Some(generate_response::Event::Finished(finished)) })).await;
+            drop(guard);
+        });
+        Ok(Response::new(stream))
+    }
+
+    async fn embed(&self, request: Request<EmbedRequest>) -> Result<Response<EmbedResponse>, Status> {
+        let texts = request.into_inner().texts;
+        let embeddings = texts.iter().map(|t| Embedding { values: vec![t.len() as f32, 1.0, 0.0] }).collect();
+        let tokens = texts.iter().map(|t| (t.len() as u32).div_ceil(4)).sum();
+        Ok(Response::new(EmbedResponse { embeddings, input_tokens: tokens }))
+    }
+
+    async fn count_tokens(
+        &self,
+        request: Request<CountTokensRequest>,
+    ) -> Result<Response<CountTokensResponse>, Status> {
+        let r = request.into_inner();
+        let g = GenerateRequest { messages: r.messages, prompt: r.prompt, ..Default::default() };
+        Ok(Response::new(CountTokensResponse { input_tokens: prompt_tokens(&g) }))
+    }
+
+    async fn info(&self, _request: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
+        Ok(Response::new(InfoResponse {
+            model_id: "stand-in".into(),
+            modality: "TEXT".into(),
+            context_length: self.config.context_length,
+            ..Default::default()
+        }))
+    }
+
+    async fn health(&self, _request: Request<HealthRequest>) -> Result<Response<Self::HealthStream>, Status> {
+        let counters = self.counters.clone();
+        let stream = async_stream(move |tx| async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tick.tick().await;
+                let signal = HealthSignal {
+                    state: LoadState::Healthy as i32,
+                    running_sequences: counters.active.load(Ordering::Relaxed),
+                    free_kv_blocks: 1000,
+                    total_kv_blocks: 1000,
+                    ..Default::default()
+                };
+                if tx.send(Ok(signal)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(stream))
+    }
+}
+
+/// A stream fed by a task through a small channel; the task's sends fail once the stream is
+/// dropped.
+fn async_stream<T, F, Fut>(body: F) -> BoxStream<T>
+where
+    T: Send + 'static,
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<T, Status>>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(body(tx));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+/// A running stand-in.
+pub struct RunningStandIn {
+    pub addr: SocketAddr,
+    pub counters: Arc<Counters>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for RunningStandIn {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl RunningStandIn {
+    /// `http://addr`, as a runner address.
+    pub fn address(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+/// Starts a stand-in on a free loopback port.
+pub async fn stand_in(config: StandInConfig) -> RunningStandIn {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind a loopback port");
+    let addr = listener.local_addr().expect("local address");
+    let counters = Arc::new(Counters::default());
+    let service = StandIn { config, counters: counters.clone() };
+    let task = tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(RunnerServer::new(service))
+            .serve_with_incoming(TcpListenerStream::new(listener))
+            .await;
+    });
+    RunningStandIn { addr, counters, task }
+}

@@ -1,0 +1,461 @@
+//! The router's HTTP API against runner stand-ins over real gRPC: wire shapes, errors for bad
+//! input, authentication, event streams, cancellation, shedding, deadlines and fallbacks.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::body::{Body, Bytes};
+use axum::http::{HeaderMap, Request, StatusCode};
+use base64::Engine as _;
+use http_body_util::BodyExt;
+use mantle_awswire::eventstream::Decoder;
+use mantle_awswire::sigv4::{self, Secret};
+use mantle_router::inference::Inference;
+use mantle_router::test_support::{RunningStandIn, StandInConfig, stand_in};
+use mantle_router::{AuthConfig, Platform, RouterConfig, RunnerSpec};
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+const TEXT: &str = "acme.text-v1:0";
+const BACKUP: &str = "acme.backup-v1:0";
+const EMBED: &str = "acme.embed-v1:0";
+const OLD: &str = "acme.old-v1:0";
+
+fn model(id: &str, modality: &str, extra: &str) -> mantle_crds::FoundationModel {
+    let yaml = format!(
+        "apiVersion: mantle.dev/v1alpha1\nkind: FoundationModel\nmetadata: {{name: m}}\nspec:\n  modelId: {id}\n  provider: Acme\n  modality: {modality}\n  source: {{uri: 's3://b/m.gguf', format: gguf}}\n  contextLength: 4096\n  pricing: {{inputPer1kTokens: 1.0, outputPer1kTokens: 2.0}}\n{extra}"
+    );
+    serde_norway::from_str(&yaml).unwrap()
+}
+
+struct Fixture {
+    app: axum::Router,
+    inference: Arc<Inference>,
+    text: RunningStandIn,
+    _others: Vec<RunningStandIn>,
+}
+
+struct Options {
+    text: StandInConfig,
+    backup: StandInConfig,
+    config: RouterConfig,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            text: StandInConfig::default(),
+            backup: StandInConfig::default(),
+            config: RouterConfig::local("127.0.0.1:0".parse().unwrap()),
+        }
+    }
+}
+
+async fn fixture(options: Options) -> Fixture {
+    let text = stand_in(options.text).await;
+    let backup = stand_in(options.backup).await;
+    let embed = stand_in(StandInConfig::default()).await;
+    let runner = |model: &str, s: &RunningStandIn| RunnerSpec {
+        model: model.into(),
+        address: s.address(),
+        pool: None,
+        cell: None,
+    };
+    let platform = Platform {
+        models: vec![
+            model(TEXT, "TEXT", "  fallbacks: [{modelId: acme.backup-v1:0, on: UNAVAILABLE}]\n"),
+            model(BACKUP, "TEXT", ""),
+            model(EMBED, "EMBEDDING", ""),
+            model(OLD, "TEXT", "  lifecycle: {status: LEGACY, endOfLife: '2020-01-01T00:00:00Z'}\n"),
+        ],
+        provisioned: Vec::new(),
+        runners: vec![runner(TEXT, &text), runner(BACKUP, &backup), runner(EMBED, &embed), runner(OLD, &backup)],
+    };
+    let (app, inference) = mantle_router::build(&options.config, platform).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ![TEXT, BACKUP, EMBED].iter().all(|m| inference.runners.ready(m)) {
+        assert!(Instant::now() < deadline, "stand-ins never became ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Let the capacity loop see the ready runners.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    Fixture { app, inference, text, _others: vec![backup, embed] }
+}
+
+fn post(path: &str, body: impl Into<Body>) -> Request<Body> {
+    Request::post(path).header("content-type", "application/json").body(body.into()).unwrap()
+}
+
+async fn send(app: &axum::Router, request: Request<Body>) -> (StatusCode, HeaderMap, Bytes) {
+    let response = app.clone().oneshot(request).await.unwrap();
+    let (parts, body) = response.into_parts();
+    (parts.status, parts.headers, body.collect().await.unwrap().to_bytes())
+}
+
+fn converse_body(text: &str) -> String {
+    json!({"messages": [{"role": "user", "content": [{"text": text}]}], "inferenceConfig": {"maxTokens": 16}})
+        .to_string()
+}
+
+fn json_of(body: &Bytes) -> Value {
+    serde_json::from_slice(body).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(body)))
+}
+
+#[tokio::test]
+async fn converse_answers_with_usage_and_a_request_id_that_reaches_the_runner() {
+    let f = fixture(Options::default()).await;
+    let (status, headers, body) = send(&f.app, post("/model/acme.text-v1%3A0/converse", converse_body("Hi"))).await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    let reply = json_of(&body);
+    assert_eq!(reply["output"]["message"]["content"][0]["text"], " tok0 tok1 tok2 tok3 tok4 tok5 tok6 tok7");
+    assert_eq!(reply["usage"]["outputTokens"], 8);
+    assert_eq!(reply["stopReason"], "end_turn");
+    let id = headers["x-amzn-RequestId"].to_str().unwrap();
+    assert_eq!(*f.text.counters.last_request_id.lock().unwrap(), id);
+    assert_eq!(headers["x-mantle-model-used"], TEXT);
+}
+
+#[tokio::test]
+async fn bad_input_gets_the_right_status_and_error_type() {
+    let mut options = Options::default();
+    options.config.max_request_bytes = 4096;
+    let f = fixture(options).await;
+    let converse = "/model/acme.text-v1%3A0/converse";
+    let cases: Vec<(&str, Request<Body>, StatusCode, &str)> = vec![
+        ("malformed JSON", post(converse, "{\"messages\": ["), StatusCode::BAD_REQUEST, "ValidationException"),
+        ("missing messages", post(converse, "{}"), StatusCode::BAD_REQUEST, "ValidationException"),
+        (
+            "unknown content block",
+            post(converse, json!({"messages": [{"role": "user", "content": [{"hologram": {}}]}]}).to_string()),
+            StatusCode::BAD_REQUEST,
+            "ValidationException",
+        ),
+        (
+            "wrong content type",
+            Request::post(converse).header("content-type", "text/plain").body(Body::from(converse_body("x"))).unwrap(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "ValidationException",
+        ),
+        ("body over the limit", post(converse, vec![b' '; 5000]), StatusCode::PAYLOAD_TOO_LARGE, "ValidationException"),
+        (
+            "invalid UTF-8",
+            post(converse, b"{\"messages\": [{\"role\": \"user\", \"content\": [{\"text\": \"\xff\xfe\"}]}]}".to_vec()),
+            StatusCode::BAD_REQUEST,
+            "ValidationException",
+        ),
+        ("unknown model", post("/model/acme.nope-v1%3A0/converse", converse_body("x")), StatusCode::NOT_FOUND, "ResourceNotFoundException"),
+        ("past end of life", post("/model/acme.old-v1%3A0/converse", converse_body("x")), StatusCode::BAD_REQUEST, "ValidationException"),
+        (
+            "max tokens beyond the context",
+            post(converse, json!({"messages": [{"role": "user", "content": [{"text": "x"}]}], "inferenceConfig": {"maxTokens": 100000}}).to_string()),
+            StatusCode::BAD_REQUEST,
+            "ValidationException",
+        ),
+        ("invoke with a non-JSON body", post("/model/acme.text-v1%3A0/invoke", "prompt=hi"), StatusCode::BAD_REQUEST, "ValidationException"),
+        (
+            "embedding model asked to converse",
+            post("/model/acme.embed-v1%3A0/converse", converse_body("x")),
+            StatusCode::BAD_REQUEST,
+            "ValidationException",
+        ),
+        ("unknown operation", post("/model/acme.text-v1%3A0/transmogrify", "{}"), StatusCode::NOT_FOUND, "UnknownOperationException"),
+    ];
+    for (name, request, status, kind) in cases {
+        let (got, headers, body) = send(&f.app, request).await;
+        assert_eq!(got, status, "{name}: {}", String::from_utf8_lossy(&body));
+        assert_eq!(headers["x-amzn-ErrorType"], kind, "{name}");
+        assert!(headers.contains_key("x-amzn-RequestId"), "{name}");
+        assert!(!json_of(&body)["message"].as_str().unwrap_or_default().is_empty(), "{name}");
+    }
+    // OpenAI clients get OpenAI's error shape.
+    let (status, _, body) = send(&f.app, post("/v1/chat/completions", "{\"model\": 3}")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(json_of(&body)["error"]["type"], "invalid_request_error");
+}
+
+#[tokio::test]
+async fn model_ids_arrive_percent_encoded_as_ids_or_arns() {
+    let f = fixture(Options::default()).await;
+    for path in [
+        "/model/acme.text-v1%3A0/converse",
+        "/model/arn%3Aaws%3Abedrock%3Aus-east-1%3A%3Afoundation-model%2Facme.text-v1%3A0/converse",
+        "/model/us.acme.text-v1%3A0/converse",
+    ] {
+        let (status, _, body) = send(&f.app, post(path, converse_body("x"))).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {}", String::from_utf8_lossy(&body));
+    }
+}
+
+fn keys_file() -> std::path::PathBuf {
+    let path =
+        std::env::temp_dir().join(format!("mantle-keys-{}-{:?}.yaml", std::process::id(), std::thread::current().id()));
+    std::fs::write(
+        &path,
+        "tenants:\n  - name: acme\n    accessKeys: [{accessKeyId: AKIDACME, secretAccessKey: s3cret}]\n    apiKeys: [mk-acme-0123456789abcdef]\n  - name: tiny\n    tokensPerMinute: 10\n    burstTokens: 10\n    apiKeys: [mk-tiny-0123456789abcdef]\n",
+    )
+    .unwrap();
+    path
+}
+
+fn signed(path: &str, body: &str, at: SystemTime, secret: &str) -> Request<Body> {
+    let date = sigv4::amz_date(at);
+    let headers = [("host", "localhost"), ("x-amz-date", date.as_str()), ("content-type", "application/json")];
+    let view = sigv4::Request { method: "POST", path, query: "", headers: &headers, body: body.as_bytes() };
+    let authorization = sigv4::sign(&view, "AKIDACME", &Secret::new(secret), "us-east-1", "bedrock").unwrap();
+    Request::post(path)
+        .header("host", "localhost")
+        .header("x-amz-date", date)
+        .header("content-type", "application/json")
+        .header("authorization", authorization)
+        .body(Body::from(body.to_string()))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn sigv4_and_api_keys_are_checked_when_auth_is_on() {
+    let mut options = Options::default();
+    options.config.auth = AuthConfig::File(keys_file());
+    let f = fixture(options).await;
+    let path = "/model/acme.text-v1%3A0/converse";
+    let body = converse_body("x");
+    let (status, _, text) = send(&f.app, signed(path, &body, SystemTime::now(), "s3cret")).await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&text));
+    for (name, request) in [
+        ("wrong secret", signed(path, &body, SystemTime::now(), "guess")),
+        ("expired", signed(path, &body, SystemTime::now() - Duration::from_secs(600), "s3cret")),
+        ("unsigned", post(path, body.clone())),
+    ] {
+        let (status, headers, _) = send(&f.app, request).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{name}");
+        assert_eq!(headers["x-amzn-ErrorType"], "AccessDeniedException", "{name}");
+    }
+    let chat = json!({"model": TEXT, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 40}).to_string();
+    let bearer = |key: &str| {
+        Request::post("/v1/chat/completions")
+            .header("content-type", "application/json")
+            .header("authorization", format!("Bearer {key}"))
+            .body(Body::from(chat.clone()))
+            .unwrap()
+    };
+    assert_eq!(send(&f.app, bearer("mk-acme-0123456789abcdef")).await.0, StatusCode::OK);
+    assert_eq!(send(&f.app, bearer("mk-wrong")).await.0, StatusCode::UNAUTHORIZED);
+    // The tiny tenant's bucket (10 tokens a minute, twice that while the runners are healthy) holds
+    // one request of ~16 tokens (input + a quarter of max_tokens).
+    let (first, ..) = send(&f.app, bearer("mk-tiny-0123456789abcdef")).await;
+    let (second, headers, body) = send(&f.app, bearer("mk-tiny-0123456789abcdef")).await;
+    assert_eq!(first, StatusCode::OK);
+    assert_eq!(second, StatusCode::TOO_MANY_REQUESTS, "{}", String::from_utf8_lossy(&body));
+    assert!(headers.contains_key("retry-after"));
+}
+
+async fn read_frames(body: Body, limit: usize) -> Vec<(String, Value)> {
+    let mut decoder = Decoder::new();
+    let mut frames = Vec::new();
+    let mut body = body;
+    while frames.len() < limit {
+        let Some(frame) = body.frame().await else { break };
+        if let Ok(data) = frame.unwrap().into_data() {
+            decoder.push(&data);
+        }
+        while let Some(message) = decoder.next_message().unwrap() {
+            let kind = message
+                .header(":event-type")
+                .or_else(|| message.header(":exception-type"))
+                .and_then(|v| v.as_str())
+                .unwrap_or_default()
+                .to_string();
+            frames.push((kind, serde_json::from_slice(&message.payload).unwrap_or(Value::Null)));
+        }
+    }
+    frames
+}
+
+#[tokio::test]
+async fn converse_stream_sends_checksummed_events_in_order() {
+    let f = fixture(Options::default()).await;
+    let response =
+        f.app.clone().oneshot(post("/model/acme.text-v1%3A0/converse-stream", converse_body("x"))).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["content-type"], "application/vnd.amazon.eventstream");
+    let frames = read_frames(response.into_body(), usize::MAX).await;
+    let kinds: Vec<&str> = frames.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(kinds.first(), Some(&"messageStart"));
+    assert_eq!(kinds.iter().filter(|k| **k == "contentBlockDelta").count(), 8);
+    assert_eq!(kinds[kinds.len() - 3..], ["contentBlockStop", "messageStop", "metadata"]);
+    assert_eq!(frames.last().unwrap().1["usage"]["outputTokens"], 8);
+}
+
+#[tokio::test]
+async fn invoke_with_response_stream_sends_base64_model_chunks() {
+    let f = fixture(Options::default()).await;
+    let body = json!({"anthropic_version": "bedrock-2023-05-31", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]});
+    let request = post("/model/acme.text-v1%3A0/invoke-with-response-stream", body.to_string());
+    let response = f.app.clone().oneshot(request).await.unwrap();
+    assert_eq!(response.headers()["x-amzn-bedrock-content-type"], "application/json");
+    let chunks: Vec<Value> = read_frames(response.into_body(), usize::MAX)
+        .await
+        .into_iter()
+        .map(|(kind, payload)| {
+            assert_eq!(kind, "chunk");
+            let bytes = base64::engine::general_purpose::STANDARD.decode(payload["bytes"].as_str().unwrap()).unwrap();
+            serde_json::from_slice(&bytes).unwrap()
+        })
+        .collect();
+    let types: Vec<&str> = chunks.iter().map(|c| c["type"].as_str().unwrap()).collect();
+    assert_eq!(
+        types,
+        [
+            "message_start",
+            "content_block_start",
+            "content_block_delta",
+            "content_block_delta",
+            "content_block_delta",
+            "content_block_delta",
+            "content_block_stop",
+            "message_delta",
+            "message_stop"
+        ]
+    );
+    assert_eq!(chunks[8]["amazon-bedrock-invocationMetrics"]["outputTokenCount"], 4);
+}
+
+#[tokio::test]
+async fn a_client_that_goes_away_cancels_the_runner_stream() {
+    let f = fixture(Options {
+        text: StandInConfig { tokens: 500, interval: Duration::from_millis(10), ..Default::default() },
+        ..Default::default()
+    })
+    .await;
+    let body =
+        json!({"messages": [{"role": "user", "content": [{"text": "x"}]}], "inferenceConfig": {"maxTokens": 500}});
+    let response =
+        f.app.clone().oneshot(post("/model/acme.text-v1%3A0/converse-stream", body.to_string())).await.unwrap();
+    let mut body = response.into_body();
+    for _ in 0..3 {
+        body.frame().await.unwrap().unwrap();
+    }
+    assert_eq!(f.text.counters.active.load(Ordering::Relaxed), 1);
+    drop(body);
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while f.text.counters.cancelled.load(Ordering::Relaxed) == 0 {
+        assert!(Instant::now() < deadline, "the runner stream outlived its client");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(f.text.counters.active.load(Ordering::Relaxed), 0);
+    let metrics = f.inference.metrics.render();
+    assert!(
+        metrics.contains(
+            "mantle_router_requests_total{api=\"ConverseStream\",model=\"acme.text-v1:0\",outcome=\"cancelled\"} 1"
+        ),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn overload_is_shed_at_once_with_retry_after() {
+    let mut options = Options {
+        text: StandInConfig { tokens: 50, interval: Duration::from_millis(20), ..Default::default() },
+        ..Default::default()
+    };
+    options.config.path.slots_per_runner = 2;
+    let f = fixture(options).await;
+    let mut waiting = Vec::new();
+    // Two slots in the small lane (half of... at least one), four queued per slot: flood it.
+    for _ in 0..40 {
+        let app = f.app.clone();
+        waiting.push(tokio::spawn(async move {
+            let started = Instant::now();
+            let (status, headers, _) = send(&app, post("/model/acme.text-v1%3A0/converse", converse_body("x"))).await;
+            (status, headers, started.elapsed())
+        }));
+    }
+    let mut shed = 0;
+    let mut ok = 0;
+    for w in waiting {
+        let (status, headers, took) = w.await.unwrap();
+        match status {
+            StatusCode::OK => ok += 1,
+            StatusCode::TOO_MANY_REQUESTS => {
+                shed += 1;
+                assert_eq!(headers["x-amzn-ErrorType"], "ThrottlingException");
+                assert!(headers["retry-after"].to_str().unwrap().parse::<u64>().unwrap() >= 1);
+                assert!(took < Duration::from_millis(500), "shed after {took:?}: refusals must be immediate");
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert!(shed > 0 && ok > 0, "ok {ok}, shed {shed}");
+}
+
+#[tokio::test]
+async fn a_deadline_the_queue_cannot_meet_is_refused_with_408() {
+    let mut options = Options {
+        text: StandInConfig { tokens: 100, interval: Duration::from_millis(20), ..Default::default() },
+        ..Default::default()
+    };
+    options.config.path.slots_per_runner = 1;
+    let f = fixture(options).await;
+    // Occupy the only slot.
+    let app = f.app.clone();
+    let busy = tokio::spawn(async move {
+        let body =
+            json!({"messages": [{"role": "user", "content": [{"text": "x"}]}], "inferenceConfig": {"maxTokens": 100}});
+        send(&app, post("/model/acme.text-v1%3A0/converse", body.to_string())).await
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    let request = Request::post("/model/acme.text-v1%3A0/converse")
+        .header("content-type", "application/json")
+        .header("x-amz-bedrock-deadline-ms", "50")
+        .body(Body::from(converse_body("x")))
+        .unwrap();
+    let (status, headers, body) = send(&f.app, request).await;
+    assert_eq!(status, StatusCode::REQUEST_TIMEOUT, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(headers["x-amzn-ErrorType"], "ModelTimeoutException");
+    assert!(started.elapsed() < Duration::from_millis(500));
+    assert_eq!(busy.await.unwrap().0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn an_unavailable_model_falls_back_and_says_which_model_answered() {
+    let f = fixture(Options {
+        text: StandInConfig { fail_with: Some(tonic::Code::Unavailable), ..Default::default() },
+        ..Default::default()
+    })
+    .await;
+    let (status, headers, body) = send(&f.app, post("/model/acme.text-v1%3A0/converse", converse_body("x"))).await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(headers["x-mantle-model-used"], BACKUP);
+    // A model without a fallback reports the failure.
+    let f = fixture(Options {
+        backup: StandInConfig { fail_with: Some(tonic::Code::Unavailable), ..Default::default() },
+        ..Default::default()
+    })
+    .await;
+    let (status, headers, _) = send(&f.app, post("/model/acme.backup-v1%3A0/converse", converse_body("x"))).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(headers["x-amzn-ErrorType"], "ServiceUnavailableException");
+}
+
+#[tokio::test]
+async fn openai_chat_streams_server_sent_events_and_embeddings_work() {
+    let f = fixture(Options::default()).await;
+    let chat = json!({"model": TEXT, "stream": true, "stream_options": {"include_usage": true},
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3});
+    let (status, headers, body) = send(&f.app, post("/v1/chat/completions", chat.to_string())).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["content-type"], "text/event-stream");
+    let events: Vec<&str> = std::str::from_utf8(&body).unwrap().split("\n\n").filter(|e| !e.is_empty()).collect();
+    assert_eq!(events.last(), Some(&"data: [DONE]"));
+    let usage: Value = serde_json::from_str(events[events.len() - 2].trim_start_matches("data: ")).unwrap();
+    assert_eq!(usage["usage"]["completion_tokens"], 3);
+    let (status, _, body) =
+        send(&f.app, post("/v1/embeddings", json!({"model": EMBED, "input": ["a", "bb"]}).to_string())).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(json_of(&body)["data"][1]["embedding"][0], 2.0);
+    let (status, _, body) =
+        send(&f.app, Request::get("/foundation-models?byOutputModality=EMBEDDING").body(Body::empty()).unwrap()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(json_of(&body)["modelSummaries"][0]["modelId"], EMBED);
+}
