@@ -44,6 +44,9 @@ fn smollm2_runner_args() {
 fn minilm_runner_args() {
     let fm = example("all-minilm-l6-v2");
     let args = runner_args(&fm, &RunnerPlacement { cache_dir: None, ..placement("/models/all-minilm-l6-v2") });
-    assert_eq!(args[..3], ["serve", "--model=/models/all-minilm-l6-v2", "--model-id=sentence-transformers.all-minilm-l6-v2-v1:0"]);
+    assert_eq!(
+        args[..3],
+        ["serve", "--model=/models/all-minilm-l6-v2", "--model-id=sentence-transformers.all-minilm-l6-v2-v1:0"]
+    );
     assert!(!args.iter().any(|a| a.starts_with("--chat-template") || a.starts_with("--cache-dir")), "{args:?}");
 }
