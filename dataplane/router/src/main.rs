@@ -8,6 +8,9 @@ use clap::Parser;
 use mantle_router::inference::PathConfig;
 use mantle_router::{AuthConfig, Platform, RouterConfig};
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "mantle-router", version, about = "Mantle's Bedrock- and OpenAI-compatible inference API")]
 struct Args {

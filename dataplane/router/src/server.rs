@@ -154,6 +154,10 @@ pub async fn start(config: RouterConfig, platform: Platform) -> anyhow::Result<R
         None => None,
     };
     let (tx, rx) = oneshot::channel::<()>();
+    // Streamed events are written one by one: send each at once.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let task = tokio::spawn(async move {
         let serve = axum::serve(listener, app).with_graceful_shutdown(async {
             let _ = rx.await;

@@ -22,9 +22,10 @@ use std::path::Path;
 use mantle_admission::{Priority, TenantLimits};
 use serde::Deserialize;
 
-/// The default limits of a tenant the keys file does not bound (and of every caller when
-/// authentication is off).
+/// The default limits of a tenant the keys file does not bound.
 pub const DEFAULT_TOKENS_PER_MINUTE: u64 = 1_000_000;
+/// The limit of callers when authentication is off.
+pub const UNBOUNDED_TOKENS_PER_MINUTE: u64 = 1_000_000_000_000;
 pub const DEFAULT_BURST_TOKENS: u64 = 200_000;
 
 #[derive(Deserialize)]
@@ -88,13 +89,14 @@ pub struct Tenant {
 }
 
 impl Tenant {
-    /// A tenant with default limits (authentication off, or a key without limits).
+    /// A caller when authentication is off: no practical token limit (fair queuing between
+    /// callers still applies).
     pub fn unbounded(name: impl Into<String>) -> Self {
         Tenant {
             name: name.into(),
             priority: Priority::Normal,
-            tokens_per_minute: DEFAULT_TOKENS_PER_MINUTE,
-            burst_tokens: DEFAULT_BURST_TOKENS,
+            tokens_per_minute: UNBOUNDED_TOKENS_PER_MINUTE,
+            burst_tokens: UNBOUNDED_TOKENS_PER_MINUTE,
         }
     }
 

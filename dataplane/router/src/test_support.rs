@@ -15,7 +15,6 @@ use mantle_proto::{
     TokenChunk, Usage, generate_response,
 };
 use tokio_stream::Stream;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 
 /// How the stand-in answers.
@@ -211,15 +210,58 @@ impl RunningStandIn {
 
 /// Starts a stand-in on a free loopback port.
 pub async fn stand_in(config: StandInConfig) -> RunningStandIn {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind a loopback port");
-    let addr = listener.local_addr().expect("local address");
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    stand_in_at(config, any).await.expect("a loopback port for the stand-in")
+}
+
+/// Starts a stand-in on `listen`.
+pub async fn stand_in_at(config: StandInConfig, listen: SocketAddr) -> std::io::Result<RunningStandIn> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let addr = listener.local_addr()?;
     let counters = Arc::new(Counters::default());
     let service = StandIn { config, counters: counters.clone() };
     let task = tokio::spawn(async move {
         let _ = tonic::transport::Server::builder()
             .add_service(RunnerServer::new(service))
-            .serve_with_incoming(TcpListenerStream::new(listener))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)))
             .await;
     });
-    RunningStandIn { addr, counters, task }
+    Ok(RunningStandIn { addr, counters, task })
+}
+
+/// The same stand-in behind a minimal OpenAI-compatible HTTP endpoint
+/// (`POST /v1/chat/completions`, non-streaming), so another proxy (LiteLLM in the benchmark)
+/// can sit in front of the same backend.
+pub async fn openai_stand_in(config: StandInConfig, listen: SocketAddr) -> std::io::Result<SocketAddr> {
+    use axum::routing::post;
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let addr = listener.local_addr()?;
+    let app = axum::Router::new().route(
+        "/v1/chat/completions",
+        post(move |body: axum::body::Bytes| {
+            let config = config.clone();
+            async move {
+                let request: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                let max = request["max_tokens"].as_u64().unwrap_or(config.tokens as u64) as u32;
+                let n = config.tokens.min(max);
+                let mut text = String::new();
+                for i in 0..n {
+                    if !config.interval.is_zero() {
+                        tokio::time::sleep(config.interval).await;
+                    }
+                    text.push_str(&format!(" tok{i}"));
+                }
+                axum::Json(serde_json::json!({
+                    "id": "chatcmpl-standin", "object": "chat.completion", "created": 0,
+                    "model": request["model"],
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 4, "completion_tokens": n, "total_tokens": 4 + n},
+                }))
+            }
+        }),
+    );
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok(addr)
 }

@@ -14,7 +14,6 @@ use mantle_proto::{InfoResponse, TierLoad};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::engine_loop::{EngineHandle, LoopStats};
 use crate::http::{HttpState, router};
@@ -161,7 +160,7 @@ pub async fn start(config: RunnerConfig) -> anyhow::Result<RunningRunner> {
     let (shutdown, shutdown_rx) = oneshot::channel::<()>();
     let grpc = tokio::spawn(
         tonic::transport::Server::builder().add_service(RunnerServer::new(service)).serve_with_incoming_shutdown(
-            TcpListenerStream::new(grpc_listener),
+            tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
             async {
                 let _ = shutdown_rx.await;
             },

@@ -1,0 +1,359 @@
+//! Router benchmarks against the runner stand-in (the real gRPC API, tokens at a fixed rate):
+//!
+//! 1. **Overhead:** open-loop load at 1k and 10k requests/s, Converse through the router vs the
+//!    same Generate sent straight to the stand-in over gRPC; the difference is what the router
+//!    adds (HTTP, JSON, auth, admission, placement, metering). Then ConverseStream vs a direct
+//!    Generate stream, per streamed token.
+//! 2. **Fairness:** a heavy tenant at 10× a light tenant's rate, past capacity; the light
+//!    tenant's p99 queue wait beside it vs alone.
+//! 3. **Overload:** 3× capacity; the p99 of accepted requests vs at 0.8× capacity, and how fast
+//!    rejections come back.
+//!
+//! `cargo bench -p mantle-router --features test-support --bench router -- [--seconds S]`
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use mantle_proto::runner_client::RunnerClient;
+use mantle_router::test_support::{StandInConfig, stand_in};
+use mantle_router::{Platform, RouterConfig, RunnerSpec};
+use tokio_stream::StreamExt;
+
+type Http = Client<HttpConnector, Full<Bytes>>;
+
+// As in the mantle-router binary.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn model(id: &str) -> mantle_crds::FoundationModel {
+    serde_norway::from_str(&format!(
+        "apiVersion: mantle.dev/v1alpha1\nkind: FoundationModel\nmetadata: {{name: m}}\nspec:\n  modelId: {id}\n  provider: Acme\n  modality: TEXT\n  source: {{uri: 's3://b/m.gguf', format: gguf}}\n  contextLength: 4096\n"
+    ))
+    .expect("model manifest")
+}
+
+const MODEL: &str = "acme.bench-v1:0";
+
+struct Setup {
+    router: mantle_router::RunningRouter,
+    grpc: RunnerClient<tonic::transport::Channel>,
+    _stand_in: mantle_router::test_support::RunningStandIn,
+}
+
+async fn setup(stand_in_config: StandInConfig, slots_per_runner: usize, metering: bool) -> Setup {
+    let s = stand_in(stand_in_config).await;
+    let mut config = RouterConfig::local("127.0.0.1:0".parse().expect("address"));
+    config.path.slots_per_runner = slots_per_runner;
+    if metering {
+        config.metering = Some(std::env::temp_dir().join(format!("mantle-bench-{}.jsonl", std::process::id())));
+    }
+    let platform = Platform {
+        models: vec![model(MODEL)],
+        provisioned: Vec::new(),
+        runners: vec![RunnerSpec { model: MODEL.into(), address: s.address(), pool: None, cell: None }],
+    };
+    let router = mantle_router::start(config, platform).await.expect("router starts");
+    let grpc = RunnerClient::connect(s.address()).await.expect("stand-in reachable");
+    // Wait for the health stream and the capacity loop.
+    let http = client();
+    for _ in 0..100 {
+        let r = http
+            .request(
+                hyper::Request::get(format!("http://{}/readyz", router.addr)).body(Full::default()).expect("request"),
+            )
+            .await;
+        if r.is_ok_and(|r| r.status() == 200) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    Setup { router, grpc, _stand_in: s }
+}
+
+fn client() -> Http {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new()).pool_max_idle_per_host(1024).build(connector)
+}
+
+const BODY: &str = r#"{"messages":[{"role":"user","content":[{"text":"What is the capital of France?"}]}],"inferenceConfig":{"maxTokens":64}}"#;
+
+/// A Converse call as a tenant (named by the access key in an unverified SigV4 header; the
+/// router runs with auth off). Returns the status.
+async fn converse(http: &Http, addr: std::net::SocketAddr, path: &str, tenant: &str) -> u16 {
+    let authorization = format!(
+        "AWS4-HMAC-SHA256 Credential={tenant}/20261124/us-east-1/bedrock/aws4_request, SignedHeaders=host, Signature={}",
+        "0".repeat(64)
+    );
+    let request = hyper::Request::post(format!("http://{addr}/model/acme.bench-v1%3A0/{path}"))
+        .header("content-type", "application/json")
+        .header("authorization", authorization)
+        .body(Full::new(Bytes::from_static(BODY.as_bytes())))
+        .expect("request");
+    match http.request(request).await {
+        Ok(response) => {
+            let status = response.status().as_u16();
+            let _ = response.into_body().collect().await;
+            status
+        }
+        Err(_) => 0,
+    }
+}
+
+async fn direct(grpc: &mut RunnerClient<tonic::transport::Channel>) -> u16 {
+    let request = mantle_proto::GenerateRequest {
+        request_id: "bench".into(),
+        messages: vec![mantle_proto::ChatMessage {
+            role: "user".into(),
+            content: "What is the capital of France?".into(),
+        }],
+        max_tokens: 64,
+        ..Default::default()
+    };
+    match grpc.generate(request).await {
+        Ok(r) => {
+            let mut s = r.into_inner();
+            while s.next().await.is_some() {}
+            200
+        }
+        Err(_) => 0,
+    }
+}
+
+/// Fires `call` at `rate` per second for `seconds` (open loop: arrivals do not wait for
+/// completions) and returns each call's latency and status.
+async fn open_loop<F, Fut>(rate: f64, seconds: f64, call: F) -> Vec<(Duration, u16)>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = u16> + Send + 'static,
+{
+    let total = (rate * seconds) as usize;
+    let start = Instant::now();
+    let mut tasks = Vec::with_capacity(total);
+    for i in 0..total {
+        let due = start + Duration::from_secs_f64(i as f64 / rate);
+        tokio::time::sleep_until(due.into()).await;
+        let fut = call();
+        tasks.push(tokio::spawn(async move {
+            let t = Instant::now();
+            let status = fut.await;
+            (t.elapsed(), status)
+        }));
+    }
+    let mut out = Vec::with_capacity(total);
+    for t in tasks {
+        if let Ok(r) = t.await {
+            out.push(r);
+        }
+    }
+    out
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn latencies(results: &[(Duration, u16)], status: u16) -> Vec<Duration> {
+    let mut v: Vec<Duration> = results.iter().filter(|(_, s)| *s == status).map(|(d, _)| *d).collect();
+    v.sort();
+    v
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+async fn overhead(seconds: f64) {
+    println!("## Overhead (non-streaming Converse, 16 tokens returned at once)\n");
+    println!("| rate | direct gRPC p50 / p99 | through the router p50 / p99 | added p50 / p99 | errors |");
+    println!("|---:|---:|---:|---:|---:|");
+    let setup = setup(StandInConfig { tokens: 16, ..Default::default() }, 100_000, true).await;
+    for rate in [1_000.0, 10_000.0] {
+        let grpc = setup.grpc.clone();
+        let direct_results = open_loop(rate, seconds, || {
+            let mut g = grpc.clone();
+            async move { direct(&mut g).await }
+        })
+        .await;
+        let http = client();
+        let addr = setup.router.addr;
+        let routed = open_loop(rate, seconds, || {
+            let http = http.clone();
+            async move { converse(&http, addr, "converse", "bench").await }
+        })
+        .await;
+        let d = latencies(&direct_results, 200);
+        let r = latencies(&routed, 200);
+        let errors = routed.iter().filter(|(_, s)| *s != 200).count();
+        let (d50, d99, r50, r99) =
+            (percentile(&d, 0.5), percentile(&d, 0.99), percentile(&r, 0.5), percentile(&r, 0.99));
+        println!(
+            "| {rate:.0}/s | {:.3} / {:.3} ms | {:.3} / {:.3} ms | **{:.3} / {:.3} ms** | {errors} |",
+            ms(d50),
+            ms(d99),
+            ms(r50),
+            ms(r99),
+            ms(r50.saturating_sub(d50)),
+            ms(r99.saturating_sub(d99))
+        );
+    }
+    setup.router.shutdown().await;
+
+    // Streaming: 64 tokens 2 ms apart, 100 streams/s.
+    let tokens = 64;
+    let setup = setup_streaming(tokens).await;
+    let grpc = setup.grpc.clone();
+    let direct_results = open_loop(100.0, seconds, || {
+        let mut g = grpc.clone();
+        async move { direct(&mut g).await }
+    })
+    .await;
+    let http = client();
+    let addr = setup.router.addr;
+    let routed = open_loop(100.0, seconds, || {
+        let http = http.clone();
+        async move { converse(&http, addr, "converse-stream", "bench").await }
+    })
+    .await;
+    let d = latencies(&direct_results, 200);
+    let r = latencies(&routed, 200);
+    let per_token = |a: Duration, b: Duration| ms(a.saturating_sub(b)) * 1000.0 / tokens as f64;
+    println!(
+        "\nStreaming (ConverseStream, {tokens} tokens 2 ms apart, 100 streams/s): whole stream direct p50 {:.2} ms / p99 {:.2} ms, \
+         through the router p50 {:.2} ms / p99 {:.2} ms: **added per token p50 {:.1} µs, p99 {:.1} µs**\n",
+        ms(percentile(&d, 0.5)),
+        ms(percentile(&d, 0.99)),
+        ms(percentile(&r, 0.5)),
+        ms(percentile(&r, 0.99)),
+        per_token(percentile(&r, 0.5), percentile(&d, 0.5)),
+        per_token(percentile(&r, 0.99), percentile(&d, 0.99)),
+    );
+    setup.router.shutdown().await;
+}
+
+async fn setup_streaming(tokens: u32) -> Setup {
+    setup(StandInConfig { tokens, interval: Duration::from_millis(2), ..Default::default() }, 100_000, false).await
+}
+
+/// 4 slots of a 100 ms service (20 tokens, 5 ms apart): capacity 40 requests/s.
+const SLOTS: usize = 4;
+const SERVICE: Duration = Duration::from_millis(100);
+
+async fn capacity_setup() -> Setup {
+    setup(StandInConfig { tokens: 20, interval: Duration::from_millis(5), ..Default::default() }, SLOTS, false).await
+}
+
+async fn fairness(seconds: f64) {
+    println!("## Fairness (capacity 40 requests/s: 4 slots × 100 ms)\n");
+    let light_rate = 4.0;
+    let solo = {
+        let setup = capacity_setup().await;
+        let http = client();
+        let addr = setup.router.addr;
+        let r = open_loop(light_rate, seconds * 4.0, || {
+            let http = http.clone();
+            async move { converse(&http, addr, "converse", "light").await }
+        })
+        .await;
+        setup.router.shutdown().await;
+        latencies(&r, 200)
+    };
+    let setup = capacity_setup().await;
+    let http = client();
+    let addr = setup.router.addr;
+    let heavy_http = http.clone();
+    let heavy = tokio::spawn(async move {
+        open_loop(light_rate * 10.0, seconds * 4.0, move || {
+            let http = heavy_http.clone();
+            async move { converse(&http, addr, "converse", "heavy").await }
+        })
+        .await
+    });
+    let light = open_loop(light_rate, seconds * 4.0, || {
+        let http = http.clone();
+        async move { converse(&http, addr, "converse", "light").await }
+    })
+    .await;
+    let heavy = heavy.await.unwrap_or_default();
+    setup.router.shutdown().await;
+    let contended = latencies(&light, 200);
+    let wait = |v: &[Duration], p: f64| percentile(v, p).saturating_sub(SERVICE);
+    let heavy_ok = heavy.iter().filter(|(_, s)| *s == 200).count();
+    let heavy_shed = heavy.iter().filter(|(_, s)| *s == 429).count();
+    println!("| light tenant ({light_rate} req/s) | queue wait p50 | queue wait p99 | refused |");
+    println!("|---|---:|---:|---:|");
+    println!("| alone | {:.1} ms | {:.1} ms | 0 |", ms(wait(&solo, 0.5)), ms(wait(&solo, 0.99)));
+    println!(
+        "| beside a heavy tenant at {} req/s | {:.1} ms | {:.1} ms | {} |",
+        light_rate * 10.0,
+        ms(wait(&contended, 0.5)),
+        ms(wait(&contended, 0.99)),
+        light.len() - contended.len()
+    );
+    println!(
+        "\nHeavy tenant: {heavy_ok} served, {heavy_shed} refused with 429. Light p99 wait ratio (contended / alone, each at least one 10 ms tick): **{:.2}×**\n",
+        ms(wait(&contended, 0.99).max(Duration::from_millis(10)))
+            / ms(wait(&solo, 0.99).max(Duration::from_millis(10)))
+    );
+}
+
+async fn overload(seconds: f64) {
+    println!("## Overload (capacity 40 requests/s)\n");
+    println!("| offered | accepted p50 / p99 | refused | refusal p50 / p99 |");
+    println!("|---:|---:|---:|---:|");
+    for factor in [0.8, 3.0] {
+        let setup = capacity_setup().await;
+        let http = client();
+        let addr = setup.router.addr;
+        let rate = 40.0 * factor;
+        let r = open_loop(rate, seconds * 3.0, || {
+            let http = http.clone();
+            async move { converse(&http, addr, "converse", "tenant").await }
+        })
+        .await;
+        setup.router.shutdown().await;
+        let ok = latencies(&r, 200);
+        let refused = latencies(&r, 429);
+        println!(
+            "| {rate:.0}/s ({factor}×) | {:.0} / {:.0} ms | {} | {:.2} / {:.2} ms |",
+            ms(percentile(&ok, 0.5)),
+            ms(percentile(&ok, 0.99)),
+            refused.len(),
+            ms(percentile(&refused, 0.5)),
+            ms(percentile(&refused, 0.99)),
+        );
+    }
+    println!();
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let seconds = args
+        .iter()
+        .position(|a| a == "--seconds")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5.0);
+    let only = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).cloned();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    runtime.block_on(async {
+        let run = |name: &str| only.as_deref().is_none_or(|o| o == name);
+        if run("overhead") {
+            overhead(seconds).await;
+        }
+        if run("fairness") {
+            fairness(seconds).await;
+        }
+        if run("overload") {
+            overload(seconds).await;
+        }
+    });
+}
