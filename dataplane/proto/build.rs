@@ -4,6 +4,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto = "proto/mantle/runner/v1/runner.proto";
     println!("cargo:rerun-if-changed={proto}");
     let descriptors = protox::compile([proto], ["proto"])?;
-    tonic_prost_build::configure().compile_fds(descriptors)?;
+    // Our codec answers malformed requests with INVALID_ARGUMENT (see src/codec.rs).
+    tonic_prost_build::configure().codec_path("crate::codec::ProtoCodec").compile_fds(descriptors)?;
     Ok(())
 }

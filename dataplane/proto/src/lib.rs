@@ -2,6 +2,8 @@
 
 #![allow(clippy::doc_lazy_continuation, clippy::large_enum_variant)]
 
+pub mod codec;
+
 pub mod runner {
     pub mod v1 {
         tonic::include_proto!("mantle.runner.v1");

@@ -44,12 +44,18 @@ struct Setup {
     _stand_in: mantle_router::test_support::RunningStandIn,
 }
 
-async fn setup(stand_in_config: StandInConfig, slots_per_runner: usize, metering: bool) -> Setup {
+fn metering_path(name: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("mantle-bench-{}-{name}.jsonl", std::process::id()))
+}
+
+async fn setup(stand_in_config: StandInConfig, slots_per_runner: usize, metering: Option<&str>) -> Setup {
     let s = stand_in(stand_in_config).await;
     let mut config = RouterConfig::local("127.0.0.1:0".parse().expect("address"));
     config.path.slots_per_runner = slots_per_runner;
-    if metering {
-        config.metering = Some(std::env::temp_dir().join(format!("mantle-bench-{}.jsonl", std::process::id())));
+    if let Some(name) = metering {
+        let path = metering_path(name);
+        let _ = std::fs::remove_file(&path);
+        config.metering = Some(path);
     }
     let platform = Platform {
         models: vec![model(MODEL)],
@@ -175,7 +181,7 @@ async fn overhead(seconds: f64) {
     println!("## Overhead (non-streaming Converse, 16 tokens returned at once)\n");
     println!("| rate | direct gRPC p50 / p99 | through the router p50 / p99 | added p50 / p99 | errors |");
     println!("|---:|---:|---:|---:|---:|");
-    let setup = setup(StandInConfig { tokens: 16, ..Default::default() }, 100_000, true).await;
+    let setup = setup(StandInConfig { tokens: 16, ..Default::default() }, 100_000, Some("overhead")).await;
     for rate in [1_000.0, 10_000.0] {
         let grpc = setup.grpc.clone();
         let direct_results = open_loop(rate, seconds, || {
@@ -240,22 +246,36 @@ async fn overhead(seconds: f64) {
 }
 
 async fn setup_streaming(tokens: u32) -> Setup {
-    setup(StandInConfig { tokens, interval: Duration::from_millis(2), ..Default::default() }, 100_000, false).await
+    setup(StandInConfig { tokens, interval: Duration::from_millis(2), ..Default::default() }, 100_000, None).await
 }
 
 /// 4 slots of a 100 ms service (20 tokens, 5 ms apart): capacity 40 requests/s.
 const SLOTS: usize = 4;
 const SERVICE: Duration = Duration::from_millis(100);
 
-async fn capacity_setup() -> Setup {
-    setup(StandInConfig { tokens: 20, interval: Duration::from_millis(5), ..Default::default() }, SLOTS, false).await
+async fn capacity_setup(metering: Option<&str>) -> Setup {
+    setup(StandInConfig { tokens: 20, interval: Duration::from_millis(5), ..Default::default() }, SLOTS, metering).await
+}
+
+/// A tenant's queue waits, from the router's metering records (sorted).
+fn queue_waits(name: &str, tenant: &str) -> Vec<Duration> {
+    let text = std::fs::read_to_string(metering_path(name)).unwrap_or_default();
+    let mut waits: Vec<Duration> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|r| r["tenant"] == tenant && r["outcome"] != "cancelled")
+        .filter_map(|r| r["queueMs"].as_f64())
+        .map(|ms| Duration::from_secs_f64(ms / 1000.0))
+        .collect();
+    waits.sort();
+    waits
 }
 
 async fn fairness(seconds: f64) {
     println!("## Fairness (capacity 40 requests/s: 4 slots × 100 ms)\n");
     let light_rate = 4.0;
     let solo = {
-        let setup = capacity_setup().await;
+        let setup = capacity_setup(Some("solo")).await;
         let http = client();
         let addr = setup.router.addr;
         let r = open_loop(light_rate, seconds * 4.0, || {
@@ -264,9 +284,10 @@ async fn fairness(seconds: f64) {
         })
         .await;
         setup.router.shutdown().await;
-        latencies(&r, 200)
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        (latencies(&r, 200), queue_waits("solo", "light"))
     };
-    let setup = capacity_setup().await;
+    let setup = capacity_setup(Some("contended")).await;
     let http = client();
     let addr = setup.router.addr;
     let heavy_http = http.clone();
@@ -284,24 +305,30 @@ async fn fairness(seconds: f64) {
     .await;
     let heavy = heavy.await.unwrap_or_default();
     setup.router.shutdown().await;
-    let contended = latencies(&light, 200);
-    let wait = |v: &[Duration], p: f64| percentile(v, p).saturating_sub(SERVICE);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let contended = (latencies(&light, 200), queue_waits("contended", "light"));
+    let heavy_waits = queue_waits("contended", "heavy");
     let heavy_ok = heavy.iter().filter(|(_, s)| *s == 200).count();
     let heavy_shed = heavy.iter().filter(|(_, s)| *s == 429).count();
-    println!("| light tenant ({light_rate} req/s) | queue wait p50 | queue wait p99 | refused |");
+    println!("| light tenant ({light_rate} req/s) | queue wait p50 / p99 | latency p50 / p99 | refused |");
     println!("|---|---:|---:|---:|");
-    println!("| alone | {:.1} ms | {:.1} ms | 0 |", ms(wait(&solo, 0.5)), ms(wait(&solo, 0.99)));
+    for (name, (lat, waits), refused) in [
+        ("alone".to_string(), &solo, 0),
+        (format!("beside a heavy tenant at {} req/s", light_rate * 10.0), &contended, light.len() - contended.0.len()),
+    ] {
+        println!(
+            "| {name} | {:.1} / {:.1} ms | {:.0} / {:.0} ms | {refused} |",
+            ms(percentile(waits, 0.5)),
+            ms(percentile(waits, 0.99)),
+            ms(percentile(lat, 0.5)),
+            ms(percentile(lat, 0.99)),
+        );
+    }
     println!(
-        "| beside a heavy tenant at {} req/s | {:.1} ms | {:.1} ms | {} |",
-        light_rate * 10.0,
-        ms(wait(&contended, 0.5)),
-        ms(wait(&contended, 0.99)),
-        light.len() - contended.len()
-    );
-    println!(
-        "\nHeavy tenant: {heavy_ok} served, {heavy_shed} refused with 429. Light p99 wait ratio (contended / alone, each at least one 10 ms tick): **{:.2}×**\n",
-        ms(wait(&contended, 0.99).max(Duration::from_millis(10)))
-            / ms(wait(&solo, 0.99).max(Duration::from_millis(10)))
+        "\nHeavy tenant: {heavy_ok} served (queue wait p99 {:.0} ms), {heavy_shed} refused with 429. \
+         Light tenant p99 latency contended / alone: **{:.2}×**\n",
+        ms(percentile(&heavy_waits, 0.99)),
+        ms(percentile(&contended.0, 0.99)) / ms(percentile(&solo.0, 0.99)).max(0.001)
     );
 }
 
@@ -310,7 +337,7 @@ async fn overload(seconds: f64) {
     println!("| offered | accepted p50 / p99 | refused | refusal p50 / p99 |");
     println!("|---:|---:|---:|---:|");
     for factor in [0.8, 3.0] {
-        let setup = capacity_setup().await;
+        let setup = capacity_setup(None).await;
         let http = client();
         let addr = setup.router.addr;
         let rate = 40.0 * factor;

@@ -231,3 +231,34 @@ async fn http_get(url: &str) -> String {
     socket.read_to_string(&mut response).await.unwrap();
     response
 }
+
+/// ChatMessage and CountTokensRequest with `bytes` where the API has `string`: the same wire
+/// format, so a client can send text that is not UTF-8.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawChatMessage {
+    #[prost(bytes = "vec", tag = "1")]
+    role: Vec<u8>,
+    #[prost(bytes = "vec", tag = "2")]
+    content: Vec<u8>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawCountTokens {
+    #[prost(message, repeated, tag = "1")]
+    messages: Vec<RawChatMessage>,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_utf8_is_an_invalid_argument() {
+    let (runner, _) = start().await;
+    let channel = Channel::from_shared(format!("http://{}", runner.grpc_addr)).unwrap().connect().await.unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let request =
+        RawCountTokens { messages: vec![RawChatMessage { role: b"user".to_vec(), content: vec![0xff, 0xfe, b'h'] }] };
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/mantle.runner.v1.Runner/CountTokens");
+    let codec = tonic_prost::ProstCodec::<RawCountTokens, mantle_proto::CountTokensResponse>::default();
+    let status = grpc.unary(tonic::Request::new(request), path, codec).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("not valid protobuf"), "{}", status.message());
+}
