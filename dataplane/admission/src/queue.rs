@@ -96,6 +96,10 @@ pub struct QueueConfig {
     pub max_retry_after: Duration,
     /// The retry hint when the model has no ready runner. Default 5 s.
     pub unavailable_retry_after: Duration,
+    /// The longest a request may be expected to wait: one whose estimated wait is longer is
+    /// refused as `Throttled` at once, so under overload the requests that are accepted keep
+    /// their latency. `None` (the default) bounds the queue by the count limits only.
+    pub max_queue_wait: Option<Duration>,
 }
 
 impl Default for QueueConfig {
@@ -112,6 +116,7 @@ impl Default for QueueConfig {
             throughput_smoothing: 0.2,
             max_retry_after: Duration::from_secs(60),
             unavailable_retry_after: Duration::from_secs(5),
+            max_queue_wait: None,
         }
     }
 }
@@ -384,6 +389,9 @@ impl State {
             return Err(Rejected::Throttled { retry_after: self.retry_after(lane) });
         }
         let estimated_wait = self.estimate_wait(lane, request.priority, &request.tenant, weight);
+        if self.config.max_queue_wait.is_some_and(|max| estimated_wait > max) {
+            return Err(Rejected::Throttled { retry_after: self.retry_after(lane) });
+        }
         if let Some(deadline) = request.deadline
             && now.checked_add(estimated_wait).is_none_or(|start| start > deadline)
         {

@@ -49,9 +49,19 @@ fn metering_path(name: &str) -> std::path::PathBuf {
 }
 
 async fn setup(stand_in_config: StandInConfig, slots_per_runner: usize, metering: Option<&str>) -> Setup {
+    setup_with(stand_in_config, slots_per_runner, metering, None).await
+}
+
+async fn setup_with(
+    stand_in_config: StandInConfig,
+    slots_per_runner: usize,
+    metering: Option<&str>,
+    max_queue_wait: Option<Duration>,
+) -> Setup {
     let s = stand_in(stand_in_config).await;
     let mut config = RouterConfig::local("127.0.0.1:0".parse().expect("address"));
     config.path.slots_per_runner = slots_per_runner;
+    config.path.queue.max_queue_wait = max_queue_wait;
     if let Some(name) = metering {
         let path = metering_path(name);
         let _ = std::fs::remove_file(&path);
@@ -334,29 +344,34 @@ async fn fairness(seconds: f64) {
 
 async fn overload(seconds: f64) {
     println!("## Overload (capacity 40 requests/s)\n");
-    println!("| offered | accepted p50 / p99 | refused | refusal p50 / p99 |");
-    println!("|---:|---:|---:|---:|");
-    for factor in [0.8, 3.0] {
-        let setup = capacity_setup(None).await;
-        let http = client();
-        let addr = setup.router.addr;
-        let rate = 40.0 * factor;
-        let r = open_loop(rate, seconds * 3.0, || {
-            let http = http.clone();
-            async move { converse(&http, addr, "converse", "tenant").await }
-        })
-        .await;
-        setup.router.shutdown().await;
-        let ok = latencies(&r, 200);
-        let refused = latencies(&r, 429);
-        println!(
-            "| {rate:.0}/s ({factor}×) | {:.0} / {:.0} ms | {} | {:.2} / {:.2} ms |",
-            ms(percentile(&ok, 0.5)),
-            ms(percentile(&ok, 0.99)),
-            refused.len(),
-            ms(percentile(&refused, 0.5)),
-            ms(percentile(&refused, 0.99)),
-        );
+    println!("| queue bound | offered | accepted p50 / p99 | refused | refusal p50 / p99 |");
+    println!("|---|---:|---:|---:|---:|");
+    let budgets =
+        [("length only (4 per slot, the default)", None), ("wait budget 50 ms", Some(Duration::from_millis(50)))];
+    for (bound, budget) in budgets {
+        for factor in [0.8, 3.0] {
+            let stand_in = StandInConfig { tokens: 20, interval: Duration::from_millis(5), ..Default::default() };
+            let setup = setup_with(stand_in, SLOTS, None, budget).await;
+            let http = client();
+            let addr = setup.router.addr;
+            let rate = 40.0 * factor;
+            let r = open_loop(rate, seconds * 3.0, || {
+                let http = http.clone();
+                async move { converse(&http, addr, "converse", "tenant").await }
+            })
+            .await;
+            setup.router.shutdown().await;
+            let ok = latencies(&r, 200);
+            let refused = latencies(&r, 429);
+            println!(
+                "| {bound} | {rate:.0}/s ({factor}×) | {:.0} / {:.0} ms | {} | {:.2} / {:.2} ms |",
+                ms(percentile(&ok, 0.5)),
+                ms(percentile(&ok, 0.99)),
+                refused.len(),
+                ms(percentile(&refused, 0.5)),
+                ms(percentile(&refused, 0.99)),
+            );
+        }
     }
     println!();
 }

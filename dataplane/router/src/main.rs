@@ -45,6 +45,10 @@ struct Args {
     /// Concurrent requests sent to one healthy runner.
     #[arg(long, default_value_t = 16)]
     slots_per_runner: usize,
+    /// Refuse (429) a request whose estimated queue wait is longer than this, so accepted
+    /// requests keep their latency under overload (0: bound the queue by length only).
+    #[arg(long, default_value_t = 0)]
+    max_queue_wait_ms: u64,
 }
 
 #[tokio::main]
@@ -64,7 +68,13 @@ async fn main() -> anyhow::Result<()> {
             None => AuthConfig::Off,
         },
         metering: args.metering,
-        path: PathConfig { region: args.region, slots_per_runner: args.slots_per_runner, ..PathConfig::default() },
+        path: {
+            let mut path =
+                PathConfig { region: args.region, slots_per_runner: args.slots_per_runner, ..PathConfig::default() };
+            path.queue.max_queue_wait =
+                (args.max_queue_wait_ms > 0).then(|| std::time::Duration::from_millis(args.max_queue_wait_ms));
+            path
+        },
     };
     let router = mantle_router::start(config, platform).await.context("starting the router")?;
     tokio::signal::ctrl_c().await?;

@@ -239,6 +239,21 @@ fn backlogged_tenants_are_served_in_proportion_to_weight() {
 }
 
 #[test]
+fn a_queue_wait_budget_sheds_what_would_wait_longer() {
+    let t0 = Instant::now();
+    let mut q = small_lane_only(t0);
+    for id in 0..4 {
+        q.enqueue(request(id, "a", Priority::Normal, SMALL), t0).unwrap();
+    }
+    q.next(t0).unwrap();
+    q.config.max_queue_wait = Some(secs(5.0));
+    // As above: a's next request would wait 8.4 s, another tenant's 1.2 s.
+    assert!(matches!(q.enqueue(request(10, "a", Priority::Normal, SMALL), t0), Err(Rejected::Throttled { .. })));
+    assert_eq!(q.enqueue(request(12, "b", Priority::Normal, SMALL), t0).map(|a| a.estimated_wait), Ok(secs(1.2)));
+    q.check_invariants();
+}
+
+#[test]
 fn an_unmeetable_deadline_is_refused_at_enqueue() {
     let t0 = Instant::now();
     let mut q = small_lane_only(t0);
@@ -445,6 +460,7 @@ fn extreme_inputs_do_not_panic() {
         throughput_smoothing: f64::NAN,
         max_retry_after: Duration::ZERO,
         unavailable_retry_after: Duration::ZERO,
+        max_queue_wait: Some(Duration::ZERO),
     };
     for config in [QueueConfig::default(), nonsense] {
         let mut q = State::new(config, t0);
