@@ -261,7 +261,6 @@ async fn setup_streaming(tokens: u32) -> Setup {
 
 /// 4 slots of a 100 ms service (20 tokens, 5 ms apart): capacity 40 requests/s.
 const SLOTS: usize = 4;
-const SERVICE: Duration = Duration::from_millis(100);
 
 async fn capacity_setup(metering: Option<&str>) -> Setup {
     setup(StandInConfig { tokens: 20, interval: Duration::from_millis(5), ..Default::default() }, SLOTS, metering).await

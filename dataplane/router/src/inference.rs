@@ -28,6 +28,7 @@ use crate::metering::{Meter, MeteringRecord};
 use crate::metrics::Metrics;
 use crate::placement::{self, RequestFacts};
 use crate::runners::{InFlight, RunnerHandle, Runners};
+use crate::server::Platform;
 use crate::tenants::Tenant;
 
 /// Bytes of prompt text hashed for prefix affinity (about 128 tokens).
@@ -70,17 +71,39 @@ impl Default for PathConfig {
     }
 }
 
-pub struct Inference {
+/// What the router serves right now; replaced whole when the platform changes (a FoundationModel
+/// or an EndpointSlice in Kubernetes).
+pub struct Live {
     pub catalog: Catalog,
     pub runners: Runners,
+    /// Provisioned model units by (tenant, model id).
+    pub provisioned: HashMap<(String, String), f64>,
+}
+
+impl Live {
+    fn new(platform: Platform, previous: &Runners) -> anyhow::Result<Self> {
+        let mut provisioned = HashMap::new();
+        for p in &platform.provisioned {
+            *provisioned.entry((p.spec.tenant.clone(), p.spec.model_id.clone())).or_insert(0.0) +=
+                p.spec.model_units.max(1) as f64;
+        }
+        Ok(Live {
+            catalog: Catalog::from_resources(&platform.models),
+            runners: previous.update(platform.runners)?,
+            provisioned,
+        })
+    }
+}
+
+pub struct Inference {
+    live: std::sync::RwLock<Arc<Live>>,
     pub metrics: Metrics,
     pub meter: Meter,
     pub guards: Guards,
     pub config: PathConfig,
-    queues: HashMap<String, ModelQueue>,
+    /// One queue per model id, kept across platform updates (requests may be waiting in it).
+    queues: std::sync::Mutex<HashMap<String, ModelQueue>>,
     limiter: std::sync::Mutex<RateLimiter>,
-    /// Provisioned model units by (tenant, model id).
-    provisioned: HashMap<(String, String), f64>,
     next_id: AtomicU64,
     /// Randomness for power-of-two choices.
     rng: std::sync::Mutex<rand::rngs::StdRng>,
@@ -105,25 +128,16 @@ fn proto_priority(p: Priority) -> mantle_proto::Priority {
 }
 
 impl Inference {
-    pub fn new(
-        catalog: Catalog,
-        runners: Runners,
-        provisioned: HashMap<(String, String), f64>,
-        metrics: Metrics,
-        meter: Meter,
-        config: PathConfig,
-    ) -> Arc<Self> {
-        let queues = catalog.iter().map(|m| (m.model_id.clone(), ModelQueue::new(config.queue.clone()))).collect();
+    pub fn new(platform: Platform, metrics: Metrics, meter: Meter, config: PathConfig) -> anyhow::Result<Arc<Self>> {
+        let live = Live::new(platform, &Runners::default())?;
         let inference = Arc::new(Inference {
-            catalog,
-            runners,
+            live: std::sync::RwLock::new(Arc::new(live)),
             metrics,
             meter,
             guards: Guards::default(),
             config,
-            queues,
+            queues: std::sync::Mutex::new(HashMap::new()),
             limiter: std::sync::Mutex::new(RateLimiter::new()),
-            provisioned,
             next_id: AtomicU64::new(1),
             rng: std::sync::Mutex::new(rand::SeedableRng::seed_from_u64(
                 SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
@@ -131,12 +145,38 @@ impl Inference {
             )),
         });
         tokio::spawn(capacity_loop(Arc::downgrade(&inference)));
-        inference
+        Ok(inference)
+    }
+
+    /// What is served now.
+    pub fn live(&self) -> Arc<Live> {
+        self.live.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Serves `platform` from now on: new models and runners are added, removed ones dropped;
+    /// known runners keep their connections and in-flight counts.
+    pub fn update(&self, platform: Platform) -> anyhow::Result<()> {
+        let mut live = self.live.write().unwrap_or_else(|e| e.into_inner());
+        let next = Live::new(platform, &live.runners)?;
+        tracing::info!(
+            models = next.catalog.iter().count(),
+            runners = next.runners.iter().map(|(_, r)| r.len()).sum::<usize>(),
+            "platform updated"
+        );
+        *live = Arc::new(next);
+        Ok(())
+    }
+
+    /// The model's queue, created on first use.
+    fn queue(&self, model_id: &str) -> ModelQueue {
+        let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
+        queues.entry(model_id.to_string()).or_insert_with(|| ModelQueue::new(self.config.queue.clone())).clone()
     }
 
     /// The model's load as admission sees it: the best state among its ready runners.
     fn model_load(&self, model_id: &str) -> Load {
-        self.runners
+        self.live()
+            .runners
             .for_model(model_id)
             .iter()
             .filter_map(|r| {
@@ -149,10 +189,16 @@ impl Inference {
 
     /// Updates each model queue's capacity from its runners' readiness and health.
     fn refresh_capacity(&self) {
-        for (model_id, queue) in &self.queues {
+        let live = self.live();
+        for model in live.catalog.iter() {
+            self.queue(&model.model_id);
+        }
+        let queues: Vec<(String, ModelQueue)> =
+            self.queues.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|(k, q)| (k.clone(), q.clone())).collect();
+        for (model_id, queue) in &queues {
             let mut slots = 0;
             let mut ready = 0;
-            for r in self.runners.for_model(model_id) {
+            for r in live.runners.for_model(model_id) {
                 let (state, is_ready) = r.state();
                 if is_ready {
                     ready += 1;
@@ -188,8 +234,9 @@ impl Inference {
         prompt: &str,
     ) -> Result<Admission, ApiError> {
         model.check_serving(SystemTime::now())?;
-        let queue = self.queues.get(&model.model_id).ok_or_else(|| ApiError::NotFound(model.model_id.clone()))?;
-        let weight = self.provisioned.get(&(ctx.tenant.name.clone(), model.model_id.clone())).copied().unwrap_or(1.0);
+        let queue = self.queue(&model.model_id);
+        let weight =
+            self.live().provisioned.get(&(ctx.tenant.name.clone(), model.model_id.clone())).copied().unwrap_or(1.0);
         let limits = ctx.tenant.limits(weight);
         let load = self.model_load(&model.model_id);
         // Buckets count input plus the output a request is expected to generate.
@@ -274,7 +321,8 @@ impl Inference {
 
     /// Picks a runner for the request.
     fn place(&self, ctx: &Ctx, model: &ModelEntry, prompt: &str) -> Result<Arc<RunnerHandle>, ApiError> {
-        let runners = self.runners.for_model(&model.model_id);
+        let live = self.live();
+        let runners = live.runners.for_model(&model.model_id);
         let views: Vec<_> = runners.iter().map(|r| r.view()).collect();
         let facts = RequestFacts {
             tenant: &ctx.tenant.name,
@@ -289,35 +337,37 @@ impl Inference {
     }
 
     /// The model and its fallbacks, in order, each with the failures that lead to it.
-    fn chain<'a>(&'a self, model: &'a ModelEntry) -> Vec<(&'a ModelEntry, Option<FallbackTrigger>)> {
-        let mut chain = vec![(model, None)];
+    fn chain(&self, model: &ModelEntry) -> Vec<(ModelEntry, Option<FallbackTrigger>)> {
+        let live = self.live();
+        let mut chain = vec![(model.clone(), None)];
         for (id, on) in &model.fallbacks {
-            if let Some(m) = self.catalog.get(id).filter(|m| m.modality == model.modality) {
-                chain.push((m, Some(*on)));
+            if let Some(m) = live.catalog.get(id).filter(|m| m.modality == model.modality) {
+                chain.push((m.clone(), Some(*on)));
             }
         }
         chain
     }
 
     /// Runs `attempt` on the model, then down its fallback chain while the failure matches.
-    async fn with_fallbacks<'a, T, F, Fut>(&'a self, model: &'a ModelEntry, mut attempt: F) -> Result<T, ApiError>
+    async fn with_fallbacks<T, F, Fut>(&self, model: &ModelEntry, mut attempt: F) -> Result<T, ApiError>
     where
-        F: FnMut(&'a ModelEntry) -> Fut,
+        F: FnMut(ModelEntry) -> Fut,
         Fut: Future<Output = Result<T, ApiError>>,
     {
         let chain = self.chain(model);
         let mut last = None;
-        for (i, (m, trigger)) in chain.iter().enumerate() {
+        for (i, (m, trigger)) in chain.into_iter().enumerate() {
             if let (Some(trigger), Some(error)) = (trigger, &last)
-                && !matches_trigger(*trigger, error)
+                && !matches_trigger(trigger, error)
             {
                 break;
             }
+            let name = m.model_id.clone();
             match attempt(m).await {
                 Ok(value) => {
                     if i > 0 {
-                        self.metrics.fallbacks.with_label_values(&[model.model_id.as_str(), m.model_id.as_str()]).inc();
-                        tracing::info!(model = %model.model_id, fallback = %m.model_id, "served by a fallback model");
+                        self.metrics.fallbacks.with_label_values(&[model.model_id.as_str(), name.as_str()]).inc();
+                        tracing::info!(model = %model.model_id, fallback = %name, "served by a fallback model");
                     }
                     return Ok(value);
                 }
@@ -336,7 +386,7 @@ impl Inference {
                 model.model_id
             )));
         }
-        self.with_fallbacks(model, |m| self.generate_on(ctx, model, m, req)).await
+        self.with_fallbacks(model, |m| async move { self.generate_on(ctx, model, &m, req).await }).await
     }
 
     async fn generate_on(
@@ -473,8 +523,8 @@ impl Inference {
             .with_fallbacks(model, |m| {
                 let texts = texts.clone();
                 async move {
-                    let admission = self.admit(ctx, m, estimate, 0, "").await?;
-                    let runner = self.place(ctx, m, "")?;
+                    let admission = self.admit(ctx, &m, estimate, 0, "").await?;
+                    let runner = self.place(ctx, &m, "")?;
                     let _in_flight = runner.begin();
                     let mut client = runner.client.clone();
                     let reply = client
@@ -515,7 +565,7 @@ impl Inference {
     /// Counts a conversation's or prompt's tokens with the model's own tokenizer and template.
     pub async fn count_tokens(&self, model: &ModelEntry, req: &TextRequest) -> Result<u32, ApiError> {
         let runner =
-            self.runners.for_model(&model.model_id).iter().find(|r| r.state().1).cloned().ok_or_else(|| {
+            self.live().runners.for_model(&model.model_id).iter().find(|r| r.state().1).cloned().ok_or_else(|| {
                 ApiError::Unavailable {
                     message: format!("{} has no ready runner right now.", model.model_id),
                     retry_after: Duration::from_secs(1),

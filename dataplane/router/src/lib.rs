@@ -8,6 +8,7 @@ pub mod catalog;
 pub mod error;
 pub mod guard;
 pub mod inference;
+pub mod kubernetes;
 pub mod metering;
 pub mod metrics;
 pub mod placement;

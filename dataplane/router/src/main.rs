@@ -30,12 +30,19 @@ struct Args {
     /// Accept every request without authentication (trusted networks only).
     #[arg(long)]
     no_auth: bool,
+    /// Serve the FoundationModels and ProvisionedThroughputs in the cluster, with runners found
+    /// through their Services' EndpointSlices (in a pod: the in-cluster config).
+    #[arg(long, conflicts_with_all = ["manifests", "runners"])]
+    kubernetes: bool,
+    /// With --kubernetes: watch this namespace only (default: all namespaces).
+    #[arg(long, requires = "kubernetes")]
+    namespace: Option<String>,
     /// A directory of Mantle manifests: the FoundationModels served and ProvisionedThroughputs.
-    #[arg(long)]
-    manifests: PathBuf,
+    #[arg(long, required_unless_present = "kubernetes", requires = "runners")]
+    manifests: Option<PathBuf>,
     /// The runners: `runners: [{model, address, pool?, cell?}]`.
-    #[arg(long)]
-    runners: PathBuf,
+    #[arg(long, required_unless_present = "kubernetes", requires = "manifests")]
+    runners: Option<PathBuf>,
     /// Append one JSON line per request here.
     #[arg(long)]
     metering: Option<PathBuf>,
@@ -57,8 +64,15 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     let args = Args::parse();
-    let mut platform = Platform::from_manifest_dir(&args.manifests)?;
-    platform.runners = mantle_router::runners::read_runners_file(&args.runners)?;
+    let platform = match (&args.manifests, &args.runners) {
+        (Some(manifests), Some(runners)) => {
+            let mut platform = Platform::from_manifest_dir(manifests)?;
+            platform.runners = mantle_router::runners::read_runners_file(runners)?;
+            platform
+        }
+        // Filled from the cluster once the caches are warm.
+        _ => Platform::default(),
+    };
     let config = RouterConfig {
         listen: args.listen,
         metrics_listen: args.metrics_listen,
@@ -77,8 +91,35 @@ async fn main() -> anyhow::Result<()> {
         },
     };
     let router = mantle_router::start(config, platform).await.context("starting the router")?;
-    tokio::signal::ctrl_c().await?;
+    let discovery = if args.kubernetes {
+        let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
+        let inference = router.inference();
+        Some(tokio::spawn(async move {
+            if let Err(e) = mantle_router::kubernetes::follow(client, args.namespace, inference).await {
+                tracing::error!(error = %e, "following the cluster stopped");
+            }
+        }))
+    } else {
+        None
+    };
+    shutdown_signal().await;
+    if let Some(task) = discovery {
+        task.abort();
+    }
     tracing::info!("shutting down");
     router.shutdown().await;
     Ok(())
+}
+
+/// Ctrl-C, or SIGTERM (what Kubernetes sends).
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        return;
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }

@@ -60,6 +60,7 @@ pub struct RunnerHandle {
     pub client: RunnerClient<Channel>,
     in_flight: AtomicU32,
     live: Mutex<Live>,
+    watcher: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl RunnerHandle {
@@ -70,7 +71,23 @@ impl RunnerHandle {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10));
         let client = RunnerClient::new(endpoint.connect_lazy());
-        Ok(Arc::new(RunnerHandle { spec, client, in_flight: AtomicU32::new(0), live: Mutex::new(Live::default()) }))
+        let handle = Arc::new(RunnerHandle {
+            spec,
+            client,
+            in_flight: AtomicU32::new(0),
+            live: Mutex::new(Live::default()),
+            watcher: Mutex::new(None),
+        });
+        let task = tokio::spawn(handle.clone().watch_health());
+        *handle.watcher.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
+        Ok(handle)
+    }
+
+    /// Stops following the runner's Health stream.
+    pub fn stop(&self) {
+        if let Some(task) = self.watcher.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            task.abort();
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Live> {
@@ -121,7 +138,7 @@ impl RunnerHandle {
     }
 
     /// Follows the runner's Health stream for as long as the task runs, reconnecting with backoff.
-    pub async fn watch_health(self: Arc<Self>) {
+    async fn watch_health(self: Arc<Self>) {
         let mut backoff = Duration::from_millis(100);
         loop {
             let mut client = self.client.clone();
@@ -165,27 +182,30 @@ impl Drop for InFlight {
 #[derive(Default, Clone)]
 pub struct Runners {
     by_model: BTreeMap<String, Vec<Arc<RunnerHandle>>>,
-    watchers: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
 }
 
 impl Runners {
-    /// Connects to every runner (lazily) and starts its health watcher.
+    /// Connects to every runner (lazily) and starts following its health.
     pub fn start(specs: Vec<RunnerSpec>) -> anyhow::Result<Self> {
-        let mut by_model: BTreeMap<String, Vec<Arc<RunnerHandle>>> = BTreeMap::new();
-        let mut watchers = Vec::new();
-        for spec in specs {
-            let handle = RunnerHandle::connect(spec)?;
-            watchers.push(tokio::spawn(handle.clone().watch_health()));
-            by_model.entry(handle.spec.model.clone()).or_default().push(handle);
-        }
-        Ok(Runners { by_model, watchers: Arc::new(Mutex::new(watchers)) })
+        Runners::default().update(specs)
     }
 
-    /// Stops following the runners' Health streams (the router is shutting down).
-    pub fn stop(&self) {
-        for task in self.watchers.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
-            task.abort();
+    /// The runners `specs` describe: the ones already known keep their connection, health and
+    /// in-flight count; new ones are connected; the rest stop being watched.
+    pub fn update(&self, specs: Vec<RunnerSpec>) -> anyhow::Result<Self> {
+        let mut old: Vec<Arc<RunnerHandle>> = self.by_model.values().flatten().cloned().collect();
+        let mut by_model: BTreeMap<String, Vec<Arc<RunnerHandle>>> = BTreeMap::new();
+        for spec in specs {
+            let handle = match old.iter().position(|h| h.spec == spec) {
+                Some(i) => old.swap_remove(i),
+                None => RunnerHandle::connect(spec)?,
+            };
+            by_model.entry(handle.spec.model.clone()).or_default().push(handle);
         }
+        for gone in old {
+            gone.stop();
+        }
+        Ok(Runners { by_model })
     }
 
     pub fn for_model(&self, model_id: &str) -> &[Arc<RunnerHandle>] {
@@ -200,11 +220,39 @@ impl Runners {
     pub fn iter(&self) -> impl Iterator<Item = (&String, &Vec<Arc<RunnerHandle>>)> {
         self.by_model.iter()
     }
+
+    /// Stops following every runner's health (the router is shutting down).
+    pub fn stop(&self) {
+        for handle in self.by_model.values().flatten() {
+            handle.stop();
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn updates_keep_known_runners_and_drop_the_rest() {
+        let spec = |port: u16| RunnerSpec {
+            model: "a.b-v1:0".into(),
+            address: format!("http://127.0.0.1:{port}"),
+            pool: None,
+            cell: None,
+        };
+        let first = Runners::start(vec![spec(1), spec(2)]).unwrap();
+        let kept = first.for_model("a.b-v1:0")[1].clone();
+        let _guard = kept.begin();
+        let second = first.update(vec![spec(2), spec(3)]).unwrap();
+        let now: Vec<&str> = second.for_model("a.b-v1:0").iter().map(|h| h.spec.address.as_str()).collect();
+        assert_eq!(now, ["http://127.0.0.1:2", "http://127.0.0.1:3"]);
+        assert!(Arc::ptr_eq(&second.for_model("a.b-v1:0")[0], &kept), "a known runner keeps its handle");
+        assert_eq!(second.for_model("a.b-v1:0")[0].in_flight(), 1);
+        let removed = &first.for_model("a.b-v1:0")[0];
+        assert!(removed.watcher.lock().unwrap().is_none(), "a removed runner is no longer watched");
+        second.stop();
+    }
 
     #[test]
     fn runners_files_parse_and_reject_unknown_fields() {

@@ -1,7 +1,6 @@
 //! Starting the router: what it serves (the platform's manifests and its runners), how
 //! (listeners, limits, authentication, metering), and the running server.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,11 +13,10 @@ use tokio::task::JoinHandle;
 
 use crate::api::{self, AppState};
 use crate::auth::Auth;
-use crate::catalog::Catalog;
 use crate::inference::{Inference, PathConfig};
 use crate::metering::Meter;
 use crate::metrics::Metrics;
-use crate::runners::{RunnerSpec, Runners};
+use crate::runners::RunnerSpec;
 
 /// Who may call.
 #[derive(Clone, Debug)]
@@ -90,6 +88,11 @@ pub struct RunningRouter {
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl RunningRouter {
+    /// The request path, to update what it serves.
+    pub fn inference(&self) -> Arc<Inference> {
+        self.inference.clone()
+    }
+
     /// Stops accepting, lets in-flight requests finish (up to [`SHUTDOWN_GRACE`]), and stops
     /// following the runners.
     pub async fn shutdown(mut self) {
@@ -100,7 +103,7 @@ impl RunningRouter {
             tracing::warn!("requests still open after {}s; stopping anyway", SHUTDOWN_GRACE.as_secs());
             self.task.abort();
         }
-        self.inference.runners.stop();
+        self.inference.live().runners.stop();
     }
 }
 
@@ -122,14 +125,7 @@ pub fn build(config: &RouterConfig, platform: Platform) -> anyhow::Result<(axum:
             Auth::from_file(path.clone()).with_context(|| format!("loading keys from {}", path.display()))?
         }
     };
-    let mut provisioned = HashMap::new();
-    for p in &platform.provisioned {
-        *provisioned.entry((p.spec.tenant.clone(), p.spec.model_id.clone())).or_insert(0.0) +=
-            p.spec.model_units.max(1) as f64;
-    }
-    let catalog = Catalog::from_resources(&platform.models);
-    let runners = Runners::start(platform.runners)?;
-    let inference = Inference::new(catalog, runners, provisioned, metrics, meter, config.path.clone());
+    let inference = Inference::new(platform, metrics, meter, config.path.clone())?;
     let state = Arc::new(AppState { inference: inference.clone(), auth, max_request_bytes: config.max_request_bytes });
     Ok((api::router(state), inference))
 }

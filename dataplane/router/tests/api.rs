@@ -74,7 +74,7 @@ async fn fixture(options: Options) -> Fixture {
     };
     let (app, inference) = mantle_router::build(&options.config, platform).unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
-    while ![TEXT, BACKUP, EMBED].iter().all(|m| inference.runners.ready(m)) {
+    while ![TEXT, BACKUP, EMBED].iter().all(|m| inference.live().runners.ready(m)) {
         assert!(Instant::now() < deadline, "stand-ins never became ready");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

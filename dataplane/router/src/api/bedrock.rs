@@ -43,7 +43,7 @@ fn begin(
     headers: &HeaderMap,
 ) -> ApiResult<(Ctx, ModelEntry)> {
     let ctx = caller.ctx(api, headers)?;
-    let model = state.inference.catalog.resolve(model_id)?.clone();
+    let model = state.inference.live().catalog.resolve(model_id)?.clone();
     Ok((ctx, model))
 }
 

@@ -36,6 +36,7 @@ pub async fn list_foundation_models(
     let region = &state.inference.config.region;
     let summaries: Vec<_> = state
         .inference
+        .live()
         .catalog
         .iter()
         .filter(|m| query.by_provider.as_deref().is_none_or(|p| m.provider.eq_ignore_ascii_case(p)))
@@ -61,7 +62,7 @@ pub async fn get_foundation_model(
     Extension(_caller): Extension<Caller>,
     Path(model_id): Path<String>,
 ) -> Response {
-    match state.inference.catalog.resolve(&model_id) {
+    match state.inference.live().catalog.resolve(&model_id) {
         Ok(m) => axum::Json(json!({ "modelDetails": m.summary(&state.inference.config.region) })).into_response(),
         Err(e) => e.into_bedrock(),
     }

@@ -181,13 +181,9 @@ async fn unknown_operation(request: Request) -> Response {
 
 /// 200 only when every model has a ready runner.
 async fn readyz(State(state): State<Shared>) -> Response {
-    let inference = &state.inference;
-    let missing: Vec<&str> = inference
-        .catalog
-        .iter()
-        .filter(|m| !inference.runners.ready(&m.model_id))
-        .map(|m| m.model_id.as_str())
-        .collect();
+    let live = state.inference.live();
+    let missing: Vec<&str> =
+        live.catalog.iter().filter(|m| !live.runners.ready(&m.model_id)).map(|m| m.model_id.as_str()).collect();
     if missing.is_empty() {
         (StatusCode::OK, "ready\n").into_response()
     } else {

@@ -40,7 +40,7 @@ pub async fn chat_completions(
         let completion = openai::chat_request(&json_body(&body)?)?;
         requested = completion.model.clone();
         let ctx = caller.ctx(api, &headers)?;
-        let model = state.inference.catalog.resolve(&completion.model)?.clone();
+        let model = state.inference.live().catalog.resolve(&completion.model)?.clone();
         let span = Inference::span(&ctx, &model.model_id);
         let ChatCompletion { model: name, stream, include_usage, request } = completion;
         let needs_whole_reply = !request.tools.is_empty() || request.json_schema.is_some();
@@ -160,7 +160,7 @@ pub async fn embeddings(
         let req = openai::embeddings_request(&json_body(&body)?)?;
         requested = req.model.clone();
         let ctx = caller.ctx(api, &headers)?;
-        let model = state.inference.catalog.resolve(&req.model)?.clone();
+        let model = state.inference.live().catalog.resolve(&req.model)?.clone();
         let span = Inference::span(&ctx, &model.model_id);
         let (vectors, tokens) = state.inference.embed(&ctx, &model, req.texts).instrument(span).await?;
         Ok::<_, ApiError>(
@@ -176,12 +176,13 @@ fn model_object(id: &str, provider: &str) -> Value {
 }
 
 pub async fn list_models(State(state): State<Shared>) -> Response {
-    let data: Vec<Value> = state.inference.catalog.iter().map(|m| model_object(&m.model_id, &m.provider)).collect();
+    let data: Vec<Value> =
+        state.inference.live().catalog.iter().map(|m| model_object(&m.model_id, &m.provider)).collect();
     axum::Json(json!({ "object": "list", "data": data })).into_response()
 }
 
 pub async fn get_model(State(state): State<Shared>, Path(model_id): Path<String>) -> Response {
-    match state.inference.catalog.resolve(&model_id) {
+    match state.inference.live().catalog.resolve(&model_id) {
         Ok(m) => {
             let mut body = model_object(&m.model_id, &m.provider);
             body["mantle_modality"] = json!(if m.modality == Modality::Text { "TEXT" } else { "EMBEDDING" });
