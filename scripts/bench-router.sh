@@ -50,9 +50,13 @@ litellm_settings: {drop_params: true, telemetry: false}
 YAML
 chat='{"model":"acme.bench-v1:0","messages":[{"role":"user","content":"What is the capital of France?"}],"max_tokens":16}'
 converse='{"messages":[{"role":"user","content":[{"text":"What is the capital of France?"}]}],"inferenceConfig":{"maxTokens":16}}'
-printf 'wrk.method = "POST"\nwrk.body = %q\nwrk.headers["Content-Type"] = "application/json"\nwrk.headers["Authorization"] = "Bearer none"\n' "$chat" >"$work/chat.lua"
-printf 'wrk.method = "POST"\nwrk.body = %q\nwrk.headers["Content-Type"] = "application/json"\n' "$converse" >"$work/converse.lua"
-sed -i "s/^wrk.body = \\$'\\(.*\\)'$/wrk.body = '\\1'/" "$work/chat.lua" "$work/converse.lua"
+lua() { # body [bearer]
+  printf 'wrk.method = "POST"\nwrk.body = %s\nwrk.headers["Content-Type"] = "application/json"\n' "'$1'"
+  [ -z "${2:-}" ] || printf 'wrk.headers["Authorization"] = "Bearer %s"\n' "$2"
+}
+lua "$chat" none >"$work/chat.lua"
+lua "$chat" sk-mantle-bench-0123456789 >"$work/litellm.lua"
+lua "$converse" >"$work/converse.lua"
 
 taskset -c 1 "$target/release/examples/stand_in" 51061 51062 16 >/dev/null & pids+=($!)
 RUST_LOG=warn TOKIO_WORKER_THREADS=1 taskset -c 0 "$target/release/mantle-router" --no-auth --manifests "$work" \
@@ -64,11 +68,12 @@ measure() { # name pid url lua
   local before after rps
   taskset -c 1 wrk -t1 -c64 -d2s -s "$4" "$3" >/dev/null  # warm-up
   before=$(cpu "$2")
-  rps=$(taskset -c 1 wrk -t1 -c64 -d"${seconds}s" --latency -s "$4" "$3" | tee "$work/$1.wrk" | awk '/Requests\/sec/ {print $2}')
+  local out="$work/$RANDOM.wrk"
+  rps=$(taskset -c 1 wrk -t1 -c64 -d"${seconds}s" --latency -s "$4" "$3" | tee "$out" | awk '/Requests\/sec/ {print $2}')
   after=$(cpu "$2")
   local busy; busy=$(awk -v a="$before" -v b="$after" -v s="$seconds" 'BEGIN { printf "%.2f", (b - a) / 100 / s }')
-  local non2xx; non2xx=$(awk '/Non-2xx/ {print $5}' "$work/$1.wrk")
-  local p99; p99=$(awk '$1 == "99%" {print $2}' "$work/$1.wrk")
+  local non2xx; non2xx=$(awk '/Non-2xx/ {print $5}' "$out")
+  local p99; p99=$(awk '$1 == "99%" {print $2}' "$out")
   printf '| %s | %s | %s | %s | %s | %s |\n' "$1" "$rps" "$busy" \
     "$(awk -v r="$rps" -v c="$busy" 'BEGIN { printf "%.0f", r / c }')" "$p99" "${non2xx:-0}"
 }
@@ -77,7 +82,7 @@ echo "|---|---:|---:|---:|---:|---:|"
 measure "mantle Converse" "$router" "http://127.0.0.1:18080/model/acme.bench-v1%3A0/converse" "$work/converse.lua"
 measure "mantle /v1/chat/completions" "$router" "http://127.0.0.1:18080/v1/chat/completions" "$work/chat.lua"
 kill "$router"
-taskset -c 0 "$venv/bin/litellm" --config "$work/litellm.yaml" --port 18081 --num_workers 1 >"$work/litellm.log" 2>&1 & pids+=($!)
+LITELLM_MASTER_KEY=sk-mantle-bench-0123456789 taskset -c 0 "$venv/bin/litellm" --config "$work/litellm.yaml" --port 18081 --num_workers 1 >"$work/litellm.log" 2>&1 & pids+=($!)
 litellm=$!
 for _ in $(seq 300); do curl -fs localhost:18081/health/liveliness >/dev/null && break; sleep 0.2; done
-measure "LiteLLM /v1/chat/completions" "$litellm" "http://127.0.0.1:18081/v1/chat/completions" "$work/chat.lua"
+measure "LiteLLM /v1/chat/completions" "$litellm" "http://127.0.0.1:18081/v1/chat/completions" "$work/litellm.lua"

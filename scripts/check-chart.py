@@ -71,16 +71,27 @@ check("secrets" not in operator_resources, "the operator never reads Secrets")
 check({"foundationmodels/status", "batchjobs/status", "deployments", "jobs", "events"} <= operator_resources,
       "the operator may write model/batch status, Deployments, Jobs and Events")
 
-router_args = named(docs, "Deployment", "-router")["spec"]["template"]["spec"]["containers"][0]["args"]
-check(any(a.startswith("--auth-secret=mantle-system/") for a in router_args), "sigv4 auth reads the keys Secret")
+router_pod = named(docs, "Deployment", "-router")["spec"]["template"]["spec"]
+router_args = router_pod["containers"][0]["args"]
+check("--kubernetes" in router_args, "the router follows the cluster's models and runners")
+check("--auth-file=/etc/mantle/keys/keys.yaml" in router_args
+      and any(v.get("secret", {}).get("secretName") == "mantle-router-keys" for v in router_pod.get("volumes", []))
+      and router_pod["containers"][0]["volumeMounts"][0]["mountPath"] == "/etc/mantle/keys",
+      "sigv4 auth reads the keys Secret, mounted")
+router_role = named(docs, "ClusterRole", "-router")
+router_resources = {r for rule in router_role.get("rules", []) for r in rule.get("resources", [])}
+check("secrets" not in router_resources and not any(d["kind"] == "Role" and "-router" in d["metadata"]["name"] for d in docs),
+      "the router reads no Secrets through the API")
+check({"foundationmodels", "provisionedthroughputs", "endpointslices"} <= router_resources,
+      "the router may watch models, reservations and EndpointSlices")
 check(not by_kind(docs, "ServiceMonitor"), "no ServiceMonitor unless enabled")
 
 with_monitor = render("metrics.serviceMonitor.enabled=true", "router.auth.mode=none")
 check(len(by_kind(with_monitor, "ServiceMonitor")) == 1, "metrics.serviceMonitor.enabled adds a ServiceMonitor")
 no_auth_args = named(with_monitor, "Deployment", "-router")["spec"]["template"]["spec"]["containers"][0]["args"]
 check("--no-auth" in no_auth_args, "router.auth.mode=none turns auth off")
-check(not any(d["kind"] == "Role" and d["metadata"]["name"].endswith("-router-keys") for d in with_monitor),
-      "no Secret access without sigv4")
+check(not named(with_monitor, "Deployment", "-router")["spec"]["template"]["spec"].get("volumes"),
+      "no keys mounted without sigv4")
 
 bad = subprocess.run([helm, "template", "mantle", chart, "--set", "router.auth.mode=open"], capture_output=True, text=True)
 check(bad.returncode != 0 and "router.auth.mode must be sigv4 or none" in bad.stderr, "an unknown auth mode fails to render")
