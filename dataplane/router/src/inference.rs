@@ -167,6 +167,15 @@ impl Inference {
         Ok(())
     }
 
+    /// The `x-mantle-capacity` header sent with 429 and 503 answers: how full the model is, so a
+    /// client (or a load balancer) can back off or go elsewhere.
+    pub fn capacity_header(&self, requested: &str) -> Option<String> {
+        let model = self.live().catalog.resolve(requested).ok()?.model_id.clone();
+        let queue = self.queues.lock().unwrap_or_else(|e| e.into_inner()).get(&model)?.clone();
+        let s = queue.snapshot();
+        Some(format!("slots={}; in-flight={}; queued={}", s.capacity, s.in_flight, s.queued))
+    }
+
     /// The model's queue, created on first use.
     fn queue(&self, model_id: &str) -> ModelQueue {
         let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());

@@ -380,6 +380,7 @@ async fn overload_is_shed_at_once_with_retry_after() {
                 shed += 1;
                 assert_eq!(headers["x-amzn-ErrorType"], "ThrottlingException");
                 assert!(headers["retry-after"].to_str().unwrap().parse::<u64>().unwrap() >= 1);
+                assert!(headers["x-mantle-capacity"].to_str().unwrap().starts_with("slots=2;"), "{headers:?}");
                 assert!(took < Duration::from_millis(500), "shed after {took:?}: refusals must be immediate");
             }
             other => panic!("unexpected {other}"),

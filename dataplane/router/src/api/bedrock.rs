@@ -25,7 +25,15 @@ use crate::inference::{Ctx, Generation, Inference, Piece};
 /// Answers an error (counted under the model the client asked for).
 fn fail(state: &Shared, api: &str, model_id: &str, error: ApiError) -> Response {
     state.inference.metrics.requests.with_label_values(&[api, model_id, error.kind()]).inc();
-    error.into_bedrock()
+    let shed = matches!(error, ApiError::Throttling { .. } | ApiError::Unavailable { .. });
+    let mut response = error.into_bedrock();
+    if shed
+        && let Some(capacity) = state.inference.capacity_header(model_id)
+        && let Ok(value) = HeaderValue::from_str(&capacity)
+    {
+        response.headers_mut().insert("x-mantle-capacity", value);
+    }
+    response
 }
 
 fn model_used(response: &mut Response, model_id: &str) {

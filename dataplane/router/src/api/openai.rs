@@ -20,7 +20,15 @@ use crate::inference::{Ctx, Generation, Inference, Piece};
 
 fn fail(state: &Shared, api: &str, model: &str, error: ApiError) -> Response {
     state.inference.metrics.requests.with_label_values(&[api, model, error.kind()]).inc();
-    error.into_openai()
+    let shed = matches!(error, ApiError::Throttling { .. } | ApiError::Unavailable { .. });
+    let mut response = error.into_openai();
+    if shed
+        && let Some(capacity) = state.inference.capacity_header(model)
+        && let Ok(value) = HeaderValue::from_str(&capacity)
+    {
+        response.headers_mut().insert("x-mantle-capacity", value);
+    }
+    response
 }
 
 fn json_body(body: &[u8]) -> Result<Value, ApiError> {
