@@ -153,7 +153,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let router = mantle_router::start(config, Platform { runners: specs, ..platform }).await?;
     let ready = tokio::select! {
         r = wait_ready(&mut runners, router.addr) => r,
-        _ = shutdown_signal() => Err(anyhow::anyhow!("interrupted before the runners were ready")),
+        _ = mantle_router::server::shutdown_signal() => Err(anyhow::anyhow!("interrupted before the runners were ready")),
     };
     if let Err(e) = ready {
         stop(runners).await;
@@ -163,7 +163,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let text_model = platform_text_model(&runners, &args.manifests);
     print_ready(router.addr, &runners, &text_model, started.elapsed(), &metering, args.auth_file.is_some());
     tokio::select! {
-        _ = shutdown_signal() => tracing::info!("stopping"),
+        _ = mantle_router::server::shutdown_signal() => tracing::info!("stopping"),
         exited = watch_children(&mut runners) => tracing::error!("{exited}; stopping"),
     }
     router.shutdown().await;
@@ -272,21 +272,6 @@ fn print_ready(
     println!("    print(reply[\"output\"][\"message\"][\"content\"][0][\"text\"])");
     println!();
     println!("or the OpenAI client: OpenAI(base_url=\"http://{addr}/v1\", api_key=\"dev\"). Ctrl-C stops everything.");
-}
-
-/// Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
 }
 
 #[cfg(test)]

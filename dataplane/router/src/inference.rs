@@ -769,6 +769,12 @@ impl Generation {
         Err(ApiError::Internal("the generation ended twice".into()))
     }
 
+    /// Counts an error the stream reports after its response has started (errors before it are
+    /// counted where they are answered).
+    pub fn count_stream_error(&self, error: &ApiError) {
+        self.metrics.requests.with_label_values(&[self.ctx.api, &self.requested, error.kind()]).inc();
+    }
+
     /// Time from the request's arrival to its first token, in milliseconds.
     pub fn first_byte_ms(&self) -> u64 {
         self.first_token.map_or(0, |t| (t - self.ctx.received).as_millis() as u64)

@@ -102,24 +102,11 @@ async fn main() -> anyhow::Result<()> {
     } else {
         None
     };
-    shutdown_signal().await;
+    mantle_router::server::shutdown_signal().await;
     if let Some(task) = discovery {
         task.abort();
     }
     tracing::info!("shutting down");
     router.shutdown().await;
     Ok(())
-}
-
-/// Ctrl-C, or SIGTERM (what Kubernetes sends).
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        return;
-    }
-    let _ = tokio::signal::ctrl_c().await;
 }

@@ -168,3 +168,16 @@ pub async fn start(config: RouterConfig, platform: Platform) -> anyhow::Result<R
     tracing::info!(%addr, "router listening");
     Ok(RunningRouter { addr, metrics_addr, shutdown: Some(tx), task, inference })
 }
+
+/// Ctrl-C, or SIGTERM (what Kubernetes and `mantle dev` send).
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        return;
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}

@@ -22,18 +22,8 @@ use crate::error::{ApiError, ApiResult};
 use crate::guard::OutputVerdict;
 use crate::inference::{Ctx, Generation, Inference, Piece};
 
-/// Answers an error (counted under the model the client asked for).
 fn fail(state: &Shared, api: &str, model_id: &str, error: ApiError) -> Response {
-    state.inference.metrics.requests.with_label_values(&[api, model_id, error.kind()]).inc();
-    let shed = matches!(error, ApiError::Throttling { .. } | ApiError::Unavailable { .. });
-    let mut response = error.into_bedrock();
-    if shed
-        && let Some(capacity) = state.inference.capacity_header(model_id)
-        && let Ok(value) = HeaderValue::from_str(&capacity)
-    {
-        response.headers_mut().insert("x-mantle-capacity", value);
-    }
-    response
+    super::fail(state, api, model_id, error, ApiError::into_bedrock)
 }
 
 fn model_used(response: &mut Response, model_id: &str) {
@@ -77,12 +67,7 @@ pub async fn converse(
 ) -> Response {
     let api = "Converse";
     let result = async {
-        require_json(&headers, "content-type")?;
-        let (mut ctx, model) = begin(&state, &caller, api, &model_id, &headers)?;
-        let body: ConverseBody = parse_body(&body)?;
-        apply_service_tier(&mut ctx, &body);
-        let req = converse::to_request(&body)?;
-        let span = Inference::span(&ctx, &model.model_id);
+        let (ctx, model, req, span) = converse_request(&state, &caller, api, &model_id, &headers, &body)?;
         let mut done = state.inference.complete(&ctx, &model, &req).instrument(span).await?;
         guard_output(&state.inference, &ctx, &mut done.output);
         let latency = ctx.received.elapsed().as_millis() as u64;
@@ -94,11 +79,25 @@ pub async fn converse(
     result.unwrap_or_else(|e| fail(&state, api, &model_id, e))
 }
 
-/// Converse's `serviceTier`: `flex` lowers the request to LOW priority.
-fn apply_service_tier(ctx: &mut Ctx, body: &ConverseBody) {
+/// The context, model, runner request and span of a Converse or ConverseStream call. Converse's
+/// `serviceTier` `flex` lowers the request to LOW priority.
+fn converse_request(
+    state: &Shared,
+    caller: &Caller,
+    api: &'static str,
+    model_id: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> ApiResult<(Ctx, ModelEntry, TextRequest, tracing::Span)> {
+    require_json(headers, "content-type")?;
+    let (mut ctx, model) = begin(state, caller, api, model_id, headers)?;
+    let body: ConverseBody = parse_body(body)?;
     if body.service_tier.as_ref().and_then(|t| t["type"].as_str()) == Some("flex") {
         ctx.priority = ctx.priority.max(Priority::Low);
     }
+    let req = converse::to_request(&body)?;
+    let span = Inference::span(&ctx, &model.model_id);
+    Ok((ctx, model, req, span))
 }
 
 pub async fn converse_stream(
@@ -110,12 +109,7 @@ pub async fn converse_stream(
 ) -> Response {
     let api = "ConverseStream";
     let result = async {
-        require_json(&headers, "content-type")?;
-        let (mut ctx, model) = begin(&state, &caller, api, &model_id, &headers)?;
-        let body: ConverseBody = parse_body(&body)?;
-        apply_service_tier(&mut ctx, &body);
-        let req = converse::to_request(&body)?;
-        let span = Inference::span(&ctx, &model.model_id);
+        let (ctx, model, req, span) = converse_request(&state, &caller, api, &model_id, &headers, &body)?;
         // Tool calls and structured output are known only once the reply is whole: generate it,
         // then stream it.
         if !req.tools.is_empty() || req.json_schema.is_some() {
@@ -204,12 +198,7 @@ async fn pump_converse(state: Shared, ctx: Ctx, mut generation: Generation, fram
             }
             Ok(None) => return,
             Err(error) => {
-                state
-                    .inference
-                    .metrics
-                    .requests
-                    .with_label_values(&[ctx.api, &generation.requested, error.kind()])
-                    .inc();
+                generation.count_stream_error(&error);
                 let _ = frames.exception(&error).await;
                 return;
             }
@@ -363,12 +352,7 @@ async fn pump_native(state: Shared, ctx: Ctx, dialect: TextDialect, mut generati
             }
             Ok(None) => return,
             Err(error) => {
-                state
-                    .inference
-                    .metrics
-                    .requests
-                    .with_label_values(&[ctx.api, &generation.requested, error.kind()])
-                    .inc();
+                generation.count_stream_error(&error);
                 let _ = frames.exception(&error).await;
                 return;
             }

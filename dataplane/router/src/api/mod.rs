@@ -195,6 +195,21 @@ async fn metrics(State(state): State<Shared>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.inference.metrics.render()).into_response()
 }
 
+/// Answers an error in a dialect, counted under the model the client asked for; refusals under
+/// load carry `x-mantle-capacity`.
+fn fail(state: &AppState, api: &str, model: &str, error: ApiError, render: fn(ApiError) -> Response) -> Response {
+    state.inference.metrics.requests.with_label_values(&[api, model, error.kind()]).inc();
+    let shed = matches!(error, ApiError::Throttling { .. } | ApiError::Unavailable { .. });
+    let mut response = render(error);
+    if shed
+        && let Some(capacity) = state.inference.capacity_header(model)
+        && let Ok(value) = HeaderValue::from_str(&capacity)
+    {
+        response.headers_mut().insert("x-mantle-capacity", value);
+    }
+    response
+}
+
 /// Refuses a body whose Content-Type is present and not JSON.
 pub fn require_json(headers: &HeaderMap, name: &str) -> Result<(), ApiError> {
     match headers.get(name).and_then(|v| v.to_str().ok()) {

@@ -19,16 +19,7 @@ use crate::guard::OutputVerdict;
 use crate::inference::{Ctx, Generation, Inference, Piece};
 
 fn fail(state: &Shared, api: &str, model: &str, error: ApiError) -> Response {
-    state.inference.metrics.requests.with_label_values(&[api, model, error.kind()]).inc();
-    let shed = matches!(error, ApiError::Throttling { .. } | ApiError::Unavailable { .. });
-    let mut response = error.into_openai();
-    if shed
-        && let Some(capacity) = state.inference.capacity_header(model)
-        && let Ok(value) = HeaderValue::from_str(&capacity)
-    {
-        response.headers_mut().insert("x-mantle-capacity", value);
-    }
-    response
+    super::fail(state, api, model, error, ApiError::into_openai)
 }
 
 fn json_body(body: &[u8]) -> Result<Value, ApiError> {
@@ -140,12 +131,7 @@ async fn pump_sse(
             }
             Ok(None) => return,
             Err(error) => {
-                state
-                    .inference
-                    .metrics
-                    .requests
-                    .with_label_values(&[ctx.api, &generation.requested, error.kind()])
-                    .inc();
+                generation.count_stream_error(&error);
                 let body =
                     json!({"error": {"message": error.to_string(), "type": "server_error", "code": error.kind()}});
                 let _ = frames.sse(&body.to_string()).await;
