@@ -93,13 +93,31 @@ impl FairQueue {
         true
     }
 
+    /// The best-scored entry among the tenants not in `skip`.
+    pub fn best_except(&self, skip: &[String]) -> Option<&Entry> {
+        if skip.is_empty() {
+            return self.best();
+        }
+        self.flows
+            .iter()
+            .filter(|(tenant, _)| !skip.contains(tenant))
+            .filter_map(|(_, flow)| flow.entries.first())
+            .min()
+    }
+
     /// Takes the next entry: the best-scored entry of the tenant with the smallest start tag
     /// (earliest head on a tie), charging that tenant `cost / weight`.
     pub fn pop(&mut self, credit_tokens: u64) -> Option<Entry> {
+        self.pop_except(credit_tokens, &[])
+    }
+
+    /// [`FairQueue::pop`] among the tenants not in `skip`.
+    pub fn pop_except(&mut self, credit_tokens: u64, skip: &[String]) -> Option<Entry> {
         let floor = self.virtual_time.saturating_sub(u128::from(credit_tokens) * VIRTUAL_PER_TOKEN);
         let (start, _, tenant) = self
             .flows
             .iter()
+            .filter(|(tenant, _)| !skip.contains(tenant))
             .filter_map(|(tenant, flow)| flow.entries.first().map(|head| (flow.finish.max(floor), head.seq, tenant)))
             .min()?;
         let tenant = tenant.clone();

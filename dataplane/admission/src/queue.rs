@@ -100,6 +100,12 @@ pub struct QueueConfig {
     /// refused as `Throttled` at once, so under overload the requests that are accepted keep
     /// their latency. `None` (the default) bounds the queue by the count limits only.
     pub max_queue_wait: Option<Duration>,
+    /// Keep the last free slot of a lane for a tenant that sent a request to it within this
+    /// window and has nothing running there, instead of giving it to a tenant that already has
+    /// requests running. A light tenant beside a heavy one then rarely waits for a slot to free
+    /// up, at the cost of at most one idle slot per lane while it is active. `None` (the default)
+    /// is work-conserving.
+    pub reserve_window: Option<Duration>,
 }
 
 impl Default for QueueConfig {
@@ -117,6 +123,7 @@ impl Default for QueueConfig {
             max_retry_after: Duration::from_secs(60),
             unavailable_retry_after: Duration::from_secs(5),
             max_queue_wait: None,
+            reserve_window: None,
         }
     }
 }
@@ -240,6 +247,7 @@ struct Running {
     /// The lane whose slot it holds.
     lane: Lane,
     cost: u64,
+    tenant: String,
 }
 
 /// What one tenant has queued in a lane, for shedding.
@@ -260,6 +268,10 @@ struct LaneState {
     usage: HashMap<String, Usage>,
     /// EWMA of per-slot throughput, tokens a second.
     slot_rate: f64,
+    /// Requests running per tenant.
+    running_by_tenant: HashMap<String, usize>,
+    /// When each tenant last sent a request to this lane (kept only with `reserve_window`).
+    seen: HashMap<String, Instant>,
 }
 
 impl LaneState {
@@ -271,6 +283,8 @@ impl LaneState {
             classes: Default::default(),
             usage: HashMap::new(),
             slot_rate,
+            running_by_tenant: HashMap::new(),
+            seen: HashMap::new(),
         }
     }
 
@@ -405,6 +419,9 @@ impl State {
             + millis(now.saturating_duration_since(self.epoch)) * self.config.aging_points_per_ms;
         let entry = Entry { key: (score * KEY_SCALE) as i64, seq, id: request.id, cost };
         let state = &mut self.lanes[lane.index()];
+        if self.config.reserve_window.is_some() {
+            state.seen.insert(request.tenant.clone(), now);
+        }
         state.classes[usize::from(request.priority.level())].push(&request.tenant, weight, entry);
         state.add_usage(&request.tenant, weight, cost);
         if let Some(deadline) = request.deadline {
@@ -424,14 +441,16 @@ impl State {
 
     /// Takes the next request onto a free slot, if any request can run now.
     pub fn next(&mut self, now: Instant) -> Option<Dispatch> {
-        let Candidate { serve, source, level, .. } = self.choose()?;
-        let entry = self.lanes[source.index()].classes[level].pop(self.config.fair_credit_tokens)?;
+        let Candidate { serve, source, level, .. } = self.choose(now)?;
+        let held = self.held_back(serve, now);
+        let entry = self.lanes[source.index()].classes[level].pop_except(self.config.fair_credit_tokens, &held)?;
         let queued = self.queued.remove(&entry.id)?;
         self.forget(&queued);
         let lane = &mut self.lanes[serve.index()];
         lane.running += 1;
         lane.running_tokens = lane.running_tokens.saturating_add(entry.cost);
-        self.running.insert(entry.id, Running { lane: serve, cost: entry.cost });
+        *lane.running_by_tenant.entry(queued.tenant.clone()).or_default() += 1;
+        self.running.insert(entry.id, Running { lane: serve, cost: entry.cost, tenant: queued.tenant.clone() });
         Some(Dispatch {
             id: entry.id,
             lane: serve,
@@ -447,6 +466,12 @@ impl State {
         let lane = &mut self.lanes[run.lane.index()];
         lane.running = lane.running.saturating_sub(1);
         lane.running_tokens = lane.running_tokens.saturating_sub(run.cost);
+        if let Some(n) = lane.running_by_tenant.get_mut(&run.tenant) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                lane.running_by_tenant.remove(&run.tenant);
+            }
+        }
         true
     }
 
@@ -485,9 +510,13 @@ impl State {
                 expired.push((id, Rejected::DeadlineExpired));
             }
         }
+        let window = self.config.reserve_window;
         for lane in &mut self.lanes {
             for class in &mut lane.classes {
                 class.prune(self.config.fair_credit_tokens);
+            }
+            if let Some(window) = window {
+                lane.seen.retain(|_, at| now.saturating_duration_since(*at) <= window);
             }
         }
         expired
@@ -545,12 +574,28 @@ impl State {
 
     /// The best-scored candidate among every lane with a free slot: its own classes, and those of
     /// the full smaller lanes below it.
-    fn choose(&self) -> Option<Candidate> {
+    /// The tenants kept from the last free slot of `lane`: those with requests running there,
+    /// while another tenant that sent a request to the lane within
+    /// [`QueueConfig::reserve_window`] has nothing running (empty when nothing is held back).
+    fn held_back(&self, lane: Lane, now: Instant) -> Vec<String> {
+        let Some(window) = self.config.reserve_window else { return Vec::new() };
+        let state = &self.lanes[lane.index()];
+        if state.slots < 2 || state.running + 1 != state.slots {
+            return Vec::new();
+        }
+        let waiting_for = state.seen.iter().any(|(tenant, at)| {
+            now.saturating_duration_since(*at) <= window && !state.running_by_tenant.contains_key(tenant)
+        });
+        if waiting_for { state.running_by_tenant.keys().cloned().collect() } else { Vec::new() }
+    }
+
+    fn choose(&self, now: Instant) -> Option<Candidate> {
         let mut best: Option<Candidate> = None;
         for serve in Lane::ALL {
             if !self.lanes[serve.index()].has_free_slot() {
                 continue;
             }
+            let held = self.held_back(serve, now);
             for source in Lane::ALL[..=serve.index()].iter().rev().copied() {
                 if source != serve && self.lanes[source.index()].has_free_slot() {
                     break;
@@ -558,7 +603,7 @@ impl State {
                 let steps = serve.index() - source.index();
                 let penalty = KEY_PER_LEVEL.saturating_mul(steps as i64);
                 for (level, class) in self.lanes[source.index()].classes.iter().enumerate() {
-                    let Some(head) = class.best() else { continue };
+                    let Some(head) = class.best_except(&held) else { continue };
                     let rank = (head.key.saturating_add(penalty), steps, head.seq);
                     if best.as_ref().is_none_or(|b| rank < b.rank) {
                         best = Some(Candidate { rank, serve, source, level });
@@ -637,6 +682,7 @@ impl State {
             let running: Vec<&Running> = self.running.values().filter(|r| r.lane == lane).collect();
             assert_eq!(state.running, running.len(), "{lane} running");
             assert_eq!(state.running_tokens, running.iter().map(|r| r.cost).fold(0, u64::saturating_add));
+            assert_eq!(state.running_by_tenant.values().sum::<usize>(), running.len(), "{lane} running by tenant");
             for class in &state.classes {
                 class.check();
             }

@@ -67,7 +67,13 @@ pub struct PathConfig {
 
 impl Default for PathConfig {
     fn default() -> Self {
-        PathConfig { region: "us-east-1".into(), slots_per_runner: 16, shard_size: 2, queue: QueueConfig::default() }
+        PathConfig {
+            region: "us-east-1".into(),
+            slots_per_runner: 16,
+            shard_size: 2,
+            // A light tenant beside a heavy one finds a slot free instead of waiting for one.
+            queue: QueueConfig { reserve_window: Some(Duration::from_secs(10)), ..QueueConfig::default() },
+        }
     }
 }
 

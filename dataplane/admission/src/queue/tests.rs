@@ -461,6 +461,7 @@ fn extreme_inputs_do_not_panic() {
         max_retry_after: Duration::ZERO,
         unavailable_retry_after: Duration::ZERO,
         max_queue_wait: Some(Duration::ZERO),
+        reserve_window: Some(Duration::MAX),
     };
     for config in [QueueConfig::default(), nonsense] {
         let mut q = State::new(config, t0);
@@ -584,4 +585,36 @@ fn random_operations_never_lose_or_double_count_a_slot() {
             assert!(lane.in_flight >= lane.slots || lane.queued == 0, "{lane:?}");
         }
     }
+}
+
+#[test]
+fn the_last_free_slot_waits_for_a_recently_active_tenant_with_nothing_running() {
+    let t0 = Instant::now();
+    let config = QueueConfig { reserve_window: Some(secs(10.0)), ..QueueConfig::default() };
+    let mut q = State::new(config, t0);
+    q.set_capacity(4); // small 2, medium 1, large 1
+    for (id, input) in [(900, MEDIUM), (901, 40_000)] {
+        q.enqueue(request(id, "other", Priority::Normal, input), t0).unwrap();
+        q.next(t0).unwrap();
+    }
+    // The light tenant was here a moment ago.
+    q.enqueue(request(1, "light", Priority::Normal, SMALL), t0).unwrap();
+    assert_eq!(q.next(t0).map(|d| d.id), Some(1));
+    assert!(q.release(1));
+    for id in 10..13 {
+        q.enqueue(request(id, "heavy", Priority::Normal, SMALL), t0).unwrap();
+    }
+    // Heavy takes one small slot; the last one is kept for the light tenant.
+    assert_eq!(q.next(t0).map(|d| d.tenant), Some("heavy".to_string()));
+    assert_eq!(q.next(t0), None);
+    q.check_invariants();
+    q.enqueue(request(2, "light", Priority::Normal, SMALL), t0 + secs(1.0)).unwrap();
+    let light = q.next(t0 + secs(1.0)).unwrap();
+    assert_eq!((light.id, light.waited), (2, Duration::ZERO));
+    assert!(q.release(2));
+    // Once the light tenant has been quiet for the window, heavy may use every slot.
+    assert_eq!(q.next(t0 + secs(5.0)), None);
+    q.expire(t0 + secs(12.0));
+    assert_eq!(q.next(t0 + secs(12.0)).map(|d| d.tenant), Some("heavy".to_string()));
+    q.check_invariants();
 }
