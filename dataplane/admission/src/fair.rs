@@ -107,11 +107,13 @@ impl FairQueue {
 
     /// Takes the next entry: the best-scored entry of the tenant with the smallest start tag
     /// (earliest head on a tie), charging that tenant `cost / weight`.
+    #[cfg(test)]
     pub fn pop(&mut self, credit_tokens: u64) -> Option<Entry> {
         self.pop_except(credit_tokens, &[])
     }
 
-    /// [`FairQueue::pop`] among the tenants not in `skip`.
+    /// The next entry (the best-scored entry of the tenant with the smallest start tag, earliest
+    /// head on a tie) among the tenants not in `skip`, charging that tenant `cost / weight`.
     pub fn pop_except(&mut self, credit_tokens: u64, skip: &[String]) -> Option<Entry> {
         let floor = self.virtual_time.saturating_sub(u128::from(credit_tokens) * VIRTUAL_PER_TOKEN);
         let (start, _, tenant) = self
