@@ -82,7 +82,16 @@ echo "|---|---:|---:|---:|---:|---:|"
 measure "mantle Converse" "$router" "http://127.0.0.1:18080/model/acme.bench-v1%3A0/converse" "$work/converse.lua"
 measure "mantle /v1/chat/completions" "$router" "http://127.0.0.1:18080/v1/chat/completions" "$work/chat.lua"
 kill "$router"
+
 LITELLM_MASTER_KEY=sk-mantle-bench-0123456789 taskset -c 0 "$venv/bin/litellm" --config "$work/litellm.yaml" --port 18081 --num_workers 1 >"$work/litellm.log" 2>&1 & pids+=($!)
 litellm=$!
 for _ in $(seq 300); do curl -fs localhost:18081/health/liveliness >/dev/null && break; sleep 0.2; done
 measure "LiteLLM /v1/chat/completions" "$litellm" "http://127.0.0.1:18081/v1/chat/completions" "$work/litellm.lua"
+kill "$litellm"
+
+echo "==> overhead with the router alone on core 0 (load generator and stand-in on core 1)"
+printf 'runners:\n  - {model: acme.bench-v1:0, address: "http://127.0.0.1:51071"}\n' >"$work/runners-external.yaml"
+RUST_LOG=warn TOKIO_WORKER_THREADS=1 taskset -c 0 "$target/release/mantle-router" --no-auth --manifests "$work" \
+  --runners "$work/runners-external.yaml" --listen 127.0.0.1:18082 --slots-per-runner 100000 >/dev/null 2>&1 & pids+=($!)
+taskset -c 1 cargo bench -q -p mantle-router --features test-support --bench router -- --seconds "$seconds" \
+  --external-router 127.0.0.1:18082 --stand-in-port 51071 2>/dev/null

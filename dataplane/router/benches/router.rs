@@ -187,20 +187,41 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-async fn overhead(seconds: f64) {
-    println!("## Overhead (non-streaming Converse, 16 tokens returned at once)\n");
+/// Overhead against a router in another process (`--external-router ADDR`, started by
+/// scripts/bench-router.sh on its own core and pointed at this process's stand-in on
+/// `--stand-in-port`), so that the load generator does not share the router's core.
+async fn overhead_external(seconds: f64, router: std::net::SocketAddr, port: u16) {
+    let any: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("address");
+    let s = mantle_router::test_support::stand_in_at(StandInConfig { tokens: 16, ..Default::default() }, any)
+        .await
+        .expect("the stand-in's port");
+    let grpc = RunnerClient::connect(s.address()).await.expect("stand-in reachable");
+    let http = client();
+    for _ in 0..200 {
+        let r = http
+            .request(hyper::Request::get(format!("http://{router}/readyz")).body(Full::default()).expect("request"))
+            .await;
+        if r.is_ok_and(|r| r.status() == 200) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    println!("## Overhead, router in its own process on its own core\n");
+    overhead_rows(seconds, &grpc, router).await;
+}
+
+async fn overhead_rows(seconds: f64, grpc: &RunnerClient<tonic::transport::Channel>, addr: std::net::SocketAddr) {
     println!("| rate | direct gRPC p50 / p99 | through the router p50 / p99 | added p50 / p99 | errors |");
     println!("|---:|---:|---:|---:|---:|");
-    let setup = setup(StandInConfig { tokens: 16, ..Default::default() }, 100_000, Some("overhead")).await;
     for rate in [1_000.0, 10_000.0] {
-        let grpc = setup.grpc.clone();
+        let grpc = grpc.clone();
         let direct_results = open_loop(rate, seconds, || {
             let mut g = grpc.clone();
             async move { direct(&mut g).await }
         })
         .await;
         let http = client();
-        let addr = setup.router.addr;
         let routed = open_loop(rate, seconds, || {
             let http = http.clone();
             async move { converse(&http, addr, "converse", "bench").await }
@@ -221,6 +242,12 @@ async fn overhead(seconds: f64) {
             ms(r99.saturating_sub(d99))
         );
     }
+}
+
+async fn overhead(seconds: f64) {
+    println!("## Overhead (non-streaming Converse, 16 tokens returned at once)\n");
+    let setup = setup(StandInConfig { tokens: 16, ..Default::default() }, 100_000, Some("overhead")).await;
+    overhead_rows(seconds, &setup.grpc, setup.router.addr).await;
     setup.router.shutdown().await;
 
     // Streaming: 64 tokens 2 ms apart, 100 streams/s.
@@ -384,8 +411,15 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(5.0);
     let only = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).cloned();
+    let value = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
+    let external = value("--external-router").and_then(|a| a.parse().ok());
+    let stand_in_port: u16 = value("--stand-in-port").and_then(|p| p.parse().ok()).unwrap_or(51071);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     runtime.block_on(async {
+        if let Some(router) = external {
+            overhead_external(seconds, router, stand_in_port).await;
+            return;
+        }
         let run = |name: &str| only.as_deref().is_none_or(|o| o == name);
         if run("overhead") {
             overhead(seconds).await;
