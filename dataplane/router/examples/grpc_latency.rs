@@ -1,3 +1,8 @@
+//! Round-trip latency of the runner gRPC API on loopback, one call at a time: a streamed
+//! Generate (16 tokens) and a unary CountTokens against the stand-in. This is how the missing
+//! `TCP_NODELAY` showed up (44 ms per streamed call; 0.14 ms with it).
+//! `cargo run --release -p mantle-router --features test-support --example grpc_latency`
+
 use mantle_router::test_support::{StandInConfig, stand_in};
 use std::time::{Duration, Instant};
 use tokio_stream::StreamExt;
