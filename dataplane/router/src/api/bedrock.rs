@@ -206,10 +206,6 @@ async fn pump_converse(state: Shared, ctx: Ctx, mut generation: Generation, fram
     }
 }
 
-fn accept_json(headers: &HeaderMap, name: &str) -> ApiResult<()> {
-    require_json(headers, name)
-}
-
 fn token_headers(response: &mut Response, output: &TextOutput, latency_ms: u64) {
     let headers = response.headers_mut();
     headers.insert("x-amzn-bedrock-input-token-count", HeaderValue::from(output.usage.input_tokens));
@@ -227,7 +223,7 @@ pub async fn invoke(
     let api = "InvokeModel";
     let result = async {
         require_json(&headers, "content-type")?;
-        accept_json(&headers, "accept")?;
+        require_json(&headers, "accept")?;
         let (ctx, model) = begin(&state, &caller, api, &model_id, &headers)?;
         let value = native::json_body(&body)?;
         let span = Inference::span(&ctx, &model.model_id);
@@ -266,7 +262,7 @@ pub async fn invoke_stream(
     let api = "InvokeModelWithResponseStream";
     let result = async {
         require_json(&headers, "content-type")?;
-        accept_json(&headers, "x-amzn-bedrock-accept")?;
+        require_json(&headers, "x-amzn-bedrock-accept")?;
         let (ctx, model) = begin(&state, &caller, api, &model_id, &headers)?;
         if model.modality != Modality::Text {
             return Err(ApiError::validation(format!("{} does not support response streaming.", model.model_id)));

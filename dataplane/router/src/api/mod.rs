@@ -210,7 +210,7 @@ fn fail(state: &AppState, api: &str, model: &str, error: ApiError, render: fn(Ap
     response
 }
 
-/// Refuses a body whose Content-Type is present and not JSON.
+/// Refuses a `Content-Type` (or `Accept`) header that is present and not JSON.
 pub fn require_json(headers: &HeaderMap, name: &str) -> Result<(), ApiError> {
     match headers.get(name).and_then(|v| v.to_str().ok()) {
         None => Ok(()),
