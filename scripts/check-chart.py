@@ -76,8 +76,11 @@ router_args = router_pod["containers"][0]["args"]
 check("--kubernetes" in router_args, "the router follows the cluster's models and runners")
 check("--auth-file=/etc/mantle/keys/keys.yaml" in router_args
       and any(v.get("secret", {}).get("secretName") == "mantle-router-keys" for v in router_pod.get("volumes", []))
-      and router_pod["containers"][0]["volumeMounts"][0]["mountPath"] == "/etc/mantle/keys",
+      and any(m["mountPath"] == "/etc/mantle/keys" for m in router_pod["containers"][0]["volumeMounts"]),
       "sigv4 auth reads the keys Secret, mounted")
+check("--metering=/var/lib/mantle/metering/requests.jsonl" in router_args
+      and any(v.get("emptyDir") is not None and v["name"] == "metering" for v in router_pod.get("volumes", [])),
+      "the router meters every request into its pod's metering volume")
 router_role = named(docs, "ClusterRole", "-router")
 router_resources = {r for rule in router_role.get("rules", []) for r in rule.get("resources", [])}
 check("secrets" not in router_resources and not any(d["kind"] == "Role" and "-router" in d["metadata"]["name"] for d in docs),
@@ -90,7 +93,7 @@ with_monitor = render("metrics.serviceMonitor.enabled=true", "router.auth.mode=n
 check(len(by_kind(with_monitor, "ServiceMonitor")) == 1, "metrics.serviceMonitor.enabled adds a ServiceMonitor")
 no_auth_args = named(with_monitor, "Deployment", "-router")["spec"]["template"]["spec"]["containers"][0]["args"]
 check("--no-auth" in no_auth_args, "router.auth.mode=none turns auth off")
-check(not named(with_monitor, "Deployment", "-router")["spec"]["template"]["spec"].get("volumes"),
+check(not any("secret" in v for v in named(with_monitor, "Deployment", "-router")["spec"]["template"]["spec"].get("volumes", [])),
       "no keys mounted without sigv4")
 
 bad = subprocess.run([helm, "template", "mantle", chart, "--set", "router.auth.mode=open"], capture_output=True, text=True)
