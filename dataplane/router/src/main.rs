@@ -46,6 +46,9 @@ struct Args {
     /// Append one JSON line per request here.
     #[arg(long)]
     metering: Option<PathBuf>,
+    /// Rotate the metering file (to `<file>.1`) when it reaches this size.
+    #[arg(long, default_value_t = 256)]
+    metering_max_mib: u64,
     /// The region in ARNs.
     #[arg(long, default_value = "us-east-1")]
     region: String,
@@ -82,6 +85,7 @@ async fn main() -> anyhow::Result<()> {
             None => AuthConfig::Off,
         },
         metering: args.metering,
+        metering_max_bytes: args.metering_max_mib << 20,
         path: {
             let mut path =
                 PathConfig { region: args.region, slots_per_runner: args.slots_per_runner, ..PathConfig::default() };

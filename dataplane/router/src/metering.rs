@@ -45,13 +45,14 @@ pub struct Meter {
 }
 
 impl Meter {
-    /// A meter that appends JSON lines to `path` (created if missing).
-    pub fn jsonl(path: PathBuf, dropped: IntCounter) -> Self {
+    /// A meter that appends JSON lines to `path` (created if missing). When the file passes
+    /// `max_bytes` it is renamed to `<path>.1` (replacing the previous one) and a new file is
+    /// started, so the two never hold more than about twice `max_bytes`.
+    pub fn jsonl(path: PathBuf, max_bytes: u64, dropped: IntCounter) -> Self {
         let (tx, mut rx) = mpsc::channel::<MeteringRecord>(BUFFER);
         tokio::spawn(async move {
-            let file = tokio::fs::OpenOptions::new().create(true).append(true).open(&path).await;
-            let mut file = match file {
-                Ok(f) => tokio::io::BufWriter::new(f),
+            let mut sink = match Sink::open(path.clone()).await {
+                Ok(sink) => sink,
                 Err(e) => {
                     tracing::error!(path = %path.display(), error = %e, "cannot open the metering file; records are discarded");
                     while rx.recv().await.is_some() {}
@@ -69,12 +70,7 @@ impl Meter {
                         lines.push(b'\n');
                     }
                 }
-                if let Err(e) = async {
-                    file.write_all(&lines).await?;
-                    file.flush().await
-                }
-                .await
-                {
+                if let Err(e) = sink.write(&lines, max_bytes).await {
                     tracing::error!(path = %path.display(), error = %e, "writing metering records");
                 }
             }
@@ -94,6 +90,35 @@ impl Meter {
         {
             self.dropped.inc();
         }
+    }
+}
+
+/// The open metering file and how much it holds.
+struct Sink {
+    path: PathBuf,
+    file: tokio::io::BufWriter<tokio::fs::File>,
+    bytes: u64,
+}
+
+impl Sink {
+    async fn open(path: PathBuf) -> std::io::Result<Self> {
+        let file = tokio::fs::OpenOptions::new().create(true).append(true).open(&path).await?;
+        let bytes = file.metadata().await?.len();
+        Ok(Sink { path, file: tokio::io::BufWriter::new(file), bytes })
+    }
+
+    async fn write(&mut self, lines: &[u8], max_bytes: u64) -> std::io::Result<()> {
+        if self.bytes > 0 && self.bytes + lines.len() as u64 > max_bytes {
+            self.file.flush().await?;
+            let mut rotated = self.path.clone().into_os_string();
+            rotated.push(".1");
+            tokio::fs::rename(&self.path, &rotated).await?;
+            *self = Sink::open(self.path.clone()).await?;
+        }
+        self.file.write_all(lines).await?;
+        self.file.flush().await?;
+        self.bytes += lines.len() as u64;
+        Ok(())
     }
 }
 
@@ -126,7 +151,7 @@ mod tests {
         let path = std::env::temp_dir().join(format!("mantle-metering-{}.jsonl", std::process::id()));
         let _ = std::fs::remove_file(&path);
         let dropped = IntCounter::new("d", "d").unwrap();
-        let meter = Meter::jsonl(path.clone(), dropped.clone());
+        let meter = Meter::jsonl(path.clone(), 1 << 20, dropped.clone());
         for i in 0..3 {
             meter.record(record(&format!("r{i}")));
         }
@@ -143,5 +168,30 @@ mod tests {
         assert_eq!((first["requestId"].as_str(), first["outputTokens"].as_u64()), (Some("r0"), Some(2)));
         assert_eq!(dropped.get(), 0);
         std::fs::remove_file(path).ok();
+    }
+
+    #[tokio::test]
+    async fn a_full_file_is_rotated_not_grown() {
+        let path = std::env::temp_dir().join(format!("mantle-metering-rotate-{}.jsonl", std::process::id()));
+        let rotated = path.with_extension("jsonl.1");
+        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_file(&rotated);
+        let line = serde_json::to_vec(&record("r0")).unwrap().len() as u64 + 1;
+        let meter = Meter::jsonl(path.clone(), line * 3, IntCounter::new("d2", "d").unwrap());
+        for i in 0..5 {
+            meter.record(record(&format!("r{i}")));
+            // One record per write, so the rotation point is exact.
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let count = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default().lines().count();
+        for _ in 0..100 {
+            if count(&path) + count(&rotated) == 5 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!((count(&rotated), count(&path)), (3, 2));
+        std::fs::remove_file(path).ok();
+        std::fs::remove_file(rotated).ok();
     }
 }

@@ -36,6 +36,8 @@ pub struct RouterConfig {
     pub auth: AuthConfig,
     /// The JSONL metering file; `None` keeps no records.
     pub metering: Option<PathBuf>,
+    /// The size at which the metering file is rotated (to `<file>.1`).
+    pub metering_max_bytes: u64,
     pub path: PathConfig,
 }
 
@@ -47,6 +49,7 @@ impl RouterConfig {
             max_request_bytes: 10 << 20,
             auth: AuthConfig::Off,
             metering: None,
+            metering_max_bytes: 256 << 20,
             path: PathConfig::default(),
         }
     }
@@ -111,7 +114,7 @@ impl RunningRouter {
 pub fn build(config: &RouterConfig, platform: Platform) -> anyhow::Result<(axum::Router, Arc<Inference>)> {
     let metrics = Metrics::new().context("registering metrics")?;
     let meter = match &config.metering {
-        Some(path) => Meter::jsonl(path.clone(), metrics.metering_dropped.clone()),
+        Some(path) => Meter::jsonl(path.clone(), config.metering_max_bytes, metrics.metering_dropped.clone()),
         None => Meter::disabled(metrics.metering_dropped.clone()),
     };
     let auth = match &config.auth {
