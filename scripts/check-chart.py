@@ -81,6 +81,11 @@ check("--auth-file=/etc/mantle/keys/keys.yaml" in router_args
 check("--metering=/var/lib/mantle/metering/requests.jsonl" in router_args
       and any(v.get("emptyDir") is not None and v["name"] == "metering" for v in router_pod.get("volumes", [])),
       "the router meters every request into its pod's metering volume")
+check("--no-overload-control" not in router_args, "overload control is on by default")
+no_control = render("router.overloadControl=false", "router.maxQueueWaitMs=250")
+no_control_args = named(no_control, "Deployment", "-router")["spec"]["template"]["spec"]["containers"][0]["args"]
+check({"--no-overload-control", "--max-queue-wait-ms=250"} <= set(no_control_args),
+      "router.overloadControl=false and router.maxQueueWaitMs reach the router")
 router_role = named(docs, "ClusterRole", "-router")
 router_resources = {r for rule in router_role.get("rules", []) for r in rule.get("resources", [])}
 check("secrets" not in router_resources and not any(d["kind"] == "Role" and "-router" in d["metadata"]["name"] for d in docs),

@@ -29,8 +29,8 @@ pub use lanes::{
 };
 pub use priority::Priority;
 pub use queue::{
-    Admitted, Dispatch, LaneSnapshot, MIN_RETRY_AFTER, POINTS_PER_LEVEL, QueueConfig, Request, Snapshot, State,
-    deadline_bonus, priority_score,
+    Admitted, Dispatch, LaneSnapshot, MIN_RETRY_AFTER, OverloadControl, POINTS_PER_LEVEL, QueueConfig, Request,
+    Snapshot, State, deadline_bonus, priority_score,
 };
 pub use ratelimit::{LoadState, MAX_RETRY_AFTER, RateLimiter, TenantLimits};
 

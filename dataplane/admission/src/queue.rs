@@ -36,12 +36,24 @@
 //! `DeadlineUnmeetable`. Retry hints are the lane's estimated drain time, clamped to
 //! `[1 s, max_retry_after]`.
 //!
+//! **Overload control** ([`OverloadControl`], CoDel's idea applied to slots). A queue that
+//! absorbs a burst and drains is good; one that stands is only delay. A lane counts as
+//! overloaded once every request it dispatched during a whole interval (at least twice the lane's
+//! mean service time) waited longer than `target` (at least a tenth of that service time); while overloaded, a request whose estimated wait
+//! exceeds `wait_fraction` of its own expected service time is refused at once as `Throttled`,
+//! so the accepted requests keep their latency at any offered load. The lane leaves that state
+//! after an interval in which the queue was not standing and nothing had to be refused. At
+//! normal load bursts still queue as before (a fixed wait budget would refuse them).
+//!
 //! **Estimates.** Each lane keeps an EWMA of per-slot throughput (tokens a second) fed by
-//! [`State::complete`]. The wait of a new request is the work ahead of it — better classes in
-//! full, its own class as fair queuing would interleave it, half of the running work — divided
-//! by the lane's throughput; zero when nothing is ahead and a slot it can reach is free.
+//! [`State::complete`]. The wait of a new request is when a slot frees up for it once what is
+//! ahead of it — better classes in full, its own class as fair queuing would interleave it — has
+//! taken the slots that free before, each running request being expected to finish its cost at
+//! that throughput from when it started (see `State::wait_behind`); zero when nothing is ahead
+//! and a slot it can reach is free.
 
-use std::collections::{BTreeSet, HashMap};
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap, HashMap};
 use std::time::{Duration, Instant};
 
 use crate::Rejected;
@@ -106,6 +118,33 @@ pub struct QueueConfig {
     /// up, at the cost of at most one idle slot per lane while it is active. `None` (the default)
     /// is work-conserving.
     pub reserve_window: Option<Duration>,
+    /// Refuse requests that would only wait while a lane's queue is standing (see the module
+    /// documentation). `None` (the default) leaves overload to the count limits and
+    /// `max_queue_wait`.
+    pub overload: Option<OverloadControl>,
+}
+
+/// The tunables of overload control (see the module documentation).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OverloadControl {
+    /// A lane is overloaded when every request it dispatched for a whole interval waited longer
+    /// than this, or than a tenth of the lane's mean service time where that is longer.
+    /// Default 5 ms.
+    pub target: Duration,
+    /// The shortest interval over which a standing queue is judged; twice the lane's mean
+    /// service time where that is longer (at 80% load a queue may stand through one service
+    /// time and still drain). Default 500 ms.
+    pub interval: Duration,
+    /// While overloaded, the longest estimated wait admitted, as a share of the request's own
+    /// expected service time (never less than `target`). Default 0.25: an accepted request takes
+    /// about 1.25× its service time at most, and a slot that frees finds the next request queued.
+    pub wait_fraction: f64,
+}
+
+impl Default for OverloadControl {
+    fn default() -> Self {
+        OverloadControl { target: Duration::from_millis(5), interval: Duration::from_millis(500), wait_fraction: 0.25 }
+    }
 }
 
 impl Default for QueueConfig {
@@ -124,6 +163,7 @@ impl Default for QueueConfig {
             unavailable_retry_after: Duration::from_secs(5),
             max_queue_wait: None,
             reserve_window: None,
+            overload: None,
         }
     }
 }
@@ -230,6 +270,8 @@ pub struct LaneSnapshot {
     pub estimated_wait: Duration,
     /// Measured throughput of the lane's slots together, tokens a second.
     pub tokens_per_second: f64,
+    /// Whether overload control is refusing requests that would wait (see [`OverloadControl`]).
+    pub overloaded: bool,
 }
 
 #[derive(Debug)]
@@ -248,6 +290,7 @@ struct Running {
     lane: Lane,
     cost: u64,
     tenant: String,
+    started: Instant,
 }
 
 /// What one tenant has queued in a lane, for shedding.
@@ -272,6 +315,22 @@ struct LaneState {
     running_by_tenant: HashMap<String, usize>,
     /// When each tenant last sent a request to this lane (kept only with `reserve_window`).
     seen: HashMap<String, Instant>,
+    /// EWMA of a request's time on a slot, seconds (zero until one completes).
+    service_seconds: f64,
+    /// Overload control's current interval.
+    window: Window,
+}
+
+/// One interval of overload control on a lane.
+#[derive(Debug, Default)]
+struct Window {
+    start: Option<Instant>,
+    /// The shortest wait of a request dispatched from the lane in this interval.
+    min_wait: Option<Duration>,
+    /// Whether a request was refused for its wait in this interval.
+    refused: bool,
+    /// Whether the lane is overloaded.
+    overloaded: bool,
 }
 
 impl LaneState {
@@ -285,7 +344,38 @@ impl LaneState {
             slot_rate,
             running_by_tenant: HashMap::new(),
             seen: HashMap::new(),
+            service_seconds: 0.0,
+            window: Window::default(),
         }
+    }
+
+    /// Closes overload control's interval if it is over: the lane becomes overloaded when the
+    /// queue stood through it, and stays so while requests had to be refused.
+    fn roll_window(&mut self, control: &OverloadControl, now: Instant) {
+        let queued = self.queued();
+        let service = Duration::try_from_secs_f64(self.service_seconds).unwrap_or_default();
+        let interval = control.interval.max(service.saturating_mul(2));
+        let window = &mut self.window;
+        let Some(start) = window.start else {
+            window.start = Some(now);
+            return;
+        };
+        if now.saturating_duration_since(start) < interval {
+            return;
+        }
+        // No dispatch for a whole interval: the queue stood if anyone is in it.
+        let target = control.target.max(service / 10);
+        let standing = window.min_wait.map_or(queued > 0, |wait| wait > target);
+        window.overloaded = standing || (window.overloaded && window.refused);
+        window.start = Some(now);
+        window.min_wait = None;
+        window.refused = false;
+    }
+
+    /// The time a request of `cost` tokens is expected to hold a slot.
+    fn service_time(&self, cost: u64) -> Duration {
+        let seconds = cost as f64 / self.slot_rate;
+        Duration::try_from_secs_f64(seconds.clamp(0.0, MAX_ESTIMATE.as_secs_f64())).unwrap_or(MAX_ESTIMATE)
     }
 
     fn has_free_slot(&self) -> bool {
@@ -402,9 +492,19 @@ impl State {
         if self.sheds(lane, &request.tenant, weight, cost) {
             return Err(Rejected::Throttled { retry_after: self.retry_after(lane) });
         }
-        let estimated_wait = self.estimate_wait(lane, request.priority, &request.tenant, weight);
+        let estimated_wait = self.estimate_wait(lane, request.priority, &request.tenant, weight, now);
         if self.config.max_queue_wait.is_some_and(|max| estimated_wait > max) {
             return Err(Rejected::Throttled { retry_after: self.retry_after(lane) });
+        }
+        if let Some(control) = &self.config.overload {
+            let state = &mut self.lanes[lane.index()];
+            state.roll_window(control, now);
+            let fraction = if control.wait_fraction.is_finite() { control.wait_fraction.clamp(0.0, 1e6) } else { 0.5 };
+            let budget = control.target.max(state.service_time(cost).mul_f64(fraction));
+            if state.window.overloaded && estimated_wait > budget {
+                state.window.refused = true;
+                return Err(Rejected::Throttled { retry_after: self.retry_after(lane) });
+            }
         }
         if let Some(deadline) = request.deadline
             && now.checked_add(estimated_wait).is_none_or(|start| start > deadline)
@@ -446,18 +546,19 @@ impl State {
         let entry = self.lanes[source.index()].classes[level].pop_except(self.config.fair_credit_tokens, &held)?;
         let queued = self.queued.remove(&entry.id)?;
         self.forget(&queued);
+        let waited = now.saturating_duration_since(queued.enqueued);
+        if let Some(control) = &self.config.overload {
+            let state = &mut self.lanes[source.index()];
+            state.roll_window(control, now);
+            state.window.min_wait = Some(state.window.min_wait.map_or(waited, |min| min.min(waited)));
+        }
         let lane = &mut self.lanes[serve.index()];
         lane.running += 1;
         lane.running_tokens = lane.running_tokens.saturating_add(entry.cost);
         *lane.running_by_tenant.entry(queued.tenant.clone()).or_default() += 1;
-        self.running.insert(entry.id, Running { lane: serve, cost: entry.cost, tenant: queued.tenant.clone() });
-        Some(Dispatch {
-            id: entry.id,
-            lane: serve,
-            tenant: queued.tenant,
-            waited: now.saturating_duration_since(queued.enqueued),
-            overflow: serve != source,
-        })
+        self.running
+            .insert(entry.id, Running { lane: serve, cost: entry.cost, tenant: queued.tenant.clone(), started: now });
+        Some(Dispatch { id: entry.id, lane: serve, tenant: queued.tenant, waited, overflow: serve != source })
     }
 
     /// Frees the slot of a running request. False if it is not running.
@@ -493,6 +594,12 @@ impl State {
             if updated.is_finite() {
                 lane.slot_rate = updated.max(MIN_SLOT_RATE);
             }
+            let seconds = seconds.min(MAX_ESTIMATE.as_secs_f64());
+            lane.service_seconds = if lane.service_seconds == 0.0 {
+                seconds
+            } else {
+                lane.service_seconds + smoothing * (seconds - lane.service_seconds)
+            };
         }
         true
     }
@@ -557,6 +664,7 @@ impl State {
                     queued_tokens: state.queued_tokens(),
                     estimated_wait: state.drain_time(),
                     tokens_per_second: state.throughput(),
+                    overloaded: state.window.overloaded,
                 }
             }),
         }
@@ -646,7 +754,7 @@ impl State {
         self.lanes[lane.index()].drain_time().min(self.config.max_retry_after).max(MIN_RETRY_AFTER)
     }
 
-    fn estimate_wait(&self, lane: Lane, priority: Priority, tenant: &str, weight: u64) -> Duration {
+    fn estimate_wait(&self, lane: Lane, priority: Priority, tenant: &str, weight: u64, now: Instant) -> Duration {
         let state = &self.lanes[lane.index()];
         let level = usize::from(priority.level());
         let own_class = state.classes[level].tokens_ahead(tenant, weight);
@@ -655,7 +763,44 @@ impl State {
         if ahead == 0 && self.lanes[lane.index()..].iter().any(LaneState::has_free_slot) {
             return Duration::ZERO;
         }
-        state.time_for(ahead.saturating_add(state.running_tokens / 2))
+        self.wait_behind(lane, ahead, now)
+    }
+
+    /// When a slot of `lane` frees up for a request with `ahead` tokens queued before it. Each
+    /// running request is expected to hold its slot for its cost at the lane's per-slot
+    /// throughput, counted from when it started (one that ran over frees its slot any moment);
+    /// the requests ahead, of the running requests' mean size, take the slots as they free. With
+    /// nothing running, the time the lane takes to work through `ahead`.
+    fn wait_behind(&self, lane: Lane, ahead: u64, now: Instant) -> Duration {
+        let state = &self.lanes[lane.index()];
+        if state.running == 0 {
+            return state.time_for(ahead);
+        }
+        let rate = state.slot_rate;
+        let mut free_at: BinaryHeap<Reverse<u64>> = self
+            .running
+            .values()
+            .filter(|run| run.lane == lane)
+            .map(|run| {
+                let remaining = run.cost as f64 / rate - now.saturating_duration_since(run.started).as_secs_f64();
+                Reverse(nanos(remaining))
+            })
+            .collect();
+        free_at.extend((state.running..state.slots).map(|_| Reverse(0)));
+        let mean_cost = (state.running_tokens as f64 / state.running as f64).max(1.0);
+        let service = nanos(mean_cost / rate);
+        // The requests ahead take the earliest free slots; beyond a few rounds of every slot the
+        // lane just works through the rest at its throughput.
+        let requests_ahead = (ahead as f64 / mean_cost).floor() as u64;
+        let simulated = requests_ahead.min(4 * free_at.len() as u64);
+        for _ in 0..simulated {
+            if let Some(Reverse(at)) = free_at.pop() {
+                free_at.push(Reverse(at.saturating_add(service)));
+            }
+        }
+        let first = free_at.peek().map_or(0, |Reverse(at)| *at);
+        let rest = state.time_for(((requests_ahead - simulated) as f64 * mean_cost) as u64);
+        Duration::from_nanos(first).saturating_add(rest).min(MAX_ESTIMATE)
     }
 
     fn remove_queued(&mut self, id: u64) -> Option<Queued> {
@@ -695,6 +840,11 @@ impl State {
         let with_deadline = self.queued.values().filter(|q| q.deadline.is_some()).count();
         assert_eq!(self.deadlines.len(), with_deadline);
     }
+}
+
+/// Seconds as whole nanoseconds, clamped to `[0, MAX_ESTIMATE]`.
+fn nanos(seconds: f64) -> u64 {
+    (seconds.clamp(0.0, MAX_ESTIMATE.as_secs_f64()) * 1e9) as u64
 }
 
 fn millis(duration: Duration) -> f64 {

@@ -14,7 +14,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use mantle_admission::{LoadState as Load, ModelQueue, Permit, Priority, QueueConfig, RateLimiter, Rejected};
+use mantle_admission::{
+    LoadState as Load, ModelQueue, OverloadControl, Permit, Priority, QueueConfig, RateLimiter, Rejected,
+};
 use mantle_crds::{FallbackTrigger, Modality};
 use mantle_proto::{GenerateResponse, LoadState, generate_response};
 use tokio_stream::StreamExt;
@@ -71,8 +73,13 @@ impl Default for PathConfig {
             region: "us-east-1".into(),
             slots_per_runner: 16,
             shard_size: 2,
-            // A light tenant beside a heavy one finds a slot free instead of waiting for one.
-            queue: QueueConfig { reserve_window: Some(Duration::from_secs(10)), ..QueueConfig::default() },
+            // A light tenant beside a heavy one finds a slot free instead of waiting for one, and
+            // under overload the accepted requests keep their latency.
+            queue: QueueConfig {
+                reserve_window: Some(Duration::from_secs(10)),
+                overload: Some(OverloadControl::default()),
+                ..QueueConfig::default()
+            },
         }
     }
 }
@@ -230,6 +237,10 @@ impl Inference {
                     .queue_depth
                     .with_label_values(&[model_id.as_str(), lane.lane.name()])
                     .set(lane.queued as i64);
+                self.metrics
+                    .queue_overloaded
+                    .with_label_values(&[model_id.as_str(), lane.lane.name()])
+                    .set(i64::from(lane.overloaded));
             }
         }
     }

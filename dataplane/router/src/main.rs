@@ -59,6 +59,10 @@ struct Args {
     /// requests keep their latency under overload (0: bound the queue by length only).
     #[arg(long, default_value_t = 0)]
     max_queue_wait_ms: u64,
+    /// Let a standing queue grow to its length bound under overload instead of refusing (429)
+    /// the requests that would only wait in it.
+    #[arg(long)]
+    no_overload_control: bool,
 }
 
 #[tokio::main]
@@ -91,6 +95,9 @@ async fn main() -> anyhow::Result<()> {
                 PathConfig { region: args.region, slots_per_runner: args.slots_per_runner, ..PathConfig::default() };
             path.queue.max_queue_wait =
                 (args.max_queue_wait_ms > 0).then(|| std::time::Duration::from_millis(args.max_queue_wait_ms));
+            if args.no_overload_control {
+                path.queue.overload = None;
+            }
             path
         },
     };

@@ -20,6 +20,8 @@ pub struct Metrics {
     pub tokens_per_second: HistogramVec,
     pub tokens: IntCounterVec,
     pub queue_depth: IntGaugeVec,
+    /// 1 while overload control refuses requests that would wait, by model and lane.
+    pub queue_overloaded: IntGaugeVec,
     pub queue_wait: HistogramVec,
     /// Requests refused before reaching a runner, by reason (rate_limit, queue_full, deadline,
     /// unavailable).
@@ -91,6 +93,11 @@ impl Metrics {
                 &["model", "kind"],
             )?,
             queue_depth: gauge("mantle_router_queue_depth", "Requests waiting, by model and lane", &["model", "lane"])?,
+            queue_overloaded: gauge(
+                "mantle_router_queue_overloaded",
+                "1 while the lane's queue stands and requests that would wait are refused",
+                &["model", "lane"],
+            )?,
             queue_wait: histogram(
                 "mantle_router_queue_wait_seconds",
                 "Time requests waited for a slot, by model and lane",

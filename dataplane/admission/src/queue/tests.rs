@@ -247,9 +247,10 @@ fn a_queue_wait_budget_sheds_what_would_wait_longer() {
     }
     q.next(t0).unwrap();
     q.config.max_queue_wait = Some(secs(5.0));
-    // As above: a's next request would wait 8.4 s, another tenant's 1.2 s.
-    assert!(matches!(q.enqueue(request(10, "a", Priority::Normal, SMALL), t0), Err(Rejected::Throttled { .. })));
-    assert_eq!(q.enqueue(request(12, "b", Priority::Normal, SMALL), t0).map(|a| a.estimated_wait), Ok(secs(1.2)));
+    // As below: 1.2 s later a's next request would wait 8.4 s, another tenant's 1.2 s.
+    let t1 = t0 + secs(1.2);
+    assert!(matches!(q.enqueue(request(10, "a", Priority::Normal, SMALL), t1), Err(Rejected::Throttled { .. })));
+    assert_eq!(q.enqueue(request(12, "b", Priority::Normal, SMALL), t1).map(|a| a.estimated_wait), Ok(secs(1.2)));
     q.check_invariants();
 }
 
@@ -261,15 +262,16 @@ fn an_unmeetable_deadline_is_refused_at_enqueue() {
         q.enqueue(request(id, "a", Priority::Normal, SMALL), t0).unwrap();
     }
     q.next(t0).unwrap();
-    // Ahead of a's next request: its own 3 × 600 queued tokens and half the running 600, at 250
-    // tokens a second: 8.4 s.
+    // 1.2 s in, the running request (600 tokens at 250 a second: 2.4 s) has 1.2 s left; ahead of
+    // a's next request are its own 3 queued requests of 2.4 s each: 8.4 s.
+    let t1 = t0 + secs(1.2);
     let tight = Request { deadline: Some(t0 + secs(5.0)), ..request(10, "a", Priority::Normal, SMALL) };
-    assert_eq!(q.enqueue(tight, t0), Err(Rejected::DeadlineUnmeetable { estimated_wait: secs(8.4) }));
-    let loose = Request { deadline: Some(t0 + secs(9.0)), ..request(11, "a", Priority::Normal, SMALL) };
-    assert_eq!(q.enqueue(loose, t0).map(|a| a.estimated_wait), Ok(secs(8.4)));
+    assert_eq!(q.enqueue(tight, t1), Err(Rejected::DeadlineUnmeetable { estimated_wait: secs(8.4) }));
+    let loose = Request { deadline: Some(t0 + secs(10.0)), ..request(11, "a", Priority::Normal, SMALL) };
+    assert_eq!(q.enqueue(loose, t1).map(|a| a.estimated_wait), Ok(secs(8.4)));
     // Another tenant is not behind a's backlog under fair queuing: only the running work.
     let other = Request { deadline: Some(t0 + secs(5.0)), ..request(12, "b", Priority::Normal, SMALL) };
-    assert_eq!(q.enqueue(other, t0).map(|a| a.estimated_wait), Ok(secs(1.2)));
+    assert_eq!(q.enqueue(other, t1).map(|a| a.estimated_wait), Ok(secs(1.2)));
     let past = Request { deadline: Some(t0), ..request(13, "c", Priority::Normal, SMALL) };
     assert!(matches!(q.enqueue(past, t0 + secs(1.0)), Err(Rejected::DeadlineUnmeetable { .. })));
     // With the medium slot free, a new tenant's small request would overflow there at once.
@@ -462,6 +464,7 @@ fn extreme_inputs_do_not_panic() {
         unavailable_retry_after: Duration::ZERO,
         max_queue_wait: Some(Duration::ZERO),
         reserve_window: Some(Duration::MAX),
+        overload: Some(OverloadControl { target: Duration::MAX, interval: Duration::ZERO, wait_fraction: f64::NAN }),
     };
     for config in [QueueConfig::default(), nonsense] {
         let mut q = State::new(config, t0);
@@ -503,7 +506,8 @@ fn random_operations_never_lose_or_double_count_a_slot() {
         let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let t0 = Instant::now();
         let mut now = t0;
-        let mut q = State::new(QueueConfig::default(), t0);
+        let overload = (seed % 2 == 0).then(OverloadControl::default);
+        let mut q = State::new(QueueConfig { overload, ..QueueConfig::default() }, t0);
         q.set_capacity(6);
         let mut queued: HashMap<u64, Lane> = HashMap::new();
         let mut running: HashMap<u64, Lane> = HashMap::new();
@@ -617,4 +621,121 @@ fn the_last_free_slot_waits_for_a_recently_active_tenant_with_nothing_running() 
     q.expire(t0 + secs(12.0));
     assert_eq!(q.next(t0 + secs(12.0)).map(|d| d.tenant), Some("heavy".to_string()));
     q.check_invariants();
+}
+
+/// What one phase of [`overload_sim`] saw.
+#[derive(Debug, Default)]
+struct Phase {
+    /// Queue waits of the accepted requests.
+    waits: Vec<Duration>,
+    sent: usize,
+    refused: usize,
+}
+
+/// Poisson arrivals of small requests (cost 600 tokens, one second on a slot) to a small lane of
+/// 8 slots, in phases of `(load, seconds)` where load 1.0 is the lane's capacity (8 requests a
+/// second). Completions feed the queue's estimates as the router's would.
+fn overload_sim(overload: Option<OverloadControl>, phases: &[(f64, f64)], seed: u64) -> Vec<Phase> {
+    const SLOT_RATE: f64 = 600.0;
+    let t0 = Instant::now();
+    let config = QueueConfig { default_slot_tokens_per_second: SLOT_RATE, overload, ..QueueConfig::default() };
+    let mut q = State::new(config, t0);
+    q.set_capacity(16);
+    let lanes = q.snapshot().lanes;
+    assert_eq!(lanes[0].slots, 8);
+    // Fill the medium and large slots for good, so nothing overflows.
+    let mut filler = u64::MAX;
+    for (lane, input) in [(1, MEDIUM), (2, 40_000)] {
+        for _ in 0..lanes[lane].slots {
+            q.enqueue(request(filler, "filler", Priority::Normal, input), t0).unwrap();
+            q.next(t0).unwrap();
+            filler -= 1;
+        }
+    }
+    let mut rng = Rng(seed);
+    let mut completions: BinaryHeap<Reverse<(Instant, u64)>> = BinaryHeap::new();
+    let mut dispatched_at = HashMap::new();
+    let mut results: Vec<Phase> = phases.iter().map(|_| Phase::default()).collect();
+    let mut phase_of = HashMap::new();
+    let (mut start, mut id) = (t0, 0u64);
+    for (index, &(load, seconds)) in phases.iter().enumerate() {
+        let gap = secs(1.0 / (8.0 * load));
+        let end = start + secs(seconds);
+        let mut arrival = start + rng.exponential(gap);
+        while arrival < end {
+            let now = match completions.peek() {
+                Some(Reverse((done, _))) if *done <= arrival => *done,
+                _ => arrival,
+            };
+            if now == arrival {
+                id += 1;
+                let sent = Request { max_output_tokens: 400, ..request(id, "t", Priority::Normal, SMALL) };
+                results[index].sent += 1;
+                match q.enqueue(sent, now) {
+                    Ok(_) => {
+                        phase_of.insert(id, index);
+                    }
+                    Err(_) => results[index].refused += 1,
+                }
+                arrival = now + rng.exponential(gap);
+            } else if let Some(Reverse((_, done))) = completions.pop() {
+                let took = now.saturating_duration_since(dispatched_at.remove(&done).expect("dispatched"));
+                assert!(q.complete(done, 600, took));
+                assert!(q.release(done));
+            }
+            while let Some(dispatch) = q.next(now) {
+                results[phase_of[&dispatch.id]].waits.push(dispatch.waited);
+                dispatched_at.insert(dispatch.id, now);
+                completions.push(Reverse((now + secs(1.0), dispatch.id)));
+            }
+        }
+        start = end;
+    }
+    q.check_invariants();
+    results
+}
+
+/// The issue's overload bar in simulation: at 3× capacity the accepted requests keep the p99
+/// wait they see at 0.8× (the default queue lets them wait out 4 requests per slot), the slots
+/// stay busy, and at 0.8× at most 2.5% is refused (0.6–1.9% in these runs: bursts that would
+/// have waited longest). Each run starts with 30 s of warm-up.
+#[test]
+fn overload_control_keeps_accepted_waits_short_at_three_times_capacity() {
+    let run = |control: Option<OverloadControl>, load: f64, seed: u64| {
+        let mut phases = overload_sim(control, &[(load, 30.0), (load, 300.0)], seed);
+        phases.pop().expect("two phases")
+    };
+    for seed in [1, 2, 3] {
+        let control = Some(OverloadControl::default());
+        let (plain_normal, plain_over) = (run(None, 0.8, seed), run(None, 3.0, seed));
+        let (normal, over) = (run(control.clone(), 0.8, seed), run(control, 3.0, seed));
+        let p99 = |phase: &Phase| p99(&mut phase.waits.clone());
+        eprintln!(
+            "seed {seed}: p99 wait 0.8x {:?} / {:?}, 3x {:?} / {:?} (plain / controlled); \
+             3x served {} of {}; 0.8x refused {} of {}",
+            p99(&plain_normal),
+            p99(&normal),
+            p99(&plain_over),
+            p99(&over),
+            over.waits.len(),
+            over.sent,
+            normal.refused,
+            normal.sent
+        );
+        assert_eq!(plain_normal.refused, 0);
+        assert!(p99(&plain_over) > p99(&plain_normal) * 3, "without overload control the queue stands");
+        assert!(p99(&over) <= p99(&plain_normal).mul_f64(1.1), "accepted requests waited {:?}", p99(&over));
+        // Close to the 8 requests a second the slots can serve.
+        assert!(over.waits.len() as f64 >= 0.95 * 8.0 * 300.0, "served {}", over.waits.len());
+        assert!(normal.refused * 40 <= normal.sent, "refused {} of {} at 0.8x", normal.refused, normal.sent);
+    }
+}
+
+#[test]
+fn overload_control_lets_go_once_the_load_falls() {
+    let phases = overload_sim(Some(OverloadControl::default()), &[(3.0, 60.0), (0.5, 10.0), (0.5, 60.0)], 9);
+    assert!(phases[0].refused > phases[0].sent / 2, "{:?}", phases[0].refused);
+    // Within a few intervals after the load falls, nothing is refused.
+    assert_eq!(phases[2].refused, 0);
+    assert!(phases[2].sent > 200);
 }
