@@ -303,46 +303,89 @@ impl LlamaModel {
         let scale = 1.0 / (hd as f32).sqrt();
         out.resize(tokens.len() * c.n_head * hd, 0.0);
         // Query heads h of a KV head g are g*group .. (g+1)*group, contiguous in q and out.
+        #[cfg(target_arch = "x86_64")]
+        let wide = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
         out.par_chunks_mut(group * hd).enumerate().for_each_init(Vec::new, |scores, (i, o)| {
             let (t, g) = (i / c.n_head_kv, i % c.n_head_kv);
             let (si, pos) = tokens[t];
-            let blocks = steps[si].blocks;
-            let queries = &q[i * group * hd..(i + 1) * group * hd];
-            let kv = g * hd..(g + 1) * hd;
-            let positions = pos + 1;
-            // scores[h * positions + p]
-            scores.clear();
-            scores.resize(group * positions, 0.0);
-            for p in 0..positions {
-                let key = &cache.read(layer, blocks, p).0[kv.clone()];
-                for (h, query) in queries.chunks_exact(hd).enumerate() {
-                    scores[h * positions + p] = dot(query, key) * scale;
-                }
+            let head = Head {
+                layer,
+                blocks: steps[si].blocks,
+                queries: &q[i * group * hd..(i + 1) * group * hd],
+                kv: g * hd..(g + 1) * hd,
+                positions: pos + 1,
+                scale,
+            };
+            #[cfg(target_arch = "x86_64")]
+            if wide {
+                // SAFETY: the CPU has AVX2 and FMA (checked above).
+                unsafe { attend_avx2(&head, cache, scores, o) };
+                return;
             }
-            for row in scores.chunks_exact_mut(positions) {
-                let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                let mut sum = 0.0;
-                for v in row.iter_mut() {
-                    *v = (*v - max).exp();
-                    sum += *v;
-                }
-                let inv = 1.0 / sum;
-                row.iter_mut().for_each(|v| *v *= inv);
-            }
-            o.fill(0.0);
-            for p in 0..positions {
-                let value = &cache.read(layer, blocks, p).1[kv.clone()];
-                for (h, acc) in o.chunks_exact_mut(hd).enumerate() {
-                    let w = scores[h * positions + p];
-                    for (a, v) in acc.iter_mut().zip(value) {
-                        *a += w * v;
-                    }
-                }
-            }
+            attend(&head, cache, scores, o);
         });
     }
 }
 
+/// One task of [`Model::attention`]: the query heads that share one KV head, for one token.
+struct Head<'a> {
+    layer: usize,
+    blocks: &'a [u32],
+    /// The group's query heads, `head_dim` values each.
+    queries: &'a [f32],
+    /// The KV head's range within a cached key or value.
+    kv: std::ops::Range<usize>,
+    /// Cached positions the token attends to (its own included).
+    positions: usize,
+    scale: f32,
+}
+
+/// [`attend`] compiled for AVX2 and FMA: the dot products, the softmax and the weighted sums of
+/// values vectorise 8 wide instead of SSE's 4.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_avx2(head: &Head<'_>, cache: &KvCache, scores: &mut Vec<f32>, out: &mut [f32]) {
+    attend(head, cache, scores, out);
+}
+
+/// Softmax attention of `head.queries` over the cached positions, into `out` (one `head_dim` row
+/// per query head). `scores` is scratch space.
+#[inline(always)]
+fn attend(head: &Head<'_>, cache: &KvCache, scores: &mut Vec<f32>, out: &mut [f32]) {
+    let Head { layer, blocks, queries, ref kv, positions, scale } = *head;
+    let hd = kv.len();
+    // scores[h * positions + p]
+    scores.clear();
+    scores.resize(queries.len() / hd * positions, 0.0);
+    for p in 0..positions {
+        let key = &cache.read(layer, blocks, p).0[kv.clone()];
+        for (h, query) in queries.chunks_exact(hd).enumerate() {
+            scores[h * positions + p] = dot(query, key) * scale;
+        }
+    }
+    for row in scores.chunks_exact_mut(positions) {
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let mut sum = 0.0;
+        for v in row.iter_mut() {
+            *v = (*v - max).exp();
+            sum += *v;
+        }
+        let inv = 1.0 / sum;
+        row.iter_mut().for_each(|v| *v *= inv);
+    }
+    out.fill(0.0);
+    for p in 0..positions {
+        let value = &cache.read(layer, blocks, p).1[kv.clone()];
+        for (h, acc) in out.chunks_exact_mut(hd).enumerate() {
+            let w = scores[h * positions + p];
+            for (a, v) in acc.iter_mut().zip(value) {
+                *a += w * v;
+            }
+        }
+    }
+}
+
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     // Eight independent partial sums let the compiler vectorise the loop.
     let mut acc = [0f32; 8];

@@ -122,6 +122,7 @@ impl QMatrix {
     }
 
     /// `out[t][r] = dot(row r, x[t])` for each of the `x.len() / (cols / 32)` tokens in `x`.
+    /// The result for a token does not depend on the other tokens in `x`.
     /// `out` is resized to tokens × rows (row-major by token).
     pub fn matmul(&self, x: &[BlockQ8], out: &mut Vec<f32>) {
         let kb = self.cols / BLOCK;
@@ -131,6 +132,37 @@ impl QMatrix {
         out.resize(tokens * self.rows, 0.0);
         // Work items of ROWS_PER_TASK output rows × all tokens; each writes a transposed tile.
         const ROWS_PER_TASK: usize = 32;
+        // Every token count goes through the same kernel where there is one for batches, so a
+        // sequence's logits do not depend on what it is batched with (greedy decoding gives
+        // the same text alone or beside others).
+        #[cfg(target_arch = "x86_64")]
+        if let Some(batched) = kernels().batched
+            && kb.is_multiple_of(2)
+        {
+            let batch = x86::Batch::new(x, kb, tokens);
+            let kernel = match self.wtype {
+                WeightType::Q4_1 => batched.q4_1,
+                WeightType::Q8_0 => batched.q8_0,
+            };
+            let out = SharedOut(out.as_mut_ptr());
+            let rows = self.rows;
+            (0..rows.div_ceil(ROWS_PER_TASK)).into_par_iter().for_each(|task| {
+                let out = &out;
+                let mut tile = [0f32; x86::GROUP];
+                for t0 in (0..tokens).step_by(x86::GROUP) {
+                    let n = x86::GROUP.min(tokens - t0);
+                    for r in task * ROWS_PER_TASK..rows.min((task + 1) * ROWS_PER_TASK) {
+                        kernel(self.row(r), &batch, t0, n, &mut tile);
+                        for (j, v) in tile[..n].iter().enumerate() {
+                            // SAFETY: `out` holds tokens × rows values; each (token, row) is
+                            // written by the one task that owns the row.
+                            unsafe { *out.0.add((t0 + j) * rows + r) = *v };
+                        }
+                    }
+                }
+            });
+            return;
+        }
         if tokens == 1 {
             out.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(task, chunk)| {
                 let r0 = task * ROWS_PER_TASK;
@@ -173,6 +205,11 @@ impl QMatrix {
     }
 }
 
+/// The output of a batched product, written by the tasks that own disjoint rows of it.
+struct SharedOut(*mut f32);
+// SAFETY: each task writes only its own rows' elements (see `QMatrix::matmul`).
+unsafe impl Sync for SharedOut {}
+
 #[inline]
 fn f16_at(b: &[u8], at: usize) -> f32 {
     f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32()
@@ -189,6 +226,9 @@ pub struct Kernels {
     q8_0: DotFn,
     q4_1_x4: Dot4Fn,
     q8_0_x4: Dot4Fn,
+    /// Kernels over a batch of tokens (AVX-512 VNNI), where the CPU has them.
+    #[cfg(target_arch = "x86_64")]
+    batched: Option<x86::BatchKernels>,
 }
 
 impl Kernels {
@@ -213,12 +253,16 @@ pub fn kernels() -> &'static Kernels {
     KERNELS.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         if x86::supported() {
+            // `MANTLE_KERNELS=avx2` keeps to the AVX2 kernels (for comparisons).
+            let batched =
+                x86::BatchKernels::detect().filter(|_| std::env::var("MANTLE_KERNELS").as_deref() != Ok("avx2"));
             return Kernels {
-                name: "avx2",
+                name: if batched.is_some() { "avx2 + avx512-vnni batches" } else { "avx2" },
                 q4_1: x86::dot_q4_1,
                 q8_0: x86::dot_q8_0,
                 q4_1_x4: x86::dot_q4_1_x4,
                 q8_0_x4: x86::dot_q8_0_x4,
+                batched,
             };
         }
         Kernels {
@@ -227,6 +271,8 @@ pub fn kernels() -> &'static Kernels {
             q8_0: dot_q8_0_portable,
             q4_1_x4: |w, xs| xs.map(|x| dot_q4_1_portable(w, x)),
             q8_0_x4: |w, xs| xs.map(|x| dot_q8_0_portable(w, x)),
+            #[cfg(target_arch = "x86_64")]
+            batched: None,
         }
     })
 }
@@ -265,8 +311,11 @@ mod x86 {
 
     use super::BlockQ8;
 
+    mod batch;
+    pub use batch::{Batch, BatchKernels, GROUP};
+
     /// How far ahead of the current block to prefetch weights, in bytes.
-    const PREFETCH_DISTANCE: usize = 2048;
+    pub(super) const PREFETCH_DISTANCE: usize = 2048;
 
     /// The f16 at `p` and the one after it, as f32 (one `vcvtph2ps`).
     #[inline]
@@ -513,21 +562,41 @@ mod tests {
         assert!((fast - portable).abs() < 1e-3 * portable.abs().max(1.0), "{} {fast} vs {portable}", kernels().name);
     }
 
+    /// Batched products (the AVX-512 VNNI kernels where the CPU has them, over groups of 8, 4 and
+    /// single tokens) against the portable one-token dot product, for both weight formats.
     #[test]
     fn batched_matmul_equals_one_token_at_a_time() {
         let mut seed = 17;
-        let (rows, cols, tokens) = (70, 64, 5);
-        let w: Vec<u8> = (0..rows).flat_map(|_| random_q4_1_row(cols / 32, &mut seed)).collect();
-        let m = QMatrix::new(WeightType::Q4_1, rows, cols, crate::gguf::Bytes::from_vec(w));
-        let x = random_activations(tokens * cols, &mut seed);
-        let mut q = Vec::new();
-        quantize_rows(&x, cols, &mut q);
-        let mut batched = Vec::new();
-        m.matmul(&q, &mut batched);
-        for t in 0..tokens {
-            let mut single = Vec::new();
-            m.matmul(&q[t * 2..t * 2 + 2], &mut single);
-            assert_eq!(&batched[t * rows..(t + 1) * rows], &single[..]);
+        let (rows, cols) = (70, 64 * 3);
+        for (wtype, row) in
+            [(WeightType::Q4_1, random_q4_1_row as fn(usize, &mut u64) -> Vec<u8>), (WeightType::Q8_0, random_q8_0_row)]
+        {
+            let w: Vec<u8> = (0..rows).flat_map(|_| row(cols / 32, &mut seed)).collect();
+            let m = QMatrix::new(wtype, rows, cols, crate::gguf::Bytes::from_vec(w));
+            for tokens in [2, 5, 8, 13, 16, 21] {
+                let x = random_activations(tokens * cols, &mut seed);
+                let mut q = Vec::new();
+                quantize_rows(&x, cols, &mut q);
+                let mut batched = Vec::new();
+                m.matmul(&q, &mut batched);
+                assert_eq!(batched.len(), tokens * rows);
+                let kb = cols / 32;
+                for t in 0..tokens {
+                    for r in 0..rows {
+                        let x = &q[t * kb..(t + 1) * kb];
+                        let expected = match wtype {
+                            WeightType::Q4_1 => dot_q4_1_portable(m.row(r), x),
+                            WeightType::Q8_0 => dot_q8_0_portable(m.row(r), x),
+                        };
+                        let got = batched[t * rows + r];
+                        assert!(
+                            (got - expected).abs() <= 1e-4 * expected.abs().max(1.0),
+                            "{wtype:?} {} tokens {tokens}, token {t} row {r}: {got} vs {expected}",
+                            kernels().name
+                        );
+                    }
+                }
+            }
         }
     }
 }
