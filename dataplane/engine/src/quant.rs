@@ -49,14 +49,40 @@ pub struct BlockQ8 {
 
 /// Quantizes `x` (a multiple of 32 long) into `out` (`x.len() / 32` blocks).
 pub fn quantize_row(x: &[f32], out: &mut [BlockQ8]) {
+    #[cfg(target_arch = "x86_64")]
+    if kernels().name != "portable" {
+        // SAFETY: the AVX2 kernels are chosen only where the CPU has AVX2, FMA and F16C.
+        return unsafe { quantize_row_avx2(x, out) };
+    }
+    quantize_row_generic(x, out);
+}
+
+/// [`quantize_row_generic`] compiled for AVX2: rounding becomes one instruction instead of a
+/// call to `roundf` per value, and the loops vectorise. Same results.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quantize_row_avx2(x: &[f32], out: &mut [BlockQ8]) {
+    quantize_row_generic(x, out);
+}
+
+#[inline(always)]
+fn quantize_row_generic(x: &[f32], out: &mut [BlockQ8]) {
     debug_assert_eq!(x.len(), out.len() * BLOCK);
     for (chunk, block) in x.chunks_exact(BLOCK).zip(out.iter_mut()) {
-        let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
+        // Eight running maxima, so the loop vectorises.
+        let mut lanes = [0f32; 8];
+        for eight in chunk.chunks_exact(8) {
+            for (m, v) in lanes.iter_mut().zip(eight) {
+                *m = m.max(v.abs());
+            }
+        }
+        let amax = lanes.iter().fold(0f32, |m, &v| m.max(v));
         let d = amax / 127.0;
         let id = if d > 0.0 { 1.0 / d } else { 0.0 };
         let mut sum = 0i32;
         for (q, v) in block.qs.iter_mut().zip(chunk) {
-            let r = (v * id).round() as i32;
+            // Ties to even, as the SIMD rounding instructions do.
+            let r = (v * id).round_ties_even() as i32;
             *q = r as i8;
             sum += r;
         }
