@@ -38,10 +38,11 @@
 //!
 //! **Overload control** ([`OverloadControl`], CoDel's idea applied to slots). A queue that
 //! absorbs a burst and drains is good; one that stands is only delay. A lane counts as
-//! overloaded once every request it dispatched during a whole interval (at least twice the lane's
-//! mean service time) waited longer than `target` (at least a tenth of that service time); while overloaded, a request whose estimated wait
-//! exceeds `wait_fraction` of its own expected service time is refused at once as `Throttled`,
-//! so the accepted requests keep their latency at any offered load. The lane leaves that state
+//! overloaded once every request it dispatched during a whole interval (at least twice the
+//! lane's mean service time) waited longer than `target` (at least a tenth of that service time);
+//! while overloaded, a request whose estimated wait exceeds `wait_fraction` of its own expected
+//! service time is refused at once as `Throttled`, so the accepted requests keep their latency at
+//! any offered load. The lane leaves that state
 //! after an interval in which the queue was not standing and nothing had to be refused. At
 //! normal load bursts still queue as before (a fixed wait budget would refuse them).
 //!
@@ -363,8 +364,8 @@ impl LaneState {
         if now.saturating_duration_since(start) < interval {
             return;
         }
-        // No dispatch for a whole interval: the queue stood if anyone is in it.
         let target = control.target.max(service / 10);
+        // With no dispatch in the whole interval, the queue stood if anyone is in it.
         let standing = window.min_wait.map_or(queued > 0, |wait| wait > target);
         window.overloaded = standing || (window.overloaded && window.refused);
         window.start = Some(now);
@@ -499,7 +500,10 @@ impl State {
         if let Some(control) = &self.config.overload {
             let state = &mut self.lanes[lane.index()];
             state.roll_window(control, now);
-            let fraction = if control.wait_fraction.is_finite() { control.wait_fraction.clamp(0.0, 1e6) } else { 0.5 };
+            let fraction = match control.wait_fraction {
+                f if f.is_finite() => f.clamp(0.0, 1e6),
+                _ => OverloadControl::default().wait_fraction,
+            };
             let budget = control.target.max(state.service_time(cost).mul_f64(fraction));
             if state.window.overloaded && estimated_wait > budget {
                 state.window.refused = true;

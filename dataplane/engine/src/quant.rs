@@ -50,8 +50,8 @@ pub struct BlockQ8 {
 /// Quantizes `x` (a multiple of 32 long) into `out` (`x.len() / 32` blocks).
 pub fn quantize_row(x: &[f32], out: &mut [BlockQ8]) {
     #[cfg(target_arch = "x86_64")]
-    if kernels().name != "portable" {
-        // SAFETY: the AVX2 kernels are chosen only where the CPU has AVX2, FMA and F16C.
+    if x86::supported() {
+        // SAFETY: the CPU has AVX2, FMA and F16C.
         return unsafe { quantize_row_avx2(x, out) };
     }
     quantize_row_generic(x, out);
@@ -156,7 +156,7 @@ impl QMatrix {
         let dot = kernels().dot(self.wtype);
         out.clear();
         out.resize(tokens * self.rows, 0.0);
-        // Work items of ROWS_PER_TASK output rows × all tokens; each writes a transposed tile.
+        // Work items of ROWS_PER_TASK output rows × all tokens.
         const ROWS_PER_TASK: usize = 32;
         // Every token count goes through the same kernel where there is one for batches, so a
         // sequence's logits do not depend on what it is batched with (greedy decoding gives
@@ -198,6 +198,7 @@ impl QMatrix {
             });
             return;
         }
+        // Without batch kernels: four tokens per unpacked weight block, into a transposed tile.
         let dot4 = kernels().dot_x4(self.wtype);
         let token = |t: usize| &x[t * kb..(t + 1) * kb];
         let mut transposed = vec![0f32; tokens * self.rows];
