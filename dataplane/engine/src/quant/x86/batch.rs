@@ -79,50 +79,46 @@ impl Batch {
 }
 
 fn q4_1(w: &[u8], batch: &Batch, t0: usize, n: usize, out: &mut [f32; GROUP]) {
-    assert!(w.len() >= batch.kb * 20 && n <= GROUP && t0 + n <= batch.qs.len() / (batch.kb * BLOCK));
-    // SAFETY: `detect` chose these kernels only where the CPU has the features; bounds checked
-    // above (the row holds `kb` blocks, the batch holds tokens `t0..t0 + n`).
-    unsafe {
-        match n {
-            8 => q4_1_group::<8>(w, batch, t0, out),
-            4..=7 => {
-                q4_1_group::<4>(w, batch, t0, out);
-                tail(w, batch, t0, n, 4, out, |w, b, t, o| q4_1_group::<1>(w, b, t, o));
-            }
-            _ => tail(w, batch, t0, n, 0, out, |w, b, t, o| q4_1_group::<1>(w, b, t, o)),
-        }
-    }
+    // SAFETY: `detect` chose these kernels only where the CPU has the features.
+    unsafe { run(w, 20, batch, t0, n, out, [q4_1_group::<8>, q4_1_group::<4>, q4_1_group::<1>]) }
 }
 
 fn q8_0(w: &[u8], batch: &Batch, t0: usize, n: usize, out: &mut [f32; GROUP]) {
-    assert!(w.len() >= batch.kb * 34 && n <= GROUP && t0 + n <= batch.qs.len() / (batch.kb * BLOCK));
     // SAFETY: as in `q4_1`.
-    unsafe {
-        match n {
-            8 => q8_0_group::<8>(w, batch, t0, out),
-            4..=7 => {
-                q8_0_group::<4>(w, batch, t0, out);
-                tail(w, batch, t0, n, 4, out, |w, b, t, o| q8_0_group::<1>(w, b, t, o));
-            }
-            _ => tail(w, batch, t0, n, 0, out, |w, b, t, o| q8_0_group::<1>(w, b, t, o)),
-        }
-    }
+    unsafe { run(w, 34, batch, t0, n, out, [q8_0_group::<8>, q8_0_group::<4>, q8_0_group::<1>]) }
 }
 
-/// Tokens `from..n` of the group one at a time.
-fn tail(
+/// One row's kernel for a fixed number of tokens from a start token.
+type GroupFn = unsafe fn(&[u8], &Batch, usize, &mut [f32; GROUP]);
+
+/// A row of `block_bytes` blocks against tokens `t0..t0 + n`: 8 at once, or 4 at once and the
+/// rest one at a time. The caller guarantees the CPU features of `groups` (8, 4 and 1 tokens).
+unsafe fn run(
     w: &[u8],
+    block_bytes: usize,
     batch: &Batch,
     t0: usize,
     n: usize,
-    from: usize,
     out: &mut [f32; GROUP],
-    one: impl Fn(&[u8], &Batch, usize, &mut [f32; GROUP]),
+    groups: [GroupFn; 3],
 ) {
-    let mut single = [0f32; GROUP];
-    for (j, out) in out.iter_mut().enumerate().take(n).skip(from) {
-        one(w, batch, t0 + j, &mut single);
-        *out = single[0];
+    assert!(w.len() >= batch.kb * block_bytes && n <= GROUP && t0 + n <= batch.qs.len() / (batch.kb * BLOCK));
+    // SAFETY: bounds checked above (the row holds `kb` blocks, the batch holds tokens
+    // `t0..t0 + n`); the features are the caller's promise.
+    unsafe {
+        let from = match n {
+            8 => return groups[0](w, batch, t0, out),
+            4..=7 => {
+                groups[1](w, batch, t0, out);
+                4
+            }
+            _ => 0,
+        };
+        let mut single = [0f32; GROUP];
+        for (j, out) in out.iter_mut().enumerate().take(n).skip(from) {
+            groups[2](w, batch, t0 + j, &mut single);
+            *out = single[0];
+        }
     }
 }
 
