@@ -12,6 +12,7 @@
 //! per step that asks for them (only from its last token).
 //! RoPE rotates adjacent pairs `(2i, 2i+1)`; GGUF conversion permuted the Q and K weights for that.
 
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use crate::EngineError;
@@ -180,6 +181,11 @@ impl LlamaModel {
             .thread_name(|i| format!("mantle-engine-{i}"))
             .build()
             .map_err(|e| EngineError::Io(format!("starting the engine threads: {e}")))?;
+        // Lay the weights out for this CPU's kernels once, now, on the engine's threads.
+        pool.install(|| {
+            let matrices = layers.iter().flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down]);
+            matrices.chain([&output]).collect::<Vec<_>>().into_par_iter().for_each(QMatrix::prepare);
+        });
         Ok(Self {
             output_norm: gguf.vector("output_norm.weight")?,
             config,
@@ -304,8 +310,8 @@ impl LlamaModel {
         out.resize(tokens.len() * c.n_head * hd, 0.0);
         // Query heads h of a KV head g are g*group .. (g+1)*group, contiguous in q and out.
         #[cfg(target_arch = "x86_64")]
-        let wide = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
-        out.par_chunks_mut(group * hd).enumerate().for_each_init(Vec::new, |scores, (i, o)| {
+        let wide = crate::quant::x86_supported();
+        out.par_chunks_mut(group * hd).enumerate().for_each_init(AttendScratch::default, |scratch, (i, o)| {
             let (t, g) = (i / c.n_head_kv, i % c.n_head_kv);
             let (si, pos) = tokens[t];
             let head = Head {
@@ -318,11 +324,11 @@ impl LlamaModel {
             };
             #[cfg(target_arch = "x86_64")]
             if wide {
-                // SAFETY: the CPU has AVX2 and FMA (checked above).
-                unsafe { attend_avx2(&head, cache, scores, o) };
+                // SAFETY: the CPU has AVX2, FMA and F16C (checked above).
+                unsafe { attend_avx2(&head, cache, scratch, o) };
                 return;
             }
-            attend(&head, cache, scores, o);
+            attend(&head, cache, scratch, o);
         });
     }
 }
@@ -340,32 +346,50 @@ struct Head<'a> {
     scale: f32,
 }
 
-/// [`attend`] for AVX2 and FMA: the scores of 8 cached positions at a time, reduced together
-/// (one horizontal reduction per 8 positions instead of one per position), and the softmax and
-/// the weighted sum of values vectorised 8 wide.
+/// [`attend`] for AVX2, FMA and F16C. Per 8 cached positions: their keys (and later values) are
+/// converted to f32 once into `kv` and used by every query head of the group; the scores of the
+/// 8 positions are reduced together (one horizontal reduction per 8 positions, not one per
+/// position); the weighted sum of values runs 8 lanes wide.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn attend_avx2(head: &Head<'_>, cache: &KvCache, scores: &mut Vec<f32>, out: &mut [f32]) {
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn attend_avx2(head: &Head<'_>, cache: &KvCache, scratch: &mut AttendScratch, out: &mut [f32]) {
     use std::arch::x86_64::*;
     let Head { layer, blocks, queries, ref kv, positions, scale } = *head;
     let hd = kv.len();
     if !hd.is_multiple_of(8) {
-        return attend(head, cache, scores, out);
+        return attend(head, cache, scratch, out);
     }
+    let heads = queries.len() / hd;
+    let AttendScratch { scores, kv: buf } = scratch;
     scores.clear();
-    scores.resize(queries.len() / hd * positions, 0.0);
+    scores.resize(heads * positions, 0.0);
+    buf.resize(8 * hd, 0.0);
+    // Converts `n <= 8` cached keys (or values) from `p` into `buf`, row `i` for position `p + i`.
+    let load = |buf: &mut Vec<f32>, p: usize, n: usize, values: bool| {
+        for i in 0..n {
+            let (k, v) = cache.read(layer, blocks, p + i);
+            let src = &(if values { v } else { k })[kv.clone()];
+            for c in (0..hd).step_by(8) {
+                // SAFETY: `src` and each `buf` row hold `hd` values, a multiple of 8.
+                unsafe {
+                    let x = _mm256_cvtph_ps(_mm_loadu_si128(src.as_ptr().add(c) as *const __m128i));
+                    _mm256_storeu_ps(buf.as_mut_ptr().add(i * hd + c), x);
+                }
+            }
+        }
+    };
     let full = positions - positions % 8;
     for p in (0..full).step_by(8) {
-        let keys: [&[f32]; 8] = std::array::from_fn(|i| &cache.read(layer, blocks, p + i).0[kv.clone()]);
+        load(buf, p, 8, false);
         for (h, query) in queries.chunks_exact(hd).enumerate() {
-            // SAFETY: every key and the query hold `hd` values, a multiple of 8; the store writes
-            // scores `p..p + 8` of head `h`, inside `scores`.
+            // SAFETY: `buf` holds 8 keys of `hd` values; the store writes scores `p..p + 8` of
+            // head `h`, inside `scores`.
             unsafe {
                 let mut acc = [_mm256_setzero_ps(); 8];
                 for c in (0..hd).step_by(8) {
                     let q = _mm256_loadu_ps(query.as_ptr().add(c));
-                    for (acc, key) in acc.iter_mut().zip(&keys) {
-                        *acc = _mm256_fmadd_ps(q, _mm256_loadu_ps(key.as_ptr().add(c)), *acc);
+                    for (i, acc) in acc.iter_mut().enumerate() {
+                        *acc = _mm256_fmadd_ps(q, _mm256_loadu_ps(buf.as_ptr().add(i * hd + c)), *acc);
                     }
                 }
                 let pairs = [
@@ -385,38 +409,75 @@ unsafe fn attend_avx2(head: &Head<'_>, cache: &KvCache, scores: &mut Vec<f32>, o
             }
         }
     }
-    for p in full..positions {
-        let key = &cache.read(layer, blocks, p).0[kv.clone()];
-        for (h, query) in queries.chunks_exact(hd).enumerate() {
-            scores[h * positions + p] = dot(query, key) * scale;
+    if full < positions {
+        load(buf, full, positions - full, false);
+        for (i, p) in (full..positions).enumerate() {
+            for (h, query) in queries.chunks_exact(hd).enumerate() {
+                scores[h * positions + p] = dot(query, &buf[i * hd..(i + 1) * hd]) * scale;
+            }
         }
     }
-    softmax_and_values(head, cache, scores, out);
+    softmax(scores, positions);
+    out.fill(0.0);
+    for p in (0..positions).step_by(8) {
+        let n = 8.min(positions - p);
+        load(buf, p, n, true);
+        for (h, acc) in out.chunks_exact_mut(hd).enumerate() {
+            let weights = &scores[h * positions + p..h * positions + p + n];
+            for c in (0..hd).step_by(8) {
+                // SAFETY: `acc` and each `buf` row hold `hd` values, a multiple of 8.
+                unsafe {
+                    let mut sum = _mm256_loadu_ps(acc.as_ptr().add(c));
+                    for (i, &w) in weights.iter().enumerate() {
+                        sum = _mm256_fmadd_ps(_mm256_set1_ps(w), _mm256_loadu_ps(buf.as_ptr().add(i * hd + c)), sum);
+                    }
+                    _mm256_storeu_ps(acc.as_mut_ptr().add(c), sum);
+                }
+            }
+        }
+    }
+}
+
+/// Reused buffers of one attention worker.
+#[derive(Default)]
+struct AttendScratch {
+    /// `scores[h * positions + p]`.
+    scores: Vec<f32>,
+    /// Cached keys or values converted to f32.
+    kv: Vec<f32>,
 }
 
 /// Softmax attention of `head.queries` over the cached positions, into `out` (one `head_dim` row
-/// per query head). `scores` is scratch space.
-#[inline(always)]
-fn attend(head: &Head<'_>, cache: &KvCache, scores: &mut Vec<f32>, out: &mut [f32]) {
+/// per query head).
+fn attend(head: &Head<'_>, cache: &KvCache, scratch: &mut AttendScratch, out: &mut [f32]) {
     let Head { layer, blocks, queries, ref kv, positions, scale } = *head;
     let hd = kv.len();
-    // scores[h * positions + p]
+    let AttendScratch { scores, kv: buf } = scratch;
     scores.clear();
     scores.resize(queries.len() / hd * positions, 0.0);
+    buf.resize(hd, 0.0);
     for p in 0..positions {
-        let key = &cache.read(layer, blocks, p).0[kv.clone()];
+        cache.read(layer, blocks, p).0[kv.clone()].convert_to_f32_slice(buf);
         for (h, query) in queries.chunks_exact(hd).enumerate() {
-            scores[h * positions + p] = dot(query, key) * scale;
+            scores[h * positions + p] = dot(query, buf) * scale;
         }
     }
-    softmax_and_values(head, cache, scores, out);
+    softmax(scores, positions);
+    out.fill(0.0);
+    for p in 0..positions {
+        cache.read(layer, blocks, p).1[kv.clone()].convert_to_f32_slice(buf);
+        for (h, acc) in out.chunks_exact_mut(hd).enumerate() {
+            let w = scores[h * positions + p];
+            for (a, v) in acc.iter_mut().zip(buf.iter()) {
+                *a += w * v;
+            }
+        }
+    }
 }
 
-/// Turns each head's scores into softmax weights and sums the cached values with them.
+/// Turns each row of `positions` scores into softmax weights.
 #[inline(always)]
-fn softmax_and_values(head: &Head<'_>, cache: &KvCache, scores: &mut [f32], out: &mut [f32]) {
-    let Head { layer, blocks, ref kv, positions, .. } = *head;
-    let hd = kv.len();
+fn softmax(scores: &mut [f32], positions: usize) {
     for row in scores.chunks_exact_mut(positions) {
         let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
         let mut sum = 0.0;
@@ -426,16 +487,6 @@ fn softmax_and_values(head: &Head<'_>, cache: &KvCache, scores: &mut [f32], out:
         }
         let inv = 1.0 / sum;
         row.iter_mut().for_each(|v| *v *= inv);
-    }
-    out.fill(0.0);
-    for p in 0..positions {
-        let value = &cache.read(layer, blocks, p).1[kv.clone()];
-        for (h, acc) in out.chunks_exact_mut(hd).enumerate() {
-            let w = scores[h * positions + p];
-            for (a, v) in acc.iter_mut().zip(value) {
-                *a += w * v;
-            }
-        }
     }
 }
 

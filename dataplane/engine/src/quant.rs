@@ -106,12 +106,36 @@ pub struct QMatrix {
     pub rows: usize,
     pub cols: usize,
     data: crate::gguf::Bytes,
+    /// The rows repacked for the batch kernels, made once (see [`QMatrix::prepare`]).
+    #[cfg(target_arch = "x86_64")]
+    packed: std::sync::Arc<std::sync::OnceLock<x86::Packed>>,
 }
 
 impl QMatrix {
     pub fn new(wtype: WeightType, rows: usize, cols: usize, data: crate::gguf::Bytes) -> Self {
         debug_assert_eq!(data.len(), rows * cols / BLOCK * wtype.block_bytes());
-        Self { wtype, rows, cols, data }
+        Self {
+            wtype,
+            rows,
+            cols,
+            data,
+            #[cfg(target_arch = "x86_64")]
+            packed: Default::default(),
+        }
+    }
+
+    /// Repacks the weights for the batch kernels now, where the CPU has them, rather than at the
+    /// first product (the loader calls this; the repacked copy is about the size of the file's).
+    pub fn prepare(&self) {
+        #[cfg(target_arch = "x86_64")]
+        if kernels().batched.is_some() && (self.cols / BLOCK).is_multiple_of(2) {
+            self.packed();
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn packed(&self) -> &x86::Packed {
+        self.packed.get_or_init(|| x86::Packed::new(self.wtype, &self.data, self.rows, self.cols / BLOCK))
     }
 
     fn row_bytes(&self) -> usize {
@@ -170,11 +194,8 @@ impl QMatrix {
         if let Some(batched) = kernels().batched.filter(|_| batch_kernels)
             && kb.is_multiple_of(2)
         {
-            let batch = x86::Batch::new(x, kb, tokens);
-            let kernel = match self.wtype {
-                WeightType::Q4_1 => batched.q4_1,
-                WeightType::Q8_0 => batched.q8_0,
-            };
+            let packed = self.packed();
+            let batch = x86::Batch::new(x, kb, tokens, self.wtype);
             let out = SharedOut(out.as_mut_ptr());
             let rows = self.rows;
             (0..rows.div_ceil(ROWS_PER_TASK)).into_par_iter().for_each(|task| {
@@ -183,7 +204,7 @@ impl QMatrix {
                 for t0 in (0..tokens).step_by(x86::GROUP) {
                     let n = x86::GROUP.min(tokens - t0);
                     for r in task * ROWS_PER_TASK..rows.min((task + 1) * ROWS_PER_TASK) {
-                        kernel(self.row(r), &batch, t0, n, &mut tile);
+                        batched.product(packed, r, &batch, t0, n, &mut tile);
                         for (j, v) in tile[..n].iter().enumerate() {
                             // SAFETY: `out` holds tokens × rows values; each (token, row) is
                             // written by the one task that owns the row.
@@ -335,6 +356,12 @@ pub fn dot_q8_0_portable(w: &[u8], x: &[BlockQ8]) -> f32 {
     sum
 }
 
+/// Whether this CPU has AVX2, FMA and F16C, which the x86 kernels here and attention's need.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn x86_supported() -> bool {
+    x86::supported()
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     //! AVX2 kernels (with F16C for the block scales): 32 int8 products per block in two instructions (`maddubs` multiplies unsigned
@@ -344,7 +371,7 @@ mod x86 {
     use super::BlockQ8;
 
     mod batch;
-    pub use batch::{Batch, BatchKernels, GROUP};
+    pub use batch::{Batch, BatchKernels, GROUP, Packed};
 
     /// How far ahead of the current block to prefetch weights, in bytes.
     pub(super) const PREFETCH_DISTANCE: usize = 2048;
@@ -599,35 +626,40 @@ mod tests {
     #[test]
     fn batched_matmul_equals_one_token_at_a_time() {
         let mut seed = 17;
-        let (rows, cols) = (70, 64 * 3);
+        let rows = 70;
         for (wtype, row) in
             [(WeightType::Q4_1, random_q4_1_row as fn(usize, &mut u64) -> Vec<u8>), (WeightType::Q8_0, random_q8_0_row)]
         {
-            let w: Vec<u8> = (0..rows).flat_map(|_| row(cols / 32, &mut seed)).collect();
-            let m = QMatrix::new(wtype, rows, cols, crate::gguf::Bytes::from_vec(w));
-            for tokens in [2, 5, 8, 13, 16, 21] {
-                let x = random_activations(tokens * cols, &mut seed);
-                let mut q = Vec::new();
-                quantize_rows(&x, cols, &mut q);
-                let mut batched = Vec::new();
-                m.matmul(&q, &mut batched);
-                assert_eq!(batched.len(), tokens * rows);
-                // The AVX2 path that CPUs without the batch kernels take, on this one too.
-                let mut without = Vec::new();
-                m.matmul_with(&q, &mut without, false);
-                let kb = cols / 32;
-                for t in 0..tokens {
-                    for r in 0..rows {
-                        let x = &q[t * kb..(t + 1) * kb];
-                        let expected = match wtype {
-                            WeightType::Q4_1 => dot_q4_1_portable(m.row(r), x),
-                            WeightType::Q8_0 => dot_q8_0_portable(m.row(r), x),
-                        };
-                        for (path, got) in [(kernels().name, batched[t * rows + r]), ("avx2", without[t * rows + r])] {
-                            assert!(
-                                (got - expected).abs() <= 1e-4 * expected.abs().max(1.0),
-                                "{wtype:?} {path} tokens {tokens}, token {t} row {r}: {got} vs {expected}",
-                            );
+            // 6 blocks: a tail only; 18: a chunk of 16 and a tail; 32: two chunks.
+            for cols in [6 * 32, 18 * 32, 32 * 32] {
+                let w: Vec<u8> = (0..rows).flat_map(|_| row(cols / 32, &mut seed)).collect();
+                let m = QMatrix::new(wtype, rows, cols, crate::gguf::Bytes::from_vec(w));
+                for tokens in [2, 5, 8, 13, 16, 21] {
+                    let x = random_activations(tokens * cols, &mut seed);
+                    let mut q = Vec::new();
+                    quantize_rows(&x, cols, &mut q);
+                    let mut batched = Vec::new();
+                    m.matmul(&q, &mut batched);
+                    assert_eq!(batched.len(), tokens * rows);
+                    // The AVX2 path that CPUs without the batch kernels take, on this one too.
+                    let mut without = Vec::new();
+                    m.matmul_with(&q, &mut without, false);
+                    let kb = cols / 32;
+                    for t in 0..tokens {
+                        for r in 0..rows {
+                            let x = &q[t * kb..(t + 1) * kb];
+                            let expected = match wtype {
+                                WeightType::Q4_1 => dot_q4_1_portable(m.row(r), x),
+                                WeightType::Q8_0 => dot_q8_0_portable(m.row(r), x),
+                            };
+                            for (path, got) in
+                                [(kernels().name, batched[t * rows + r]), ("avx2", without[t * rows + r])]
+                            {
+                                assert!(
+                                    (got - expected).abs() <= 1e-4 * expected.abs().max(1.0),
+                                    "{wtype:?} {path} tokens {tokens}, token {t} row {r}: {got} vs {expected}",
+                                );
+                            }
                         }
                     }
                 }

@@ -23,6 +23,8 @@
 
 use std::sync::Arc;
 
+use half::f16;
+
 use crate::kv_cache::{BlockTable, KvCache};
 use crate::model::{Scratch, Step};
 use crate::sampling::{Sampler, SamplingParams};
@@ -97,17 +99,17 @@ impl Default for SchedulerConfig {
 /// A preempted sequence's blocks, copied to host memory.
 struct Swapped {
     /// Each block's keys and values and the CRC32 of that copy.
-    blocks: Vec<(Vec<f32>, u32)>,
+    blocks: Vec<(Vec<f16>, u32)>,
     computed: usize,
 }
 
 impl Swapped {
     fn bytes(&self) -> usize {
-        self.blocks.iter().map(|(d, _)| d.len() * std::mem::size_of::<f32>()).sum()
+        self.blocks.iter().map(|(d, _)| d.len() * std::mem::size_of::<f16>()).sum()
     }
 }
 
-fn crc(data: &[f32]) -> u32 {
+fn crc(data: &[f16]) -> u32 {
     crc32fast::hash(bytemuck::cast_slice(data))
 }
 
@@ -280,7 +282,7 @@ impl Scheduler {
         else {
             return false;
         };
-        data[0] = f32::from_bits(data[0].to_bits() ^ 0x0040_0000);
+        data[0] = f16::from_bits(data[0].to_bits() ^ 0x0200);
         true
     }
 
@@ -442,7 +444,7 @@ impl Scheduler {
     /// the swap budget allows, otherwise it will recompute them.
     fn preempt(&mut self, i: usize) {
         let mut seq = self.running.remove(i);
-        let bytes = seq.table.blocks().len() * self.cache.block_floats() * std::mem::size_of::<f32>();
+        let bytes = seq.table.blocks().len() * self.cache.block_values() * std::mem::size_of::<f16>();
         if seq.computed > 0 && self.swap_bytes + bytes <= self.config.swap_bytes {
             let blocks = seq
                 .table
