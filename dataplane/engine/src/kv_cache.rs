@@ -270,6 +270,17 @@ impl KvCache {
         self.values[layer][at..at + self.kv_dim].convert_from_f32_slice(value);
     }
 
+    /// Floats of key (or value) per token: all KV heads.
+    pub fn kv_dim(&self) -> usize {
+        self.kv_dim
+    }
+
+    /// The keys and values of one block of one layer: `block_size` rows of [`kv_dim`](Self::kv_dim).
+    pub fn block(&self, layer: usize, block: u32) -> (&[f16], &[f16]) {
+        let range = self.offset(block, 0)..self.offset(block, self.block_size);
+        (&self.keys[layer][range.clone()], &self.values[layer][range])
+    }
+
     /// The key and value vectors (all KV heads) of position `pos` of a sequence.
     pub fn read(&self, layer: usize, table: &[u32], pos: usize) -> (&[f16], &[f16]) {
         let at = self.offset(table[pos / self.block_size], pos % self.block_size);

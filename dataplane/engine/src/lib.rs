@@ -1,6 +1,7 @@
 //! Mantle's inference engine: llama-family GGUF models with quantized CPU kernels, a paged KV
 //! cache and continuous batching; the tokenizer and chat template come from the model file.
 
+pub mod attention;
 pub mod chat;
 pub mod embedding;
 pub mod gguf;

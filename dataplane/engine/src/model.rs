@@ -12,10 +12,10 @@
 //! per step that asks for them (only from its last token).
 //! RoPE rotates adjacent pairs `(2i, 2i+1)`; GGUF conversion permuted the Q and K weights for that.
 
-use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use crate::EngineError;
+use crate::attention::{AttendScratch, Head, attend};
 use crate::gguf::GgufFile;
 use crate::kv_cache::KvCache;
 use crate::quant::{BlockQ8, QMatrix, quantize_rows};
@@ -309,8 +309,7 @@ impl LlamaModel {
         let scale = 1.0 / (hd as f32).sqrt();
         out.resize(tokens.len() * c.n_head * hd, 0.0);
         // Query heads h of a KV head g are g*group .. (g+1)*group, contiguous in q and out.
-        #[cfg(target_arch = "x86_64")]
-        let wide = crate::quant::x86_supported();
+        let wide = crate::attention::wide_supported();
         out.par_chunks_mut(group * hd).enumerate().for_each_init(AttendScratch::default, |scratch, (i, o)| {
             let (t, g) = (i / c.n_head_kv, i % c.n_head_kv);
             let (si, pos) = tokens[t];
@@ -322,185 +321,9 @@ impl LlamaModel {
                 positions: pos + 1,
                 scale,
             };
-            #[cfg(target_arch = "x86_64")]
-            if wide {
-                // SAFETY: the CPU has AVX2, FMA and F16C (checked above).
-                unsafe { attend_avx2(&head, cache, scratch, o) };
-                return;
-            }
-            attend(&head, cache, scratch, o);
+            attend(&head, cache, scratch, o, wide);
         });
     }
-}
-
-/// One task of [`Model::attention`]: the query heads that share one KV head, for one token.
-struct Head<'a> {
-    layer: usize,
-    blocks: &'a [u32],
-    /// The group's query heads, `head_dim` values each.
-    queries: &'a [f32],
-    /// The KV head's range within a cached key or value.
-    kv: std::ops::Range<usize>,
-    /// Cached positions the token attends to (its own included).
-    positions: usize,
-    scale: f32,
-}
-
-/// [`attend`] for AVX2, FMA and F16C. Per 8 cached positions: their keys (and later values) are
-/// converted to f32 once into `kv` and used by every query head of the group; the scores of the
-/// 8 positions are reduced together (one horizontal reduction per 8 positions, not one per
-/// position); the weighted sum of values runs 8 lanes wide.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn attend_avx2(head: &Head<'_>, cache: &KvCache, scratch: &mut AttendScratch, out: &mut [f32]) {
-    use std::arch::x86_64::*;
-    let Head { layer, blocks, queries, ref kv, positions, scale } = *head;
-    let hd = kv.len();
-    if !hd.is_multiple_of(8) {
-        return attend(head, cache, scratch, out);
-    }
-    let heads = queries.len() / hd;
-    let AttendScratch { scores, kv: buf } = scratch;
-    scores.clear();
-    scores.resize(heads * positions, 0.0);
-    buf.resize(8 * hd, 0.0);
-    // Converts `n <= 8` cached keys (or values) from `p` into `buf`, row `i` for position `p + i`.
-    let load = |buf: &mut Vec<f32>, p: usize, n: usize, values: bool| {
-        for i in 0..n {
-            let (k, v) = cache.read(layer, blocks, p + i);
-            let src = &(if values { v } else { k })[kv.clone()];
-            for c in (0..hd).step_by(8) {
-                // SAFETY: `src` and each `buf` row hold `hd` values, a multiple of 8.
-                unsafe {
-                    let x = _mm256_cvtph_ps(_mm_loadu_si128(src.as_ptr().add(c) as *const __m128i));
-                    _mm256_storeu_ps(buf.as_mut_ptr().add(i * hd + c), x);
-                }
-            }
-        }
-    };
-    let full = positions - positions % 8;
-    for p in (0..full).step_by(8) {
-        load(buf, p, 8, false);
-        for (h, query) in queries.chunks_exact(hd).enumerate() {
-            // SAFETY: `buf` holds 8 keys of `hd` values; the store writes scores `p..p + 8` of
-            // head `h`, inside `scores`.
-            unsafe {
-                let mut acc = [_mm256_setzero_ps(); 8];
-                for c in (0..hd).step_by(8) {
-                    let q = _mm256_loadu_ps(query.as_ptr().add(c));
-                    for (i, acc) in acc.iter_mut().enumerate() {
-                        *acc = _mm256_fmadd_ps(q, _mm256_loadu_ps(buf.as_ptr().add(i * hd + c)), *acc);
-                    }
-                }
-                let pairs = [
-                    _mm256_hadd_ps(acc[0], acc[1]),
-                    _mm256_hadd_ps(acc[2], acc[3]),
-                    _mm256_hadd_ps(acc[4], acc[5]),
-                    _mm256_hadd_ps(acc[6], acc[7]),
-                ];
-                // [0..3 of the low halves, 0..3 of the high halves], then halves added.
-                let (low, high) = (_mm256_hadd_ps(pairs[0], pairs[1]), _mm256_hadd_ps(pairs[2], pairs[3]));
-                let sums =
-                    _mm256_add_ps(_mm256_permute2f128_ps::<0x20>(low, high), _mm256_permute2f128_ps::<0x31>(low, high));
-                _mm256_storeu_ps(
-                    scores.as_mut_ptr().add(h * positions + p),
-                    _mm256_mul_ps(sums, _mm256_set1_ps(scale)),
-                );
-            }
-        }
-    }
-    if full < positions {
-        load(buf, full, positions - full, false);
-        for (i, p) in (full..positions).enumerate() {
-            for (h, query) in queries.chunks_exact(hd).enumerate() {
-                scores[h * positions + p] = dot(query, &buf[i * hd..(i + 1) * hd]) * scale;
-            }
-        }
-    }
-    softmax(scores, positions);
-    out.fill(0.0);
-    for p in (0..positions).step_by(8) {
-        let n = 8.min(positions - p);
-        load(buf, p, n, true);
-        for (h, acc) in out.chunks_exact_mut(hd).enumerate() {
-            let weights = &scores[h * positions + p..h * positions + p + n];
-            for c in (0..hd).step_by(8) {
-                // SAFETY: `acc` and each `buf` row hold `hd` values, a multiple of 8.
-                unsafe {
-                    let mut sum = _mm256_loadu_ps(acc.as_ptr().add(c));
-                    for (i, &w) in weights.iter().enumerate() {
-                        sum = _mm256_fmadd_ps(_mm256_set1_ps(w), _mm256_loadu_ps(buf.as_ptr().add(i * hd + c)), sum);
-                    }
-                    _mm256_storeu_ps(acc.as_mut_ptr().add(c), sum);
-                }
-            }
-        }
-    }
-}
-
-/// Reused buffers of one attention worker.
-#[derive(Default)]
-struct AttendScratch {
-    /// `scores[h * positions + p]`.
-    scores: Vec<f32>,
-    /// Cached keys or values converted to f32.
-    kv: Vec<f32>,
-}
-
-/// Softmax attention of `head.queries` over the cached positions, into `out` (one `head_dim` row
-/// per query head).
-fn attend(head: &Head<'_>, cache: &KvCache, scratch: &mut AttendScratch, out: &mut [f32]) {
-    let Head { layer, blocks, queries, ref kv, positions, scale } = *head;
-    let hd = kv.len();
-    let AttendScratch { scores, kv: buf } = scratch;
-    scores.clear();
-    scores.resize(queries.len() / hd * positions, 0.0);
-    buf.resize(hd, 0.0);
-    for p in 0..positions {
-        cache.read(layer, blocks, p).0[kv.clone()].convert_to_f32_slice(buf);
-        for (h, query) in queries.chunks_exact(hd).enumerate() {
-            scores[h * positions + p] = dot(query, buf) * scale;
-        }
-    }
-    softmax(scores, positions);
-    out.fill(0.0);
-    for p in 0..positions {
-        cache.read(layer, blocks, p).1[kv.clone()].convert_to_f32_slice(buf);
-        for (h, acc) in out.chunks_exact_mut(hd).enumerate() {
-            let w = scores[h * positions + p];
-            for (a, v) in acc.iter_mut().zip(buf.iter()) {
-                *a += w * v;
-            }
-        }
-    }
-}
-
-/// Turns each row of `positions` scores into softmax weights.
-#[inline(always)]
-fn softmax(scores: &mut [f32], positions: usize) {
-    for row in scores.chunks_exact_mut(positions) {
-        let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-        let mut sum = 0.0;
-        for v in row.iter_mut() {
-            *v = (*v - max).exp();
-            sum += *v;
-        }
-        let inv = 1.0 / sum;
-        row.iter_mut().for_each(|v| *v *= inv);
-    }
-}
-
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Eight independent partial sums let the compiler vectorise the loop.
-    let mut acc = [0f32; 8];
-    for (ca, cb) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
-        for i in 0..8 {
-            acc[i] += ca[i] * cb[i];
-        }
-    }
-    let tail: f32 = a.chunks_exact(8).remainder().iter().zip(b.chunks_exact(8).remainder()).map(|(x, y)| x * y).sum();
-    acc.iter().sum::<f32>() + tail
 }
 
 fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut Vec<f32>) {
