@@ -128,7 +128,7 @@ impl QMatrix {
     /// first product (the loader calls this; the repacked copy is about the size of the file's).
     pub fn prepare(&self) {
         #[cfg(target_arch = "x86_64")]
-        if kernels().batched.is_some() && (self.cols / BLOCK).is_multiple_of(2) {
+        if kernels().batched.is_some() {
             self.packed();
         }
     }
@@ -191,24 +191,26 @@ impl QMatrix {
         // sequence's logits do not depend on what it is batched with (greedy decoding gives
         // the same text alone or beside others).
         #[cfg(target_arch = "x86_64")]
-        if let Some(batched) = kernels().batched.filter(|_| batch_kernels)
-            && kb.is_multiple_of(2)
-        {
+        if let Some(batched) = kernels().batched.filter(|_| batch_kernels) {
             let packed = self.packed();
-            let batch = x86::Batch::new(x, kb, tokens, self.wtype);
+            let x = x86::activations(self.wtype, x);
             let out = SharedOut(out.as_mut_ptr());
             let rows = self.rows;
-            (0..rows.div_ceil(ROWS_PER_TASK)).into_par_iter().for_each(|task| {
+            const GROUPS_PER_TASK: usize = ROWS_PER_TASK / x86::ROWS;
+            (0..packed.groups().div_ceil(GROUPS_PER_TASK)).into_par_iter().for_each(|task| {
                 let out = &out;
-                let mut tile = [0f32; x86::GROUP];
+                let mut tile = [[0f32; x86::ROWS]; x86::GROUP];
                 for t0 in (0..tokens).step_by(x86::GROUP) {
                     let n = x86::GROUP.min(tokens - t0);
-                    for r in task * ROWS_PER_TASK..rows.min((task + 1) * ROWS_PER_TASK) {
-                        batched.product(packed, r, &batch, t0, n, &mut tile);
-                        for (j, v) in tile[..n].iter().enumerate() {
-                            // SAFETY: `out` holds tokens × rows values; each (token, row) is
-                            // written by the one task that owns the row.
-                            unsafe { *out.0.add((t0 + j) * rows + r) = *v };
+                    for g in task * GROUPS_PER_TASK..packed.groups().min((task + 1) * GROUPS_PER_TASK) {
+                        batched.product(packed, g, &x, t0, n, &mut tile);
+                        let (r0, valid) = (g * x86::ROWS, x86::ROWS.min(rows - g * x86::ROWS));
+                        for (j, values) in tile[..n].iter().enumerate() {
+                            // SAFETY: `out` holds tokens × rows values and this writes rows
+                            // `r0..r0 + valid` of token `t0 + j`, which only this task owns.
+                            unsafe {
+                                std::ptr::copy_nonoverlapping(values.as_ptr(), out.0.add((t0 + j) * rows + r0), valid)
+                            };
                         }
                     }
                 }
@@ -371,7 +373,7 @@ mod x86 {
     use super::BlockQ8;
 
     mod batch;
-    pub use batch::{Batch, BatchKernels, GROUP, Packed};
+    pub use batch::{BatchKernels, GROUP, Packed, ROWS, activations};
 
     /// How far ahead of the current block to prefetch weights, in bytes.
     pub(super) const PREFETCH_DISTANCE: usize = 2048;
@@ -626,12 +628,11 @@ mod tests {
     #[test]
     fn batched_matmul_equals_one_token_at_a_time() {
         let mut seed = 17;
-        let rows = 70;
+        let rows = 70; // four groups of 16 and a part
         for (wtype, row) in
             [(WeightType::Q4_1, random_q4_1_row as fn(usize, &mut u64) -> Vec<u8>), (WeightType::Q8_0, random_q8_0_row)]
         {
-            // 6 blocks: a tail only; 18: a chunk of 16 and a tail; 32: two chunks.
-            for cols in [6 * 32, 18 * 32, 32 * 32] {
+            for cols in [32, 6 * 32, 18 * 32] {
                 let w: Vec<u8> = (0..rows).flat_map(|_| row(cols / 32, &mut seed)).collect();
                 let m = QMatrix::new(wtype, rows, cols, crate::gguf::Bytes::from_vec(w));
                 for tokens in [2, 5, 8, 13, 16, 21] {
