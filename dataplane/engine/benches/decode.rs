@@ -38,7 +38,7 @@ fn main() {
     for &n in &streams {
         let c = &model.model.config;
         let per_seq = (prompt.len() + tokens).div_ceil(16) + 1;
-        let mut cache = KvCache::new(c.n_layer, c.kv_dim(), 16, per_seq * n);
+        let mut cache = KvCache::new(c.n_layer, c.n_head_kv, c.head_dim, 16, per_seq * n);
         let mut tables: Vec<BlockTable> = (0..n).map(|_| BlockTable::default()).collect();
         let mut scratch = Scratch::default();
         let mut samplers: Vec<Sampler> = (0..n).map(|_| Sampler::new(SamplingParams::default())).collect();

@@ -14,8 +14,8 @@ pub struct Head<'a> {
     pub blocks: &'a [u32],
     /// The group's query heads, `head_dim` values each.
     pub queries: &'a [f32],
-    /// The KV head's range within a cached key or value.
-    pub kv: std::ops::Range<usize>,
+    /// The KV head.
+    pub kv_head: usize,
     /// Cached positions the token attends to (its own included).
     pub positions: usize,
     pub scale: f32,
@@ -42,7 +42,7 @@ pub fn wide_supported() -> bool {
 /// per query head); `wide`: as [`wide_supported`] says.
 pub fn attend(head: &Head<'_>, cache: &KvCache, scratch: &mut AttendScratch, out: &mut [f32], wide: bool) {
     #[cfg(target_arch = "x86_64")]
-    if wide && head.kv.len().is_multiple_of(8) {
+    if wide && cache.head_dim().is_multiple_of(8) {
         // SAFETY: the caller found AVX2, FMA and F16C; `head_dim` is a multiple of 8.
         return unsafe { x86::attend(head, cache, scratch, out) };
     }
@@ -60,15 +60,15 @@ fn runs(head: &Head<'_>, block_size: usize) -> impl Iterator<Item = (usize, usiz
 }
 
 fn attend_portable(head: &Head<'_>, cache: &KvCache, scratch: &mut AttendScratch, out: &mut [f32]) {
-    let Head { layer, queries, ref kv, positions, scale, .. } = *head;
-    let (hd, kv_dim) = (kv.len(), cache.kv_dim());
+    let Head { layer, queries, kv_head, positions, scale, .. } = *head;
+    let hd = cache.head_dim();
     let AttendScratch { scores, kv: buf } = scratch;
     scores.clear();
     scores.resize(queries.len() / hd * positions, 0.0);
     buf.resize(hd, 0.0);
-    let range = |slot: usize| slot * kv_dim + kv.start..slot * kv_dim + kv.end;
+    let range = |slot: usize| slot * hd..(slot + 1) * hd;
     for (p, count, block, slot) in runs(head, cache.block_size()) {
-        let keys = cache.block(layer, block).0;
+        let keys = cache.head(layer, block, kv_head).0;
         for i in 0..count {
             keys[range(slot + i)].convert_to_f32_slice(buf);
             for (h, query) in queries.chunks_exact(hd).enumerate() {
@@ -84,7 +84,7 @@ fn attend_portable(head: &Head<'_>, cache: &KvCache, scratch: &mut AttendScratch
     }
     out.fill(0.0);
     for (p, count, block, slot) in runs(head, cache.block_size()) {
-        let values = cache.block(layer, block).1;
+        let values = cache.head(layer, block, kv_head).1;
         for i in 0..count {
             values[range(slot + i)].convert_to_f32_slice(buf);
             for (h, acc) in out.chunks_exact_mut(hd).enumerate() {
@@ -123,17 +123,17 @@ mod x86 {
 
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn attend(head: &Head<'_>, cache: &KvCache, scratch: &mut AttendScratch, out: &mut [f32]) {
-        let Head { layer, queries, ref kv, positions, scale, .. } = *head;
-        let (hd, kv_dim) = (kv.len(), cache.kv_dim());
+        let Head { layer, queries, kv_head, positions, scale, .. } = *head;
+        let hd = cache.head_dim();
         let AttendScratch { scores, kv: buf } = scratch;
         scores.clear();
         scores.resize(queries.len() / hd * positions, 0.0);
         buf.resize(8 * hd, 0.0);
-        // Rows `slot..slot + count` of a block's keys or values, this KV head's part, into `buf`.
+        // Rows `slot..slot + count` of this KV head's keys or values in a block, into `buf`.
         let convert = |data: &[half::f16], slot: usize, count: usize, buf: &mut [f32]| {
-            assert!((slot + count - 1) * kv_dim + kv.end <= data.len() && count * hd <= buf.len());
+            assert!((slot + count) * hd <= data.len() && count * hd <= buf.len());
             for i in 0..count {
-                let src = data[(slot + i) * kv_dim + kv.start..].as_ptr();
+                let src = data[(slot + i) * hd..].as_ptr();
                 for c in (0..hd).step_by(8) {
                     // SAFETY: inside `data` and `buf` (asserted above); `hd` is a multiple of 8.
                     unsafe {
@@ -144,7 +144,10 @@ mod x86 {
             }
         };
         for (p, count, block, slot) in runs(head, cache.block_size()) {
-            convert(cache.block(layer, block).0, slot, count, buf);
+            if slot == 0 {
+                prefetch_next_block(head, cache, p, false);
+            }
+            convert(cache.head(layer, block, kv_head).0, slot, count, buf);
             for (h, query) in queries.chunks_exact(hd).enumerate() {
                 let scores = &mut scores[h * positions + p..h * positions + p + count];
                 if count < 8 {
@@ -185,7 +188,10 @@ mod x86 {
         }
         out.fill(0.0);
         for (p, count, block, slot) in runs(head, cache.block_size()) {
-            convert(cache.block(layer, block).1, slot, count, buf);
+            if slot == 0 {
+                prefetch_next_block(head, cache, p, true);
+            }
+            convert(cache.head(layer, block, kv_head).1, slot, count, buf);
             for (h, acc) in out.chunks_exact_mut(hd).enumerate() {
                 let weights = &scores[h * positions + p..h * positions + p + count];
                 for c in (0..hd).step_by(8) {
@@ -204,6 +210,24 @@ mod x86 {
         }
     }
 
+    /// Asks for the keys (or values) of the block after the one holding position `p`, so that
+    /// they arrive while this one is computed: the blocks of a sequence lie anywhere in the
+    /// cache, so the hardware prefetcher cannot guess them.
+    #[inline(always)]
+    fn prefetch_next_block(head: &Head<'_>, cache: &KvCache, p: usize, values: bool) {
+        let bs = cache.block_size();
+        let next = p / bs + 1;
+        if next * bs >= head.positions {
+            return;
+        }
+        let (keys, vals) = cache.head(head.layer, head.blocks[next], head.kv_head);
+        let data = if values { vals } else { keys };
+        for line in (0..std::mem::size_of_val(data)).step_by(64) {
+            // SAFETY: prefetching does not fault; the address is inside `data` anyway.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>((data.as_ptr() as *const i8).add(line)) };
+        }
+    }
+
     /// Softmax of one row of scores, in place.
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn softmax(row: &mut [f32]) {
@@ -213,7 +237,7 @@ mod x86 {
         for eight in &mut eights {
             // SAFETY: `eight` holds 8 values.
             unsafe {
-                let e = exp(_mm256_sub_ps(_mm256_loadu_ps(eight.as_ptr()), _mm256_set1_ps(max)));
+                let e = crate::vmath::x86::exp(_mm256_sub_ps(_mm256_loadu_ps(eight.as_ptr()), _mm256_set1_ps(max)));
                 _mm256_storeu_ps(eight.as_mut_ptr(), e);
             }
             sum += eight.iter().sum::<f32>();
@@ -225,59 +249,18 @@ mod x86 {
         let inv = 1.0 / sum;
         row.iter_mut().for_each(|v| *v *= inv);
     }
-
-    /// `e^x` for each lane (Cephes' single-precision polynomial, within 2 ulp; inputs below
-    /// -87.3 come out as about 1e-38 rather than 0, which softmax cannot tell apart).
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) fn exp(x: __m256) -> __m256 {
-        let x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.376_26)), _mm256_set1_ps(-87.336_55));
-        // x = n ln 2 + r, |r| <= ln 2 / 2.
-        let n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E), _mm256_set1_ps(0.5)));
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
-        let mut p = _mm256_set1_ps(1.987_569_1e-4);
-        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5] {
-            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
-        }
-        let e_r = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0));
-        // 2^n: n + 127 in the exponent bits.
-        let two_n = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
-            _mm256_cvtps_epi32(n),
-            _mm256_set1_epi32(127),
-        )));
-        _mm256_mul_ps(e_r, two_n)
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[cfg(target_arch = "x86_64")]
-    #[test]
-    fn vector_exp_is_within_a_few_ulp_of_the_library() {
-        use std::arch::x86_64::*;
-        if !wide_supported() {
-            return;
-        }
-        for i in 0..2000 {
-            let xs: [f32; 8] = std::array::from_fn(|j| -87.0 + (i * 8 + j) as f32 * 0.0059);
-            let mut got = [0f32; 8];
-            // SAFETY: the CPU has AVX2 and FMA (checked above); both arrays hold 8 floats.
-            unsafe { _mm256_storeu_ps(got.as_mut_ptr(), x86::exp(_mm256_loadu_ps(xs.as_ptr()))) };
-            for (x, g) in xs.iter().zip(got) {
-                let want = x.exp();
-                assert!((g - want).abs() <= 4.0 * f32::EPSILON * want, "exp({x}) = {g}, want {want}");
-            }
-        }
-    }
-
     /// The vectorised path against the portable one, over block boundaries and partial runs.
     #[test]
     fn both_paths_attend_alike() {
         let (hd, heads, kv_heads, bs) = (16, 2, 2, 4);
         let kv_dim = kv_heads * hd;
-        let mut cache = KvCache::new(1, kv_dim, bs, 8);
+        let mut cache = KvCache::new(1, kv_heads, hd, bs, 8);
         let blocks = [5u32, 2, 7, 0, 3];
         let value = |p: usize, i: usize| ((p * 31 + i * 7) % 23) as f32 / 11.0 - 1.0;
         for p in 0..19 {
@@ -287,7 +270,7 @@ mod tests {
         }
         let queries: Vec<f32> = (0..heads * hd).map(|i| value(40, i) * 2.0).collect();
         for positions in [1, 3, 8, 9, 17, 19] {
-            let head = Head { layer: 0, blocks: &blocks, queries: &queries, kv: hd..2 * hd, positions, scale: 0.25 };
+            let head = Head { layer: 0, blocks: &blocks, queries: &queries, kv_head: 1, positions, scale: 0.25 };
             let mut portable = vec![0f32; heads * hd];
             attend(&head, &cache, &mut AttendScratch::default(), &mut portable, false);
             let mut wide = vec![0f32; heads * hd];

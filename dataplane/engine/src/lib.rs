@@ -13,6 +13,7 @@ pub mod scheduler;
 #[cfg(feature = "test-support")]
 pub mod test_support;
 pub mod tokenizer;
+pub mod vmath;
 
 use std::path::Path;
 

@@ -253,7 +253,7 @@ impl LlamaModel {
             quantize_rows(&s.h, e, &mut s.xq);
             layer.gate.matmul(&s.xq, &mut s.gate);
             layer.up.matmul(&s.xq, &mut s.up);
-            s.gate.par_iter_mut().zip(s.up.par_iter()).for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
+            s.gate.par_chunks_mut(4096).zip(s.up.par_chunks(4096)).for_each(|(g, u)| crate::vmath::silu_mul(g, u));
             quantize_rows(&s.gate, c.n_ff, &mut s.xq);
             layer.down.matmul(&s.xq, &mut s.proj);
             add_in_place(&mut s.x, &s.proj);
@@ -317,7 +317,7 @@ impl LlamaModel {
                 layer,
                 blocks: steps[si].blocks,
                 queries: &q[i * group * hd..(i + 1) * group * hd],
-                kv: g * hd..(g + 1) * hd,
+                kv_head: g,
                 positions: pos + 1,
                 scale,
             };

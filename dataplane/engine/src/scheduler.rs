@@ -178,7 +178,7 @@ pub struct Scheduler {
 impl Scheduler {
     pub fn new(model: Arc<TextModel>, config: SchedulerConfig) -> Self {
         let c = &model.model.config;
-        let cache = KvCache::new(c.n_layer, c.kv_dim(), config.block_size, config.num_blocks);
+        let cache = KvCache::new(c.n_layer, c.n_head_kv, c.head_dim, config.block_size, config.num_blocks);
         Self {
             model,
             cache,

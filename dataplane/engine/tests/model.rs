@@ -9,7 +9,7 @@ use mantle_engine::{ChatMessage, EngineError, GgufFile, Sampler, SamplingParams,
 /// Greedy generation of one sequence, straight on the model (no scheduler).
 fn generate(model: &TextModel, prompt: &[u32], max_tokens: usize) -> Vec<u32> {
     let c = &model.model.config;
-    let mut cache = KvCache::new(c.n_layer, c.kv_dim(), 16, 64);
+    let mut cache = KvCache::new(c.n_layer, c.n_head_kv, c.head_dim, 16, 64);
     let mut table = BlockTable::default();
     let mut scratch = Scratch::default();
     let mut sampler = Sampler::new(SamplingParams::default());
@@ -83,7 +83,7 @@ fn a_batch_of_sequences_gives_the_same_logits_as_each_alone() {
     let alone: Vec<Vec<f32>> = prompts
         .iter()
         .map(|p| {
-            let mut cache = KvCache::new(c.n_layer, c.kv_dim(), 16, 8);
+            let mut cache = KvCache::new(c.n_layer, c.n_head_kv, c.head_dim, 16, 8);
             let mut table = BlockTable::default();
             table.reserve(&mut cache, p.len()).unwrap();
             model
@@ -96,7 +96,7 @@ fn a_batch_of_sequences_gives_the_same_logits_as_each_alone() {
                 .remove(0)
         })
         .collect();
-    let mut cache = KvCache::new(c.n_layer, c.kv_dim(), 16, 8);
+    let mut cache = KvCache::new(c.n_layer, c.n_head_kv, c.head_dim, 16, 8);
     let tables: Vec<BlockTable> = prompts
         .iter()
         .map(|p| {
