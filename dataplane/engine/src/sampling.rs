@@ -46,7 +46,7 @@ impl Sampler {
             .iter()
             .enumerate()
             .fold((0, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best });
-        let log_z = max + logits.iter().map(|v| (v - max).exp()).sum::<f32>().ln();
+        let log_z = max + crate::vmath::sum_exp(logits, max).ln();
         let logprob = |i: usize| logits[i] - log_z;
         if self.params.temperature <= 0.0 {
             return Sampled { token: argmax as u32, logprob: logprob(argmax) };

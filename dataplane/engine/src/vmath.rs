@@ -10,6 +10,16 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     silu_mul_portable(gate, up);
 }
 
+/// `sum(e^(x[i] - shift))`: softmax's normaliser, for log-probabilities over a vocabulary.
+pub fn sum_exp(x: &[f32], shift: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if crate::quant::x86_supported() {
+        // SAFETY: the CPU has AVX2, FMA and F16C (checked above).
+        return unsafe { x86::sum_exp(x, shift) };
+    }
+    x.iter().map(|v| (v - shift).exp()).sum()
+}
+
 fn silu_mul_portable(gate: &mut [f32], up: &[f32]) {
     for (g, u) in gate.iter_mut().zip(up) {
         *g = *g / (1.0 + (-*g).exp()) * u;
@@ -19,6 +29,21 @@ fn silu_mul_portable(gate: &mut [f32], up: &[f32]) {
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86 {
     use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn sum_exp(x: &[f32], shift: f32) -> f32 {
+        let mut eights = x.chunks_exact(8);
+        let mut acc = _mm256_setzero_ps();
+        for eight in &mut eights {
+            // SAFETY: `eight` holds 8 values.
+            let v = unsafe { _mm256_loadu_ps(eight.as_ptr()) };
+            acc = _mm256_add_ps(acc, exp(_mm256_sub_ps(v, _mm256_set1_ps(shift))));
+        }
+        let mut lanes = [0f32; 8];
+        // SAFETY: `lanes` holds 8 floats.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc) };
+        lanes.iter().sum::<f32>() + eights.remainder().iter().map(|v| (v - shift).exp()).sum::<f32>()
+    }
 
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn silu_mul(gate: &mut [f32], up: &[f32]) {
@@ -83,6 +108,14 @@ mod tests {
                 assert!((g - want).abs() <= 4.0 * f32::EPSILON * want, "exp({x}) = {g}, want {want}");
             }
         }
+    }
+
+    #[test]
+    fn sum_exp_matches_the_scalar_sum() {
+        let x: Vec<f32> = (0..1003).map(|i| (i % 97) as f32 * 0.3 - 20.0).collect();
+        let want: f32 = x.iter().map(|v| (v - 9.0).exp()).sum();
+        let got = sum_exp(&x, 9.0);
+        assert!((got - want).abs() <= 1e-5 * want, "{got} vs {want}");
     }
 
     #[test]
