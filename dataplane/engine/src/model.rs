@@ -226,9 +226,7 @@ impl LlamaModel {
         for (li, layer) in self.layers.iter().enumerate() {
             rms_norm(&s.x, &layer.attn_norm, c.rms_eps, &mut s.h);
             quantize_rows(&s.h, e, &mut s.xq);
-            layer.wq.matmul(&s.xq, &mut s.q);
-            layer.wk.matmul(&s.xq, &mut s.k);
-            layer.wv.matmul(&s.xq, &mut s.v);
+            QMatrix::matmul_all(&[&layer.wq, &layer.wk, &layer.wv], &s.xq, &mut [&mut s.q, &mut s.k, &mut s.v]);
             for (t, &(_, pos)) in tokens.iter().enumerate() {
                 self.rope(&mut s.q[t * c.n_head * hd..(t + 1) * c.n_head * hd], pos);
                 self.rope(&mut s.k[t * kv_dim..(t + 1) * kv_dim], pos);
@@ -251,8 +249,7 @@ impl LlamaModel {
 
             rms_norm(&s.x, &layer.ffn_norm, c.rms_eps, &mut s.h);
             quantize_rows(&s.h, e, &mut s.xq);
-            layer.gate.matmul(&s.xq, &mut s.gate);
-            layer.up.matmul(&s.xq, &mut s.up);
+            QMatrix::matmul_all(&[&layer.gate, &layer.up], &s.xq, &mut [&mut s.gate, &mut s.up]);
             s.gate.par_chunks_mut(4096).zip(s.up.par_chunks(4096)).for_each(|(g, u)| crate::vmath::silu_mul(g, u));
             quantize_rows(&s.gate, c.n_ff, &mut s.xq);
             layer.down.matmul(&s.xq, &mut s.proj);

@@ -206,6 +206,20 @@ impl QMatrix {
         self.matmul_with(x, out, true);
     }
 
+    /// [`QMatrix::matmul`] of several matrices with the same input width by the same
+    /// activations, `outs[i]` from `matrices[i]`: one parallel pass where the batch kernels run,
+    /// rather than one hand-off to the worker threads per matrix.
+    pub fn matmul_all(matrices: &[&QMatrix], x: &[BlockQ8], outs: &mut [&mut Vec<f32>]) {
+        assert_eq!(matrices.len(), outs.len());
+        #[cfg(target_arch = "x86_64")]
+        if let Some(batched) = kernels().batched {
+            return batched_products(batched, matrices, x, outs);
+        }
+        for (m, out) in matrices.iter().zip(outs) {
+            m.matmul(x, out);
+        }
+    }
+
     /// [`QMatrix::matmul`], with the batch kernels (where the CPU has them) or without.
     fn matmul_with(&self, x: &[BlockQ8], out: &mut Vec<f32>, batch_kernels: bool) {
         let kb = self.cols / BLOCK;
@@ -220,30 +234,7 @@ impl QMatrix {
         // the same text alone or beside others).
         #[cfg(target_arch = "x86_64")]
         if let Some(batched) = kernels().batched.filter(|_| batch_kernels) {
-            let packed = self.packed();
-            let x = x86::activations(self.wtype, x);
-            let out = SharedOut(out.as_mut_ptr());
-            let rows = self.rows;
-            const GROUPS_PER_TASK: usize = ROWS_PER_TASK / x86::ROWS;
-            (0..packed.groups().div_ceil(GROUPS_PER_TASK)).into_par_iter().for_each(|task| {
-                let out = &out;
-                let mut tile = [[0f32; x86::ROWS]; x86::GROUP];
-                for t0 in (0..tokens).step_by(x86::GROUP) {
-                    let n = x86::GROUP.min(tokens - t0);
-                    for g in task * GROUPS_PER_TASK..packed.groups().min((task + 1) * GROUPS_PER_TASK) {
-                        batched.product(packed, g, &x, t0, n, &mut tile);
-                        let (r0, valid) = (g * x86::ROWS, x86::ROWS.min(rows - g * x86::ROWS));
-                        for (j, values) in tile[..n].iter().enumerate() {
-                            // SAFETY: `out` holds tokens × rows values and this writes rows
-                            // `r0..r0 + valid` of token `t0 + j`, which only this task owns.
-                            unsafe {
-                                std::ptr::copy_nonoverlapping(values.as_ptr(), out.0.add((t0 + j) * rows + r0), valid)
-                            };
-                        }
-                    }
-                }
-            });
-            return;
+            return batched_products(batched, &[self], x, &mut [out]);
         }
         if tokens == 1 {
             out.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(task, chunk)| {
@@ -286,6 +277,46 @@ impl QMatrix {
             }
         });
     }
+}
+
+/// [`QMatrix::matmul_all`] with the batch kernels: tasks of 32 rows of one matrix × all tokens.
+#[cfg(target_arch = "x86_64")]
+fn batched_products(batched: x86::BatchKernels, matrices: &[&QMatrix], x: &[BlockQ8], outs: &mut [&mut Vec<f32>]) {
+    const GROUPS_PER_TASK: usize = 2;
+    let kb = matrices[0].cols / BLOCK;
+    assert!(matrices.iter().all(|m| m.cols == matrices[0].cols));
+    let tokens = x.len() / kb;
+    let mut shared = Vec::with_capacity(matrices.len());
+    let mut tasks = Vec::new();
+    for (i, (m, out)) in matrices.iter().zip(outs.iter_mut()).enumerate() {
+        out.clear();
+        out.resize(tokens * m.rows, 0.0);
+        shared.push(SharedOut(out.as_mut_ptr()));
+        tasks.extend((0..m.packed().groups().div_ceil(GROUPS_PER_TASK)).map(|task| (i, task)));
+    }
+    // Q8_0 takes the activations offset by +128; Q4_1 as they are.
+    let offset = matrices.iter().any(|m| m.wtype == WeightType::Q8_0).then(|| x86::activations(WeightType::Q8_0, x));
+    tasks.into_par_iter().for_each(|(i, task)| {
+        let (m, out) = (matrices[i], &shared[i]);
+        let (packed, rows) = (m.packed(), m.rows);
+        let x = match (m.wtype, &offset) {
+            (WeightType::Q8_0, Some(offset)) => &offset[..],
+            _ => x,
+        };
+        let mut tile = [[0f32; x86::ROWS]; x86::GROUP];
+        for t0 in (0..tokens).step_by(x86::GROUP) {
+            let n = x86::GROUP.min(tokens - t0);
+            for g in task * GROUPS_PER_TASK..packed.groups().min((task + 1) * GROUPS_PER_TASK) {
+                batched.product(packed, g, x, t0, n, &mut tile);
+                let (r0, valid) = (g * x86::ROWS, x86::ROWS.min(rows - g * x86::ROWS));
+                for (j, values) in tile[..n].iter().enumerate() {
+                    // SAFETY: `out` holds tokens × rows values and this writes rows
+                    // `r0..r0 + valid` of token `t0 + j`, which only this task owns.
+                    unsafe { std::ptr::copy_nonoverlapping(values.as_ptr(), out.0.add((t0 + j) * rows + r0), valid) };
+                }
+            }
+        }
+    });
 }
 
 /// The output of a batched product, written by the tasks that own disjoint rows of it.
