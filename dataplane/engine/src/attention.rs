@@ -143,6 +143,10 @@ mod x86 {
                 }
             }
         };
+        // The values are needed after all the keys: ask for them now, into L2.
+        for b in 0..positions.div_ceil(cache.block_size()) {
+            prefetch_block::<_MM_HINT_T1>(cache.head(layer, head.blocks[b], kv_head).1);
+        }
         for (p, count, block, slot) in runs(head, cache.block_size()) {
             if slot == 0 {
                 prefetch_next_block(head, cache, p, false);
@@ -221,10 +225,14 @@ mod x86 {
             return;
         }
         let (keys, vals) = cache.head(head.layer, head.blocks[next], head.kv_head);
-        let data = if values { vals } else { keys };
+        prefetch_block::<_MM_HINT_T0>(if values { vals } else { keys });
+    }
+
+    #[inline(always)]
+    fn prefetch_block<const HINT: i32>(data: &[half::f16]) {
         for line in (0..std::mem::size_of_val(data)).step_by(64) {
             // SAFETY: prefetching does not fault; the address is inside `data` anyway.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>((data.as_ptr() as *const i8).add(line)) };
+            unsafe { _mm_prefetch::<HINT>((data.as_ptr() as *const i8).add(line)) };
         }
     }
 
