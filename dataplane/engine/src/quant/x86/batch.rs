@@ -130,36 +130,28 @@ impl BatchKernels {
     }
 
     /// Rows `16g..16g + 16` of `w` against tokens `t0..t0 + n` (`n <= GROUP`) of `x` (from
-    /// [`activations`]), into `out[..n]`: 8 tokens at once, or 4 at once and the rest one at a
-    /// time.
+    /// [`activations`]), into `out[..n]`: 8 or 4 tokens at once, the rest one at a time.
     pub fn product(self, w: &Packed, g: usize, x: &[BlockQ8], t0: usize, n: usize, out: &mut [[f32; ROWS]; GROUP]) {
         assert!(g < w.groups && n <= GROUP && (t0 + n) * w.kb <= x.len());
-        let kernels: [GroupFn; 3] = match w.wtype {
-            WeightType::Q4_1 => [q4_1_rows::<8>, q4_1_rows::<4>, q4_1_rows::<1>],
-            WeightType::Q8_0 => [q8_0_rows::<8>, q8_0_rows::<4>, q8_0_rows::<1>],
+        // 16 tokens at once would keep 16 accumulators, 8 unpacked weight vectors and the
+        // block scales in registers: more than the 32 there are.
+        let kernels: [(usize, GroupFn); 3] = match w.wtype {
+            WeightType::Q4_1 => [(8, q4_1_rows::<8>), (4, q4_1_rows::<4>), (1, q4_1_rows::<1>)],
+            WeightType::Q8_0 => [(8, q8_0_rows::<8>), (4, q8_0_rows::<4>), (1, q8_0_rows::<1>)],
         };
-        // SAFETY: `detect` found the CPU features; the group and the tokens are in bounds
-        // (checked above).
-        unsafe {
-            let from = match n {
-                8 => return kernels[0](w, g, x, t0, out),
-                4..=7 => {
-                    kernels[1](w, g, x, t0, out);
-                    4
-                }
-                _ => 0,
-            };
-            let mut single = [[0f32; ROWS]; GROUP];
-            for (j, out) in out.iter_mut().enumerate().take(n).skip(from) {
-                kernels[2](w, g, x, t0 + j, &mut single);
-                *out = single[0];
-            }
+        let mut j = 0;
+        while j < n {
+            let (size, kernel) = kernels.into_iter().find(|&(size, _)| size <= n - j).unwrap_or(kernels[2]);
+            // SAFETY: `detect` found the CPU features; the group and tokens `t0 + j..t0 + j + size`
+            // are in bounds (checked above), and `out[j..]` holds `size` rows.
+            unsafe { kernel(w, g, x, t0 + j, &mut out[j..j + size]) };
+            j += size;
         }
     }
 }
 
-/// One group's kernel for a fixed number of tokens from a start token.
-type GroupFn = unsafe fn(&Packed, usize, &[BlockQ8], usize, &mut [[f32; ROWS]; GROUP]);
+/// One group's kernel for a fixed number of tokens from a start token, into as many rows.
+type GroupFn = unsafe fn(&Packed, usize, &[BlockQ8], usize, &mut [[f32; ROWS]]);
 
 /// Fetches the lines of the block [`super::PREFETCH_DISTANCE`] bytes ahead of the one at `base`
 /// (the hardware prefetcher stops at page boundaries).
@@ -180,7 +172,7 @@ unsafe fn broadcast(block: &BlockQ8, k: usize) -> __m512i {
 
 /// Q4_1 rows of group `g` × `N` tokens from `t0`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn q4_1_rows<const N: usize>(w: &Packed, g: usize, x: &[BlockQ8], t0: usize, out: &mut [[f32; ROWS]; GROUP]) {
+unsafe fn q4_1_rows<const N: usize>(w: &Packed, g: usize, x: &[BlockQ8], t0: usize, out: &mut [[f32; ROWS]]) {
     let kb = w.kb;
     let bytes = packed_block_bytes(WeightType::Q4_1);
     let low_nibbles = _mm512_set1_epi8(0x0F);
@@ -222,7 +214,7 @@ unsafe fn q4_1_rows<const N: usize>(w: &Packed, g: usize, x: &[BlockQ8], t0: usi
 
 /// Q8_0 rows of group `g` × `N` tokens from `t0`; `x` is offset by +128 ([`activations`]).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn q8_0_rows<const N: usize>(w: &Packed, g: usize, x: &[BlockQ8], t0: usize, out: &mut [[f32; ROWS]; GROUP]) {
+unsafe fn q8_0_rows<const N: usize>(w: &Packed, g: usize, x: &[BlockQ8], t0: usize, out: &mut [[f32; ROWS]]) {
     let kb = w.kb;
     let bytes = packed_block_bytes(WeightType::Q8_0);
     let mut acc = [_mm512_setzero_ps(); N];
