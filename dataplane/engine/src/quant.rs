@@ -222,13 +222,6 @@ impl QMatrix {
 
     /// [`QMatrix::matmul`], with the batch kernels (where the CPU has them) or without.
     fn matmul_with(&self, x: &[BlockQ8], out: &mut Vec<f32>, batch_kernels: bool) {
-        let kb = self.cols / BLOCK;
-        let tokens = x.len() / kb;
-        let dot = kernels().dot(self.wtype);
-        out.clear();
-        out.resize(tokens * self.rows, 0.0);
-        // Work items of ROWS_PER_TASK output rows × all tokens.
-        const ROWS_PER_TASK: usize = 32;
         // Every token count goes through the same kernel where there is one for batches, so a
         // sequence's logits do not depend on what it is batched with (greedy decoding gives
         // the same text alone or beside others).
@@ -236,6 +229,13 @@ impl QMatrix {
         if let Some(batched) = kernels().batched.filter(|_| batch_kernels) {
             return batched_products(batched, &[self], x, &mut [out]);
         }
+        let kb = self.cols / BLOCK;
+        let tokens = x.len() / kb;
+        let dot = kernels().dot(self.wtype);
+        out.clear();
+        out.resize(tokens * self.rows, 0.0);
+        // Work items of ROWS_PER_TASK output rows × all tokens.
+        const ROWS_PER_TASK: usize = 32;
         if tokens == 1 {
             out.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(task, chunk)| {
                 let r0 = task * ROWS_PER_TASK;
@@ -279,7 +279,8 @@ impl QMatrix {
     }
 }
 
-/// [`QMatrix::matmul_all`] with the batch kernels: tasks of 32 rows of one matrix × all tokens.
+/// [`QMatrix::matmul_all`] with the batch kernels: tasks of two groups of 16 rows of one matrix ×
+/// all tokens.
 #[cfg(target_arch = "x86_64")]
 fn batched_products(batched: x86::BatchKernels, matrices: &[&QMatrix], x: &[BlockQ8], outs: &mut [&mut Vec<f32>]) {
     const GROUPS_PER_TASK: usize = 2;

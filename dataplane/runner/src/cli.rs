@@ -59,7 +59,7 @@ pub struct ServeArgs {
     /// Compute threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
-    /// KV-cache size in MiB.
+    /// KV-cache size in MiB (keys and values are kept in f16).
     #[arg(long, default_value_t = 1024)]
     pub kv_cache_mib: usize,
     /// Tokens per forward pass (bounds a step's latency; long prompts are prefilled in chunks).
