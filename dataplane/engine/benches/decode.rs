@@ -1,7 +1,8 @@
 //! Decode benchmark on the real SmolLM2-135M-Instruct Q4_1 model:
 //! time to first token and decode tokens/s for one stream, and aggregate decode tokens/s for
 //! N streams decoding together in one batch; then time to first token with a shared ~1,000-token
-//! system prompt, cold (nothing cached) and warm (the prefix cache holds it).
+//! system prompt, cold (nothing cached) and warm (the prefix cache holds it); and single-stream
+//! decode with that ~1,000-token context.
 //!
 //! `cargo bench -p mantle-engine --bench decode -- [--tokens 128] [--streams 1,4,16,64] [--threads N]`
 //! (threads 0: one per core). The model comes from scripts/fetch-models.sh (`$MANTLE_CACHE/models`).
@@ -89,7 +90,8 @@ fn prefix_cache(model: TextModel) {
             .repeat(45);
     let model = std::sync::Arc::new(model);
     let mut scheduler = Scheduler::new(model.clone(), SchedulerConfig::default());
-    let mut ttft = |question: &str, id: u64| {
+    // (time to first token, decode tokens/s after it, prompt tokens) of one request.
+    let mut run = |question: &str, id: u64, max_tokens: usize| {
         let prompt = model
             .chat_prompt(&[ChatMessage::new("system", &system), ChatMessage::new("user", question)])
             .expect("prompt");
@@ -97,23 +99,38 @@ fn prefix_cache(model: TextModel) {
         let request = GenerateRequest {
             id,
             prompt,
-            max_tokens: 1,
+            max_tokens,
             sampling: SamplingParams::default(),
             stop_sequences: Vec::new(),
             priority: 1,
         };
         scheduler.add(request).expect("fits");
         let start = Instant::now();
+        let (mut first, mut generated) = (None, 0);
         loop {
-            if scheduler.step().iter().any(|e| matches!(e, Event::Finished { .. })) {
-                return (start.elapsed().as_secs_f64() * 1e3, tokens);
+            for event in scheduler.step() {
+                match event {
+                    Event::Token { .. } => {
+                        generated += 1;
+                        first.get_or_insert_with(Instant::now);
+                    }
+                    Event::Finished { .. } => {
+                        let first = first.unwrap_or_else(Instant::now);
+                        let rate = (generated.max(1) - 1) as f64 / first.elapsed().as_secs_f64().max(1e-9);
+                        return ((first - start).as_secs_f64() * 1e3, rate, tokens);
+                    }
+                }
             }
         }
     };
-    let (cold, tokens) = ttft("Can I return a used kettle?", 1);
-    let (warm, _) = ttft("Can I return shoes after six weeks?", 2);
+    let (cold, _, tokens) = run("Can I return a used kettle?", 1, 1);
+    let (warm, _, _) = run("Can I return shoes after six weeks?", 2, 1);
     println!(
         "prefix cache: prompt {tokens} tokens, time to first token cold {cold:.1} ms, warm {warm:.1} ms ({:.1}x faster)",
         cold / warm
     );
+    // One stream decoding with ~1,000 tokens of context (attention reads as much as a third of
+    // what the weights take per token).
+    let (_, rate, _) = run("Write a long answer about returning a kettle.", 3, 128);
+    println!("long context: prompt {tokens} tokens, decode {rate:.1} tokens/s (1 stream)");
 }

@@ -1,14 +1,22 @@
 //! Causal attention of one token's query heads over its sequence's cached keys and values.
 //!
-//! A task is one token and one KV head, with the query heads that share it (grouped-query
-//! attention), so each cached key and value is read once per task. The cache is read a block at
-//! a time: the positions of a block are rows of one contiguous slice.
+//! A task is one token, one KV head with the query heads that share it (grouped-query
+//! attention, so each cached key and value is read once per task), and one span of at most
+//! [`SPAN`] cached positions: a long context is split so that a single sequence's attention
+//! still spreads over every thread. Each span's softmax is normalised on its own and
+//! [`merge`] combines the spans with their maxima and sums. The split depends only on the
+//! sequence's own length, never on what it is batched with, so its results do not either.
+//! The cache is read a block at a time: the positions of a block are rows of one contiguous
+//! slice.
 
 use half::slice::HalfFloatSliceExt;
 
 use crate::kv_cache::KvCache;
 
-/// One task: the query heads that share one KV head, for one token.
+/// Cached positions per task at most.
+pub const SPAN: usize = 256;
+
+/// One task: the query heads that share one KV head, for one token, over a span of positions.
 pub struct Head<'a> {
     pub layer: usize,
     pub blocks: &'a [u32],
@@ -16,8 +24,8 @@ pub struct Head<'a> {
     pub queries: &'a [f32],
     /// The KV head.
     pub kv_head: usize,
-    /// Cached positions the token attends to (its own included).
-    pub positions: usize,
+    /// The cached positions this task covers (of those the token attends to, its own included).
+    pub span: std::ops::Range<usize>,
     pub scale: f32,
 }
 
@@ -38,30 +46,83 @@ pub fn wide_supported() -> bool {
     false
 }
 
-/// Softmax attention of `head.queries` over the cached positions, into `out` (one `head_dim` row
-/// per query head); `wide`: as [`wide_supported`] says.
-pub fn attend(head: &Head<'_>, cache: &KvCache, scratch: &mut AttendScratch, out: &mut [f32], wide: bool) {
+/// A span's softmax statistics for one query head: the largest score and the sum of
+/// `exp(score - max)` over the span.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SpanStats {
+    pub max: f32,
+    pub sum: f32,
+}
+
+/// Softmax attention of `head.queries` over the span's cached positions, into `out` (one
+/// `head_dim` row per query head) and `stats` (one per query head); `wide`: as
+/// [`wide_supported`] says.
+pub fn attend(
+    head: &Head<'_>,
+    cache: &KvCache,
+    scratch: &mut AttendScratch,
+    out: &mut [f32],
+    stats: &mut [SpanStats],
+    wide: bool,
+) {
     #[cfg(target_arch = "x86_64")]
     if wide && cache.head_dim().is_multiple_of(8) {
         // SAFETY: the caller found AVX2, FMA and F16C; `head_dim` is a multiple of 8.
-        return unsafe { x86::attend(head, cache, scratch, out) };
+        return unsafe { x86::attend(head, cache, scratch, out, stats) };
     }
     let _ = wide;
-    attend_portable(head, cache, scratch, out);
+    attend_portable(head, cache, scratch, out, stats);
 }
 
-/// Runs of up to 8 positions that lie in one block: (first position, count, block, its slot).
+/// Combines the outputs of consecutive spans of one task into `out`: `spans` holds each span's
+/// `out.len()` values and `stats` its per-query-head statistics, span after span. Each span
+/// weighs `sum × exp(max - overall max)` per query head.
+pub fn merge(spans: &[f32], stats: &[SpanStats], out: &mut [f32]) {
+    let width = out.len();
+    if spans.len() == width {
+        return out.copy_from_slice(spans);
+    }
+    let heads = stats.len() / (spans.len() / width);
+    let hd = width / heads;
+    for (h, acc) in out.chunks_exact_mut(hd).enumerate() {
+        let head_stats = || stats.iter().skip(h).step_by(heads);
+        let max = head_stats().fold(f32::NEG_INFINITY, |m, s| m.max(s.max));
+        let total: f32 = head_stats().map(|s| s.sum * (s.max - max).exp()).sum();
+        acc.fill(0.0);
+        for (span, s) in spans.chunks_exact(width).zip(head_stats()) {
+            let w = s.sum * (s.max - max).exp() / total;
+            for (a, v) in acc.iter_mut().zip(&span[h * hd..(h + 1) * hd]) {
+                *a += w * v;
+            }
+        }
+    }
+}
+
+/// Runs of up to 8 positions of the span that lie in one block: (position, count, block, slot).
 fn runs(head: &Head<'_>, block_size: usize) -> impl Iterator<Item = (usize, usize, u32, usize)> {
-    let (positions, blocks) = (head.positions, head.blocks);
-    (0..positions).step_by(block_size).flat_map(move |start| {
-        let n = block_size.min(positions - start);
-        (0..n).step_by(8).map(move |slot| (start + slot, 8.min(n - slot), blocks[start / block_size], slot))
+    let (span, blocks) = (head.span.clone(), head.blocks);
+    let mut p = span.start;
+    std::iter::from_fn(move || {
+        if p >= span.end {
+            return None;
+        }
+        let slot = p % block_size;
+        let count = 8.min(block_size - slot).min(span.end - p);
+        let run = (p, count, blocks[p / block_size], slot);
+        p += count;
+        Some(run)
     })
 }
 
-fn attend_portable(head: &Head<'_>, cache: &KvCache, scratch: &mut AttendScratch, out: &mut [f32]) {
-    let Head { layer, queries, kv_head, positions, scale, .. } = *head;
-    let hd = cache.head_dim();
+fn attend_portable(
+    head: &Head<'_>,
+    cache: &KvCache,
+    scratch: &mut AttendScratch,
+    out: &mut [f32],
+    stats: &mut [SpanStats],
+) {
+    let Head { layer, queries, kv_head, ref span, scale, .. } = *head;
+    let (hd, positions) = (cache.head_dim(), span.len());
     let AttendScratch { scores, kv: buf } = scratch;
     scores.clear();
     scores.resize(queries.len() / hd * positions, 0.0);
@@ -72,15 +133,16 @@ fn attend_portable(head: &Head<'_>, cache: &KvCache, scratch: &mut AttendScratch
         for i in 0..count {
             keys[range(slot + i)].convert_to_f32_slice(buf);
             for (h, query) in queries.chunks_exact(hd).enumerate() {
-                scores[h * positions + p + i] = dot(query, buf) * scale;
+                scores[h * positions + p - span.start + i] = dot(query, buf) * scale;
             }
         }
     }
-    for row in scores.chunks_exact_mut(positions) {
+    for (row, stats) in scores.chunks_exact_mut(positions).zip(stats.iter_mut()) {
         let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
         row.iter_mut().for_each(|v| *v = (*v - max).exp());
-        let inv = 1.0 / row.iter().sum::<f32>();
-        row.iter_mut().for_each(|v| *v *= inv);
+        let sum = row.iter().sum::<f32>();
+        row.iter_mut().for_each(|v| *v *= 1.0 / sum);
+        *stats = SpanStats { max, sum };
     }
     out.fill(0.0);
     for (p, count, block, slot) in runs(head, cache.block_size()) {
@@ -88,7 +150,7 @@ fn attend_portable(head: &Head<'_>, cache: &KvCache, scratch: &mut AttendScratch
         for i in 0..count {
             values[range(slot + i)].convert_to_f32_slice(buf);
             for (h, acc) in out.chunks_exact_mut(hd).enumerate() {
-                let w = scores[h * positions + p + i];
+                let w = scores[h * positions + p - span.start + i];
                 for (a, v) in acc.iter_mut().zip(buf.iter()) {
                     *a += w * v;
                 }
@@ -118,13 +180,19 @@ mod x86 {
     //! position); softmax's exponentials and the weighted sum of values run 8 lanes wide.
     use std::arch::x86_64::*;
 
-    use super::{AttendScratch, Head, dot, runs};
+    use super::{AttendScratch, Head, SpanStats, dot, runs};
     use crate::kv_cache::KvCache;
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn attend(head: &Head<'_>, cache: &KvCache, scratch: &mut AttendScratch, out: &mut [f32]) {
-        let Head { layer, queries, kv_head, positions, scale, .. } = *head;
-        let hd = cache.head_dim();
+    pub(super) unsafe fn attend(
+        head: &Head<'_>,
+        cache: &KvCache,
+        scratch: &mut AttendScratch,
+        out: &mut [f32],
+        stats: &mut [SpanStats],
+    ) {
+        let Head { layer, queries, kv_head, ref span, scale, .. } = *head;
+        let (hd, positions, bs) = (cache.head_dim(), span.len(), cache.block_size());
         let AttendScratch { scores, kv: buf } = scratch;
         scores.clear();
         scores.resize(queries.len() / hd * positions, 0.0);
@@ -144,7 +212,7 @@ mod x86 {
             }
         };
         // The values are needed after all the keys: ask for them now, into L2.
-        for b in 0..positions.div_ceil(cache.block_size()) {
+        for b in span.start / bs..span.end.div_ceil(bs) {
             prefetch_block::<_MM_HINT_T1>(cache.head(layer, head.blocks[b], kv_head).1);
         }
         for (p, count, block, slot) in runs(head, cache.block_size()) {
@@ -153,7 +221,8 @@ mod x86 {
             }
             convert(cache.head(layer, block, kv_head).0, slot, count, buf);
             for (h, query) in queries.chunks_exact(hd).enumerate() {
-                let scores = &mut scores[h * positions + p..h * positions + p + count];
+                let at = h * positions + p - span.start;
+                let scores = &mut scores[at..at + count];
                 if count < 8 {
                     for (i, s) in scores.iter_mut().enumerate() {
                         *s = dot(query, &buf[i * hd..(i + 1) * hd]) * scale;
@@ -186,9 +255,9 @@ mod x86 {
                 }
             }
         }
-        for row in scores.chunks_exact_mut(positions) {
+        for (row, stats) in scores.chunks_exact_mut(positions).zip(stats.iter_mut()) {
             // SAFETY: the caller's CPU features.
-            unsafe { softmax(row) };
+            *stats = unsafe { softmax(row) };
         }
         out.fill(0.0);
         for (p, count, block, slot) in runs(head, cache.block_size()) {
@@ -197,7 +266,8 @@ mod x86 {
             }
             convert(cache.head(layer, block, kv_head).1, slot, count, buf);
             for (h, acc) in out.chunks_exact_mut(hd).enumerate() {
-                let weights = &scores[h * positions + p..h * positions + p + count];
+                let at = h * positions + p - span.start;
+                let weights = &scores[at..at + count];
                 for c in (0..hd).step_by(8) {
                     // SAFETY: `acc` and each of the `count` rows of `buf` hold `hd` values, a
                     // multiple of 8.
@@ -221,7 +291,7 @@ mod x86 {
     fn prefetch_next_block(head: &Head<'_>, cache: &KvCache, p: usize, values: bool) {
         let bs = cache.block_size();
         let next = p / bs + 1;
-        if next * bs >= head.positions {
+        if next * bs >= head.span.end {
             return;
         }
         let (keys, vals) = cache.head(head.layer, head.blocks[next], head.kv_head);
@@ -236,9 +306,9 @@ mod x86 {
         }
     }
 
-    /// Softmax of one row of scores, in place.
+    /// Softmax of one row of scores, in place; returns the row's maximum and sum of exponentials.
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn softmax(row: &mut [f32]) {
+    unsafe fn softmax(row: &mut [f32]) -> SpanStats {
         let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
         let mut eights = row.chunks_exact_mut(8);
         let mut sum = 0.0;
@@ -256,6 +326,7 @@ mod x86 {
         }
         let inv = 1.0 / sum;
         row.iter_mut().for_each(|v| *v *= inv);
+        SpanStats { max, sum }
     }
 }
 
@@ -277,20 +348,40 @@ mod tests {
             cache.write(0, blocks[p / bs], p % bs, &key, &val);
         }
         let queries: Vec<f32> = (0..heads * hd).map(|i| value(40, i) * 2.0).collect();
+        let run = |span: std::ops::Range<usize>, wide: bool| {
+            let head = Head { layer: 0, blocks: &blocks, queries: &queries, kv_head: 1, span, scale: 0.25 };
+            let (mut out, mut stats) = (vec![0f32; heads * hd], vec![SpanStats::default(); heads]);
+            attend(&head, &cache, &mut AttendScratch::default(), &mut out, &mut stats, wide);
+            (out, stats)
+        };
+        let close = |a: &[f32], b: &[f32], what: &str| {
+            for (x, y) in a.iter().zip(b) {
+                assert!((x - y).abs() < 1e-5, "{what}: {x} vs {y}");
+            }
+        };
         for positions in [1, 3, 8, 9, 17, 19] {
-            let head = Head { layer: 0, blocks: &blocks, queries: &queries, kv_head: 1, positions, scale: 0.25 };
-            let mut portable = vec![0f32; heads * hd];
-            attend(&head, &cache, &mut AttendScratch::default(), &mut portable, false);
-            let mut wide = vec![0f32; heads * hd];
-            attend(&head, &cache, &mut AttendScratch::default(), &mut wide, wide_supported());
-            for (a, b) in portable.iter().zip(&wide) {
-                assert!((a - b).abs() < 1e-5, "{positions} positions: {a} vs {b}");
+            let (portable, portable_stats) = run(0..positions, false);
+            let (wide, wide_stats) = run(0..positions, wide_supported());
+            close(&portable, &wide, &format!("{positions} positions"));
+            for (a, b) in portable_stats.iter().zip(&wide_stats) {
+                assert!((a.max - b.max).abs() < 1e-5 && (a.sum - b.sum).abs() < 1e-4, "{a:?} vs {b:?}");
             }
             if positions == 1 {
                 // One position: softmax weight 1, the output is that position's value.
                 let expected: Vec<f32> = (hd..2 * hd).map(|i| half::f16::from_f32(value(3, i)).to_f32()).collect();
                 assert_eq!(&portable[..hd], &expected[..]);
             }
+        }
+        // Spans (starting mid-block, mid-run) merged give the whole.
+        for wide in [false, wide_supported()] {
+            let (whole, _) = run(0..19, wide);
+            let parts = [run(0..6, wide), run(6..13, wide), run(13..19, wide)];
+            let spans: Vec<f32> = parts.iter().flat_map(|(o, _)| o.clone()).collect();
+            let stats: Vec<SpanStats> = parts.iter().flat_map(|(_, s)| s.clone()).collect();
+            let mut merged = vec![0f32; heads * hd];
+            merge(&spans, &stats, &mut merged);
+            close(&merged, &whole, "merged spans");
+            assert!(merged.iter().zip(&parts[0].0).any(|(a, b)| (a - b).abs() > 1e-3), "the spans differ");
         }
     }
 }

@@ -15,7 +15,7 @@
 use rayon::prelude::*;
 
 use crate::EngineError;
-use crate::attention::{AttendScratch, Head, attend};
+use crate::attention::{AttendScratch, Head, SPAN, SpanStats, attend, merge};
 use crate::gguf::GgufFile;
 use crate::kv_cache::KvCache;
 use crate::quant::{BlockQ8, QMatrix, quantize_rows};
@@ -121,11 +121,19 @@ pub struct Scratch {
     q: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
-    attn: Vec<f32>,
     proj: Vec<f32>,
     gate: Vec<f32>,
     up: Vec<f32>,
     xq: Vec<BlockQ8>,
+    attention: AttentionBuffers,
+}
+
+/// Attention's output, and its per-span outputs and statistics before they are merged.
+#[derive(Default)]
+struct AttentionBuffers {
+    out: Vec<f32>,
+    spans: Vec<f32>,
+    stats: Vec<SpanStats>,
 }
 
 impl LlamaModel {
@@ -242,8 +250,8 @@ impl LlamaModel {
                     &s.v[t * kv_dim..(t + 1) * kv_dim],
                 );
             }
-            self.attention(li, steps, &tokens, cache, &s.q, &mut s.attn);
-            quantize_rows(&s.attn, e, &mut s.xq);
+            self.attention(li, steps, &tokens, cache, &s.q, &mut s.attention);
+            quantize_rows(&s.attention.out, e, &mut s.xq);
             layer.wo.matmul(&s.xq, &mut s.proj);
             add_in_place(&mut s.x, &s.proj);
 
@@ -289,9 +297,10 @@ impl LlamaModel {
         }
     }
 
-    /// Causal attention of every batch token over its own sequence. One task per (token, KV head)
-    /// serves the query heads that share that KV head, so each cached key and value is read once
-    /// per task rather than once per query head.
+    /// Causal attention of every batch token over its own sequence, into `buffers.out`. One task
+    /// per (token, KV head, span of at most [`SPAN`] positions) serves the query heads that share
+    /// that KV head, so each cached key and value is read once per task rather than once per
+    /// query head; a long context's spans run in parallel and are merged.
     fn attention(
         &self,
         layer: usize,
@@ -299,27 +308,48 @@ impl LlamaModel {
         tokens: &[(usize, usize)],
         cache: &KvCache,
         q: &[f32],
-        out: &mut Vec<f32>,
+        buffers: &mut AttentionBuffers,
     ) {
         let c = &self.config;
         let (hd, group) = (c.head_dim, c.n_head / c.n_head_kv);
+        let width = group * hd;
         let scale = 1.0 / (hd as f32).sqrt();
+        let AttentionBuffers { out, spans, stats } = buffers;
         out.resize(tokens.len() * c.n_head * hd, 0.0);
-        // Query heads h of a KV head g are g*group .. (g+1)*group, contiguous in q and out.
+        // Tasks (token, KV head, span), spans of a (token, KV head) consecutive. Query heads
+        // h of a KV head g are g*group .. (g+1)*group, contiguous in q and out.
+        let tasks: Vec<(usize, usize, std::ops::Range<usize>)> = (0..tokens.len() * c.n_head_kv)
+            .flat_map(|i| {
+                let positions = tokens[i / c.n_head_kv].1 + 1;
+                (0..positions).step_by(SPAN).map(move |start| (i, start, start + SPAN.min(positions - start)))
+            })
+            .map(|(i, start, end)| (i / c.n_head_kv, i % c.n_head_kv, start..end))
+            .collect();
         let wide = crate::attention::wide_supported();
-        out.par_chunks_mut(group * hd).enumerate().for_each_init(AttendScratch::default, |scratch, (i, o)| {
-            let (t, g) = (i / c.n_head_kv, i % c.n_head_kv);
-            let (si, pos) = tokens[t];
-            let head = Head {
-                layer,
-                blocks: steps[si].blocks,
-                queries: &q[i * group * hd..(i + 1) * group * hd],
-                kv_head: g,
-                positions: pos + 1,
-                scale,
-            };
-            attend(&head, cache, scratch, o, wide);
-        });
+        spans.resize(tasks.len() * width, 0.0);
+        stats.resize(tasks.len() * group, SpanStats::default());
+        spans.par_chunks_mut(width).zip(stats.par_chunks_mut(group)).zip(tasks.par_iter()).for_each_init(
+            AttendScratch::default,
+            |worker, ((o, st), (t, g, span))| {
+                let i = t * c.n_head_kv + g;
+                let head = Head {
+                    layer,
+                    blocks: steps[tokens[*t].0].blocks,
+                    queries: &q[i * width..(i + 1) * width],
+                    kv_head: *g,
+                    span: span.clone(),
+                    scale,
+                };
+                attend(&head, cache, worker, o, st, wide);
+            },
+        );
+        // Each (token, KV head)'s spans into its output.
+        let mut first = 0;
+        for (i, o) in out.chunks_exact_mut(width).enumerate() {
+            let n = tasks[first..].iter().take_while(|(t, g, _)| t * c.n_head_kv + g == i).count();
+            merge(&spans[first * width..(first + n) * width], &stats[first * group..(first + n) * group], o);
+            first += n;
+        }
     }
 }
 
