@@ -589,14 +589,12 @@ impl Inference {
     }
 
     /// Counts a conversation's or prompt's tokens with the model's own tokenizer and template.
-    pub async fn count_tokens(&self, model: &ModelEntry, req: &TextRequest) -> Result<u32, ApiError> {
-        let runner =
-            self.live().runners.for_model(&model.model_id).iter().find(|r| r.state().1).cloned().ok_or_else(|| {
-                ApiError::Unavailable {
-                    message: format!("{} has no ready runner right now.", model.model_id),
-                    retry_after: Duration::from_secs(1),
-                }
-            })?;
+    /// It takes no slot (the runner tokenizes outside its batch), so it skips the admission
+    /// queue, but it is placed like inference: on the tenant's cells, the less loaded of two
+    /// runners, counted in their in-flight load.
+    pub async fn count_tokens(&self, ctx: &Ctx, model: &ModelEntry, req: &TextRequest) -> Result<u32, ApiError> {
+        let runner = self.place(ctx, model, "")?;
+        let _in_flight = runner.begin();
         let mut client = runner.client.clone();
         let reply = client
             .count_tokens(mantle_proto::CountTokensRequest {

@@ -39,6 +39,7 @@ impl Default for StandInConfig {
 #[derive(Default, Debug)]
 pub struct Counters {
     pub generates: AtomicU64,
+    pub count_tokens: AtomicU64,
     /// Streams dropped by the client before their last token.
     pub cancelled: AtomicU64,
     pub active: AtomicU32,
@@ -139,6 +140,7 @@ impl Runner for StandIn {
         &self,
         request: Request<CountTokensRequest>,
     ) -> Result<Response<CountTokensResponse>, Status> {
+        self.counters.count_tokens.fetch_add(1, Ordering::Relaxed);
         let r = request.into_inner();
         let g = GenerateRequest { messages: r.messages, prompt: r.prompt, ..Default::default() };
         Ok(Response::new(CountTokensResponse { input_tokens: prompt_tokens(&g) }))

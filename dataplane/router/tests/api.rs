@@ -460,3 +460,36 @@ async fn openai_chat_streams_server_sent_events_and_embeddings_work() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(json_of(&body)["modelSummaries"][0]["modelId"], EMBED);
 }
+
+#[tokio::test]
+async fn count_tokens_is_answered_and_spread_over_the_models_runners() {
+    let (a, b) = (stand_in(StandInConfig::default()).await, stand_in(StandInConfig::default()).await);
+    let runner = |s: &RunningStandIn| RunnerSpec { model: TEXT.into(), address: s.address(), pool: None, cell: None };
+    let platform = Platform {
+        models: vec![model(TEXT, "TEXT", "")],
+        provisioned: Vec::new(),
+        runners: vec![runner(&a), runner(&b)],
+    };
+    let (app, inference) =
+        mantle_router::build(&RouterConfig::local("127.0.0.1:0".parse().unwrap()), platform).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while inference.live().runners.for_model(TEXT).iter().any(|r| !r.state().1) {
+        assert!(Instant::now() < deadline, "stand-ins never became ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let body =
+        json!({"input": {"converse": {"messages": [{"role": "user", "content": [{"text": "How long is this?"}]}]}}});
+    for _ in 0..40 {
+        let (status, headers, reply) = send(&app, post(&format!("/model/{TEXT}/count-tokens"), body.to_string())).await;
+        assert_eq!(status, StatusCode::OK, "{reply:?}");
+        assert!(headers.contains_key("x-amzn-requestid"));
+        assert!(json_of(&reply)["inputTokens"].as_u64().is_some_and(|n| n > 0));
+    }
+    let counts = [&a, &b].map(|s| s.counters.count_tokens.load(Ordering::Relaxed));
+    assert_eq!(counts.iter().sum::<u64>(), 40);
+    assert!(counts.iter().all(|&n| n > 0), "one runner took every count: {counts:?}");
+    // A malformed input is the caller's error, answered without a runner.
+    let (status, headers, _) = send(&app, post(&format!("/model/{TEXT}/count-tokens"), r#"{"input": {}}"#)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(headers["x-amzn-errortype"], "ValidationException");
+}

@@ -373,7 +373,7 @@ pub async fn count_tokens(
         let value: Value = parse_body(&body)?;
         let req = count_tokens_request(&value)?;
         let tokens =
-            state.inference.count_tokens(&model, &req).instrument(Inference::span(&ctx, &model.model_id)).await?;
+            state.inference.count_tokens(&ctx, &model, &req).instrument(Inference::span(&ctx, &model.model_id)).await?;
         state.inference.count_outcome(&ctx, &model, "ok");
         Ok::<_, ApiError>(axum::Json(json!({ "inputTokens": tokens })).into_response())
     }
