@@ -51,6 +51,24 @@ fn smollm2_answers_factual_questions() {
     }
 }
 
+/// Past 256 cached positions attention splits into spans and merges them: the answer after a
+/// ~700-token system prompt must still be right.
+#[test]
+fn a_question_after_a_long_system_prompt_is_answered() {
+    let model = support::smollm2();
+    let system = "You are a helpful assistant. ".to_string()
+        + &"Answer briefly and politely, and keep to facts you are sure of. ".repeat(50);
+    let prompt = model
+        .chat_prompt(&[
+            ChatMessage::new("system", &system),
+            ChatMessage::new("user", "What is the capital of France? Answer in one sentence."),
+        ])
+        .unwrap();
+    assert!(prompt.len() > 600, "{} tokens", prompt.len());
+    let answer = model.tokenizer.decode(&generate(&model, &prompt, 24)).unwrap();
+    assert!(answer.contains("Paris"), "{answer:?}");
+}
+
 #[test]
 fn tokenizer_round_trips_text_and_keeps_special_tokens_whole() {
     let model = support::smollm2();
