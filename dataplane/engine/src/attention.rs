@@ -38,6 +38,16 @@ pub struct AttendScratch {
     kv: Vec<f32>,
 }
 
+impl AttendScratch {
+    /// The scores of `heads` rows of `positions`, and a buffer of `kv` converted values.
+    fn prepare(&mut self, heads: usize, positions: usize, kv: usize) -> (&mut [f32], &mut [f32]) {
+        self.scores.clear();
+        self.scores.resize(heads * positions, 0.0);
+        self.kv.resize(kv, 0.0);
+        (&mut self.scores, &mut self.kv)
+    }
+}
+
 /// Whether [`attend`]'s vectorised path can run here (AVX2, FMA and F16C).
 pub fn wide_supported() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -123,10 +133,7 @@ fn attend_portable(
 ) {
     let Head { layer, queries, kv_head, ref span, scale, .. } = *head;
     let (hd, positions) = (cache.head_dim(), span.len());
-    let AttendScratch { scores, kv: buf } = scratch;
-    scores.clear();
-    scores.resize(queries.len() / hd * positions, 0.0);
-    buf.resize(hd, 0.0);
+    let (scores, buf) = scratch.prepare(queries.len() / hd, positions, hd);
     let range = |slot: usize| slot * hd..(slot + 1) * hd;
     for (p, count, block, slot) in runs(head, cache.block_size()) {
         let keys = cache.head(layer, block, kv_head).0;
@@ -193,10 +200,7 @@ mod x86 {
     ) {
         let Head { layer, queries, kv_head, ref span, scale, .. } = *head;
         let (hd, positions, bs) = (cache.head_dim(), span.len(), cache.block_size());
-        let AttendScratch { scores, kv: buf } = scratch;
-        scores.clear();
-        scores.resize(queries.len() / hd * positions, 0.0);
-        buf.resize(8 * hd, 0.0);
+        let (scores, buf) = scratch.prepare(queries.len() / hd, positions, 8 * hd);
         // Rows `slot..slot + count` of this KV head's keys or values in a block, into `buf`.
         let convert = |data: &[half::f16], slot: usize, count: usize, buf: &mut [f32]| {
             assert!((slot + count) * hd <= data.len() && count * hd <= buf.len());
