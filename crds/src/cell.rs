@@ -54,8 +54,8 @@ pub struct CellSpec {
     /// move theirs away; Disabled Cells get no traffic.
     #[serde(default)]
     pub state: CellState,
-    /// How many of the Cell's runner pools each tenant is spread over (shuffle sharding), so one
-    /// noisy tenant affects few others.
+    /// How many of the Cell's runners of a model one tenant's requests are spread over (shuffle
+    /// sharding within the Cell, applied by the router), so one noisy tenant affects few others.
     #[serde(default = "default_shuffle_shard_size")]
     #[schemars(range(min = 1, max = 64))]
     pub shuffle_shard_size: i32,

@@ -72,6 +72,7 @@ async fn setup_with(
         models: vec![model(MODEL)],
         provisioned: Vec::new(),
         runners: vec![RunnerSpec { model: MODEL.into(), address: s.address(), pool: None, cell: None }],
+        cells: Vec::new(),
     };
     let router = mantle_router::start(config, platform).await.expect("router starts");
     let grpc = RunnerClient::connect(s.address()).await.expect("stand-in reachable");

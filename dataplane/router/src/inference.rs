@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use mantle_admission::{
     LoadState as Load, ModelQueue, OverloadControl, Permit, Priority, QueueConfig, RateLimiter, Rejected,
 };
-use mantle_crds::{FallbackTrigger, Modality};
+use mantle_crds::{Cell, CellState, FallbackTrigger, Modality};
 use mantle_proto::{GenerateResponse, LoadState, generate_response};
 use tokio_stream::StreamExt;
 use tracing::Instrument;
@@ -84,13 +84,16 @@ impl Default for PathConfig {
     }
 }
 
-/// What the router serves right now; replaced whole when the platform changes (a FoundationModel
-/// or an EndpointSlice in Kubernetes).
+/// What the router serves right now; replaced whole when the platform changes (a FoundationModel,
+/// a Cell or an EndpointSlice in Kubernetes).
 pub struct Live {
     pub catalog: Catalog,
+    /// The runners of every Cell that is not Disabled (and those in no known Cell).
     pub runners: Runners,
     /// Provisioned model units by (tenant, model id).
     pub provisioned: HashMap<(String, String), f64>,
+    /// Each known Cell's `shuffleShardSize`: how many of its runners one tenant is spread over.
+    pub cell_shards: HashMap<String, usize>,
 }
 
 impl Live {
@@ -100,12 +103,28 @@ impl Live {
             *provisioned.entry((p.spec.tenant.clone(), p.spec.model_id.clone())).or_insert(0.0) +=
                 p.spec.model_units.max(1) as f64;
         }
+        let disabled: Vec<&str> =
+            platform.cells.iter().filter(|c| c.spec.state == CellState::Disabled).map(cell_name).collect();
+        let (runners, off): (Vec<_>, Vec<_>) =
+            platform.runners.into_iter().partition(|r| r.cell.as_deref().is_none_or(|c| !disabled.contains(&c)));
+        if !off.is_empty() {
+            tracing::info!(cells = ?disabled, runners = off.len(), "runners in Disabled Cells get no traffic");
+        }
         Ok(Live {
             catalog: Catalog::from_resources(&platform.models),
-            runners: previous.update(platform.runners)?,
+            runners: previous.update(runners)?,
             provisioned,
+            cell_shards: platform
+                .cells
+                .iter()
+                .map(|c| (cell_name(c).to_string(), c.spec.shuffle_shard_size.max(0) as usize))
+                .collect(),
         })
     }
+}
+
+fn cell_name(cell: &Cell) -> &str {
+    cell.metadata.name.as_deref().unwrap_or_default()
 }
 
 pub struct Inference {
@@ -349,7 +368,14 @@ impl Inference {
     fn place(&self, ctx: &Ctx, model: &ModelEntry, prompt: &str) -> Result<Arc<RunnerHandle>, ApiError> {
         let live = self.live();
         let runners = live.runners.for_model(&model.model_id);
-        let views: Vec<_> = runners.iter().map(|r| r.view()).collect();
+        let views: Vec<_> = runners
+            .iter()
+            .map(|r| {
+                let mut view = r.view();
+                view.cell_shard = view.cell.and_then(|c| live.cell_shards.get(c)).copied().unwrap_or(0);
+                view
+            })
+            .collect();
         let facts = RequestFacts {
             tenant: &ctx.tenant.name,
             prefix: placement::prefix_key(prompt, PREFIX_BYTES),

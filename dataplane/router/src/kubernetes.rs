@@ -1,6 +1,6 @@
-//! The platform from Kubernetes: FoundationModels and ProvisionedThroughputs, and the runners
-//! behind each model from its Service's EndpointSlices, all watched with kube-runtime reflectors.
-//! Any change rebuilds the [`Platform`] (a pure function of the three caches, [`platform_from`])
+//! The platform from Kubernetes: FoundationModels, ProvisionedThroughputs and Cells, and the
+//! runners behind each model from its Service's EndpointSlices, all watched with kube-runtime
+//! reflectors. Any change rebuilds the [`Platform`] (a pure function of the caches, [`platform_from`])
 //! and hands it to the request path, which keeps known runners' connections.
 //!
 //! A runner Service is found by its EndpointSlices' labels:
@@ -9,7 +9,7 @@
 //! |---|---|
 //! | `mantle.dev/foundation-model` | the FoundationModel (by name, same namespace) the runners serve |
 //! | `mantle.dev/pool` | the tenant whose provisioned throughput the runners are dedicated to |
-//! | `mantle.dev/cell` | the Cell the runners run in |
+//! | `mantle.dev/cell` | the Cell the runners run in (by name; a Disabled Cell's runners get no traffic, and its `shuffleShardSize` spreads each tenant over that many of its runners) |
 //!
 //! The gRPC port is the slice's port named `grpc` (else its first port); endpoints that are
 //! not ready are left out.
@@ -21,7 +21,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
-use mantle_crds::{FoundationModel, ProvisionedThroughput};
+use mantle_crds::{Cell, FoundationModel, ProvisionedThroughput};
 use tokio::sync::Notify;
 use tokio_stream::StreamExt;
 
@@ -36,10 +36,11 @@ pub const CELL_LABEL: &str = "mantle.dev/cell";
 /// How long changes are gathered before the platform is rebuilt.
 const DEBOUNCE: Duration = Duration::from_millis(200);
 
-/// The platform the three caches describe.
+/// The platform the caches describe.
 pub fn platform_from(
     models: &[Arc<FoundationModel>],
     provisioned: &[Arc<ProvisionedThroughput>],
+    cells: &[Arc<Cell>],
     slices: &[Arc<EndpointSlice>],
 ) -> Platform {
     let mut runners = Vec::new();
@@ -75,6 +76,7 @@ pub fn platform_from(
         models: models.iter().map(|m| (**m).clone()).collect(),
         provisioned: provisioned.iter().map(|p| (**p).clone()).collect(),
         runners,
+        cells: cells.iter().map(|c| (**c).clone()).collect(),
     }
 }
 
@@ -95,6 +97,7 @@ pub async fn follow(client: Client, namespace: Option<String>, inference: Arc<In
     let models = reflect(api::<FoundationModel>(&client, &namespace), watcher::Config::default(), changed.clone());
     let provisioned =
         reflect(api::<ProvisionedThroughput>(&client, &namespace), watcher::Config::default(), changed.clone());
+    let cells = reflect(api::<Cell>(&client, &namespace), watcher::Config::default(), changed.clone());
     let slices = reflect(
         api::<EndpointSlice>(&client, &namespace),
         watcher::Config::default().labels(MODEL_LABEL),
@@ -103,6 +106,7 @@ pub async fn follow(client: Client, namespace: Option<String>, inference: Arc<In
     for store in [
         models.0.clone().wait_until_ready().await.is_ok(),
         provisioned.0.clone().wait_until_ready().await.is_ok(),
+        cells.0.clone().wait_until_ready().await.is_ok(),
         slices.0.clone().wait_until_ready().await.is_ok(),
     ] {
         if !store {
@@ -110,7 +114,7 @@ pub async fn follow(client: Client, namespace: Option<String>, inference: Arc<In
         }
     }
     loop {
-        let platform = platform_from(&models.0.state(), &provisioned.0.state(), &slices.0.state());
+        let platform = platform_from(&models.0.state(), &provisioned.0.state(), &cells.0.state(), &slices.0.state());
         if let Err(e) = inference.update(platform) {
             tracing::error!(error = %e, "applying the platform from Kubernetes");
         }
@@ -198,7 +202,7 @@ mod tests {
             slice("smollm2", &[(POOL_LABEL, "analytics")], vec![endpoint("fd00::7", None)]),
             slice("unknown-model", &[], vec![endpoint("10.0.0.9", Some(true))]),
         ];
-        let platform = platform_from(&models, &[], &slices);
+        let platform = platform_from(&models, &[], &[], &slices);
         let runners: Vec<(&str, Option<&str>, Option<&str>)> =
             platform.runners.iter().map(|r| (r.address.as_str(), r.pool.as_deref(), r.cell.as_deref())).collect();
         assert_eq!(

@@ -2,10 +2,13 @@
 //!
 //! 1. **Pools.** A provisioned tenant's requests go to the runners of its dedicated pool first;
 //!    only when none of them is ready do they use the shared pool.
-//! 2. **Cells.** Each tenant is shuffle-sharded onto `shard_size` of the model's Cells (a stable
-//!    choice from a hash of the tenant), so one noisy tenant reaches only a few Cells and two
-//!    tenants rarely share all of theirs. When none of a tenant's Cells has a ready runner, any
-//!    Cell is used.
+//! 2. **Cells.** In the shared pool each tenant is shuffle-sharded onto `shard_size` of the
+//!    model's Cells (a stable choice from a hash of the tenant), so one noisy tenant reaches only
+//!    a few Cells and two tenants rarely share all of theirs. When none of a tenant's Cells has a
+//!    ready runner, any Cell is used. Within a Cell, the tenant is spread over the Cell's
+//!    `shuffleShardSize` runners ranked first for it (rendezvous hashing of tenant and runner
+//!    over the ready runners: when one fails, only the tenants that had it move, each to one
+//!    other runner). A provisioned tenant's dedicated pool is all its own and is not sharded.
 //! 3. **Prefix affinity with bounded load.** Requests carry a hash of their prompt's first
 //!    tokens-worth of text (a shared system prompt). That hash is looked up on a consistent-hash
 //!    ring (64 virtual nodes per runner); walking clockwise, the first runner whose load is at
@@ -37,6 +40,9 @@ pub struct RunnerView<'a> {
     /// Dedicated to one tenant (provisioned throughput), or shared.
     pub pool: Option<&'a str>,
     pub cell: Option<&'a str>,
+    /// How many of its Cell's runners one tenant is spread over: the Cell's `shuffleShardSize`
+    /// (0: all of them).
+    pub cell_shard: usize,
     /// In-flight requests plus the runner's reported queue depth, already weighted by state.
     pub load: f64,
 }
@@ -84,6 +90,7 @@ pub fn choose(runners: &[RunnerView<'_>], facts: &RequestFacts<'_>, rng: &mut im
     let ready: Vec<usize> = (0..runners.len()).filter(|&i| runners[i].ready).collect();
     // Dedicated pool first, else the shared pool.
     let dedicated: Vec<usize> = ready.iter().copied().filter(|&i| runners[i].pool == Some(facts.tenant)).collect();
+    let dedicated_pool = !dedicated.is_empty();
     let pool: Vec<usize> = if dedicated.is_empty() {
         ready.into_iter().filter(|&i| runners[i].pool.is_none()).collect()
     } else {
@@ -92,11 +99,17 @@ pub fn choose(runners: &[RunnerView<'_>], facts: &RequestFacts<'_>, rng: &mut im
     if pool.is_empty() {
         return None;
     }
-    // Shuffle sharding onto Cells.
+    let candidates = if dedicated_pool { pool } else { tenant_shard(runners, pool, facts) };
+    Some(pick(runners, &candidates, facts.prefix, rng))
+}
+
+/// The runners of the shared `pool` a tenant may use: those in its Cells, and of each Cell the
+/// `cell_shard` ranked first for it.
+fn tenant_shard(runners: &[RunnerView<'_>], pool: Vec<usize>, facts: &RequestFacts<'_>) -> Vec<usize> {
     let mut cells: Vec<&str> = pool.iter().filter_map(|&i| runners[i].cell).collect();
     cells.sort_unstable();
     cells.dedup();
-    let candidates = if cells.len() > 1 {
+    let in_cells = if cells.len() > 1 {
         let mine = tenant_cells(facts.tenant, &cells, facts.shard_size);
         let sharded: Vec<usize> =
             pool.iter().copied().filter(|&i| runners[i].cell.is_some_and(|c| mine.contains(&c))).collect();
@@ -104,7 +117,20 @@ pub fn choose(runners: &[RunnerView<'_>], facts: &RequestFacts<'_>, rng: &mut im
     } else {
         pool
     };
-    Some(pick(runners, &candidates, facts.prefix, rng))
+    // Within each Cell: the runners with the highest hash of (tenant, runner).
+    let mut ranked: Vec<(Option<&str>, u64, usize)> =
+        in_cells.iter().map(|&i| (runners[i].cell, hash((facts.tenant, runners[i].id)), i)).collect();
+    ranked.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+    let mut kept = Vec::with_capacity(ranked.len());
+    let mut taken = 0;
+    for (n, &(cell, _, i)) in ranked.iter().enumerate() {
+        taken = if n > 0 && ranked[n - 1].0 == cell { taken + 1 } else { 0 };
+        let shard = runners[i].cell_shard;
+        if cell.is_none() || shard == 0 || taken < shard {
+            kept.push(i);
+        }
+    }
+    kept
 }
 
 fn pick(runners: &[RunnerView<'_>], candidates: &[usize], prefix: Option<u64>, rng: &mut impl Rng) -> usize {
@@ -150,11 +176,13 @@ fn bounded_ring_owner(runners: &[RunnerView<'_>], candidates: &[usize], key: u64
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeSet;
+
     use rand::SeedableRng;
     use rand::rngs::StdRng;
 
     fn runner(id: &str, load: f64) -> RunnerView<'_> {
-        RunnerView { id, ready: true, pool: None, cell: None, load }
+        RunnerView { id, ready: true, pool: None, cell: None, cell_shard: 0, load }
     }
 
     #[test]
@@ -224,7 +252,7 @@ mod tests {
         let runners: Vec<RunnerView> = ids
             .iter()
             .zip(cells)
-            .map(|(id, c)| RunnerView { id, ready: true, pool: None, cell: Some(c), load: 0.0 })
+            .map(|(id, c)| RunnerView { id, ready: true, pool: None, cell: Some(c), cell_shard: 0, load: 0.0 })
             .collect();
         let mut rng = StdRng::seed_from_u64(9);
         let facts = RequestFacts { tenant: "acme", prefix: None, shard_size: 2 };
@@ -232,6 +260,53 @@ mod tests {
             let i = choose(&runners, &facts, &mut rng).unwrap();
             assert!(mine.contains(&cells[i]));
         }
+    }
+
+    /// Six shared runners in one Cell whose `shuffleShardSize` is 2.
+    fn one_cell_of_six(ids: &[String]) -> Vec<RunnerView<'_>> {
+        ids.iter()
+            .map(|id| RunnerView { id, ready: true, pool: None, cell: Some("a"), cell_shard: 2, load: 0.0 })
+            .collect()
+    }
+
+    fn used_by(runners: &[RunnerView<'_>], tenant: &str, rng: &mut StdRng) -> BTreeSet<usize> {
+        let facts = RequestFacts { tenant, prefix: None, shard_size: 2 };
+        (0..200).map(|_| choose(runners, &facts, rng).unwrap()).collect()
+    }
+
+    #[test]
+    fn within_a_cell_a_tenant_uses_its_shard_of_runners_and_loses_only_a_failed_one() {
+        let ids: Vec<String> = (0..6).map(|i| format!("10.0.0.{i}:50051")).collect();
+        let mut runners = one_cell_of_six(&ids);
+        let mut rng = StdRng::seed_from_u64(5);
+        let mine = used_by(&runners, "acme", &mut rng);
+        assert_eq!(mine.len(), 2, "{mine:?}");
+        assert_eq!(used_by(&runners, "acme", &mut rng), mine, "stable");
+        let same_pair = (0..60).filter(|t| used_by(&runners, &format!("t{t}"), &mut rng) == mine).count();
+        assert!(same_pair < 15, "tenants spread over different pairs: {same_pair} of 60 share acme's");
+        // One of its runners fails: it keeps the other and gains exactly one.
+        let lost = *mine.iter().next().unwrap();
+        runners[lost].ready = false;
+        let now = used_by(&runners, "acme", &mut rng);
+        assert_eq!(now.len(), 2);
+        assert_eq!(now.intersection(&mine).count(), 1, "{mine:?} became {now:?}");
+        assert!(!now.contains(&lost));
+        // 0: no shard, every runner.
+        runners.iter_mut().for_each(|r| (r.cell_shard, r.ready) = (0, true));
+        assert_eq!(used_by(&runners, "acme", &mut rng).len(), 6);
+    }
+
+    #[test]
+    fn a_dedicated_pool_is_neither_cell_nor_runner_sharded() {
+        let ids: Vec<String> = (0..6).map(|i| format!("10.0.1.{i}:50051")).collect();
+        let cells = ["a", "a", "b", "b", "c", "c"];
+        let runners: Vec<RunnerView> = ids
+            .iter()
+            .zip(cells)
+            .map(|(id, c)| RunnerView { id, ready: true, pool: Some("acme"), cell: Some(c), cell_shard: 1, load: 0.0 })
+            .collect();
+        let mut rng = StdRng::seed_from_u64(6);
+        assert_eq!(used_by(&runners, "acme", &mut rng).len(), 6);
     }
 
     #[test]

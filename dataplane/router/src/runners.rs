@@ -133,6 +133,8 @@ impl RunnerHandle {
             ready,
             pool: self.spec.pool.as_deref(),
             cell: self.spec.cell.as_deref(),
+            // The Cell's shard size is the request path's to fill in from the Cells it knows.
+            cell_shard: 0,
             load,
         }
     }

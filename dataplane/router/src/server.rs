@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
-use mantle_crds::{FoundationModel, Manifest, ProvisionedThroughput};
+use mantle_crds::{Cell, FoundationModel, Manifest, ProvisionedThroughput};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -55,22 +55,25 @@ impl RouterConfig {
     }
 }
 
-/// What the router serves: models, provisioned throughput and runners.
+/// What the router serves: models, provisioned throughput and runners, and the Cells the
+/// runners run in (matched by name to a runner's `cell`).
 #[derive(Clone, Debug, Default)]
 pub struct Platform {
     pub models: Vec<FoundationModel>,
     pub provisioned: Vec<ProvisionedThroughput>,
     pub runners: Vec<RunnerSpec>,
+    pub cells: Vec<Cell>,
 }
 
 impl Platform {
-    /// The FoundationModels and ProvisionedThroughputs of a manifest directory.
+    /// The FoundationModels, ProvisionedThroughputs and Cells of a manifest directory.
     pub fn from_manifest_dir(dir: &Path) -> anyhow::Result<Self> {
         let mut platform = Platform::default();
         for (_, manifest) in mantle_crds::read_manifest_dir(dir)? {
             match manifest {
                 Manifest::FoundationModel(m) => platform.models.push(m),
                 Manifest::ProvisionedThroughput(p) => platform.provisioned.push(p),
+                Manifest::Cell(c) => platform.cells.push(c),
                 _ => {}
             }
         }

@@ -71,6 +71,7 @@ async fn fixture(options: Options) -> Fixture {
         ],
         provisioned: Vec::new(),
         runners: vec![runner(TEXT, &text), runner(BACKUP, &backup), runner(EMBED, &embed), runner(OLD, &backup)],
+        cells: Vec::new(),
     };
     let (app, inference) = mantle_router::build(&options.config, platform).unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -469,6 +470,7 @@ async fn count_tokens_is_answered_and_spread_over_the_models_runners() {
         models: vec![model(TEXT, "TEXT", "")],
         provisioned: Vec::new(),
         runners: vec![runner(&a), runner(&b)],
+        cells: Vec::new(),
     };
     let (app, inference) =
         mantle_router::build(&RouterConfig::local("127.0.0.1:0".parse().unwrap()), platform).unwrap();
@@ -492,4 +494,78 @@ async fn count_tokens_is_answered_and_spread_over_the_models_runners() {
     let (status, headers, _) = send(&app, post(&format!("/model/{TEXT}/count-tokens"), r#"{"input": {}}"#)).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(headers["x-amzn-errortype"], "ValidationException");
+}
+
+fn cell(name: &str, state: &str, shard: i32) -> mantle_crds::Cell {
+    serde_norway::from_str(&format!(
+        "apiVersion: mantle.dev/v1alpha1\nkind: Cell\nmetadata: {{name: {name}}}\nspec:\n  region: local\n  nodeSelector: {{mantle.dev/cell: {name}}}\n  state: {state}\n  shuffleShardSize: {shard}\n"
+    ))
+    .unwrap()
+}
+
+/// Cells from the platform (manifests or Kubernetes) steer traffic: a Disabled Cell's runners get
+/// none, and a Cell's `shuffleShardSize` keeps each tenant on that many of its runners.
+#[tokio::test]
+async fn cells_steer_traffic_disabled_cells_get_none_and_tenants_keep_to_their_shard() {
+    let stand_ins = [
+        stand_in(StandInConfig::default()).await,
+        stand_in(StandInConfig::default()).await,
+        stand_in(StandInConfig::default()).await,
+        stand_in(StandInConfig::default()).await,
+    ];
+    // Three runners in cell-a, one in cell-b.
+    let cells_of = ["cell-a", "cell-a", "cell-a", "cell-b"];
+    let platform = |cells: Vec<mantle_crds::Cell>| Platform {
+        models: vec![model(TEXT, "TEXT", "")],
+        provisioned: Vec::new(),
+        runners: stand_ins
+            .iter()
+            .zip(cells_of)
+            .map(|(s, c)| RunnerSpec { model: TEXT.into(), address: s.address(), pool: None, cell: Some(c.into()) })
+            .collect(),
+        cells,
+    };
+    let (app, inference) = mantle_router::build(
+        &RouterConfig::local("127.0.0.1:0".parse().unwrap()),
+        platform(vec![cell("cell-a", "Active", 1), cell("cell-b", "Disabled", 1)]),
+    )
+    .unwrap();
+    assert_eq!(inference.live().runners.for_model(TEXT).len(), 3, "cell-b's runner is left out");
+    // Until the model's admission capacity counts every runner served (16 slots each).
+    let wait_ready = |runners: usize| {
+        let inference = inference.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let slots = format!("slots={}", 16 * runners);
+            while !inference.capacity_header(TEXT).is_some_and(|h| h.starts_with(&format!("{slots};"))) {
+                assert!(Instant::now() < deadline, "stand-ins never became ready");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    wait_ready(3).await;
+    let served = || stand_ins.each_ref().map(|s| s.counters.generates.load(Ordering::Relaxed));
+    let converse = |n: usize| {
+        let app = app.clone();
+        async move {
+            for _ in 0..n {
+                let (status, _, reply) =
+                    send(&app, post(&format!("/model/{TEXT}/converse"), converse_body("Hi"))).await;
+                assert_eq!(status, StatusCode::OK, "{reply:?}");
+            }
+        }
+    };
+    converse(30).await;
+    let counts = served();
+    assert_eq!(counts[3], 0, "a Disabled Cell got traffic: {counts:?}");
+    // shuffleShardSize 1: the (one, local) tenant keeps to one of cell-a's three runners.
+    assert_eq!(counts.iter().filter(|&&n| n > 0).count(), 1, "{counts:?}");
+
+    // cell-b back to Active, cell-a's shard widened to all three: every runner serves.
+    inference.update(platform(vec![cell("cell-a", "Active", 3), cell("cell-b", "Active", 1)])).unwrap();
+    wait_ready(4).await;
+    let before = served();
+    converse(60).await;
+    let after = served();
+    assert!(before.iter().zip(&after).all(|(b, a)| a > b), "{before:?} then {after:?}");
 }

@@ -1,6 +1,6 @@
 //! `--kubernetes`: the router fills its models and runners from a (mocked) API server — list
-//! then watch FoundationModels, ProvisionedThroughputs and labelled EndpointSlices — and serves a
-//! request through the runner it found.
+//! then watch FoundationModels, ProvisionedThroughputs, Cells and labelled EndpointSlices — and
+//! serves a request through the runner it found (not the one in a Disabled Cell).
 
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
@@ -40,13 +40,25 @@ fn api_server(
                             "source": {"uri": "s3://m/smollm2.gguf", "format": "gguf"}, "contextLength": 8192}}]})
             } else if uri.starts_with("/apis/mantle.dev/v1alpha1/provisionedthroughputs") {
                 json!({"apiVersion": "mantle.dev/v1alpha1", "kind": "ProvisionedThroughputList", "metadata": {"resourceVersion": "1"}, "items": []})
+            } else if uri.starts_with("/apis/mantle.dev/v1alpha1/cells") {
+                let cell = |name: &str, state: &str| {
+                    json!({"apiVersion": "mantle.dev/v1alpha1", "kind": "Cell",
+                    "metadata": {"name": name, "namespace": "mantle-system", "resourceVersion": "1"},
+                    "spec": {"region": "local", "nodeSelector": {"mantle.dev/cell": name}, "state": state, "shuffleShardSize": 1}})
+                };
+                json!({"apiVersion": "mantle.dev/v1alpha1", "kind": "CellList", "metadata": {"resourceVersion": "1"},
+                    "items": [cell("cell-a", "Active"), cell("cell-b", "Disabled")]})
             } else if uri.starts_with("/apis/discovery.k8s.io/v1/endpointslices") {
+                let slice = |name: &str, cell: &str, address: &str| {
+                    json!({
+                    "metadata": {"name": name, "namespace": "models", "resourceVersion": "1",
+                        "labels": {"mantle.dev/foundation-model": "smollm2", "mantle.dev/cell": cell}},
+                    "addressType": "IPv4",
+                    "endpoints": [{"addresses": [address], "conditions": {"ready": true}}],
+                    "ports": [{"name": "grpc", "port": runner_port, "protocol": "TCP"}]})
+                };
                 json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSliceList", "metadata": {"resourceVersion": "1"},
-                    "items": [{"metadata": {"name": "smollm2-abc", "namespace": "models", "resourceVersion": "1",
-                            "labels": {"mantle.dev/foundation-model": "smollm2", "mantle.dev/cell": "cell-a"}},
-                        "addressType": "IPv4",
-                        "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": true}}],
-                        "ports": [{"name": "grpc", "port": runner_port, "protocol": "TCP"}]}]})
+                    "items": [slice("smollm2-abc", "cell-a", "127.0.0.1"), slice("smollm2-def", "cell-b", "127.0.0.2")]})
             } else {
                 let mut response = Response::new(Body::from("not found"));
                 *response.status_mut() = StatusCode::NOT_FOUND;
@@ -77,9 +89,10 @@ async fn models_and_runners_come_from_the_cluster() {
     }
     let live = inference.live();
     let runners = live.runners.for_model(MODEL);
-    assert_eq!(runners.len(), 1);
+    assert_eq!(runners.len(), 1, "cell-b is Disabled");
     assert_eq!(runners[0].spec.address, format!("http://127.0.0.1:{}", runner.addr.port()));
     assert_eq!(runners[0].spec.cell.as_deref(), Some("cell-a"));
+    assert_eq!(live.cell_shards.get("cell-a"), Some(&1));
     let requests = seen.lock().unwrap().clone();
     assert!(
         requests.iter().any(|r| r.starts_with("/apis/discovery.k8s.io/v1/endpointslices?")
