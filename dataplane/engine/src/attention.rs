@@ -199,7 +199,7 @@ mod x86 {
         stats: &mut [SpanStats],
     ) {
         let Head { layer, queries, kv_head, ref span, scale, .. } = *head;
-        let (hd, positions, bs) = (cache.head_dim(), span.len(), cache.block_size());
+        let (hd, positions) = (cache.head_dim(), span.len());
         let (scores, buf) = scratch.prepare(queries.len() / hd, positions, 8 * hd);
         // Rows `slot..slot + count` of this KV head's keys or values in a block, into `buf`.
         let convert = |data: &[half::f16], slot: usize, count: usize, buf: &mut [f32]| {
@@ -215,14 +215,15 @@ mod x86 {
                 }
             }
         };
-        // The values are needed after all the keys: ask for them now, into L2.
-        for b in span.start / bs..span.end.div_ceil(bs) {
-            prefetch_block::<_MM_HINT_T1>(cache.head(layer, head.blocks[b], kv_head).1);
+        // Keys are asked for AHEAD positions before they are needed, into L1; each run's values
+        // into L2 as its keys are read, so the value pass finds them near; a steady stream of
+        // requests rather than bursts that fill the core's miss buffers.
+        for p in (span.start..span.start + AHEAD).step_by(8) {
+            prefetch_run::<_MM_HINT_T0>(head, cache, p, false);
         }
         for (p, count, block, slot) in runs(head, cache.block_size()) {
-            if slot == 0 {
-                prefetch_next_block(head, cache, p, false);
-            }
+            prefetch_run::<_MM_HINT_T0>(head, cache, p + AHEAD, false);
+            prefetch_run::<_MM_HINT_T1>(head, cache, p, true);
             convert(cache.head(layer, block, kv_head).0, slot, count, buf);
             for (h, query) in queries.chunks_exact(hd).enumerate() {
                 let at = h * positions + p - span.start;
@@ -265,9 +266,7 @@ mod x86 {
         }
         out.fill(0.0);
         for (p, count, block, slot) in runs(head, cache.block_size()) {
-            if slot == 0 {
-                prefetch_next_block(head, cache, p, true);
-            }
+            prefetch_run::<_MM_HINT_T0>(head, cache, p + AHEAD, true);
             convert(cache.head(layer, block, kv_head).1, slot, count, buf);
             for (h, acc) in out.chunks_exact_mut(hd).enumerate() {
                 let at = h * positions + p - span.start;
@@ -288,25 +287,25 @@ mod x86 {
         }
     }
 
-    /// Asks for the keys (or values) of the block after the one holding position `p`, so that
-    /// they arrive while this one is computed: the blocks of a sequence lie anywhere in the
-    /// cache, so the hardware prefetcher cannot guess them.
+    /// How far ahead of its use a key or value row is asked for, in positions.
+    const AHEAD: usize = 32;
+
+    /// Asks for the keys (or values) of the run of positions starting at `p` (at most 8, within
+    /// one block and the span): the blocks of a sequence lie anywhere in the cache, so the
+    /// hardware prefetcher cannot guess them.
     #[inline(always)]
-    fn prefetch_next_block(head: &Head<'_>, cache: &KvCache, p: usize, values: bool) {
-        let bs = cache.block_size();
-        let next = p / bs + 1;
-        if next * bs >= head.span.end {
+    fn prefetch_run<const HINT: i32>(head: &Head<'_>, cache: &KvCache, p: usize, values: bool) {
+        if p >= head.span.end {
             return;
         }
-        let (keys, vals) = cache.head(head.layer, head.blocks[next], head.kv_head);
-        prefetch_block::<_MM_HINT_T0>(if values { vals } else { keys });
-    }
-
-    #[inline(always)]
-    fn prefetch_block<const HINT: i32>(data: &[half::f16]) {
-        for line in (0..std::mem::size_of_val(data)).step_by(64) {
-            // SAFETY: prefetching does not fault; the address is inside `data` anyway.
-            unsafe { _mm_prefetch::<HINT>((data.as_ptr() as *const i8).add(line)) };
+        let (bs, hd) = (cache.block_size(), cache.head_dim());
+        let slot = p % bs;
+        let count = 8.min(bs - slot).min(head.span.end - p);
+        let (keys, vals) = cache.head(head.layer, head.blocks[p / bs], head.kv_head);
+        let rows = &(if values { vals } else { keys })[slot * hd..(slot + count) * hd];
+        for line in (0..std::mem::size_of_val(rows)).step_by(64) {
+            // SAFETY: prefetching does not fault; the address is inside `rows` anyway.
+            unsafe { _mm_prefetch::<HINT>((rows.as_ptr() as *const i8).add(line)) };
         }
     }
 

@@ -20,7 +20,7 @@ use std::path::Path;
 pub use chat::{ChatMessage, ChatTemplate, TemplateFamily};
 pub use embedding::{EmbeddingModel, Embeddings};
 pub use gguf::GgufFile;
-pub use model::{LlamaConfig, LlamaModel, Scratch, Step};
+pub use model::{LlamaConfig, LlamaModel, Logits, Scratch, Step};
 pub use sampling::{Sampled, Sampler, SamplingParams};
 pub use scheduler::{Event, FinishReason, GenerateRequest, Scheduler, SchedulerConfig, SchedulerStats, Usage};
 pub use tokenizer::{IncrementalDecoder, Tokenizer};

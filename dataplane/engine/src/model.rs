@@ -126,6 +126,45 @@ pub struct Scratch {
     up: Vec<f32>,
     xq: Vec<BlockQ8>,
     attention: AttentionBuffers,
+    logits: Vec<f32>,
+}
+
+/// The logits of a forward pass: one row of vocabulary-size values per step that asked for
+/// them, in step order; borrowed from the [`Scratch`] until its next pass.
+pub struct Logits<'a> {
+    values: &'a [f32],
+    vocab: usize,
+}
+
+impl<'a> Logits<'a> {
+    pub fn len(&self) -> usize {
+        self.values.len() / self.vocab
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+
+    pub fn iter(&self) -> std::slice::ChunksExact<'a, f32> {
+        self.values.chunks_exact(self.vocab)
+    }
+}
+
+impl<'a> IntoIterator for &Logits<'a> {
+    type Item = &'a [f32];
+    type IntoIter = std::slice::ChunksExact<'a, f32>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}
+
+impl std::ops::Index<usize> for Logits<'_> {
+    type Output = [f32];
+
+    fn index(&self, i: usize) -> &[f32] {
+        &self.values[i * self.vocab..(i + 1) * self.vocab]
+    }
 }
 
 /// Attention's output, and its per-span outputs and statistics before they are merged.
@@ -208,8 +247,9 @@ impl LlamaModel {
 
     /// Runs the steps, writing their keys and values into `cache`, and returns the logits of each
     /// step that asked for them, in step order.
-    pub fn forward(&self, steps: &[Step<'_>], cache: &mut KvCache, s: &mut Scratch) -> Vec<Vec<f32>> {
-        self.pool.install(|| self.forward_in_pool(steps, cache, s))
+    pub fn forward<'s>(&self, steps: &[Step<'_>], cache: &mut KvCache, s: &'s mut Scratch) -> Logits<'s> {
+        self.pool.install(|| self.forward_in_pool(steps, cache, s));
+        Logits { values: &s.logits, vocab: self.config.vocab }
     }
 
     /// Threads the forward pass uses.
@@ -217,7 +257,8 @@ impl LlamaModel {
         self.pool.current_num_threads()
     }
 
-    fn forward_in_pool(&self, steps: &[Step<'_>], cache: &mut KvCache, s: &mut Scratch) -> Vec<Vec<f32>> {
+    /// The forward pass, leaving the logits in `s.logits`.
+    fn forward_in_pool(&self, steps: &[Step<'_>], cache: &mut KvCache, s: &mut Scratch) {
         let c = &self.config;
         let (e, kv_dim, hd) = (c.n_embd, c.kv_dim(), c.head_dim);
         // (step, position) of every token in the batch.
@@ -274,13 +315,11 @@ impl LlamaModel {
             }
         }
         if last.is_empty() {
-            return Vec::new();
+            return s.logits.clear();
         }
         rms_norm(&last, &self.output_norm, c.rms_eps, &mut s.h);
         quantize_rows(&s.h, e, &mut s.xq);
-        let mut logits = Vec::new();
-        self.output.matmul(&s.xq, &mut logits);
-        logits.chunks_exact(c.vocab).map(<[f32]>::to_vec).collect()
+        self.output.matmul(&s.xq, &mut s.logits);
     }
 
     /// Rotates each head's adjacent pairs by the angles of `pos`.

@@ -290,7 +290,7 @@ fn batched_products(batched: x86::BatchKernels, matrices: &[&QMatrix], x: &[Bloc
     let mut shared = Vec::with_capacity(matrices.len());
     let mut tasks = Vec::new();
     for (i, (m, out)) in matrices.iter().zip(outs.iter_mut()).enumerate() {
-        out.clear();
+        // Every value is written below: only new room needs zeroing.
         out.resize(tokens * m.rows, 0.0);
         shared.push(SharedOut(out.as_mut_ptr()));
         tasks.extend((0..m.packed().groups().div_ceil(GROUPS_PER_TASK)).map(|task| (i, task)));

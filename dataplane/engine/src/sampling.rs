@@ -42,10 +42,7 @@ impl Sampler {
     }
 
     pub fn sample(&mut self, logits: &[f32]) -> Sampled {
-        let (argmax, max) = logits
-            .iter()
-            .enumerate()
-            .fold((0, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best });
+        let (argmax, max) = argmax(logits);
         let log_z = max + crate::vmath::sum_exp(logits, max).ln();
         let logprob = |i: usize| logits[i] - log_z;
         if self.params.temperature <= 0.0 {
@@ -82,6 +79,26 @@ impl Sampler {
     }
 }
 
+/// The first position of the largest value and that value (NaNs are passed over; `(0, -inf)` when
+/// there is nothing else). Written as fixed-width lane loops, which the compiler vectorises: a
+/// whole vocabulary per sampled token otherwise costs a one-value-a-cycle dependency chain.
+fn argmax(x: &[f32]) -> (usize, f32) {
+    const LANES: usize = 16;
+    let larger = |a: f32, b: f32| if b > a { b } else { a };
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (m, &v) in lanes.iter_mut().zip(chunk) {
+            *m = larger(*m, v);
+        }
+    }
+    let max = lanes.iter().chain(tail).fold(f32::NEG_INFINITY, |m, &v| larger(m, v));
+    let chunk = x.chunks(LANES).position(|c| c.iter().fold(false, |found, &v| found | (v == max))).unwrap_or(0);
+    let at = x[chunk * LANES..].iter().position(|&v| v == max).map_or(0, |i| chunk * LANES + i);
+    (at, max)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -106,6 +123,26 @@ mod tests {
         let mut greedy = Sampler::new(SamplingParams { temperature: 1.0, top_k: 1, ..Default::default() });
         let best = Sampler::new(SamplingParams::default()).sample(&logits).token;
         assert!((0..10).all(|_| greedy.sample(&logits).token == best));
+    }
+
+    #[test]
+    fn argmax_finds_the_first_largest_value_anywhere() {
+        for n in [1, 15, 16, 17, 100, 49_152] {
+            for at in [0, n / 3, n - 1] {
+                let mut x: Vec<f32> = (0..n).map(|i| ((i * 37) % 101) as f32 / 100.0 - 2.0).collect();
+                x[at] = 3.0;
+                if n > 1 {
+                    x[n - 1 - (at == n - 1) as usize] = f32::NAN;
+                }
+                assert_eq!(argmax(&x), (at, 3.0), "n {n}, at {at}");
+                if at + 1 < n && !x[at + 1].is_nan() {
+                    x[at + 1] = 3.0;
+                    assert_eq!(argmax(&x).0, at, "the first of equals");
+                }
+            }
+        }
+        assert_eq!(argmax(&[]), (0, f32::NEG_INFINITY));
+        assert_eq!(argmax(&[f32::NAN, f32::NAN]), (0, f32::NEG_INFINITY));
     }
 
     #[test]

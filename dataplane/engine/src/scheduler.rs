@@ -329,9 +329,9 @@ impl Scheduler {
             })
             .collect();
         let logits = self.model.model.forward(&steps, &mut self.cache, &mut self.scratch);
-        let mut logits = logits.into_iter();
-        let mut events = Vec::new();
-        let mut finished = Vec::new();
+        // Sample while the logits are borrowed from the scratch, then emit.
+        let mut rows = logits.iter();
+        let mut sampled = Vec::new();
         for &(i, n) in &plan {
             let seq = &mut self.running[i];
             seq.computed += n;
@@ -339,11 +339,15 @@ impl Scheduler {
             if seq.computed < seq.tokens.len() {
                 continue;
             }
-            let Some(l) = logits.next() else { continue };
-            let sampled = seq.sampler.sample(&l);
-            seq.tokens.push(sampled.token);
+            let Some(l) = rows.next() else { continue };
+            sampled.push((i, seq.sampler.sample(l)));
+        }
+        let mut events = Vec::new();
+        let mut finished = Vec::new();
+        for (i, s) in sampled {
+            self.running[i].tokens.push(s.token);
             self.generated_tokens += 1;
-            if let Some(event) = self.finish_or_emit(i, sampled.token, sampled.logprob, &mut events) {
+            if let Some(event) = self.finish_or_emit(i, s.token, s.logprob, &mut events) {
                 finished.push((i, event));
             }
         }

@@ -104,14 +104,12 @@ fn a_batch_of_sequences_gives_the_same_logits_as_each_alone() {
             let mut cache = KvCache::new(c.n_layer, c.n_head_kv, c.head_dim, 16, 8);
             let mut table = BlockTable::default();
             table.reserve(&mut cache, p.len()).unwrap();
-            model
-                .model
-                .forward(
-                    &[Step { tokens: p, start: 0, blocks: table.blocks(), logits: true }],
-                    &mut cache,
-                    &mut scratch,
-                )
-                .remove(0)
+            model.model.forward(
+                &[Step { tokens: p, start: 0, blocks: table.blocks(), logits: true }],
+                &mut cache,
+                &mut scratch,
+            )[0]
+            .to_vec()
         })
         .collect();
     let mut cache = KvCache::new(c.n_layer, c.n_head_kv, c.head_dim, 16, 8);
