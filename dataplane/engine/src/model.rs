@@ -18,7 +18,7 @@ use crate::EngineError;
 use crate::attention::{AttendScratch, Head, SPAN, SpanStats, attend, merge};
 use crate::gguf::GgufFile;
 use crate::kv_cache::KvCache;
-use crate::quant::{BlockQ8, QMatrix, quantize_rows};
+use crate::quant::{BLOCK, BlockQ8, QMatrix, quantize_row};
 
 /// The hyper-parameters read from GGUF metadata.
 #[derive(Debug, Clone, PartialEq)]
@@ -117,7 +117,6 @@ pub struct Step<'a> {
 #[derive(Default)]
 pub struct Scratch {
     x: Vec<f32>,
-    h: Vec<f32>,
     q: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
@@ -272,15 +271,18 @@ impl LlamaModel {
             self.token_embd.dequantize_row(id as usize, row);
         }
 
+        // Each step between two matrix products is one parallel pass over the tokens (the
+        // residual add, the norm and the quantization together; the gated activation and its
+        // quantization; attention's merge and its quantization), so the worker threads are not
+        // left idle, and put to sleep, by serial work between products.
         for (li, layer) in self.layers.iter().enumerate() {
-            rms_norm(&s.x, &layer.attn_norm, c.rms_eps, &mut s.h);
-            quantize_rows(&s.h, e, &mut s.xq);
+            // The previous layer's feed-forward output joins the residual stream here.
+            let residual = (li > 0).then_some(&s.proj[..]);
+            add_norm_quantize(&mut s.x, residual, &layer.attn_norm, c.rms_eps, &mut s.xq);
             QMatrix::matmul_all(&[&layer.wq, &layer.wk, &layer.wv], &s.xq, &mut [&mut s.q, &mut s.k, &mut s.v]);
-            for (t, &(_, pos)) in tokens.iter().enumerate() {
+            for (t, &(si, pos)) in tokens.iter().enumerate() {
                 self.rope(&mut s.q[t * c.n_head * hd..(t + 1) * c.n_head * hd], pos);
                 self.rope(&mut s.k[t * kv_dim..(t + 1) * kv_dim], pos);
-            }
-            for (t, &(si, pos)) in tokens.iter().enumerate() {
                 let blocks = steps[si].blocks;
                 let bs = cache.block_size();
                 cache.write(
@@ -291,34 +293,31 @@ impl LlamaModel {
                     &s.v[t * kv_dim..(t + 1) * kv_dim],
                 );
             }
-            self.attention(li, steps, &tokens, cache, &s.q, &mut s.attention);
-            quantize_rows(&s.attention.out, e, &mut s.xq);
+            self.attention(li, steps, &tokens, cache, &s.q, &mut s.attention, &mut s.xq);
             layer.wo.matmul(&s.xq, &mut s.proj);
-            add_in_place(&mut s.x, &s.proj);
-
-            rms_norm(&s.x, &layer.ffn_norm, c.rms_eps, &mut s.h);
-            quantize_rows(&s.h, e, &mut s.xq);
+            add_norm_quantize(&mut s.x, Some(&s.proj), &layer.ffn_norm, c.rms_eps, &mut s.xq);
             QMatrix::matmul_all(&[&layer.gate, &layer.up], &s.xq, &mut [&mut s.gate, &mut s.up]);
-            s.gate.par_chunks_mut(4096).zip(s.up.par_chunks(4096)).for_each(|(g, u)| crate::vmath::silu_mul(g, u));
-            quantize_rows(&s.gate, c.n_ff, &mut s.xq);
+            silu_quantize(&mut s.gate, &s.up, c.n_ff, &mut s.xq);
             layer.down.matmul(&s.xq, &mut s.proj);
-            add_in_place(&mut s.x, &s.proj);
         }
-
-        // Logits only for the last token of the steps that want them.
+        // Logits only for the last token of the steps that want them; the last layer's
+        // feed-forward output joins the residual stream here, for those tokens only.
         let mut last = Vec::new();
         let mut offset = 0;
         for st in steps {
             offset += st.tokens.len();
             if st.logits {
-                last.extend_from_slice(&s.x[(offset - 1) * e..offset * e]);
+                let (at, rows) = (last.len(), (offset - 1) * e..offset * e);
+                last.extend_from_slice(&s.x[rows.clone()]);
+                if let Some(proj) = s.proj.get(rows).filter(|_| !self.layers.is_empty()) {
+                    add_in_place(&mut last[at..], proj);
+                }
             }
         }
         if last.is_empty() {
             return s.logits.clear();
         }
-        rms_norm(&last, &self.output_norm, c.rms_eps, &mut s.h);
-        quantize_rows(&s.h, e, &mut s.xq);
+        add_norm_quantize(&mut last, None, &self.output_norm, c.rms_eps, &mut s.xq);
         self.output.matmul(&s.xq, &mut s.logits);
     }
 
@@ -336,7 +335,8 @@ impl LlamaModel {
         }
     }
 
-    /// Causal attention of every batch token over its own sequence, into `buffers.out`. One task
+    /// Causal attention of every batch token over its own sequence, into `buffers.out` and,
+    /// quantized, `xq` (the input of the output projection). One task
     /// per (token, KV head, span of at most [`SPAN`] positions) serves the query heads that share
     /// that KV head, so each cached key and value is read once per task rather than once per
     /// query head; a long context's spans run in parallel and are merged.
@@ -348,6 +348,7 @@ impl LlamaModel {
         cache: &KvCache,
         q: &[f32],
         buffers: &mut AttentionBuffers,
+        xq: &mut Vec<BlockQ8>,
     ) {
         let c = &self.config;
         let (hd, group) = (c.head_dim, c.n_head / c.n_head_kv);
@@ -382,14 +383,45 @@ impl LlamaModel {
                 attend(&head, cache, worker, o, st, wide);
             },
         );
-        // Each (token, KV head)'s spans into its output.
-        let mut first = 0;
-        for (i, o) in out.chunks_exact_mut(width).enumerate() {
-            let n = tasks[first..].iter().take_while(|(t, g, _)| t * c.n_head_kv + g == i).count();
-            merge(&spans[first * width..(first + n) * width], &stats[first * group..(first + n) * group], o);
-            first += n;
-        }
+        // Each token's (KV head, spans) into its output row, then quantized; the tasks of token
+        // t are `first[t]..first[t + 1]`, in KV head order.
+        let first: Vec<usize> =
+            (0..=tokens.len()).map(|t| tasks.partition_point(|(task_token, _, _)| *task_token < t)).collect();
+        let row = c.n_head * hd;
+        xq.resize(out.len() / BLOCK, BlockQ8::default());
+        out.par_chunks_mut(row).zip(xq.par_chunks_mut(row / BLOCK)).enumerate().for_each(|(t, (o, q))| {
+            let mut at = first[t];
+            for (g, o) in o.chunks_exact_mut(width).enumerate() {
+                let n = tasks[at..first[t + 1]].iter().take_while(|(_, task_g, _)| *task_g == g).count();
+                merge(&spans[at * width..(at + n) * width], &stats[at * group..(at + n) * group], o);
+                at += n;
+            }
+            quantize_row(o, q);
+        });
     }
+}
+
+/// Per token row, in parallel: `x += residual` (when there is one), then the row RMS-normalised,
+/// scaled by `weight` and quantized into `xq`.
+fn add_norm_quantize(x: &mut [f32], residual: Option<&[f32]>, weight: &[f32], eps: f32, xq: &mut Vec<BlockQ8>) {
+    let e = weight.len();
+    xq.resize(x.len() / BLOCK, BlockQ8::default());
+    x.par_chunks_mut(e).zip(xq.par_chunks_mut(e / BLOCK)).enumerate().for_each_init(Vec::new, |h, (t, (row, q))| {
+        if let Some(residual) = residual {
+            add_in_place(row, &residual[t * e..(t + 1) * e]);
+        }
+        rms_norm(row, weight, eps, h);
+        quantize_row(h, q);
+    });
+}
+
+/// Per token row of `n_ff` values, in parallel: `gate = silu(gate) * up`, quantized into `xq`.
+fn silu_quantize(gate: &mut [f32], up: &[f32], n_ff: usize, xq: &mut Vec<BlockQ8>) {
+    xq.resize(gate.len() / BLOCK, BlockQ8::default());
+    gate.par_chunks_mut(n_ff).zip(up.par_chunks(n_ff)).zip(xq.par_chunks_mut(n_ff / BLOCK)).for_each(|((g, u), q)| {
+        crate::vmath::silu_mul(g, u);
+        quantize_row(g, q);
+    });
 }
 
 fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut Vec<f32>) {
