@@ -293,7 +293,7 @@ impl LlamaModel {
                     &s.v[t * kv_dim..(t + 1) * kv_dim],
                 );
             }
-            self.attention(li, steps, &tokens, cache, &s.q, &mut s.attention, &mut s.xq);
+            self.attention(li, steps, &tokens, cache, s);
             layer.wo.matmul(&s.xq, &mut s.proj);
             add_norm_quantize(&mut s.x, Some(&s.proj), &layer.ffn_norm, c.rms_eps, &mut s.xq);
             QMatrix::matmul_all(&[&layer.gate, &layer.up], &s.xq, &mut [&mut s.gate, &mut s.up]);
@@ -335,26 +335,17 @@ impl LlamaModel {
         }
     }
 
-    /// Causal attention of every batch token over its own sequence, into `buffers.out` and,
-    /// quantized, `xq` (the input of the output projection). One task
+    /// Causal attention of the queries `s.q` of every batch token over its own sequence, into
+    /// `s.attention.out` and, quantized, `s.xq` (the input of the output projection). One task
     /// per (token, KV head, span of at most [`SPAN`] positions) serves the query heads that share
     /// that KV head, so each cached key and value is read once per task rather than once per
     /// query head; a long context's spans run in parallel and are merged.
-    fn attention(
-        &self,
-        layer: usize,
-        steps: &[Step<'_>],
-        tokens: &[(usize, usize)],
-        cache: &KvCache,
-        q: &[f32],
-        buffers: &mut AttentionBuffers,
-        xq: &mut Vec<BlockQ8>,
-    ) {
+    fn attention(&self, layer: usize, steps: &[Step<'_>], tokens: &[(usize, usize)], cache: &KvCache, s: &mut Scratch) {
+        let Scratch { q, attention: AttentionBuffers { out, spans, stats }, xq, .. } = s;
         let c = &self.config;
         let (hd, group) = (c.head_dim, c.n_head / c.n_head_kv);
         let width = group * hd;
         let scale = 1.0 / (hd as f32).sqrt();
-        let AttentionBuffers { out, spans, stats } = buffers;
         out.resize(tokens.len() * c.n_head * hd, 0.0);
         // Tasks (token, KV head, span), spans of a (token, KV head) consecutive. Query heads
         // h of a KV head g are g*group .. (g+1)*group, contiguous in q and out.
