@@ -264,6 +264,10 @@ mod x86 {
             // SAFETY: the caller's CPU features.
             *stats = unsafe { softmax(row) };
         }
+        if hd == WIDE_HEAD && wide_values_supported() {
+            // SAFETY: the CPU has AVX-512F (checked); the rows are `WIDE_HEAD` wide.
+            return unsafe { weighted_values_avx512(head, cache, scores, out) };
+        }
         out.fill(0.0);
         for (p, count, block, slot) in runs(head, cache.block_size()) {
             prefetch_run::<_MM_HINT_T0>(head, cache, p + AHEAD, true);
@@ -283,6 +287,84 @@ mod x86 {
                         _mm256_storeu_ps(acc.as_mut_ptr().add(c), sum);
                     }
                 }
+            }
+        }
+    }
+
+    /// The head width the AVX-512 value pass is written for.
+    const WIDE_HEAD: usize = 64;
+
+    fn wide_values_supported() -> bool {
+        static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *SUPPORTED.get_or_init(|| {
+            is_x86_feature_detected!("avx512f") && std::env::var("MANTLE_KERNELS").as_deref() != Ok("avx2")
+        })
+    }
+
+    /// `out[h] = sum over the span's positions p of weights[h][p] × value[p]` for the group's
+    /// query heads, with AVX-512: up to 4 heads at a time keep their sums in registers (4 × 16
+    /// lanes each) through the whole span, and each cached value row is converted once and
+    /// used by all of them, rather than sums loaded and stored per run and rows read once per
+    /// head.
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn weighted_values_avx512(head: &Head<'_>, cache: &KvCache, weights: &[f32], out: &mut [f32]) {
+        let heads = out.len() / WIDE_HEAD;
+        let positions = head.span.len();
+        for h0 in (0..heads).step_by(4) {
+            let (weights, out) = (&weights[h0 * positions..], &mut out[h0 * WIDE_HEAD..]);
+            let first = h0 == 0;
+            // SAFETY: the caller's CPU features; `weights` holds a row of `positions` per head
+            // and `out` `WIDE_HEAD` values per head, for each head of the pass.
+            unsafe {
+                match heads - h0 {
+                    1 => values_pass::<1>(head, cache, weights, out, first),
+                    2 => values_pass::<2>(head, cache, weights, out, first),
+                    3 => values_pass::<3>(head, cache, weights, out, first),
+                    _ => values_pass::<4>(head, cache, weights, out, first),
+                }
+            }
+        }
+    }
+
+    /// [`weighted_values_avx512`] for `H` heads, whose weight rows start `weights` and sums `out`;
+    /// `prefetch`: ask for the rows ahead (the first pass over the span).
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn values_pass<const H: usize>(
+        head: &Head<'_>,
+        cache: &KvCache,
+        weights: &[f32],
+        out: &mut [f32],
+        prefetch: bool,
+    ) {
+        let positions = head.span.len();
+        assert!(weights.len() >= (H - 1) * positions + positions && out.len() >= H * WIDE_HEAD);
+        let mut acc = [[_mm512_setzero_ps(); 4]; H];
+        for (p, count, block, slot) in runs(head, cache.block_size()) {
+            if prefetch {
+                prefetch_run::<_MM_HINT_T0>(head, cache, p + AHEAD, true);
+            }
+            let rows = cache.head(head.layer, block, head.kv_head).1;
+            assert!((slot + count) * WIDE_HEAD <= rows.len());
+            for i in 0..count {
+                // SAFETY: row `slot + i` lies inside `rows` (asserted); the weight index is
+                // below `positions` for each of the H heads (asserted above).
+                unsafe {
+                    let src = rows.as_ptr().add((slot + i) * WIDE_HEAD) as *const __m256i;
+                    let v = [0, 1, 2, 3].map(|c| _mm512_cvtph_ps(_mm256_loadu_si256(src.add(c))));
+                    let at = p - head.span.start + i;
+                    for (h, acc) in acc.iter_mut().enumerate() {
+                        let w = _mm512_set1_ps(*weights.get_unchecked(h * positions + at));
+                        for (a, v) in acc.iter_mut().zip(v) {
+                            *a = _mm512_fmadd_ps(w, v, *a);
+                        }
+                    }
+                }
+            }
+        }
+        for (h, acc) in acc.iter().enumerate() {
+            for (c, a) in acc.iter().enumerate() {
+                // SAFETY: inside `out` (asserted above).
+                unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(h * WIDE_HEAD + c * 16), *a) };
             }
         }
     }
@@ -337,10 +419,18 @@ mod x86 {
 mod tests {
     use super::*;
 
-    /// The vectorised path against the portable one, over block boundaries and partial runs.
+    /// The vectorised paths against the portable one, over block boundaries and partial runs,
+    /// for a narrow head (AVX2 only) and a 64-wide one (AVX-512 value pass where the CPU has
+    /// it) with 5 query heads per KV head (a pass of 4 heads and one of 1).
     #[test]
     fn both_paths_attend_alike() {
-        let (hd, heads, kv_heads, bs) = (16, 2, 2, 4);
+        for (hd, heads) in [(16, 2), (64, 5)] {
+            attend_alike(hd, heads);
+        }
+    }
+
+    fn attend_alike(hd: usize, heads: usize) {
+        let (kv_heads, bs) = (2, 4);
         let kv_dim = kv_heads * hd;
         let mut cache = KvCache::new(1, kv_heads, hd, bs, 8);
         let blocks = [5u32, 2, 7, 0, 3];
@@ -365,14 +455,17 @@ mod tests {
         for positions in [1, 3, 8, 9, 17, 19] {
             let (portable, portable_stats) = run(0..positions, false);
             let (wide, wide_stats) = run(0..positions, wide_supported());
-            close(&portable, &wide, &format!("{positions} positions"));
+            close(&portable, &wide, &format!("{hd} wide, {positions} positions"));
             for (a, b) in portable_stats.iter().zip(&wide_stats) {
                 assert!((a.max - b.max).abs() < 1e-5 && (a.sum - b.sum).abs() < 1e-4, "{a:?} vs {b:?}");
             }
             if positions == 1 {
                 // One position: softmax weight 1, the output is that position's value.
                 let expected: Vec<f32> = (hd..2 * hd).map(|i| half::f16::from_f32(value(3, i)).to_f32()).collect();
-                assert_eq!(&portable[..hd], &expected[..]);
+                for h in 0..heads {
+                    assert_eq!(&portable[h * hd..(h + 1) * hd], &expected[..]);
+                    assert_eq!(&wide[h * hd..(h + 1) * hd], &expected[..]);
+                }
             }
         }
         // Spans (starting mid-block, mid-run) merged give the whole.
