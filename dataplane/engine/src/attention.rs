@@ -221,9 +221,18 @@ mod x86 {
         for p in (span.start..span.start + AHEAD).step_by(8) {
             prefetch_run::<_MM_HINT_T0>(head, cache, p, false);
         }
+        let wide = hd == WIDE_HEAD && wide_values_supported();
         for (p, count, block, slot) in runs(head, cache.block_size()) {
             prefetch_run::<_MM_HINT_T0>(head, cache, p + AHEAD, false);
             prefetch_run::<_MM_HINT_T1>(head, cache, p, true);
+            if wide && count == 8 {
+                let at = p - span.start;
+                // SAFETY: AVX-512F is there (`wide`); the heads are `WIDE_HEAD` wide.
+                unsafe {
+                    eight_scores_avx512(cache.head(layer, block, kv_head).0, slot, queries, buf, scores, at, scale)
+                };
+                continue;
+            }
             convert(cache.head(layer, block, kv_head).0, slot, count, buf);
             for (h, query) in queries.chunks_exact(hd).enumerate() {
                 let at = h * positions + p - span.start;
@@ -244,19 +253,7 @@ mod x86 {
                             *acc = _mm256_fmadd_ps(q, _mm256_loadu_ps(buf.as_ptr().add(i * hd + c)), *acc);
                         }
                     }
-                    let pairs = [
-                        _mm256_hadd_ps(acc[0], acc[1]),
-                        _mm256_hadd_ps(acc[2], acc[3]),
-                        _mm256_hadd_ps(acc[4], acc[5]),
-                        _mm256_hadd_ps(acc[6], acc[7]),
-                    ];
-                    // [0..3 of the low halves, 0..3 of the high halves], then halves added.
-                    let (low, high) = (_mm256_hadd_ps(pairs[0], pairs[1]), _mm256_hadd_ps(pairs[2], pairs[3]));
-                    let sums = _mm256_add_ps(
-                        _mm256_permute2f128_ps::<0x20>(low, high),
-                        _mm256_permute2f128_ps::<0x31>(low, high),
-                    );
-                    _mm256_storeu_ps(scores.as_mut_ptr(), _mm256_mul_ps(sums, _mm256_set1_ps(scale)));
+                    _mm256_storeu_ps(scores.as_mut_ptr(), _mm256_mul_ps(eight_sums(acc), _mm256_set1_ps(scale)));
                 }
             }
         }
@@ -264,7 +261,7 @@ mod x86 {
             // SAFETY: the caller's CPU features.
             *stats = unsafe { softmax(row) };
         }
-        if hd == WIDE_HEAD && wide_values_supported() {
+        if wide {
             // SAFETY: the CPU has AVX-512F (checked); the rows are `WIDE_HEAD` wide.
             return unsafe { weighted_values_avx512(head, cache, scores, out) };
         }
@@ -369,6 +366,64 @@ mod x86 {
         }
     }
 
+    /// The sums of each of 8 vectors, in order.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    fn eight_sums(acc: [__m256; 8]) -> __m256 {
+        let pairs = [
+            _mm256_hadd_ps(acc[0], acc[1]),
+            _mm256_hadd_ps(acc[2], acc[3]),
+            _mm256_hadd_ps(acc[4], acc[5]),
+            _mm256_hadd_ps(acc[6], acc[7]),
+        ];
+        // [0..3 of the low halves, 0..3 of the high halves], then halves added.
+        let (low, high) = (_mm256_hadd_ps(pairs[0], pairs[1]), _mm256_hadd_ps(pairs[2], pairs[3]));
+        _mm256_add_ps(_mm256_permute2f128_ps::<0x20>(low, high), _mm256_permute2f128_ps::<0x31>(low, high))
+    }
+
+    /// The scores of 8 cached keys (rows `slot..slot + 8` of `keys`) for each query head, into
+    /// `scores[h * positions + at..][..8]` (`positions` = `scores.len()` / heads), with AVX-512:
+    /// the keys converted once into `buf`, then per head 4 × 8 fused multiply-adds 16 wide and
+    /// one reduction of the 8 sums.
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn eight_scores_avx512(
+        keys: &[half::f16],
+        slot: usize,
+        queries: &[f32],
+        buf: &mut [f32],
+        scores: &mut [f32],
+        at: usize,
+        scale: f32,
+    ) {
+        const W: usize = WIDE_HEAD;
+        let heads = queries.len() / W;
+        let positions = scores.len() / heads;
+        assert!((slot + 8) * W <= keys.len() && buf.len() >= 8 * W && at + 8 <= positions);
+        // SAFETY: the reads and writes stay inside `keys`, `buf`, `queries` and `scores`
+        // (asserted above).
+        unsafe {
+            let src = keys.as_ptr().add(slot * W) as *const __m256i;
+            for v in 0..8 * W / 16 {
+                _mm512_storeu_ps(buf.as_mut_ptr().add(v * 16), _mm512_cvtph_ps(_mm256_loadu_si256(src.add(v))));
+            }
+            for (h, query) in queries.chunks_exact(W).enumerate() {
+                let q = [0, 1, 2, 3].map(|c| _mm512_loadu_ps(query.as_ptr().add(c * 16)));
+                let mut acc = [_mm512_setzero_ps(); 8];
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    for (c, q) in q.iter().enumerate() {
+                        *acc = _mm512_fmadd_ps(*q, _mm512_loadu_ps(buf.as_ptr().add(i * W + c * 16)), *acc);
+                    }
+                }
+                let halves = acc.map(|a| {
+                    let high = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(a)));
+                    _mm256_add_ps(_mm512_castps512_ps256(a), high)
+                });
+                let sums = _mm256_mul_ps(eight_sums(halves), _mm256_set1_ps(scale));
+                _mm256_storeu_ps(scores.as_mut_ptr().add(h * positions + at), sums);
+            }
+        }
+    }
+
     /// How far ahead of its use a key or value row is asked for, in positions.
     const AHEAD: usize = 32;
 
@@ -420,17 +475,18 @@ mod tests {
     use super::*;
 
     /// The vectorised paths against the portable one, over block boundaries and partial runs,
-    /// for a narrow head (AVX2 only) and a 64-wide one (AVX-512 value pass where the CPU has
-    /// it) with 5 query heads per KV head (a pass of 4 heads and one of 1).
+    /// for a narrow head (AVX2 only) and a 64-wide one (AVX-512 where the CPU has it) with 5
+    /// query heads per KV head (value passes of 4 heads and of 1), in blocks of 4 (runs of 4
+    /// keys at most) and of 16 (whole runs of 8).
     #[test]
     fn both_paths_attend_alike() {
-        for (hd, heads) in [(16, 2), (64, 5)] {
-            attend_alike(hd, heads);
+        for (hd, heads, bs) in [(16, 2, 4), (64, 5, 4), (64, 5, 16)] {
+            attend_alike(hd, heads, bs);
         }
     }
 
-    fn attend_alike(hd: usize, heads: usize) {
-        let (kv_heads, bs) = (2, 4);
+    fn attend_alike(hd: usize, heads: usize, bs: usize) {
+        let kv_heads = 2;
         let kv_dim = kv_heads * hd;
         let mut cache = KvCache::new(1, kv_heads, hd, bs, 8);
         let blocks = [5u32, 2, 7, 0, 3];
