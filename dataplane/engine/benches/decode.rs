@@ -52,7 +52,8 @@ fn main() {
         let mut logits = model.model.forward(&steps, &mut cache, &mut scratch);
         let ttft = start.elapsed();
         let decode_start = Instant::now();
-        let mut next: Vec<u32> = logits.iter().zip(&mut samplers).map(|(l, s)| s.sample(l).token).collect();
+        let mut next: Vec<u32> =
+            model.model.sample(&logits, &mut samplers.iter_mut().collect::<Vec<_>>()).iter().map(|s| s.token).collect();
         for i in 1..tokens {
             let pos = prompt.len() + i - 1;
             let steps: Vec<Step> = tables
@@ -66,7 +67,12 @@ fn main() {
                 })
                 .collect();
             logits = model.model.forward(&steps, &mut cache, &mut scratch);
-            next = logits.iter().zip(&mut samplers).map(|(l, s)| s.sample(l).token).collect();
+            next = model
+                .model
+                .sample(&logits, &mut samplers.iter_mut().collect::<Vec<_>>())
+                .iter()
+                .map(|s| s.token)
+                .collect();
         }
         let decode = decode_start.elapsed().as_secs_f64();
         let rate = (n * (tokens - 1)) as f64 / decode;

@@ -19,6 +19,7 @@ use crate::attention::{AttendScratch, Head, SPAN, SpanStats, attend, merge};
 use crate::gguf::GgufFile;
 use crate::kv_cache::KvCache;
 use crate::quant::{BLOCK, BlockQ8, QMatrix, quantize_row};
+use crate::sampling::{Sampled, Sampler};
 
 /// The hyper-parameters read from GGUF metadata.
 #[derive(Debug, Clone, PartialEq)]
@@ -249,6 +250,20 @@ impl LlamaModel {
     pub fn forward<'s>(&self, steps: &[Step<'_>], cache: &mut KvCache, s: &'s mut Scratch) -> Logits<'s> {
         self.pool.install(|| self.forward_in_pool(steps, cache, s));
         Logits { values: &s.logits, vocab: self.config.vocab }
+    }
+
+    /// Samples the next token of each step that asked for logits, `samplers[i]` from row `i`,
+    /// in parallel on the engine's threads (a vocabulary-wide pass per sequence adds up in a
+    /// large batch).
+    pub fn sample(&self, logits: &Logits<'_>, samplers: &mut [&mut Sampler]) -> Vec<Sampled> {
+        assert_eq!(logits.len(), samplers.len(), "one sampler per row of logits");
+        self.pool.install(|| {
+            samplers
+                .par_iter_mut()
+                .zip(logits.values.par_chunks_exact(logits.vocab))
+                .map(|(s, l)| s.sample(l))
+                .collect()
+        })
     }
 
     /// Threads the forward pass uses.

@@ -329,22 +329,22 @@ impl Scheduler {
             })
             .collect();
         let logits = self.model.model.forward(&steps, &mut self.cache, &mut self.scratch);
-        // Sample while the logits are borrowed from the scratch, then emit.
-        let mut rows = logits.iter();
-        let mut sampled = Vec::new();
+        // The sequences whose logits came back, in step order; each samples its next token.
+        let mut sampling = Vec::new();
         for &(i, n) in &plan {
             let seq = &mut self.running[i];
             seq.computed += n;
             seq.table.register_full(&mut self.cache, &seq.tokens, seq.computed);
-            if seq.computed < seq.tokens.len() {
-                continue;
+            if seq.computed == seq.tokens.len() {
+                sampling.push(i);
             }
-            let Some(l) = rows.next() else { continue };
-            sampled.push((i, seq.sampler.sample(l)));
         }
+        let mut samplers: Vec<Option<&mut Sampler>> = self.running.iter_mut().map(|s| Some(&mut s.sampler)).collect();
+        let mut samplers: Vec<&mut Sampler> = sampling.iter().filter_map(|&i| samplers[i].take()).collect();
+        let sampled = self.model.model.sample(&logits, &mut samplers);
         let mut events = Vec::new();
         let mut finished = Vec::new();
-        for (i, s) in sampled {
+        for (&i, s) in sampling.iter().zip(sampled) {
             self.running[i].tokens.push(s.token);
             self.generated_tokens += 1;
             if let Some(event) = self.finish_or_emit(i, s.token, s.logprob, &mut events) {
