@@ -311,9 +311,17 @@ fn batched_products(batched: x86::BatchKernels, matrices: &[&QMatrix], x: &[Bloc
                 batched.product(packed, g, x, t0, n, &mut tile);
                 let (r0, valid) = (g * x86::ROWS, x86::ROWS.min(rows - g * x86::ROWS));
                 for (j, values) in tile[..n].iter().enumerate() {
+                    let to = (t0 + j) * rows + r0;
                     // SAFETY: `out` holds tokens × rows values and this writes rows
-                    // `r0..r0 + valid` of token `t0 + j`, which only this task owns.
-                    unsafe { std::ptr::copy_nonoverlapping(values.as_ptr(), out.0.add((t0 + j) * rows + r0), valid) };
+                    // `r0..r0 + valid` of token `t0 + j`, which only this task owns. A whole
+                    // group is one fixed-size store, not a call to `memmove`.
+                    unsafe {
+                        if valid == x86::ROWS {
+                            std::ptr::write_unaligned(out.0.add(to) as *mut [f32; x86::ROWS], *values);
+                        } else {
+                            std::ptr::copy_nonoverlapping(values.as_ptr(), out.0.add(to), valid);
+                        }
+                    }
                 }
             }
         }
