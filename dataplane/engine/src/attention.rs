@@ -184,7 +184,9 @@ mod x86 {
     //! [`super::attend`] for AVX2, FMA and F16C. Per run of 8 positions, their keys (later their
     //! values) are converted to f32 once and used by every query head of the group; the 8 scores
     //! of a head are reduced together (one horizontal reduction per 8 positions, not one per
-    //! position); softmax's exponentials and the weighted sum of values run 8 lanes wide.
+    //! position); softmax's exponentials and the weighted sum of values run 8 lanes wide. Heads
+    //! 64 wide (SmolLM2's) take AVX-512 paths for the scores and the values where the CPU has it
+    //! (`MANTLE_KERNELS=avx2` keeps them on AVX2).
     use std::arch::x86_64::*;
 
     use super::{AttendScratch, Head, SpanStats, dot, runs};
@@ -221,7 +223,7 @@ mod x86 {
         for p in (span.start..span.start + AHEAD).step_by(8) {
             prefetch_run::<_MM_HINT_T0>(head, cache, p, false);
         }
-        let wide = hd == WIDE_HEAD && wide_values_supported();
+        let wide = hd == WIDE_HEAD && avx512_supported();
         for (p, count, block, slot) in runs(head, cache.block_size()) {
             prefetch_run::<_MM_HINT_T0>(head, cache, p + AHEAD, false);
             prefetch_run::<_MM_HINT_T1>(head, cache, p, true);
@@ -288,10 +290,10 @@ mod x86 {
         }
     }
 
-    /// The head width the AVX-512 value pass is written for.
+    /// The head width the AVX-512 paths are written for.
     const WIDE_HEAD: usize = 64;
 
-    fn wide_values_supported() -> bool {
+    fn avx512_supported() -> bool {
         static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         *SUPPORTED.get_or_init(|| {
             is_x86_feature_detected!("avx512f") && std::env::var("MANTLE_KERNELS").as_deref() != Ok("avx2")
