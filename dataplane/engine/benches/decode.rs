@@ -36,6 +36,7 @@ fn main() {
         .chat_prompt(&[ChatMessage::new("user", "Write a short story about a lighthouse keeper.")])
         .expect("prompt");
 
+    let mut single = None;
     for &n in &streams {
         let c = &model.model.config;
         let per_seq = (prompt.len() + tokens).div_ceil(16) + 1;
@@ -83,6 +84,12 @@ fn main() {
             rate,
             rate / n as f64
         );
+        match single {
+            None if n == 1 => single = Some(rate),
+            // The bar: 16 streams at 3x or more of one stream's rate.
+            Some(one) => println!("mantle    streams {n:>3}: {:.2}x the single-stream rate", rate / one),
+            None => {}
+        }
     }
 
     prefix_cache(model);
