@@ -88,18 +88,16 @@ pub fn tenant_cells<'a>(tenant: &str, cells: &[&'a str], shard_size: usize) -> V
 /// Chooses a runner (an index into `runners`), or `None` when none is ready.
 pub fn choose(runners: &[RunnerView<'_>], facts: &RequestFacts<'_>, rng: &mut impl Rng) -> Option<usize> {
     let ready: Vec<usize> = (0..runners.len()).filter(|&i| runners[i].ready).collect();
-    // Dedicated pool first, else the shared pool.
+    // Dedicated pool first (all the tenant's own: not sharded), else the shared pool.
     let dedicated: Vec<usize> = ready.iter().copied().filter(|&i| runners[i].pool == Some(facts.tenant)).collect();
-    let dedicated_pool = !dedicated.is_empty();
-    let pool: Vec<usize> = if dedicated.is_empty() {
-        ready.into_iter().filter(|&i| runners[i].pool.is_none()).collect()
-    } else {
-        dedicated
-    };
-    if pool.is_empty() {
+    if !dedicated.is_empty() {
+        return Some(pick(runners, &dedicated, facts.prefix, rng));
+    }
+    let shared: Vec<usize> = ready.into_iter().filter(|&i| runners[i].pool.is_none()).collect();
+    if shared.is_empty() {
         return None;
     }
-    let candidates = if dedicated_pool { pool } else { tenant_shard(runners, pool, facts) };
+    let candidates = tenant_shard(runners, shared, facts);
     Some(pick(runners, &candidates, facts.prefix, rng))
 }
 
