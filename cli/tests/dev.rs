@@ -51,7 +51,7 @@ fn boto3_and_openai_clients_work_against_mantle_dev() {
     let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut dev = Dev(Command::new(env!("CARGO_BIN_EXE_mantle"))
-        .args(["dev", "--listen", &addr.to_string()])
+        .args(["dev", "--listen", &addr.to_string(), "--admin-listen", "127.0.0.1:0"])
         .current_dir(repo_root())
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())

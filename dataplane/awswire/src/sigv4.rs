@@ -304,17 +304,43 @@ fn shorten(s: &str) -> String {
     s.chars().take(64).collect()
 }
 
-/// Verifies a SigV4-signed request.
-///
-/// `lookup_secret` maps the access key id in the signature to its secret (`None`: unknown key);
-/// `expected_service` is the signing name this endpoint answers to (`bedrock`); `now` is the server clock.
-pub fn verify(
+/// What the headers alone say about a SigV4-signed request, checked before its body is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Precheck {
+    pub access_key_id: String,
+    /// False when the client sent `x-amz-content-sha256: UNSIGNED-PAYLOAD`.
+    pub payload_signed: bool,
+}
+
+/// Checks everything about a SigV4-signed request that does not need its body: the Authorization
+/// header parses, `host` and the date are signed, the credential scope names `expected_service` and
+/// the request date, the date is within `max_skew` of `now`, and `knows_key` recognises the access
+/// key id. A server calls this before reading a body byte, then [`verify`] once the body is read
+/// (the signature covers the body's hash), so an anonymous client cannot make it buffer a body.
+pub fn precheck(
     request: &Request<'_>,
-    lookup_secret: impl FnOnce(&str) -> Option<Secret>,
+    knows_key: impl FnOnce(&str) -> bool,
     expected_service: &str,
     now: SystemTime,
     max_skew: Duration,
-) -> Result<VerifiedIdentity, SigV4Error> {
+) -> Result<Precheck, SigV4Error> {
+    let (auth, _) = check_scope(request, expected_service, now, max_skew)?;
+    let access_key_id = auth.credential.access_key_id;
+    if !knows_key(&access_key_id) {
+        return Err(SigV4Error::UnknownAccessKey(shorten(&access_key_id)));
+    }
+    let payload_signed = request.single_header("x-amz-content-sha256")? != Some(UNSIGNED_PAYLOAD);
+    Ok(Precheck { access_key_id, payload_signed })
+}
+
+/// The checks of [`precheck`] and [`verify`] that come before the secret: the parsed header and
+/// the signing time.
+fn check_scope(
+    request: &Request<'_>,
+    expected_service: &str,
+    now: SystemTime,
+    max_skew: Duration,
+) -> Result<(Authorization, SignedAt), SigV4Error> {
     let header = request.single_header("authorization")?.ok_or(SigV4Error::MissingAuthorization)?;
     let auth = parse_authorization(header)?;
     if !auth.signs("host") {
@@ -342,6 +368,23 @@ pub fn verify(
     if security_token.is_some() && !auth.signs("x-amz-security-token") {
         return Err(SigV4Error::HeaderNotSigned("x-amz-security-token"));
     }
+    Ok((auth, signed_at))
+}
+
+/// Verifies a SigV4-signed request.
+///
+/// `lookup_secret` maps the access key id in the signature to its secret (`None`: unknown key);
+/// `expected_service` is the signing name this endpoint answers to (`bedrock`); `now` is the server clock.
+pub fn verify(
+    request: &Request<'_>,
+    lookup_secret: impl FnOnce(&str) -> Option<Secret>,
+    expected_service: &str,
+    now: SystemTime,
+    max_skew: Duration,
+) -> Result<VerifiedIdentity, SigV4Error> {
+    let (auth, signed_at) = check_scope(request, expected_service, now, max_skew)?;
+    let credential = &auth.credential;
+    let security_token = request.single_header("x-amz-security-token")?;
     let secret = lookup_secret(&credential.access_key_id)
         .ok_or_else(|| SigV4Error::UnknownAccessKey(shorten(&credential.access_key_id)))?;
 

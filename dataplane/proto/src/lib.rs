@@ -2,6 +2,7 @@
 
 #![allow(clippy::doc_lazy_continuation, clippy::large_enum_variant)]
 
+pub mod auth;
 pub mod codec;
 
 pub mod runner {

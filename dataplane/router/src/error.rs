@@ -33,6 +33,17 @@ pub enum ApiError {
     PayloadTooLarge(String),
     #[error("{0}")]
     UnsupportedMediaType(String),
+    /// The request's headers are over the limit (431).
+    #[error("{0}")]
+    HeadersTooLarge(String),
+    /// The client did not send its body within the read timeout (408).
+    #[error("{0}")]
+    BodyTimeout(String),
+    /// Authentication failed, with the exception AWS answers for this failure:
+    /// `MissingAuthenticationTokenException`, `UnrecognizedClientException`,
+    /// `InvalidSignatureException`, `IncompleteSignatureException` or `AccessDeniedException`.
+    #[error("{message}")]
+    Unauthenticated { code: &'static str, status: StatusCode, message: String },
 }
 
 impl ApiError {
@@ -43,10 +54,13 @@ impl ApiError {
     /// The Bedrock error shape name: `x-amzn-ErrorType`, and the metric label.
     pub fn kind(&self) -> &'static str {
         match self {
-            ApiError::Validation(_) | ApiError::PayloadTooLarge(_) | ApiError::UnsupportedMediaType(_) => {
-                "ValidationException"
-            }
+            ApiError::Validation(_)
+            | ApiError::PayloadTooLarge(_)
+            | ApiError::UnsupportedMediaType(_)
+            | ApiError::HeadersTooLarge(_)
+            | ApiError::BodyTimeout(_) => "ValidationException",
             ApiError::AccessDenied(_) => "AccessDeniedException",
+            ApiError::Unauthenticated { code, .. } => code,
             ApiError::NotFound(_) => "ResourceNotFoundException",
             ApiError::ModelTimeout { .. } => "ModelTimeoutException",
             ApiError::Throttling { .. } => "ThrottlingException",
@@ -63,7 +77,10 @@ impl ApiError {
             ApiError::Validation(_) => StatusCode::BAD_REQUEST,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::AccessDenied(_) => StatusCode::FORBIDDEN,
+            ApiError::Unauthenticated { status, .. } => *status,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::ModelTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ApiError::Throttling { .. } | ApiError::ModelNotReady(_) => StatusCode::TOO_MANY_REQUESTS,
@@ -83,14 +100,19 @@ impl ApiError {
     /// The event-stream exception member (lowerCamel) for errors that happen mid-stream.
     pub fn stream_exception(&self) -> &'static str {
         match self {
-            ApiError::Validation(_) | ApiError::PayloadTooLarge(_) | ApiError::UnsupportedMediaType(_) => {
-                "validationException"
-            }
+            ApiError::Validation(_)
+            | ApiError::PayloadTooLarge(_)
+            | ApiError::UnsupportedMediaType(_)
+            | ApiError::HeadersTooLarge(_)
+            | ApiError::BodyTimeout(_) => "validationException",
             ApiError::Throttling { .. } | ApiError::ModelNotReady(_) => "throttlingException",
             ApiError::Unavailable { .. } => "serviceUnavailableException",
             ApiError::ModelTimeout { .. } => "modelTimeoutException",
             ApiError::ModelError { .. } => "modelStreamErrorException",
-            ApiError::AccessDenied(_) | ApiError::NotFound(_) | ApiError::Internal(_) => "internalServerException",
+            ApiError::AccessDenied(_)
+            | ApiError::Unauthenticated { .. }
+            | ApiError::NotFound(_)
+            | ApiError::Internal(_) => "internalServerException",
         }
     }
 
@@ -116,10 +138,14 @@ impl ApiError {
     /// Renders the error as the OpenAI API does.
     pub fn into_openai(self) -> Response {
         let (kind, code) = match &self {
-            ApiError::Validation(_) | ApiError::PayloadTooLarge(_) | ApiError::UnsupportedMediaType(_) => {
-                ("invalid_request_error", serde_json::Value::Null)
+            ApiError::Validation(_)
+            | ApiError::PayloadTooLarge(_)
+            | ApiError::UnsupportedMediaType(_)
+            | ApiError::HeadersTooLarge(_)
+            | ApiError::BodyTimeout(_) => ("invalid_request_error", serde_json::Value::Null),
+            ApiError::AccessDenied(_) | ApiError::Unauthenticated { .. } => {
+                ("authentication_error", "invalid_api_key".into())
             }
-            ApiError::AccessDenied(_) => ("authentication_error", "invalid_api_key".into()),
             ApiError::NotFound(_) => ("invalid_request_error", "model_not_found".into()),
             ApiError::Throttling { .. } | ApiError::ModelNotReady(_) => {
                 ("rate_limit_exceeded", "rate_limit_exceeded".into())
@@ -156,9 +182,24 @@ impl IntoResponse for ApiError {
 
 pub type ApiResult<T> = Result<T, ApiError>;
 
-/// Maps a runner's gRPC status to the error a client sees.
+/// The error for a runner that went away (its process died, its connection broke) or stopped
+/// answering: retryable, and free of transport internals.
+pub fn runner_lost() -> ApiError {
+    ApiError::Unavailable {
+        message: "The model runner serving this request became unavailable. Retry the request.".into(),
+        retry_after: Duration::from_secs(1),
+    }
+}
+
+/// Maps a runner's gRPC status to the error a client sees. A status the runner did not send
+/// itself — one made from a transport failure, which carries its source — means the runner is
+/// gone.
 pub fn from_status(status: &tonic::Status) -> ApiError {
     use tonic::Code;
+    if std::error::Error::source(status).is_some() {
+        tracing::warn!(code = ?status.code(), error = %status, "lost the runner");
+        return runner_lost();
+    }
     let message = status.message().to_string();
     match status.code() {
         Code::InvalidArgument | Code::OutOfRange => ApiError::Validation(message),
@@ -192,5 +233,17 @@ mod tests {
         assert_eq!(from_status(&tonic::Status::deadline_exceeded("x")).kind(), "ModelTimeoutException");
         assert_eq!(from_status(&tonic::Status::unavailable("x")).kind(), "ServiceUnavailableException");
         assert_eq!(from_status(&tonic::Status::internal("x")).kind(), "ModelErrorException");
+    }
+
+    #[test]
+    fn a_transport_failure_is_a_retryable_unavailable_without_internals() {
+        let broken = tonic::Status::from_error(Box::new(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "h2 protocol error: connection reset by peer",
+        )));
+        let error = from_status(&broken);
+        assert_eq!(error.kind(), "ServiceUnavailableException");
+        assert_eq!(error.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(!error.to_string().contains("h2"), "{error}");
     }
 }

@@ -18,13 +18,14 @@ use mantle_admission::{
     LoadState as Load, ModelQueue, OverloadControl, Permit, Priority, QueueConfig, RateLimiter, Rejected,
 };
 use mantle_crds::{Cell, CellState, FallbackTrigger, Modality};
+use mantle_proto::auth::{SendToken, Token};
 use mantle_proto::{GenerateResponse, LoadState, generate_response};
 use tokio_stream::StreamExt;
 use tracing::Instrument;
 
 use crate::adapters::{self, DEFAULT_MAX_TOKENS, StopReason, TextOutput, TextRequest, Usage, structured};
 use crate::catalog::{Catalog, ModelEntry};
-use crate::error::{ApiError, from_status};
+use crate::error::{self, ApiError, from_status};
 use crate::guard::Guards;
 use crate::metering::{Meter, MeteringRecord};
 use crate::metrics::Metrics;
@@ -65,6 +66,11 @@ pub struct PathConfig {
     /// Cells a tenant is shuffle-sharded over (0: all).
     pub shard_size: usize,
     pub queue: QueueConfig,
+    /// The token sent to every runner (the runners' `--auth-token-file`).
+    pub runner_token: Option<Token>,
+    /// The most time a runner may leave a generation without a message (or a unary call
+    /// unanswered) before it counts as lost and the request's slot is freed.
+    pub runner_idle_timeout: Duration,
 }
 
 impl Default for PathConfig {
@@ -73,6 +79,8 @@ impl Default for PathConfig {
             region: "us-east-1".into(),
             slots_per_runner: 16,
             shard_size: 2,
+            runner_idle_timeout: Duration::from_secs(120),
+            runner_token: None,
             // A light tenant beside a heavy one finds a slot free instead of waiting for one, and
             // under overload the accepted requests keep their latency.
             queue: QueueConfig {
@@ -161,7 +169,7 @@ fn proto_priority(p: Priority) -> mantle_proto::Priority {
 
 impl Inference {
     pub fn new(platform: Platform, metrics: Metrics, meter: Meter, config: PathConfig) -> anyhow::Result<Arc<Self>> {
-        let live = Live::new(platform, &Runners::default())?;
+        let live = Live::new(platform, &Runners::new(SendToken(config.runner_token.clone())))?;
         let inference = Arc::new(Inference {
             live: std::sync::RwLock::new(Arc::new(live)),
             metrics,
@@ -206,6 +214,12 @@ impl Inference {
         let queue = self.queues.lock().unwrap_or_else(|e| e.into_inner()).get(&model)?.clone();
         let s = queue.snapshot();
         Some(format!("slots={}; in-flight={}; queued={}", s.capacity, s.in_flight, s.queued))
+    }
+
+    /// Whether admission counts slots for the model now (its runners are known to the queue).
+    pub fn admits(&self, model_id: &str) -> bool {
+        let queue = self.queues.lock().unwrap_or_else(|e| e.into_inner()).get(model_id).cloned();
+        queue.is_some_and(|q| q.snapshot().capacity > 0)
     }
 
     /// The model's queue, created on first use.
@@ -262,6 +276,20 @@ impl Inference {
                     .set(i64::from(lane.overloaded));
             }
         }
+    }
+
+    /// Forgets the token buckets that have refilled (a new one starts full, so nothing is lost):
+    /// callers named by client strings (access key ids with authentication off) do not add up.
+    pub fn prune_buckets(&self, now: Instant) -> usize {
+        let mut limiter = self.limiter.lock().unwrap_or_else(|e| e.into_inner());
+        let pruned = limiter.prune(now);
+        self.metrics.rate_limit_buckets.set(limiter.len() as i64);
+        pruned
+    }
+
+    /// Token buckets held now.
+    pub fn rate_limit_buckets(&self) -> usize {
+        self.limiter.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
     fn reject(&self, model: &ModelEntry, reason: &str) {
@@ -364,10 +392,60 @@ impl Inference {
         }
     }
 
+    /// Sends a generation to a runner and waits for its first event (the prompt accepted).
+    async fn start_on(
+        &self,
+        ctx: &Ctx,
+        runner: &RunnerHandle,
+        req: &TextRequest,
+    ) -> Result<(tonic::Streaming<GenerateResponse>, GenerateResponse), StartError> {
+        let request = mantle_proto::GenerateRequest {
+            request_id: ctx.request_id.clone(),
+            messages: req.messages.clone(),
+            prompt: req.prompt.clone().unwrap_or_default(),
+            max_tokens: req.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
+            clamp_max_tokens: req.max_tokens.is_none(),
+            temperature: req.temperature,
+            top_p: req.top_p,
+            top_k: req.top_k,
+            seed: req.seed,
+            stop_sequences: req.stop_sequences.clone(),
+            priority: proto_priority(ctx.priority) as i32,
+            deadline_unix_ms: ctx.deadline_unix_ms(),
+            logprobs: false,
+        };
+        let mut client = runner.client.clone();
+        let mut grpc = tonic::Request::new(request);
+        if let Ok(id) = ctx.request_id.parse() {
+            grpc.metadata_mut().insert("x-request-id", id);
+        }
+        let started = async {
+            let mut stream = client.generate(grpc).await.map_err(StartError::from)?.into_inner();
+            match stream.next().await {
+                Some(Ok(first)) => Ok((stream, first)),
+                Some(Err(status)) => Err(StartError::from(status)),
+                None => Err(StartError::Lost),
+            }
+        };
+        tokio::time::timeout(self.config.runner_idle_timeout, started).await.unwrap_or(Err(StartError::Lost))
+    }
+
     /// Picks a runner for the request.
     fn place(&self, ctx: &Ctx, model: &ModelEntry, prompt: &str) -> Result<Arc<RunnerHandle>, ApiError> {
+        self.place_avoiding(ctx, model, prompt, &[])
+    }
+
+    /// Picks a runner for the request other than those in `avoid` (runners that just failed it).
+    fn place_avoiding(
+        &self,
+        ctx: &Ctx,
+        model: &ModelEntry,
+        prompt: &str,
+        avoid: &[Arc<RunnerHandle>],
+    ) -> Result<Arc<RunnerHandle>, ApiError> {
         let live = self.live();
-        let runners = live.runners.for_model(&model.model_id);
+        let mut runners = live.runners.for_model(&model.model_id).to_vec();
+        runners.retain(|r| !avoid.iter().any(|a| Arc::ptr_eq(a, r)));
         let views: Vec<_> = runners
             .iter()
             .map(|r| {
@@ -448,41 +526,27 @@ impl Inference {
         model: &ModelEntry,
         req: &TextRequest,
     ) -> Result<Generation, ApiError> {
+        check_input_length(model, req)?;
         let prompt = req.prompt_text();
         let output_tokens = req.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS) as u64;
         let admission = self.admit(ctx, model, req.estimated_input_tokens(), output_tokens, &prompt).await?;
-        let runner = self.place(ctx, model, &prompt)?;
-        let in_flight = runner.begin();
-        let dispatched = Instant::now();
-        let request = mantle_proto::GenerateRequest {
-            request_id: ctx.request_id.clone(),
-            messages: req.messages.clone(),
-            prompt: req.prompt.clone().unwrap_or_default(),
-            max_tokens: req.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
-            clamp_max_tokens: req.max_tokens.is_none(),
-            temperature: req.temperature,
-            top_p: req.top_p,
-            top_k: req.top_k,
-            seed: req.seed,
-            stop_sequences: req.stop_sequences.clone(),
-            priority: proto_priority(ctx.priority) as i32,
-            deadline_unix_ms: ctx.deadline_unix_ms(),
-            logprobs: false,
+        // A runner that is gone before it accepted the prompt costs the client nothing: the
+        // request moves to another runner, within the same admission.
+        let mut tried: Vec<Arc<RunnerHandle>> = Vec::new();
+        let (runner, in_flight, dispatched, stream, first) = loop {
+            let runner = self.place_avoiding(ctx, model, &prompt, &tried)?;
+            let in_flight = runner.begin();
+            let dispatched = Instant::now();
+            match self.start_on(ctx, &runner, req).await {
+                Ok((stream, first)) => break (runner, in_flight, dispatched, stream, first),
+                Err(StartError::Lost) if tried.len() + 1 < RUNNER_ATTEMPTS => {
+                    tracing::warn!(request_id = %ctx.request_id, runner = %runner.spec.address, "runner lost before the prompt was accepted; trying another");
+                    tried.push(runner);
+                }
+                Err(StartError::Lost) => return Err(error::runner_lost()),
+                Err(StartError::Refused(e)) => return Err(e),
+            }
         };
-        let mut client = runner.client.clone();
-        let mut grpc = tonic::Request::new(request);
-        if let Ok(id) = ctx.request_id.parse() {
-            grpc.metadata_mut().insert("x-request-id", id);
-        }
-        let mut stream = client.generate(grpc).await.map_err(|s| from_status(&s))?.into_inner();
-        let first = stream
-            .next()
-            .await
-            .ok_or_else(|| ApiError::ModelError {
-                message: "the runner closed the stream".into(),
-                original_status: 502,
-            })?
-            .map_err(|s| from_status(&s))?;
         let (input_tokens, max_tokens, pending) = match first.event {
             Some(generate_response::Event::Started(s)) => (s.input_tokens, s.max_tokens, None),
             // A runner that predates `Started`: keep the event.
@@ -495,6 +559,8 @@ impl Inference {
             max_tokens,
             ctx: ctx.clone(),
             stream,
+            idle_timeout: self.config.runner_idle_timeout,
+            runner: runner.spec.address.clone(),
             pending,
             permit: Some(admission.permit),
             in_flight: Some(in_flight),
@@ -518,9 +584,7 @@ impl Inference {
         let mut usage = Usage::default();
         let attempts = if validator.is_some() { structured::ATTEMPTS } else { 1 };
         for attempt in 1..=attempts {
-            let generation = self.generate(ctx, model, &req).await?;
-            let model_used = generation.model.model_id.clone();
-            let mut output = generation.collect().await?;
+            let (mut output, model_used) = self.collect(ctx, model, &req).await?;
             usage.input_tokens += output.usage.input_tokens;
             usage.output_tokens += output.usage.output_tokens;
             usage.cached_tokens += output.usage.cached_tokens;
@@ -556,6 +620,29 @@ impl Inference {
         Err(ApiError::Internal("no generation attempt ran".into()))
     }
 
+    /// One generation read to the end. Nothing has reached the client yet, so a runner lost
+    /// midway costs a retry, not an error.
+    async fn collect(
+        &self,
+        ctx: &Ctx,
+        model: &ModelEntry,
+        req: &TextRequest,
+    ) -> Result<(TextOutput, String), ApiError> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let generation = self.generate(ctx, model, req).await?;
+            let model_used = generation.model.model_id.clone();
+            match generation.collect().await {
+                Ok(output) => return Ok((output, model_used)),
+                Err(e @ ApiError::Unavailable { .. }) if tries < RUNNER_ATTEMPTS => {
+                    tracing::info!(request_id = %ctx.request_id, error = %e, "generation lost midway; retrying");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// Embeds texts on one of the model's runners.
     pub async fn embed(
         &self,
@@ -579,11 +666,9 @@ impl Inference {
                     let runner = self.place(ctx, &m, "")?;
                     let _in_flight = runner.begin();
                     let mut client = runner.client.clone();
-                    let reply = client
-                        .embed(mantle_proto::EmbedRequest { request_id: ctx.request_id.clone(), texts })
-                        .await
-                        .map_err(|s| from_status(&s))?
-                        .into_inner();
+                    let call = client
+                        .embed(self.unary(mantle_proto::EmbedRequest { request_id: ctx.request_id.clone(), texts }));
+                    let reply = self.bounded(call).await?;
                     admission.permit.complete(reply.input_tokens as u64);
                     Ok((m, reply))
                 }
@@ -622,14 +707,31 @@ impl Inference {
         let runner = self.place(ctx, model, "")?;
         let _in_flight = runner.begin();
         let mut client = runner.client.clone();
-        let reply = client
-            .count_tokens(mantle_proto::CountTokensRequest {
-                messages: req.messages.clone(),
-                prompt: req.prompt.clone().unwrap_or_default(),
-            })
-            .await
-            .map_err(|s| from_status(&s))?;
-        Ok(reply.into_inner().input_tokens)
+        let call = client.count_tokens(self.unary(mantle_proto::CountTokensRequest {
+            messages: req.messages.clone(),
+            prompt: req.prompt.clone().unwrap_or_default(),
+        }));
+        Ok(self.bounded(call).await?.input_tokens)
+    }
+
+    /// A unary runner request that tells the runner how long the router waits.
+    fn unary<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request.set_timeout(self.config.runner_idle_timeout);
+        request
+    }
+
+    /// Awaits a unary runner call for at most the idle timeout: a hung runner must not hold the
+    /// request, or its slot, forever.
+    async fn bounded<T>(
+        &self,
+        call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    ) -> Result<T, ApiError> {
+        match tokio::time::timeout(self.config.runner_idle_timeout, call).await {
+            Ok(Ok(reply)) => Ok(reply.into_inner()),
+            Ok(Err(status)) => Err(from_status(&status)),
+            Err(_) => Err(error::runner_lost()),
+        }
     }
 
     pub fn count_outcome(&self, ctx: &Ctx, model: &ModelEntry, outcome: &str) {
@@ -649,6 +751,30 @@ impl Inference {
     pub async fn in_span<T>(ctx: &Ctx, model: &str, fut: impl Future<Output = T>) -> T {
         fut.instrument(Self::span(ctx, model)).await
     }
+}
+
+/// More bytes a token than any real text has: a prompt longer than this many bytes for each
+/// token of the context cannot fit, whatever the tokenizer.
+const MAX_BYTES_PER_TOKEN: u64 = 32;
+
+/// Refuses, before it is queued or sent, a prompt that cannot fit the model's context: a runner
+/// would spend seconds tokenizing megabytes only to refuse it. Prompts that might fit are counted
+/// exactly by the runner, which refuses them with both counts.
+fn check_input_length(model: &ModelEntry, req: &TextRequest) -> Result<(), ApiError> {
+    let context = model.context_length as u64;
+    let bytes: u64 = match &req.prompt {
+        Some(p) => p.len() as u64,
+        None => req.messages.iter().map(|m| m.content.len() as u64).sum(),
+    };
+    if context == 0 || bytes <= context * MAX_BYTES_PER_TOKEN {
+        return Ok(());
+    }
+    Err(ApiError::validation(format!(
+        "The input is too long for {}: it is {bytes} bytes, about {} tokens, and the model's context is {context} \
+         tokens. Shorten the input.",
+        model.model_id,
+        req.estimated_input_tokens()
+    )))
 }
 
 fn matches_trigger(trigger: FallbackTrigger, error: &ApiError) -> bool {
@@ -674,16 +800,46 @@ fn unix_seconds() -> f64 {
 
 async fn capacity_loop(inference: std::sync::Weak<Inference>) {
     let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut last_prune = Instant::now();
     loop {
         tick.tick().await;
         let Some(inference) = inference.upgrade() else { return };
         inference.refresh_capacity();
+        if last_prune.elapsed() >= PRUNE_INTERVAL {
+            last_prune = Instant::now();
+            inference.prune_buckets(last_prune);
+        }
     }
 }
+
+/// How often full token buckets are forgotten.
+const PRUNE_INTERVAL: Duration = Duration::from_secs(1);
 
 struct Admission {
     permit: Permit,
     queue_wait: Duration,
+}
+
+/// How many runners a generation tries before its prompt is accepted.
+const RUNNER_ATTEMPTS: usize = 2;
+
+/// Why a generation did not start on a runner.
+enum StartError {
+    /// The runner is gone (connection broken, stream cut, silent): another may serve it.
+    Lost,
+    /// The runner answered with an error of its own.
+    Refused(ApiError),
+}
+
+impl From<tonic::Status> for StartError {
+    fn from(status: tonic::Status) -> Self {
+        if std::error::Error::source(&status).is_some() {
+            tracing::debug!(error = %status, "runner transport failure");
+            StartError::Lost
+        } else {
+            StartError::Refused(from_status(&status))
+        }
+    }
 }
 
 /// A finished request with the model that answered it.
@@ -709,6 +865,10 @@ pub struct Generation {
     pub max_tokens: u32,
     ctx: Ctx,
     stream: tonic::Streaming<GenerateResponse>,
+    /// The most time between two messages of the runner's stream.
+    idle_timeout: Duration,
+    /// The runner's address, for logs.
+    runner: String,
     pending: Option<GenerateResponse>,
     permit: Option<Permit>,
     in_flight: Option<InFlight>,
@@ -732,18 +892,22 @@ impl Generation {
             }
             let message = match self.pending.take() {
                 Some(m) => m,
-                None => match self.stream.next().await {
-                    Some(Ok(m)) => m,
-                    Some(Err(status)) => {
+                None => match tokio::time::timeout(self.idle_timeout, self.stream.next()).await {
+                    Ok(Some(Ok(m))) => m,
+                    Ok(Some(Err(status))) => {
                         let error = from_status(&status);
                         self.finish(&Usage::default(), error.kind());
                         return Err(error);
                     }
-                    None => {
-                        let error = ApiError::ModelError {
-                            message: "the runner ended the stream without finishing".into(),
-                            original_status: 502,
-                        };
+                    // The stream ended without its Finished message, or went silent: the runner
+                    // died or hung. Its slot is given back either way.
+                    Ok(None) | Err(_) => {
+                        tracing::warn!(
+                            request_id = %self.ctx.request_id,
+                            runner = %self.runner,
+                            "the runner's stream broke off or went silent"
+                        );
+                        let error = error::runner_lost();
                         self.finish(&Usage::default(), error.kind());
                         return Err(error);
                     }

@@ -9,6 +9,7 @@ pub mod error;
 pub mod guard;
 pub mod inference;
 pub mod kubernetes;
+pub mod listener;
 pub mod metering;
 pub mod metrics;
 pub mod placement;
@@ -18,7 +19,9 @@ pub mod tenants;
 #[cfg(feature = "test-support")]
 pub mod test_support;
 
+pub use api::Limits;
 pub use catalog::{Catalog, ModelEntry};
 pub use error::ApiError;
+pub use listener::{ConnectionLimits, TlsFiles};
 pub use runners::RunnerSpec;
-pub use server::{AuthConfig, Platform, RouterConfig, RunningRouter, build, start};
+pub use server::{AuthConfig, Platform, RouterConfig, RunningRouter, build, build_apps, start};

@@ -2,11 +2,12 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
 use mantle_router::inference::PathConfig;
-use mantle_router::{AuthConfig, Platform, RouterConfig};
+use mantle_router::{AuthConfig, ConnectionLimits, Limits, Platform, RouterConfig, TlsFiles};
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -17,12 +18,39 @@ struct Args {
     /// HTTP listen address of the API.
     #[arg(long, default_value = "0.0.0.0:8080")]
     listen: SocketAddr,
-    /// A separate listener for /metrics.
-    #[arg(long)]
-    metrics_listen: Option<SocketAddr>,
+    /// The admin listener: /metrics (never served on the public port), /healthz, /readyz.
+    #[arg(long, alias = "metrics-listen", default_value = "127.0.0.1:9091")]
+    admin_listen: SocketAddr,
+    /// Serve HTTPS with this PEM certificate chain (a kubernetes.io/tls Secret's tls.crt);
+    /// reloaded when it changes.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's PEM private key (tls.key).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// The most bytes a request body may have.
     #[arg(long, default_value_t = 10 << 20)]
     max_request_bytes: usize,
+    /// The most bytes a request's headers may have together.
+    #[arg(long, default_value_t = 64 << 10)]
+    max_header_bytes: usize,
+    /// Seconds a request's body may take to arrive.
+    #[arg(long, default_value_t = 30)]
+    body_timeout_s: u64,
+    /// Seconds a response may take to start (streams then run on).
+    #[arg(long, default_value_t = 600)]
+    request_timeout_s: u64,
+    /// Seconds a connection may take to send a request's headers; also how long an idle
+    /// keep-alive connection stays open.
+    #[arg(long, default_value_t = 30)]
+    header_read_timeout_s: u64,
+    /// A file holding the token sent to every runner (`authorization: Bearer <token>`), the
+    /// same Secret the runners read with --auth-token-file.
+    #[arg(long, env = "MANTLE_RUNNER_TOKEN_FILE")]
+    runner_token_file: Option<PathBuf>,
+    /// Open client connections at once.
+    #[arg(long, default_value_t = 4096)]
+    max_connections: usize,
     /// The keys file mapping SigV4 access keys and API keys to tenants (in a cluster: the
     /// mounted `keys.yaml` of the router's Secret).
     #[arg(long, conflicts_with = "no_auth", required_unless_present = "no_auth")]
@@ -82,8 +110,22 @@ async fn main() -> anyhow::Result<()> {
     };
     let config = RouterConfig {
         listen: args.listen,
-        metrics_listen: args.metrics_listen,
-        max_request_bytes: args.max_request_bytes,
+        admin_listen: Some(args.admin_listen),
+        tls: match (args.tls_cert, args.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+            _ => None,
+        },
+        limits: Limits {
+            max_request_bytes: args.max_request_bytes,
+            max_header_bytes: args.max_header_bytes,
+            body_timeout: Duration::from_secs(args.body_timeout_s),
+            request_timeout: Duration::from_secs(args.request_timeout_s),
+        },
+        connections: ConnectionLimits {
+            max_connections: args.max_connections,
+            header_read_timeout: Duration::from_secs(args.header_read_timeout_s),
+            ..ConnectionLimits::default()
+        },
         auth: match args.auth_file {
             Some(path) => AuthConfig::File(path),
             None => AuthConfig::Off,
@@ -98,6 +140,12 @@ async fn main() -> anyhow::Result<()> {
             if args.no_overload_control {
                 path.queue.overload = None;
             }
+            path.runner_token = args
+                .runner_token_file
+                .as_deref()
+                .map(mantle_proto::auth::Token::from_file)
+                .transpose()
+                .context("loading the runner token")?;
             path
         },
     };

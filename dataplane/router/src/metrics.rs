@@ -1,7 +1,7 @@
 //! The router's Prometheus metrics (`mantle_router_*`), registered once.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Buckets for latencies from a millisecond to ten minutes.
@@ -31,6 +31,8 @@ pub struct Metrics {
     pub fallbacks: IntCounterVec,
     pub runners_ready: IntGaugeVec,
     pub metering_dropped: IntCounter,
+    /// Token buckets held (one per tenant seen recently).
+    pub rate_limit_buckets: IntGauge,
 }
 
 impl Metrics {
@@ -57,6 +59,9 @@ impl Metrics {
             "Metering records dropped because the sink lagged",
         )?;
         registry.register(Box::new(metering_dropped.clone()))?;
+        let rate_limit_buckets =
+            IntGauge::new("mantle_router_rate_limit_buckets", "Token buckets held, one per tenant seen recently")?;
+        registry.register(Box::new(rate_limit_buckets.clone()))?;
         Ok(Metrics {
             requests: counter(
                 "mantle_router_requests_total",
@@ -121,6 +126,7 @@ impl Metrics {
             )?,
             runners_ready: gauge("mantle_router_runners_ready", "Ready runners by model", &["model"])?,
             metering_dropped,
+            rate_limit_buckets,
             registry,
         })
     }

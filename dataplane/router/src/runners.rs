@@ -7,10 +7,12 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use mantle_proto::auth::SendToken;
 use mantle_proto::runner_client::RunnerClient;
 use mantle_proto::{HealthRequest, HealthSignal, LoadState};
 use serde::Deserialize;
 use tokio_stream::StreamExt;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::placement::RunnerView;
@@ -54,23 +56,26 @@ struct Live {
     error: Option<String>,
 }
 
+/// A runner client: every call carries the router's token.
+pub type Client = RunnerClient<InterceptedService<Channel, SendToken>>;
+
 /// One runner: its client, the router's in-flight count on it, and its latest Health signal.
 pub struct RunnerHandle {
     pub spec: RunnerSpec,
-    pub client: RunnerClient<Channel>,
+    pub client: Client,
     in_flight: AtomicU32,
     live: Mutex<Live>,
     watcher: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl RunnerHandle {
-    pub fn connect(spec: RunnerSpec) -> anyhow::Result<Arc<Self>> {
+    pub fn connect(spec: RunnerSpec, token: SendToken) -> anyhow::Result<Arc<Self>> {
         let endpoint = Endpoint::from_shared(spec.address.clone())
             .map_err(|e| anyhow::anyhow!("runner address {:?}: {e}", spec.address))?
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10));
-        let client = RunnerClient::new(endpoint.connect_lazy());
+        let client = RunnerClient::with_interceptor(endpoint.connect_lazy(), token);
         let handle = Arc::new(RunnerHandle {
             spec,
             client,
@@ -184,9 +189,16 @@ impl Drop for InFlight {
 #[derive(Default, Clone)]
 pub struct Runners {
     by_model: BTreeMap<String, Vec<Arc<RunnerHandle>>>,
+    /// What the router presents to every runner.
+    token: SendToken,
 }
 
 impl Runners {
+    /// No runners yet; those added later are called with `token`.
+    pub fn new(token: SendToken) -> Self {
+        Runners { by_model: BTreeMap::new(), token }
+    }
+
     /// Connects to every runner (lazily) and starts following its health.
     pub fn start(specs: Vec<RunnerSpec>) -> anyhow::Result<Self> {
         Runners::default().update(specs)
@@ -200,14 +212,14 @@ impl Runners {
         for spec in specs {
             let handle = match old.iter().position(|h| h.spec == spec) {
                 Some(i) => old.swap_remove(i),
-                None => RunnerHandle::connect(spec)?,
+                None => RunnerHandle::connect(spec, self.token.clone())?,
             };
             by_model.entry(handle.spec.model.clone()).or_default().push(handle);
         }
         for gone in old {
             gone.stop();
         }
-        Ok(Runners { by_model })
+        Ok(Runners { by_model, token: self.token.clone() })
     }
 
     pub fn for_model(&self, model_id: &str) -> &[Arc<RunnerHandle>] {

@@ -11,9 +11,10 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::api::{self, AppState};
+use crate::api::{self, AppState, Limits};
 use crate::auth::Auth;
 use crate::inference::{Inference, PathConfig};
+use crate::listener::{self, ConnectionLimits, TlsFiles};
 use crate::metering::Meter;
 use crate::metrics::Metrics;
 use crate::runners::RunnerSpec;
@@ -30,9 +31,14 @@ pub enum AuthConfig {
 #[derive(Clone, Debug)]
 pub struct RouterConfig {
     pub listen: SocketAddr,
-    /// A second listener for `/metrics` only (the main one serves it too).
-    pub metrics_listen: Option<SocketAddr>,
-    pub max_request_bytes: usize,
+    /// The admin listener: `/metrics` (never on the public port) and the probes.
+    pub admin_listen: Option<SocketAddr>,
+    /// HTTPS on the public listener.
+    pub tls: Option<TlsFiles>,
+    /// What a request may contain, and how long it may take.
+    pub limits: Limits,
+    /// What a connection may do.
+    pub connections: ConnectionLimits,
     pub auth: AuthConfig,
     /// The JSONL metering file; `None` keeps no records.
     pub metering: Option<PathBuf>,
@@ -45,8 +51,10 @@ impl RouterConfig {
     pub fn local(listen: SocketAddr) -> Self {
         RouterConfig {
             listen,
-            metrics_listen: None,
-            max_request_bytes: 10 << 20,
+            admin_listen: None,
+            tls: None,
+            limits: Limits::default(),
+            connections: ConnectionLimits::default(),
             auth: AuthConfig::Off,
             metering: None,
             metering_max_bytes: 256 << 20,
@@ -84,9 +92,11 @@ impl Platform {
 /// A started router.
 pub struct RunningRouter {
     pub addr: SocketAddr,
-    pub metrics_addr: Option<SocketAddr>,
+    /// The admin listener's address (`/metrics`).
+    pub admin_addr: Option<SocketAddr>,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
+    admin: Option<JoinHandle<()>>,
     inference: Arc<Inference>,
 }
 
@@ -109,12 +119,19 @@ impl RunningRouter {
             tracing::warn!("requests still open after {}s; stopping anyway", SHUTDOWN_GRACE.as_secs());
             self.task.abort();
         }
+        if let Some(admin) = self.admin.take() {
+            admin.abort();
+        }
         self.inference.live().runners.stop();
     }
 }
 
-/// The router's HTTP app and request path, without listeners (tests drive the app directly).
-pub fn build(config: &RouterConfig, platform: Platform) -> anyhow::Result<(axum::Router, Arc<Inference>)> {
+/// The router's HTTP apps (public, admin) and request path, without listeners (tests drive the
+/// apps directly).
+pub fn build_apps(
+    config: &RouterConfig,
+    platform: Platform,
+) -> anyhow::Result<(axum::Router, axum::Router, Arc<Inference>)> {
     let metrics = Metrics::new().context("registering metrics")?;
     let meter = match &config.metering {
         Some(path) => Meter::jsonl(path.clone(), config.metering_max_bytes, metrics.metering_dropped.clone()),
@@ -132,47 +149,41 @@ pub fn build(config: &RouterConfig, platform: Platform) -> anyhow::Result<(axum:
         }
     };
     let inference = Inference::new(platform, metrics, meter, config.path.clone())?;
-    let state = Arc::new(AppState { inference: inference.clone(), auth, max_request_bytes: config.max_request_bytes });
-    Ok((api::router(state), inference))
+    let state = Arc::new(AppState { inference: inference.clone(), auth, limits: config.limits.clone() });
+    Ok((api::router(state.clone()), api::admin_router(state), inference))
+}
+
+/// The public HTTP app and the request path.
+pub fn build(config: &RouterConfig, platform: Platform) -> anyhow::Result<(axum::Router, Arc<Inference>)> {
+    let (app, _, inference) = build_apps(config, platform)?;
+    Ok((app, inference))
 }
 
 /// Binds the listeners and serves until shut down.
 pub async fn start(config: RouterConfig, platform: Platform) -> anyhow::Result<RunningRouter> {
-    let (app, inference) = build(&config, platform)?;
-    let metrics = inference.metrics.clone();
+    let (app, admin_app, inference) = build_apps(&config, platform)?;
+    let tls = config.tls.as_ref().map(TlsFiles::acceptor).transpose().context("loading the TLS certificate")?;
     let listener = TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
-    let mut metrics_addr = None;
-    let metrics_task = match config.metrics_listen {
+    let (admin_addr, admin) = match config.admin_listen {
         Some(at) => {
             let l = TcpListener::bind(at).await.with_context(|| format!("binding {at}"))?;
-            metrics_addr = Some(l.local_addr()?);
-            let m = metrics.clone();
-            let app = axum::Router::new().route("/metrics", axum::routing::get(move || async move { m.render() }));
-            Some(tokio::spawn(async move {
-                let _ = axum::serve(l, app).await;
-            }))
+            let admin_addr = l.local_addr()?;
+            let task = tokio::spawn(async move {
+                if let Err(e) = axum::serve(l, admin_app).await {
+                    tracing::error!(error = %e, "the admin listener failed");
+                }
+            });
+            tracing::info!(addr = %admin_addr, "admin listener (/metrics) listening");
+            (Some(admin_addr), Some(task))
         }
-        None => None,
+        None => (None, None),
     };
     let (tx, rx) = oneshot::channel::<()>();
-    // Streamed events are written one by one: send each at once.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let task = tokio::spawn(async move {
-        let serve = axum::serve(listener, app).with_graceful_shutdown(async {
-            let _ = rx.await;
-        });
-        if let Err(e) = serve.await {
-            tracing::error!(error = %e, "the router's listener failed");
-        }
-        if let Some(t) = metrics_task {
-            t.abort();
-        }
-    });
-    tracing::info!(%addr, "router listening");
-    Ok(RunningRouter { addr, metrics_addr, shutdown: Some(tx), task, inference })
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let task = tokio::spawn(listener::serve(listener, app, tls, config.connections.clone(), rx));
+    tracing::info!(%addr, scheme, "router listening");
+    Ok(RunningRouter { addr, admin_addr, shutdown: Some(tx), task, admin, inference })
 }
 
 /// Ctrl-C, or SIGTERM (what Kubernetes and `mantle dev` send).

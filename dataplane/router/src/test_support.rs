@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
+use mantle_proto::auth::{RequireToken, Token};
 use mantle_proto::runner_server::{Runner, RunnerServer};
 use mantle_proto::{
     CountTokensRequest, CountTokensResponse, EmbedRequest, EmbedResponse, Embedding, FinishReason, Finished,
@@ -27,11 +28,13 @@ pub struct StandInConfig {
     /// Refuse every Generate with this gRPC code.
     pub fail_with: Option<tonic::Code>,
     pub context_length: u32,
+    /// The token every call must carry, as a runner started with `--auth-token-file`.
+    pub token: Option<Token>,
 }
 
 impl Default for StandInConfig {
     fn default() -> Self {
-        StandInConfig { tokens: 8, interval: Duration::ZERO, fail_with: None, context_length: 4096 }
+        StandInConfig { tokens: 8, interval: Duration::ZERO, fail_with: None, context_length: 4096, token: None }
     }
 }
 
@@ -221,10 +224,11 @@ pub async fn stand_in_at(config: StandInConfig, listen: SocketAddr) -> std::io::
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
     let counters = Arc::new(Counters::default());
+    let require = RequireToken(config.token.clone());
     let service = StandIn { config, counters: counters.clone() };
     let task = tokio::spawn(async move {
         let _ = tonic::transport::Server::builder()
-            .add_service(RunnerServer::new(service))
+            .add_service(RunnerServer::with_interceptor(service, require))
             .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)))
             .await;
     });
@@ -266,4 +270,53 @@ pub async fn openai_stand_in(config: StandInConfig, listen: SocketAddr) -> std::
         let _ = axum::serve(listener, app).await;
     });
     Ok(addr)
+}
+
+/// A TCP forwarder in front of a runner whose connections can be cut at once, as when the
+/// runner's process dies or its node goes away mid-request.
+pub struct Cuttable {
+    pub addr: SocketAddr,
+    cut: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Cuttable {
+    /// Forwards a loopback port to `target`.
+    pub async fn new(target: SocketAddr) -> std::io::Result<Self> {
+        let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+        let addr = listener.local_addr()?;
+        let (cut, cut_rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let mut cut_rx = cut_rx.clone();
+                if *cut_rx.borrow() {
+                    continue;
+                }
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut_rx.wait_for(|cut| *cut) => {}
+                    }
+                });
+            }
+        });
+        Ok(Cuttable { addr, cut, task })
+    }
+
+    /// `http://addr`, as a runner address.
+    pub fn address(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Drops every connection and refuses new ones.
+    pub fn cut(&self) {
+        let _ = self.cut.send(true);
+    }
+}
+
+impl Drop for Cuttable {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }

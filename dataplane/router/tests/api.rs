@@ -120,7 +120,7 @@ async fn converse_answers_with_usage_and_a_request_id_that_reaches_the_runner() 
 #[tokio::test]
 async fn bad_input_gets_the_right_status_and_error_type() {
     let mut options = Options::default();
-    options.config.max_request_bytes = 4096;
+    options.config.limits.max_request_bytes = 4096;
     let f = fixture(options).await;
     let converse = "/model/acme.text-v1%3A0/converse";
     let cases: Vec<(&str, Request<Body>, StatusCode, &str)> = vec![
@@ -222,14 +222,19 @@ async fn sigv4_and_api_keys_are_checked_when_auth_is_on() {
     let body = converse_body("x");
     let (status, _, text) = send(&f.app, signed(path, &body, SystemTime::now(), "s3cret")).await;
     assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&text));
-    for (name, request) in [
-        ("wrong secret", signed(path, &body, SystemTime::now(), "guess")),
-        ("expired", signed(path, &body, SystemTime::now() - Duration::from_secs(600), "s3cret")),
-        ("unsigned", post(path, body.clone())),
+    // Each failure carries the exception AWS answers with, which botocore surfaces as the code.
+    for (name, request, kind) in [
+        ("wrong secret", signed(path, &body, SystemTime::now(), "guess"), "InvalidSignatureException"),
+        (
+            "expired",
+            signed(path, &body, SystemTime::now() - Duration::from_secs(600), "s3cret"),
+            "InvalidSignatureException",
+        ),
+        ("unsigned", post(path, body.clone()), "MissingAuthenticationTokenException"),
     ] {
         let (status, headers, _) = send(&f.app, request).await;
         assert_eq!(status, StatusCode::FORBIDDEN, "{name}");
-        assert_eq!(headers["x-amzn-ErrorType"], "AccessDeniedException", "{name}");
+        assert_eq!(headers["x-amzn-ErrorType"], kind, "{name}");
     }
     let chat = json!({"model": TEXT, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 40}).to_string();
     let bearer = |key: &str| {

@@ -83,6 +83,10 @@ pub struct ServeArgs {
     /// Use a built-in chat template instead of the one in the weights.
     #[arg(long, value_enum)]
     pub chat_template: Option<Template>,
+    /// A file holding the token every gRPC call must carry (`authorization: Bearer <token>`):
+    /// the router's shared Secret. Without it the gRPC port serves anyone who reaches it.
+    #[arg(long, env = "MANTLE_RUNNER_TOKEN_FILE")]
+    pub auth_token_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -120,6 +124,7 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
         max_running: args.max_running,
         swap_bytes: args.swap_mib << 20,
         gpu_index: args.gpu_index,
+        auth_token: args.auth_token_file.as_deref().map(mantle_proto::auth::Token::from_file).transpose()?,
         chat_template: args.chat_template.map(|t| match t {
             Template::Chatml => TemplateFamily::ChatMl,
             Template::Llama3 => TemplateFamily::Llama3,

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use mantle_engine::kv_cache::KvCache;
 use mantle_engine::{EmbeddingModel, GgufFile, Scheduler, SchedulerConfig, TemplateFamily, TextModel};
+use mantle_proto::auth::{RequireToken, Token};
 use mantle_proto::runner_server::RunnerServer;
 use mantle_proto::{InfoResponse, TierLoad};
 use tokio::net::TcpListener;
@@ -53,6 +54,9 @@ pub struct RunnerConfig {
     pub chat_template: Option<TemplateFamily>,
     /// The GPU whose health is reported (with the `nvml` feature).
     pub gpu_index: u32,
+    /// The token every gRPC call must carry (the router's); `None` serves anyone who reaches the
+    /// port.
+    pub auth_token: Option<Token>,
 }
 
 impl RunnerConfig {
@@ -75,6 +79,7 @@ impl RunnerConfig {
             swap_bytes: 256 << 20,
             chat_template: None,
             gpu_index: 0,
+            auth_token: None,
         }
     }
 }
@@ -159,12 +164,14 @@ pub async fn start(config: RunnerConfig) -> anyhow::Result<RunningRunner> {
 
     let (shutdown, shutdown_rx) = oneshot::channel::<()>();
     let grpc = tokio::spawn(
-        tonic::transport::Server::builder().add_service(RunnerServer::new(service)).serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
-            async {
-                let _ = shutdown_rx.await;
-            },
-        ),
+        tonic::transport::Server::builder()
+            .add_service(RunnerServer::with_interceptor(service, RequireToken(config.auth_token.clone())))
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
+                async {
+                    let _ = shutdown_rx.await;
+                },
+            ),
     );
     ready.store(true, Ordering::Release);
     tracing::info!(model_id = %config.model_id, %grpc_addr, %http_addr, "runner ready");

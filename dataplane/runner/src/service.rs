@@ -61,17 +61,16 @@ impl RunnerService {
     }
 
     /// Prompt tokens for a request: the conversation through the chat template, or the raw prompt.
-    fn prompt_tokens(&self, messages: &[mantle_proto::ChatMessage], prompt: &str) -> Result<Vec<u32>, Status> {
+    /// Tokenizing a long prompt takes milliseconds to seconds, so it runs on the blocking pool,
+    /// never on the async workers that answer health streams and other callers.
+    async fn prompt_tokens(
+        &self,
+        messages: Vec<mantle_proto::ChatMessage>,
+        prompt: String,
+    ) -> Result<Vec<u32>, Status> {
         let Served::Text { model, .. } = &self.served else {
             return Err(self.wrong_modality("a prompt", "TEXT"));
         };
-        if messages.is_empty() {
-            if prompt.is_empty() {
-                return Err(Status::invalid_argument("the request has neither messages nor a prompt"));
-            }
-            return model.tokenizer.encode(prompt).map_err(status);
-        }
-        let mut chat = Vec::with_capacity(messages.len());
         for (i, m) in messages.iter().enumerate() {
             if !matches!(m.role.as_str(), "system" | "user" | "assistant") {
                 return Err(Status::invalid_argument(format!(
@@ -79,10 +78,27 @@ impl RunnerService {
                     m.role
                 )));
             }
-            chat.push(ChatMessage::new(&m.role, &m.content));
         }
-        model.chat_prompt(&chat).map_err(status)
+        if messages.is_empty() && prompt.is_empty() {
+            return Err(Status::invalid_argument("the request has neither messages nor a prompt"));
+        }
+        let model = model.clone();
+        blocking(move || {
+            if messages.is_empty() {
+                return model.tokenizer.encode(&prompt);
+            }
+            let chat: Vec<ChatMessage> = messages.iter().map(|m| ChatMessage::new(&m.role, &m.content)).collect();
+            model.chat_prompt(&chat)
+        })
+        .await
     }
+}
+
+/// Runs CPU-bound engine work (tokenizing, embedding) on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, EngineError> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(work).await.map_err(|e| Status::internal(format!("engine task: {e}")))?.map_err(status)
 }
 
 /// The one place engine errors become gRPC statuses.
@@ -147,7 +163,7 @@ impl Runner for RunnerService {
         let Served::Text { engine, .. } = &self.served else {
             return Err(self.wrong_modality("Generate", "TEXT"));
         };
-        let prompt = self.prompt_tokens(&r.messages, &r.prompt)?;
+        let prompt = self.prompt_tokens(r.messages, r.prompt).await?;
         if !(r.temperature.is_finite() && r.temperature >= 0.0) {
             return Err(Status::invalid_argument(format!("temperature {} must be 0 or more", r.temperature)));
         }
@@ -208,10 +224,7 @@ impl Runner for RunnerService {
             )));
         }
         let model = model.clone();
-        let out = tokio::task::spawn_blocking(move || model.embed(&texts))
-            .await
-            .map_err(|e| Status::internal(format!("embedding task: {e}")))?
-            .map_err(status)?;
+        let out = blocking(move || model.embed(&texts)).await?;
         Ok(Response::new(EmbedResponse {
             embeddings: out.vectors.into_iter().map(|values| Embedding { values }).collect(),
             input_tokens: out.input_tokens as u32,
@@ -224,18 +237,22 @@ impl Runner for RunnerService {
     ) -> Result<Response<CountTokensResponse>, Status> {
         let r = request.into_inner();
         let count = match &self.served {
-            Served::Text { .. } => self.prompt_tokens(&r.messages, &r.prompt)?.len(),
+            Served::Text { .. } => self.prompt_tokens(r.messages, r.prompt).await?.len(),
             Served::Embedding { model, .. } => {
-                let texts = r
-                    .messages
-                    .iter()
-                    .map(|m| m.content.as_str())
-                    .chain((!r.prompt.is_empty()).then_some(r.prompt.as_str()));
-                let mut total = 0;
-                for text in texts {
-                    total += model.count_tokens(text).map_err(status)?;
-                }
-                total
+                let model = model.clone();
+                blocking(move || {
+                    let texts = r
+                        .messages
+                        .iter()
+                        .map(|m| m.content.as_str())
+                        .chain((!r.prompt.is_empty()).then_some(r.prompt.as_str()));
+                    let mut total = 0;
+                    for text in texts {
+                        total += model.count_tokens(text)?;
+                    }
+                    Ok(total)
+                })
+                .await?
             }
         };
         Ok(Response::new(CountTokensResponse { input_tokens: count as u32 }))

@@ -672,3 +672,37 @@ fn random_mutations_of_a_signed_request_never_panic_and_never_verify() {
     }
     assert!(accepted > 0, "the unmutated path variant should sometimes survive a harmless mutation");
 }
+
+// --- Checking the headers before the body is read. ---
+
+#[test]
+fn precheck_accepts_a_known_key_in_its_window_without_the_body() {
+    let headers = get_vanilla_headers();
+    let req = request("GET", "/", "", &headers);
+    let checked = precheck(&req, |akid| akid == AKID, "service", at(SUITE_TIME), DEFAULT_MAX_SKEW).unwrap();
+    assert_eq!(checked, Precheck { access_key_id: AKID.into(), payload_signed: true });
+}
+
+#[test]
+fn precheck_refuses_unknown_keys_stale_dates_and_missing_auth() {
+    let headers = get_vanilla_headers();
+    let req = request("GET", "/", "", &headers);
+    let unknown = precheck(&req, |_| false, "service", at(SUITE_TIME), DEFAULT_MAX_SKEW).unwrap_err();
+    assert_eq!(unknown.error_code(), "UnrecognizedClientException");
+    let late = precheck(&req, |_| true, "service", at(SUITE_TIME + 3600), DEFAULT_MAX_SKEW).unwrap_err();
+    assert!(matches!(late, SigV4Error::SignatureExpired { .. }), "{late:?}");
+    let wrong_service = precheck(&req, |_| true, "bedrock", at(SUITE_TIME), DEFAULT_MAX_SKEW).unwrap_err();
+    assert_eq!(wrong_service.error_code(), "InvalidSignatureException");
+    let none = request("GET", "/", "", &VANILLA_HEADERS);
+    let missing = precheck(&none, |_| true, "service", at(SUITE_TIME), DEFAULT_MAX_SKEW).unwrap_err();
+    assert_eq!(missing.error_code(), "MissingAuthenticationTokenException");
+}
+
+#[test]
+fn precheck_flags_an_unsigned_payload() {
+    let headers = signed_with_content_sha256(UNSIGNED_PAYLOAD, b"anything");
+    let headers = borrowed(&headers);
+    let req = Request { method: "PUT", path: "/", query: "", headers: &headers, body: b"" };
+    let checked = precheck(&req, |_| true, "service", at(SUITE_TIME), DEFAULT_MAX_SKEW).unwrap();
+    assert!(!checked.payload_signed);
+}

@@ -1,24 +1,25 @@
-//! The HTTP API: routes, and one middleware that every request passes — request id, body limit,
-//! authentication, the `x-amzn-RequestId` header and the error dialect (Bedrock or OpenAI).
+//! The HTTP API: routes, behind the front door (`front`: request id, limits, timeouts,
+//! authentication, the error dialect — Bedrock or OpenAI).
 
 mod bedrock;
 mod control;
+mod front;
 mod openai;
 mod stream;
+
+pub use front::Limits;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use mantle_admission::Priority;
 
-use crate::auth::{Auth, Signed};
+use crate::auth::Auth;
 use crate::error::ApiError;
 use crate::inference::{Ctx, Inference};
 use crate::tenants::Tenant;
@@ -27,12 +28,15 @@ use crate::tenants::Tenant;
 pub struct AppState {
     pub inference: Arc<Inference>,
     pub auth: Auth,
-    pub max_request_bytes: usize,
+    pub limits: Limits,
 }
 
 pub type Shared = Arc<AppState>;
 
-/// What the middleware learned about a request, for the handlers.
+/// The furthest `x-amz-bedrock-deadline-ms` that is a deadline (a year); beyond it, none.
+const MAX_DEADLINE_MS: u64 = 365 * 24 * 3600 * 1000;
+
+/// What the front door learned about a request, for the handlers.
 #[derive(Clone)]
 pub struct Caller {
     pub request_id: String,
@@ -63,10 +67,14 @@ impl Caller {
         let deadline = match headers.get("x-amz-bedrock-deadline-ms") {
             None => None,
             Some(v) => {
-                let ms: u64 = v.to_str().ok().and_then(|s| s.trim().parse().ok()).ok_or_else(|| {
+                // Any run of digits is a number of milliseconds, however long.
+                let digits =
+                    v.to_str().ok().map(str::trim).filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()));
+                let ms: u64 = digits.map(|s| s.parse().unwrap_or(u64::MAX)).ok_or_else(|| {
                     ApiError::validation("x-amz-bedrock-deadline-ms must be a whole number of milliseconds")
                 })?;
-                Some(self.received + Duration::from_millis(ms))
+                // A deadline further out than a year is none at all (saturating, never wrapping).
+                (ms < MAX_DEADLINE_MS).then(|| self.received + Duration::from_millis(ms))
             }
         };
         Ok(Ctx {
@@ -80,7 +88,8 @@ impl Caller {
     }
 }
 
-/// The whole HTTP surface.
+/// The public HTTP surface. `/metrics` is not on it: the router serves it on its admin
+/// listener ([`admin_router`]).
 pub fn router(state: Shared) -> Router {
     let api = Router::new()
         .route("/model/{model_id}/converse", post(bedrock::converse))
@@ -94,13 +103,17 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/embeddings", post(openai::embeddings))
         .route("/v1/models", get(openai::list_models))
         .route("/v1/models/{model_id}", get(openai::get_model))
-        .fallback(unknown_operation)
-        .layer(middleware::from_fn_with_state(state.clone(), front_door));
+        .fallback(unknown_operation);
+    let probes = Router::new().route("/healthz", get(|| async { "ok" })).route("/readyz", get(readyz));
+    front::layer(probes, &state, false).merge(front::layer(api, &state, true)).with_state(state)
+}
+
+/// The admin listener's surface: `/metrics`, and the probes.
+pub fn admin_router(state: Shared) -> Router {
     Router::new()
+        .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .merge(api)
         .with_state(state)
 }
 
@@ -111,61 +124,6 @@ fn is_openai(path: &str) -> bool {
 /// Renders an error in the dialect of the path it answers.
 pub fn error_response(path: &str, error: ApiError) -> Response {
     if is_openai(path) { error.into_openai() } else { error.into_bedrock() }
-}
-
-/// Request id, body limit, authentication, `x-amzn-RequestId`.
-async fn front_door(State(state): State<Shared>, request: Request, next: Next) -> Response {
-    let request_id = uuid::Uuid::new_v4().to_string();
-    let received = Instant::now();
-    let path = request.uri().path().to_string();
-    let mut response = match admit(&state, request, &request_id, received).await {
-        Ok(request) => next.run(request).await,
-        Err(error) => {
-            tracing::debug!(%request_id, %path, error = %error, "request refused at the door");
-            error_response(&path, error)
-        }
-    };
-    if let Ok(id) = HeaderValue::from_str(&request_id) {
-        response.headers_mut().insert("x-amzn-RequestId", id);
-    }
-    response
-}
-
-async fn admit(state: &AppState, request: Request, request_id: &str, received: Instant) -> Result<Request, ApiError> {
-    let (mut parts, body) = request.into_parts();
-    let limit = state.max_request_bytes;
-    let too_large = |n: Option<usize>| {
-        ApiError::PayloadTooLarge(match n {
-            Some(n) => format!("The request body is {n} bytes; the limit is {limit} bytes."),
-            None => format!("The request body is over the limit of {limit} bytes."),
-        })
-    };
-    let declared =
-        parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
-    if let Some(n) = declared.filter(|&n| n > limit) {
-        return Err(too_large(Some(n)));
-    }
-    let body: Bytes = axum::body::to_bytes(body, limit).await.map_err(|_| too_large(None))?;
-    let headers: Vec<(&str, &str)> =
-        parts.headers.iter().filter_map(|(name, value)| value.to_str().ok().map(|v| (name.as_str(), v))).collect();
-    let mut headers = headers;
-    // HTTP/1.1 carries the host as a header; SigV4 signs it.
-    let authority = parts.uri.authority().map(|a| a.as_str().to_string());
-    if let Some(authority) = authority.as_deref()
-        && !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("host"))
-    {
-        headers.push(("host", authority));
-    }
-    let signed = Signed {
-        method: parts.method.as_str(),
-        path: parts.uri.path(),
-        query: parts.uri.query().unwrap_or(""),
-        headers,
-        body: &body,
-    };
-    let tenant = state.auth.authenticate(&signed)?;
-    parts.extensions.insert(Caller { request_id: request_id.to_string(), tenant, received });
-    Ok(Request::from_parts(parts, Body::from(body)))
 }
 
 async fn unknown_operation(request: Request) -> Response {
@@ -179,11 +137,16 @@ async fn unknown_operation(request: Request) -> Response {
     response
 }
 
-/// 200 only when every model has a ready runner.
+/// 200 only when every model can admit requests.
 async fn readyz(State(state): State<Shared>) -> Response {
     let live = state.inference.live();
-    let missing: Vec<&str> =
-        live.catalog.iter().filter(|m| !live.runners.ready(&m.model_id)).map(|m| m.model_id.as_str()).collect();
+    // Ready means able to admit: a runner is ready and admission has counted its slots.
+    let missing: Vec<&str> = live
+        .catalog
+        .iter()
+        .filter(|m| !live.runners.ready(&m.model_id) || !state.inference.admits(&m.model_id))
+        .map(|m| m.model_id.as_str())
+        .collect();
     if missing.is_empty() {
         (StatusCode::OK, "ready\n").into_response()
     } else {
@@ -195,10 +158,17 @@ async fn metrics(State(state): State<Shared>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.inference.metrics.render()).into_response()
 }
 
+/// The `model` label of requests for a model the catalog does not know.
+pub const UNKNOWN_MODEL: &str = "unknown";
+
 /// Answers an error in a dialect, counted under the model the client asked for; refusals under
 /// load carry `x-mantle-capacity`.
 fn fail(state: &AppState, api: &str, model: &str, error: ApiError, render: fn(ApiError) -> Response) -> Response {
-    state.inference.metrics.requests.with_label_values(&[api, model, error.kind()]).inc();
+    // Labelled by a model the catalog knows, never by the client's string: unknown ids would
+    // each make a new series.
+    let live = state.inference.live();
+    let label = live.catalog.resolve(model).map_or(UNKNOWN_MODEL, |m| m.model_id.as_str());
+    state.inference.metrics.requests.with_label_values(&[api, label, error.kind()]).inc();
     let shed = matches!(error, ApiError::Throttling { .. } | ApiError::Unavailable { .. });
     let mut response = render(error);
     if shed
