@@ -368,6 +368,22 @@ mod tests {
     }
 
     #[test]
+    fn prompt_tokens_include_cached_ones_as_openai_counts_them() {
+        let out = TextOutput {
+            text: "Hi".into(),
+            tool_call: None,
+            stop_reason: StopReason::EndTurn,
+            stop_sequence: None,
+            usage: Usage { input_tokens: 600, output_tokens: 20, cached_tokens: 544 },
+        };
+        for usage in [&chat_response("a", "m", &out)["usage"], &usage_chunk("a", "m", &out)["usage"]] {
+            assert_eq!(usage["prompt_tokens"], 600, "{usage}");
+            assert_eq!(usage["prompt_tokens_details"]["cached_tokens"], 544);
+            assert_eq!(usage["total_tokens"], 620);
+        }
+    }
+
+    #[test]
     fn a_cache_salt_in_the_body_is_taken_and_checked() {
         let body =
             |salt: Value| json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "cache_salt": salt});
