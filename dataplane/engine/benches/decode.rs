@@ -116,6 +116,7 @@ fn prefix_cache(model: TextModel) {
             sampling: SamplingParams::default(),
             stop_sequences: Vec::new(),
             priority: 1,
+            cache_salt: String::new(),
         };
         scheduler.add(request).expect("fits");
         let start = Instant::now();

@@ -8,6 +8,12 @@
 //! them again. A block nobody holds keeps its contents and stays findable until the space is
 //! needed; then the least recently used such block is reused.
 //!
+//! Isolation: a sequence's chain starts from the seed of its cache salt
+//! ([`KvCache::namespace`]), so blocks are shared only between sequences with the same salt (the
+//! router salts with the tenant). Another salt never finds them, nor learns from a faster first
+//! token that they exist. The hash is SipHash keyed at random per cache, so a client cannot
+//! compute block hashes offline to craft a colliding prompt.
+//!
 //! Integrity: a registered block carries a CRC32 of its keys and values (all layers). It is
 //! checked before a cached block is shared and by a background sweep; a block that fails is
 //! dropped from the cache and its sequences recompute it, and the corruption is counted.
@@ -17,9 +23,8 @@
 //! Half precision halves what attention reads per decoded token (at 16 streams of ~100 cached
 //! tokens, the cache reads rival the weights), and doubles the tokens a memory budget holds.
 
-use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, HashMap};
-use std::hash::{Hash, Hasher};
+use std::hash::{BuildHasher, Hash, Hasher, RandomState};
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
@@ -49,6 +54,8 @@ pub struct KvCache {
     clock: u64,
     sweep_cursor: usize,
     corruptions: u64,
+    /// The secret key of the prefix hash, random per cache.
+    hash_key: RandomState,
 }
 
 impl KvCache {
@@ -75,6 +82,7 @@ impl KvCache {
             clock: 0,
             sweep_cursor: 0,
             corruptions: 0,
+            hash_key: RandomState::new(),
         }
     }
 
@@ -103,6 +111,28 @@ impl KvCache {
     /// Registered blocks (held or idle) that later sequences can share.
     pub fn cached_blocks(&self) -> usize {
         self.by_hash.len()
+    }
+
+    /// The chain seed of the prefix-cache namespace named by `salt`: sequences share cached
+    /// blocks only with sequences of the same salt. The empty salt is the shared namespace, the
+    /// seed of [`BlockTable::default`].
+    pub fn namespace(&self, salt: &[u8]) -> u64 {
+        if salt.is_empty() {
+            return 0;
+        }
+        let mut h = self.hash_key.build_hasher();
+        // Tagged, so a salt's seed is never the hash of some block.
+        "cache-salt".hash(&mut h);
+        salt.hash(&mut h);
+        h.finish()
+    }
+
+    /// The hash of a block given the hash of the prefix before it.
+    fn chain_hash(&self, parent: u64, tokens: &[u32]) -> u64 {
+        let mut h = self.hash_key.build_hasher();
+        parent.hash(&mut h);
+        tokens.hash(&mut h);
+        h.finish()
     }
 
     /// Cached blocks found corrupt so far.
@@ -305,11 +335,19 @@ pub struct BlockTable {
     blocks: Vec<u32>,
     /// Leading blocks that are registered (or were found) in the prefix cache.
     hashed: usize,
-    /// The prefix hash of the last of those.
+    /// The prefix hash of the last of those (`seed` before the first).
     chain: u64,
+    /// Where the chain starts: the sequence's cache namespace.
+    seed: u64,
 }
 
 impl BlockTable {
+    /// An empty table in the namespace `seed` (from [`KvCache::namespace`]); `default()` is the
+    /// shared namespace.
+    pub fn salted(seed: u64) -> Self {
+        Self { blocks: Vec::new(), hashed: 0, chain: seed, seed }
+    }
+
     pub fn blocks(&self) -> &[u32] {
         &self.blocks
     }
@@ -332,7 +370,7 @@ impl BlockTable {
         debug_assert!(self.blocks.is_empty());
         let bs = cache.block_size();
         for chunk in tokens[..tokens.len().saturating_sub(1)].chunks_exact(bs) {
-            let hash = chain_hash(self.chain, chunk);
+            let hash = cache.chain_hash(self.chain, chunk);
             let Some(block) = cache.lookup(hash) else { break };
             self.blocks.push(block);
             self.hashed += 1;
@@ -345,7 +383,7 @@ impl BlockTable {
     pub fn register_full(&mut self, cache: &mut KvCache, tokens: &[u32], computed: usize) {
         let bs = cache.block_size();
         while self.hashed < (computed / bs).min(self.blocks.len()) {
-            let hash = chain_hash(self.chain, &tokens[self.hashed * bs..(self.hashed + 1) * bs]);
+            let hash = cache.chain_hash(self.chain, &tokens[self.hashed * bs..(self.hashed + 1) * bs]);
             cache.register(self.blocks[self.hashed], hash);
             self.hashed += 1;
             self.chain = hash;
@@ -362,16 +400,8 @@ impl BlockTable {
             cache.release(block);
         }
         self.hashed = 0;
-        self.chain = 0;
+        self.chain = self.seed;
     }
-}
-
-/// The hash of a block given the hash of the prefix before it.
-fn chain_hash(parent: u64, tokens: &[u32]) -> u64 {
-    let mut h = DefaultHasher::new();
-    parent.hash(&mut h);
-    tokens.hash(&mut h);
-    h.finish()
 }
 
 #[cfg(test)]
@@ -449,6 +479,49 @@ mod tests {
         assert_eq!(cache.cached_blocks(), 2);
         c.release(&mut cache);
         assert_eq!(cache.free_blocks(), before + 3, "a's three blocks come back, shared ones only once");
+    }
+
+    #[test]
+    fn a_prefix_is_shared_only_within_its_salt() {
+        let mut cache = KvCache::new(1, 1, 2, 4, 12);
+        let tokens: Vec<u32> = (0..10).collect();
+        let (acme, other) = (cache.namespace(b"acme"), cache.namespace(b"other"));
+        let mut a = BlockTable::salted(acme);
+        a.reserve(&mut cache, 10).unwrap();
+        filled(&mut cache, &a, 10, 0.0);
+        a.register_full(&mut cache, &tokens, 10);
+
+        let mut b = BlockTable::salted(other);
+        assert_eq!(b.match_prefix(&mut cache, &tokens), 0, "another salt finds nothing");
+        assert_eq!(BlockTable::default().match_prefix(&mut cache, &tokens), 0, "nor does the shared namespace");
+        let mut same = BlockTable::salted(acme);
+        assert_eq!(same.match_prefix(&mut cache, &tokens), 8, "the same salt shares");
+        assert_eq!(&same.blocks()[..2], &a.blocks()[..2]);
+
+        // b computes the same prompt in blocks of its own; a's keys and values stay a's.
+        b.reserve(&mut cache, 10).unwrap();
+        assert!(b.blocks().iter().all(|blk| !a.contains(*blk)), "{:?} / {:?}", b.blocks(), a.blocks());
+        filled(&mut cache, &b, 10, 100.0);
+        b.register_full(&mut cache, &tokens, 10);
+        assert_eq!(cache.cached_blocks(), 4, "one copy per namespace");
+        assert_eq!(cache.head(0, a.blocks()[1], 0).0[0].to_f32(), 4.0);
+        let mut b2 = BlockTable::salted(other);
+        assert_eq!(b2.match_prefix(&mut cache, &tokens), 8);
+        assert_eq!(cache.head(0, b2.blocks()[1], 0).0[0].to_f32(), 104.0, "b's own contents");
+
+        // A released table starts its chain from its salt again.
+        same.release(&mut cache);
+        assert_eq!(same.match_prefix(&mut cache, &tokens), 8);
+    }
+
+    #[test]
+    fn hashes_are_keyed_per_cache() {
+        let (one, two) = (KvCache::new(1, 1, 2, 4, 4), KvCache::new(1, 1, 2, 4, 4));
+        assert_eq!(one.namespace(b""), 0, "the empty salt is the shared namespace");
+        assert_ne!(one.namespace(b"acme"), one.namespace(b"other"));
+        assert_eq!(one.namespace(b"acme"), one.namespace(b"acme"));
+        assert_ne!(one.namespace(b"acme"), two.namespace(b"acme"), "the key is random, not fixed");
+        assert_ne!(one.chain_hash(0, &[1, 2, 3, 4]), two.chain_hash(0, &[1, 2, 3, 4]));
     }
 
     #[test]

@@ -44,6 +44,10 @@ pub struct GenerateRequest {
     pub sampling: SamplingParams,
     pub stop_sequences: Vec<String>,
     pub priority: Priority,
+    /// The prefix-cache namespace: cached prompt blocks are shared only between requests with
+    /// the same salt (the runner is given the tenant's). Empty is a namespace of its own, shared
+    /// by every request without a salt.
+    pub cache_salt: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -220,12 +224,13 @@ impl Scheduler {
             });
         }
         let sampler = Sampler::new(req.sampling.clone());
+        let table = BlockTable::salted(self.cache.namespace(req.cache_salt.as_bytes()));
         self.arrivals += 1;
         self.waiting.push(Sequence {
             tokens: req.prompt.clone(),
             req,
             computed: 0,
-            table: BlockTable::default(),
+            table,
             sampler,
             decoder: IncrementalDecoder::default(),
             held: String::new(),

@@ -1,6 +1,7 @@
 //! Prefix caching on the real model: a shared system prompt is computed once, later requests
 //! reuse its blocks and produce exactly what they would without the cache, and a corrupted cached
-//! block is caught by its checksum and recomputed.
+//! block is caught by its checksum and recomputed. Blocks are shared only between requests with
+//! the same cache salt.
 
 use mantle_engine::test_support as support;
 use mantle_engine::{ChatMessage, Event, GenerateRequest, SamplingParams, Scheduler, SchedulerConfig, Usage};
@@ -21,6 +22,7 @@ fn request(id: u64, question: &str) -> GenerateRequest {
         sampling: SamplingParams::default(),
         stop_sequences: Vec::new(),
         priority: 1,
+        cache_salt: String::new(),
     }
 }
 
@@ -62,6 +64,32 @@ fn a_shared_system_prompt_is_computed_once_and_reused() {
         warm.cached_tokens
     );
     assert_eq!(warm.input_tokens, cold.input_tokens);
+}
+
+fn salted(id: u64, question: &str, salt: &str) -> GenerateRequest {
+    GenerateRequest { cache_salt: salt.into(), ..request(id, question) }
+}
+
+#[test]
+fn another_cache_salt_finds_nothing_and_the_same_salt_reuses() {
+    let (expected, _) = run_one(&mut fresh(), salted(2, "How do I reset my password?", "tenant-b"));
+    let mut s = fresh();
+    run_one(&mut s, salted(1, "Where is my order?", "tenant-a"));
+    let cached = s.stats().cached_blocks;
+    assert!(cached > 0);
+
+    let (tokens, other) = run_one(&mut s, salted(2, "How do I reset my password?", "tenant-b"));
+    assert_eq!(other.cached_tokens, 0, "tenant-b must not read tenant-a's cached prompt");
+    assert_eq!(tokens, expected, "computed afresh, the same output");
+    assert_eq!(s.stats().prefix_hit_tokens, 0);
+    assert!(s.stats().cached_blocks > cached, "tenant-b's blocks are cached apart from tenant-a's");
+
+    let (_, unsalted) = run_one(&mut s, request(3, "How do I reset my password?"));
+    assert_eq!(unsalted.cached_tokens, 0, "nor does a request without a salt");
+    let (_, same) = run_one(&mut s, salted(4, "Anything else?", "tenant-a"));
+    assert!(same.cached_tokens >= 64, "tenant-a reuses its own prompt: {} cached", same.cached_tokens);
+    let (_, again) = run_one(&mut s, salted(5, "Anything else?", "tenant-b"));
+    assert!(again.cached_tokens >= 64, "and so does tenant-b: {} cached", again.cached_tokens);
 }
 
 #[test]

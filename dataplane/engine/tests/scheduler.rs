@@ -18,6 +18,7 @@ fn request(id: u64, question: &str, max_tokens: usize) -> GenerateRequest {
         sampling: SamplingParams::default(),
         stop_sequences: Vec::new(),
         priority: 1,
+        cache_salt: String::new(),
     }
 }
 

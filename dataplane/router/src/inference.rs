@@ -47,9 +47,19 @@ pub struct Ctx {
     /// When the client stops caring (`x-amz-bedrock-deadline-ms`).
     pub deadline: Option<Instant>,
     pub received: Instant,
+    /// The caller's own prefix-cache salt (`x-mantle-cache-salt`, OpenAI `cache_salt`), for
+    /// isolation within the tenant; empty for none.
+    pub cache_salt: String,
 }
 
 impl Ctx {
+    /// The runner's prefix-cache namespace for this request: the tenant, then the caller's salt,
+    /// so cached prompts are shared only within a tenant (and salt). The tenant's name is
+    /// length-prefixed, so no choice of salt can reach into another tenant's namespace.
+    pub fn runner_cache_salt(&self) -> String {
+        format!("{}:{}:{}", self.tenant.name.len(), self.tenant.name, self.cache_salt)
+    }
+
     fn deadline_unix_ms(&self) -> u64 {
         let Some(deadline) = self.deadline else { return 0 };
         let left = deadline.saturating_duration_since(Instant::now());
@@ -413,6 +423,7 @@ impl Inference {
             priority: proto_priority(ctx.priority) as i32,
             deadline_unix_ms: ctx.deadline_unix_ms(),
             logprobs: false,
+            cache_salt: ctx.runner_cache_salt(),
         };
         let mut client = runner.client.clone();
         let mut grpc = tonic::Request::new(request);
@@ -1056,6 +1067,29 @@ impl Drop for Generation {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn ctx(tenant: &str, salt: &str) -> Ctx {
+        Ctx {
+            request_id: "r".into(),
+            tenant: Tenant::unbounded(tenant),
+            api: "Converse",
+            priority: Priority::Normal,
+            deadline: None,
+            received: Instant::now(),
+            cache_salt: salt.into(),
+        }
+    }
+
+    #[test]
+    fn the_runner_cache_salt_keeps_tenants_and_salts_apart() {
+        let salt = |tenant, salt| ctx(tenant, salt).runner_cache_salt();
+        assert_eq!(salt("acme", ""), salt("acme", ""));
+        assert_ne!(salt("acme", ""), salt("globex", ""));
+        assert_ne!(salt("acme", ""), salt("acme", "team-1"));
+        // No salt lets one tenant name itself into another's namespace.
+        assert_ne!(salt("a", "b:c"), salt("a:b", "c"));
+        assert_ne!(salt("a", ":b:"), salt("a:", "b:"));
+    }
 
     #[test]
     fn fallback_triggers_match_the_failures_they_name() {

@@ -24,8 +24,12 @@ pub struct MeteringRecord {
     /// The model asked for, and the one that answered (differs after a fallback).
     pub model: String,
     pub model_used: String,
+    /// Every prompt token, those read from the prefix cache included (unlike Converse's
+    /// `inputTokens`, which leaves them out).
     pub input_tokens: u32,
     pub output_tokens: u32,
+    /// The part of `input_tokens` read from the prefix cache; `input_tokens - cached_tokens` were
+    /// computed afresh.
     pub cached_tokens: u32,
     pub queue_ms: f64,
     pub prefill_ms: f64,

@@ -1,6 +1,7 @@
 //! A runner stand-in for tests and benchmarks: the real `mantle.runner.v1` gRPC API, answering
 //! every Generate with a fixed number of tokens at a fixed rate, so the router's own behaviour
-//! and overhead can be measured without a model. It counts streams that clients abandon.
+//! and overhead can be measured without a model. It counts streams that clients abandon and
+//! remembers what the last request carried.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -48,6 +49,8 @@ pub struct Counters {
     pub active: AtomicU32,
     /// The last request's id, from the `x-request-id` metadata.
     pub last_request_id: std::sync::Mutex<String>,
+    /// The last Generate's `cache_salt`.
+    pub last_cache_salt: std::sync::Mutex<String>,
 }
 
 struct StandIn {
@@ -87,6 +90,7 @@ impl Runner for StandIn {
             *self.counters.last_request_id.lock().unwrap_or_else(|e| e.into_inner()) = id.to_string();
         }
         let r = request.into_inner();
+        *self.counters.last_cache_salt.lock().unwrap_or_else(|e| e.into_inner()) = r.cache_salt.clone();
         self.counters.generates.fetch_add(1, Ordering::Relaxed);
         if let Some(code) = self.config.fail_with {
             return Err(Status::new(code, "the stand-in was told to fail"));

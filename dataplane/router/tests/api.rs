@@ -1,5 +1,6 @@
 //! The router's HTTP API against runner stand-ins over real gRPC: wire shapes, errors for bad
-//! input, authentication, event streams, cancellation, shedding, deadlines and fallbacks.
+//! input, authentication, event streams, cancellation, shedding, deadlines, fallbacks and the
+//! per-tenant prefix-cache salt.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -253,6 +254,72 @@ async fn sigv4_and_api_keys_are_checked_when_auth_is_on() {
     assert_eq!(first, StatusCode::OK);
     assert_eq!(second, StatusCode::TOO_MANY_REQUESTS, "{}", String::from_utf8_lossy(&body));
     assert!(headers.contains_key("retry-after"));
+}
+
+/// Sends a request as the holder of API key `key`: the status, the body, and the cache salt
+/// the runner was given.
+async fn call(f: &Fixture, key: &str, path: &str, body: String, salt: Option<&str>) -> (StatusCode, Bytes, String) {
+    let mut request =
+        Request::post(path).header("content-type", "application/json").header("authorization", format!("Bearer {key}"));
+    if let Some(salt) = salt {
+        request = request.header("x-mantle-cache-salt", salt);
+    }
+    let (status, _, body) = send(&f.app, request.body(Body::from(body)).unwrap()).await;
+    (status, body, f.text.counters.last_cache_salt.lock().unwrap().clone())
+}
+
+/// Every request's runner cache salt names its tenant, so two tenants sending the same prompt
+/// never share cached blocks (nor learn of each other's prompts from cache hits); a caller's
+/// own salt (header or OpenAI body field) splits its tenant's namespace further.
+#[tokio::test]
+async fn the_runner_cache_salt_differs_between_tenants_and_takes_the_callers_salt() {
+    let keys = std::env::temp_dir().join(format!("mantle-salt-keys-{}.yaml", std::process::id()));
+    std::fs::write(
+        &keys,
+        "tenants:\n  - name: acme\n    apiKeys: [mk-acme-0123456789abcdef]\n  - name: globex\n    apiKeys: [mk-globex-0123456789abcdef]\n",
+    )
+    .unwrap();
+    let mut options = Options::default();
+    options.config.auth = AuthConfig::File(keys.clone());
+    let f = fixture(options).await;
+    let chat = json!({"model": TEXT, "messages": [{"role": "user", "content": "the same confidential prompt"}], "max_tokens": 4});
+    let (acme, globex) = ("mk-acme-0123456789abcdef", "mk-globex-0123456789abcdef");
+    let chat_path = "/v1/chat/completions";
+    let converse_path = &format!("/model/{TEXT}/converse");
+
+    let (status, body, a) = call(&f, acme, chat_path, chat.to_string(), None).await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    let (_, _, g) = call(&f, globex, chat_path, chat.to_string(), None).await;
+    assert!(!a.is_empty() && !g.is_empty());
+    assert_ne!(a, g, "two tenants must not share a prefix-cache namespace");
+    let (_, _, again) = call(&f, acme, chat_path, chat.to_string(), None).await;
+    assert_eq!(a, again, "one tenant keeps its namespace");
+    let (_, _, converse) = call(&f, acme, converse_path, converse_body("x"), None).await;
+    assert_eq!(a, converse, "on every API");
+
+    // The caller's own salt, from the header (both APIs) or OpenAI's body field.
+    let (status, _, team) = call(&f, acme, chat_path, chat.to_string(), Some("team-1")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_ne!(team, a);
+    let mut with_body_salt = chat.clone();
+    with_body_salt["cache_salt"] = json!("team-1");
+    assert_eq!(call(&f, acme, chat_path, with_body_salt.to_string(), None).await.2, team);
+    assert_eq!(call(&f, acme, converse_path, converse_body("x"), Some("team-1")).await.2, team);
+    let (_, _, globex_team) = call(&f, globex, converse_path, converse_body("x"), Some("team-1")).await;
+    assert_ne!(globex_team, team, "the same caller salt in another tenant is another namespace");
+
+    // Bounded, and one source at a time.
+    let long = "s".repeat(257);
+    for (path, body, salt) in [
+        (converse_path.as_str(), converse_body("x"), Some(long.as_str())),
+        (chat_path, chat.to_string(), Some(long.as_str())),
+        (chat_path, json!({"cache_salt": long, "model": TEXT, "messages": chat["messages"]}).to_string(), None),
+        (chat_path, with_body_salt.to_string(), Some("team-2")),
+    ] {
+        let (status, body, _) = call(&f, acme, path, body, salt).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {}", String::from_utf8_lossy(&body));
+    }
+    std::fs::remove_file(keys).ok();
 }
 
 async fn read_frames(body: Body, limit: usize) -> Vec<(String, Value)> {

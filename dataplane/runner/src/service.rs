@@ -202,6 +202,7 @@ impl Runner for RunnerService {
             },
             stop_sequences: r.stop_sequences,
             priority: r.priority.clamp(0, mantle_engine::scheduler::MAX_PRIORITY as i32) as u8,
+            cache_salt: r.cache_salt,
         };
         let events = engine.generate(engine_request, deadline).await.map_err(status)?;
         tracing::debug!("generation started");

@@ -1,5 +1,6 @@
 //! The runner over real gRPC with the real SmolLM2 model: streamed tokens, cancellation that
-//! frees KV blocks, health signals, token counting, and clear statuses for bad requests.
+//! frees KV blocks, health signals, token counting, clear statuses for bad requests, and a prefix
+//! cache that each cache salt has to itself.
 
 use std::time::Duration;
 
@@ -125,6 +126,41 @@ async fn a_dropped_stream_frees_its_kv_blocks() {
     assert_eq!(freed.state(), LoadState::Healthy);
     let metrics = http_get(&format!("http://{}/metrics", runner.http_addr)).await;
     assert!(metrics.contains("mantle_runner_requests_total{outcome=\"cancelled\"} 1"), "{metrics}");
+}
+
+/// Runs a request to its end: the usage its Finished message reports.
+async fn usage_of(client: &mut RunnerClient<Channel>, request: GenerateRequest) -> mantle_proto::Usage {
+    let mut stream = client.generate(request).await.unwrap().into_inner();
+    while let Some(msg) = stream.next().await {
+        if let generate_response::Event::Finished(f) = msg.unwrap().event.unwrap() {
+            return f.usage.expect("Finished carries usage");
+        }
+    }
+    panic!("the stream ended without Finished");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_prompt_is_reused_only_under_the_same_cache_salt() {
+    let (_runner, mut client) = start().await;
+    let confidential = "You are the assistant of ACME Corp. Internal pricing, do not disclose: ".to_string()
+        + &"widget 41 dollars, gadget 17 dollars, gizmo 99 dollars. ".repeat(12);
+    let request = |salt: &str| GenerateRequest {
+        messages: vec![
+            ChatMessage { role: "system".into(), content: confidential.clone() },
+            ChatMessage { role: "user".into(), content: "Hi".into() },
+        ],
+        cache_salt: salt.into(),
+        ..ask("", 2)
+    };
+    let first = usage_of(&mut client, request("tenant-a")).await;
+    assert_eq!(first.cached_prompt_tokens, 0);
+    assert!(first.input_tokens > 200, "{} prompt tokens", first.input_tokens);
+    let other = usage_of(&mut client, request("tenant-b")).await;
+    assert_eq!(other.cached_prompt_tokens, 0, "another salt must not read tenant-a's cached prompt");
+    let unsalted = usage_of(&mut client, request("")).await;
+    assert_eq!(unsalted.cached_prompt_tokens, 0, "nor may a request without a salt");
+    let same = usage_of(&mut client, request("tenant-a")).await;
+    assert!(same.cached_prompt_tokens > 200, "the same salt reuses it: {} cached", same.cached_prompt_tokens);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

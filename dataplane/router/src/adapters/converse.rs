@@ -295,14 +295,18 @@ pub fn content(output: &TextOutput) -> Vec<Value> {
     blocks
 }
 
+/// Converse's `usage`. As on Bedrock, `inputTokens` are the prompt tokens computed afresh:
+/// cache reads are counted apart in `cacheReadInputTokens`, not in both, and `totalTokens` is
+/// the sum of the three.
 pub fn usage(usage: &Usage) -> Value {
+    let (input, cached) = (usage.uncached_input_tokens(), usage.cache_read_tokens());
     let mut u = json!({
-        "inputTokens": usage.input_tokens,
+        "inputTokens": input,
         "outputTokens": usage.output_tokens,
-        "totalTokens": usage.input_tokens + usage.output_tokens,
+        "totalTokens": input + usage.output_tokens + cached,
     });
-    if usage.cached_tokens > 0 {
-        u["cacheReadInputTokens"] = usage.cached_tokens.into();
+    if cached > 0 {
+        u["cacheReadInputTokens"] = cached.into();
         u["cacheWriteInputTokens"] = 0.into();
     }
     u
@@ -436,6 +440,28 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(r.json_schema.unwrap()["required"][0], "name");
+    }
+
+    #[test]
+    fn cache_reads_are_not_counted_as_input_tokens_too() {
+        let u = usage(&Usage { input_tokens: 600, output_tokens: 20, cached_tokens: 544 });
+        assert_eq!(u["inputTokens"], 56, "{u}");
+        assert_eq!(u["cacheReadInputTokens"], 544);
+        assert_eq!(u["cacheWriteInputTokens"], 0);
+        assert_eq!(u["totalTokens"], 56 + 20 + 544);
+        let cold = usage(&Usage { input_tokens: 600, output_tokens: 20, cached_tokens: 0 });
+        assert_eq!((cold["inputTokens"].as_u64(), cold["totalTokens"].as_u64()), (Some(600), Some(620)));
+        assert!(cold.get("cacheReadInputTokens").is_none());
+        // The stream's metadata event carries the same usage.
+        let out = TextOutput {
+            text: String::new(),
+            tool_call: None,
+            stop_reason: StopReason::EndTurn,
+            stop_sequence: None,
+            usage: Usage { input_tokens: 600, output_tokens: 20, cached_tokens: 544 },
+        };
+        let (_, metadata) = closing_events(&out, true, 5).pop().unwrap();
+        assert_eq!(metadata["usage"], u);
     }
 
     #[test]

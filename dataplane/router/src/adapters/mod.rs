@@ -100,9 +100,24 @@ impl StopReason {
 /// Token counts of a finished generation.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Usage {
+    /// Every prompt token, those served from the prefix cache included.
     pub input_tokens: u32,
     pub output_tokens: u32,
+    /// Prompt tokens served from the prefix cache (a part of `input_tokens`).
     pub cached_tokens: u32,
+}
+
+impl Usage {
+    /// Prompt tokens computed afresh: what Bedrock and Anthropic report as input tokens, beside
+    /// the cache reads.
+    pub fn uncached_input_tokens(&self) -> u32 {
+        self.input_tokens.saturating_sub(self.cached_tokens)
+    }
+
+    /// Prompt tokens read from the prefix cache (never more than the prompt).
+    pub fn cache_read_tokens(&self) -> u32 {
+        self.cached_tokens.min(self.input_tokens)
+    }
 }
 
 /// A tool call parsed from the model's reply.

@@ -12,7 +12,7 @@
 use mantle_proto::ChatMessage;
 use serde_json::{Value, json};
 
-use super::{StopReason, TextOutput, TextRequest, Tool, ToolChoice, check_sampling, tools_prompt};
+use super::{StopReason, TextOutput, TextRequest, Tool, ToolChoice, Usage, check_sampling, tools_prompt};
 use crate::error::ApiError;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -235,6 +235,18 @@ fn prompt_stop(reason: StopReason) -> &'static str {
     }
 }
 
+/// An Anthropic `usage`: as Anthropic counts, `input_tokens` are the prompt tokens computed
+/// afresh and cache reads are counted apart (Mantle's prefix cache writes as it goes, at no
+/// charge, so cache creation is 0).
+fn anthropic_usage(usage: &Usage) -> Value {
+    json!({
+        "input_tokens": usage.uncached_input_tokens(),
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": usage.cache_read_tokens(),
+        "output_tokens": usage.output_tokens,
+    })
+}
+
 /// Bedrock's invocation metrics, carried in the last stream chunk.
 pub fn invocation_metrics(output: &TextOutput, latency_ms: u64, first_byte_ms: u64) -> Value {
     json!({
@@ -261,7 +273,7 @@ pub fn response(dialect: TextDialect, request_id: &str, model_id: &str, output: 
                 "content": content,
                 "stop_reason": anthropic_stop(output.stop_reason),
                 "stop_sequence": output.stop_sequence,
-                "usage": { "input_tokens": output.usage.input_tokens, "output_tokens": output.usage.output_tokens },
+                "usage": anthropic_usage(&output.usage),
             })
         }
         TextDialect::Llama => json!({
@@ -335,9 +347,11 @@ impl StreamChunks {
         match self.dialect {
             TextDialect::Anthropic => vec![
                 json!({"type": "content_block_stop", "index": if output.tool_call.is_some() { 1 } else { 0 }}),
+                // The final usage: message_start could only give the whole prompt as input,
+                // before the runner knew its cache hits; clients take these counts over it.
                 json!({"type": "message_delta",
                     "delta": {"stop_reason": anthropic_stop(output.stop_reason), "stop_sequence": output.stop_sequence},
-                    "usage": {"output_tokens": output.usage.output_tokens}}),
+                    "usage": anthropic_usage(&output.usage)}),
                 json!({"type": "message_stop", "amazon-bedrock-invocationMetrics": metrics}),
             ],
             TextDialect::Llama => vec![json!({
@@ -397,7 +411,6 @@ pub fn embed_response(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::adapters::Usage;
 
     fn output() -> TextOutput {
         TextOutput {
@@ -445,6 +458,20 @@ mod tests {
         }
         assert!(embed_request(&json!({"texts": []})).is_err());
         assert!(json_body(b"").is_err() && json_body(b"[1]").is_err() && json_body(b"{").is_err());
+    }
+
+    #[test]
+    fn anthropic_input_tokens_exclude_cache_reads() {
+        let cached =
+            TextOutput { usage: Usage { input_tokens: 600, output_tokens: 3, cached_tokens: 544 }, ..output() };
+        let body = response(TextDialect::Anthropic, "r1", "m", &cached);
+        assert_eq!(body["usage"]["input_tokens"], 56, "{}", body["usage"]);
+        assert_eq!(body["usage"]["cache_read_input_tokens"], 544);
+        assert_eq!(body["usage"]["cache_creation_input_tokens"], 0);
+        assert_eq!(body["usage"]["output_tokens"], 3);
+        let chunks = StreamChunks::new(TextDialect::Anthropic).finish(&cached, json!({}));
+        let delta = chunks.iter().find(|c| c["type"] == "message_delta").unwrap();
+        assert_eq!(delta["usage"], body["usage"], "the stream ends with the same usage");
     }
 
     #[test]

@@ -8,12 +8,13 @@ use serde_json::{Value, json};
 use super::{StopReason, TextOutput, TextRequest, Tool, ToolChoice, check_sampling, tools_prompt};
 use crate::error::ApiError;
 
-/// A chat-completions body, mapped: the model id, whether to stream (and include usage), and
-/// the request.
+/// A chat-completions body, mapped: the model id, whether to stream (and include usage), the
+/// caller's prefix-cache salt (`cache_salt`, as vLLM takes it), and the request.
 pub struct ChatCompletion {
     pub model: String,
     pub stream: bool,
     pub include_usage: bool,
+    pub cache_salt: Option<String>,
     pub request: TextRequest,
 }
 
@@ -157,10 +158,16 @@ pub fn chat_request(body: &Value) -> Result<ChatCompletion, ApiError> {
             _ => messages.insert(0, ChatMessage { role: "system".into(), content: system.join("\n\n") }),
         }
     }
+    let cache_salt = match &body["cache_salt"] {
+        Value::Null => None,
+        Value::String(s) => Some(s.clone()),
+        _ => return Err(ApiError::validation("cache_salt must be a string")),
+    };
     Ok(ChatCompletion {
         model,
         stream: body["stream"].as_bool().unwrap_or(false),
         include_usage: body["stream_options"]["include_usage"].as_bool().unwrap_or(false),
+        cache_salt,
         request: TextRequest {
             messages,
             max_tokens,
@@ -358,5 +365,30 @@ mod tests {
         assert_eq!(r["choices"][0]["finish_reason"], "length");
         assert_eq!(r["usage"]["total_tokens"], 6);
         assert_eq!(chunk("abc", "m", json!({"content": "x"}), None)["object"], "chat.completion.chunk");
+    }
+
+    #[test]
+    fn prompt_tokens_include_cached_ones_as_openai_counts_them() {
+        let out = TextOutput {
+            text: "Hi".into(),
+            tool_call: None,
+            stop_reason: StopReason::EndTurn,
+            stop_sequence: None,
+            usage: Usage { input_tokens: 600, output_tokens: 20, cached_tokens: 544 },
+        };
+        for usage in [&chat_response("a", "m", &out)["usage"], &usage_chunk("a", "m", &out)["usage"]] {
+            assert_eq!(usage["prompt_tokens"], 600, "{usage}");
+            assert_eq!(usage["prompt_tokens_details"]["cached_tokens"], 544);
+            assert_eq!(usage["total_tokens"], 620);
+        }
+    }
+
+    #[test]
+    fn a_cache_salt_in_the_body_is_taken_and_checked() {
+        let body =
+            |salt: Value| json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "cache_salt": salt});
+        assert_eq!(chat_request(&body(json!("team-1"))).unwrap().cache_salt.as_deref(), Some("team-1"));
+        assert_eq!(chat_request(&body(Value::Null)).unwrap().cache_salt, None);
+        assert!(chat_request(&body(json!(7))).is_err());
     }
 }

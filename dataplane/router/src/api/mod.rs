@@ -36,6 +36,20 @@ pub type Shared = Arc<AppState>;
 /// The furthest `x-amz-bedrock-deadline-ms` that is a deadline (a year); beyond it, none.
 const MAX_DEADLINE_MS: u64 = 365 * 24 * 3600 * 1000;
 
+/// The longest caller cache salt accepted (`x-mantle-cache-salt`, OpenAI `cache_salt`).
+pub const MAX_CACHE_SALT_BYTES: usize = 256;
+
+/// Checks a caller's cache salt (`what` names where it came from).
+pub fn check_cache_salt(salt: &str, what: &str) -> Result<(), ApiError> {
+    if salt.len() > MAX_CACHE_SALT_BYTES {
+        return Err(ApiError::validation(format!(
+            "{what} is {} bytes; it must be at most {MAX_CACHE_SALT_BYTES}",
+            salt.len()
+        )));
+    }
+    Ok(())
+}
+
 /// What the front door learned about a request, for the handlers.
 #[derive(Clone)]
 pub struct Caller {
@@ -45,8 +59,9 @@ pub struct Caller {
 }
 
 impl Caller {
-    /// The request context: priority (the tenant's, lowered by `x-mantle-priority`) and deadline
-    /// (`x-amz-bedrock-deadline-ms`, milliseconds from now).
+    /// The request context: priority (the tenant's, lowered by `x-mantle-priority`), deadline
+    /// (`x-amz-bedrock-deadline-ms`, milliseconds from now) and cache salt
+    /// (`x-mantle-cache-salt`).
     pub fn ctx(&self, api: &'static str, headers: &HeaderMap) -> Result<Ctx, ApiError> {
         let mut priority = self.tenant.priority;
         if let Some(value) = headers.get("x-mantle-priority") {
@@ -77,6 +92,17 @@ impl Caller {
                 (ms < MAX_DEADLINE_MS).then(|| self.received + Duration::from_millis(ms))
             }
         };
+        let cache_salt = match headers.get("x-mantle-cache-salt") {
+            None => String::new(),
+            Some(v) => {
+                let salt = v
+                    .to_str()
+                    .map_err(|_| ApiError::validation("x-mantle-cache-salt must be visible ASCII text"))?
+                    .to_string();
+                check_cache_salt(&salt, "x-mantle-cache-salt")?;
+                salt
+            }
+        };
         Ok(Ctx {
             request_id: self.request_id.clone(),
             tenant: self.tenant.clone(),
@@ -84,6 +110,7 @@ impl Caller {
             priority,
             deadline,
             received: self.received,
+            cache_salt,
         })
     }
 }

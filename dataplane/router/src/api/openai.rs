@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use tracing::Instrument;
 
 use super::stream::{self, Frames};
-use super::{Caller, Shared, require_json};
+use super::{Caller, Shared, check_cache_salt, require_json};
 use crate::adapters::openai::{self, ChatCompletion};
 use crate::adapters::{StopReason, TextOutput};
 use crate::error::ApiError;
@@ -38,10 +38,17 @@ pub async fn chat_completions(
         require_json(&headers, "content-type")?;
         let completion = openai::chat_request(&json_body(&body)?)?;
         requested = completion.model.clone();
-        let ctx = caller.ctx(api, &headers)?;
+        let mut ctx = caller.ctx(api, &headers)?;
+        if let Some(salt) = &completion.cache_salt {
+            check_cache_salt(salt, "cache_salt")?;
+            if headers.contains_key("x-mantle-cache-salt") && *salt != ctx.cache_salt {
+                return Err(ApiError::validation("cache_salt and the x-mantle-cache-salt header disagree; send one"));
+            }
+            ctx.cache_salt = salt.clone();
+        }
         let model = state.inference.live().catalog.resolve(&completion.model)?.clone();
         let span = Inference::span(&ctx, &model.model_id);
-        let ChatCompletion { model: name, stream, include_usage, request } = completion;
+        let ChatCompletion { model: name, stream, include_usage, request, .. } = completion;
         let needs_whole_reply = !request.tools.is_empty() || request.json_schema.is_some();
         if !stream || needs_whole_reply {
             let mut done = state.inference.complete(&ctx, &model, &request).instrument(span.clone()).await?;
