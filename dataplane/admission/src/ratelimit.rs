@@ -8,6 +8,11 @@
 //! and a bucket holding more than the shrunken capacity is clipped. Reductions are proportional:
 //! high-volume tenants lose more tokens per minute in absolute terms.
 //!
+//! Provisioned throughput adds a reserved rate that load never scales: a tenant with model units
+//! on a model may always spend `reserved_tokens_per_minute` there (with a minute of it as burst)
+//! on top of its on-demand limits. The router keeps one bucket per (tenant, model), so a tenant's
+//! traffic on one model does not spend its allowance on another.
+//!
 //! A request larger than the whole bucket would never fit, so it is admitted when the bucket is
 //! full and the excess is carried as debt: the tenant then waits until the debt is repaid. The
 //! limiter is therefore never stricter than the rate itself.
@@ -56,6 +61,9 @@ pub struct TenantLimits {
     pub priority: Priority,
     /// Fair-queuing weight: provisioned model units, 1.0 on demand.
     pub weight: f64,
+    /// Provisioned tokens per minute (model units × the model's tokens per unit), never scaled
+    /// by load; 0 on demand.
+    pub reserved_tokens_per_minute: u64,
 }
 
 #[derive(Debug)]
@@ -87,7 +95,8 @@ impl RateLimiter {
         Self::default()
     }
 
-    /// Takes `tokens` from the tenant's bucket, or says how long until they would be there.
+    /// Takes `tokens` from a bucket (the router names one per tenant and model), or says how long
+    /// until they would be there.
     pub fn check(
         &mut self,
         tenant: &str,
@@ -97,8 +106,9 @@ impl RateLimiter {
         now: Instant,
     ) -> Result<(), Throttled> {
         let factor = load.limit_factor();
-        let capacity = limits.burst_tokens as f64 * factor;
-        let per_second = limits.tokens_per_minute as f64 * factor / 60.0;
+        let reserved = limits.reserved_tokens_per_minute as f64;
+        let capacity = limits.burst_tokens as f64 * factor + reserved;
+        let per_second = (limits.tokens_per_minute as f64 * factor + reserved) / 60.0;
         let bucket = match self.buckets.get_mut(tenant) {
             Some(bucket) => bucket,
             None => self.buckets.entry(tenant.to_owned()).or_insert(Bucket {
@@ -154,7 +164,13 @@ mod tests {
     use super::*;
 
     fn limits(tokens_per_minute: u64, burst_tokens: u64) -> TenantLimits {
-        TenantLimits { tokens_per_minute, burst_tokens, priority: Priority::Normal, weight: 1.0 }
+        TenantLimits {
+            tokens_per_minute,
+            burst_tokens,
+            priority: Priority::Normal,
+            weight: 1.0,
+            reserved_tokens_per_minute: 0,
+        }
     }
 
     #[test]
@@ -231,6 +247,23 @@ mod tests {
         // 2,000 of debt plus 100 wanted: 21 s at 100 tokens a second.
         let throttled = limiter.check("a", &l, 100, LoadState::Degraded, now).unwrap_err();
         assert_eq!(throttled.retry_after, Duration::from_secs(21));
+    }
+
+    #[test]
+    fn a_reserved_rate_is_kept_whatever_the_load() {
+        let mut limiter = RateLimiter::new();
+        let t0 = Instant::now();
+        let mut l = limits(600, 600);
+        l.reserved_tokens_per_minute = 60_000;
+        // A minute of the reserved rate is there at once, and the stressed model does not shrink it.
+        assert_eq!(limiter.check("pt", &l, 60_000, LoadState::Critical, t0), Ok(()));
+        assert!(limiter.check("pt", &l, 2_000, LoadState::Critical, t0).is_err());
+        // It refills at the reserved rate (plus the halved on-demand rate): 1,005 tokens a second.
+        assert_eq!(limiter.check("pt", &l, 1_000, LoadState::Critical, t0 + Duration::from_secs(1)), Ok(()));
+        // On demand alone, the same tenant would wait minutes.
+        let on_demand = limits(600, 600);
+        assert_eq!(limiter.check("od", &on_demand, 300, LoadState::Critical, t0), Ok(()));
+        assert!(limiter.check("od", &on_demand, 1_000, LoadState::Critical, t0 + Duration::from_secs(1)).is_err());
     }
 
     #[test]

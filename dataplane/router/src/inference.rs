@@ -110,6 +110,8 @@ pub struct Live {
     pub runners: Runners,
     /// Provisioned model units by (tenant, model id).
     pub provisioned: HashMap<(String, String), f64>,
+    /// Each ProvisionedThroughput by name (what its ARN ends in): its tenant and model id.
+    pub provisioned_models: HashMap<String, (String, String)>,
     /// Each known Cell's `shuffleShardSize`: how many of its runners one tenant is spread over.
     pub cell_shards: HashMap<String, usize>,
 }
@@ -121,6 +123,11 @@ impl Live {
             *provisioned.entry((p.spec.tenant.clone(), p.spec.model_id.clone())).or_insert(0.0) +=
                 p.spec.model_units.max(1) as f64;
         }
+        let provisioned_models = platform
+            .provisioned
+            .iter()
+            .filter_map(|p| Some((p.metadata.name.clone()?, (p.spec.tenant.clone(), p.spec.model_id.clone()))))
+            .collect();
         let disabled: Vec<&str> =
             platform.cells.iter().filter(|c| c.spec.state == CellState::Disabled).map(cell_name).collect();
         let (runners, off): (Vec<_>, Vec<_>) =
@@ -132,6 +139,7 @@ impl Live {
             catalog: Catalog::from_resources(&platform.models),
             runners: previous.update(runners)?,
             provisioned,
+            provisioned_models,
             cell_shards: platform
                 .cells
                 .iter()
@@ -226,6 +234,27 @@ impl Inference {
         Some(format!("slots={}; in-flight={}; queued={}", s.capacity, s.in_flight, s.queued))
     }
 
+    /// The model a request names: a model id, a foundation-model or inference-profile ARN, or a
+    /// provisioned-model ARN (`arn:aws:bedrock:REGION:ACCOUNT:provisioned-model/NAME`, NAME being
+    /// the ProvisionedThroughput's), which only its own tenant may call.
+    pub fn resolve(&self, tenant: &str, requested: &str) -> Result<ModelEntry, ApiError> {
+        let live = self.live();
+        let Some(name) =
+            requested.strip_prefix("arn:").and_then(|arn| arn.split_once(":provisioned-model/")).map(|(_, n)| n)
+        else {
+            return Ok(live.catalog.resolve(requested)?.clone());
+        };
+        let Some((owner, model_id)) = live.provisioned_models.get(name) else {
+            return Err(ApiError::NotFound(format!("No provisioned model throughput is named {name:?}.")));
+        };
+        if owner != tenant {
+            return Err(ApiError::AccessDenied(format!(
+                "The provisioned model throughput {name:?} belongs to another tenant."
+            )));
+        }
+        Ok(live.catalog.resolve(model_id)?.clone())
+    }
+
     /// Whether admission counts slots for the model now (its runners are known to the queue).
     pub fn admits(&self, model_id: &str) -> bool {
         let queue = self.queues.lock().unwrap_or_else(|e| e.into_inner()).get(model_id).cloned();
@@ -318,14 +347,19 @@ impl Inference {
     ) -> Result<Admission, ApiError> {
         model.check_serving(SystemTime::now())?;
         let queue = self.queue(&model.model_id);
-        let weight =
-            self.live().provisioned.get(&(ctx.tenant.name.clone(), model.model_id.clone())).copied().unwrap_or(1.0);
-        let limits = ctx.tenant.limits(weight);
+        // Provisioned model units weigh in fair queuing and reserve their rate: units × the
+        // model's tokens per unit, on top of the tenant's on-demand limits.
+        let units = self.live().provisioned.get(&(ctx.tenant.name.clone(), model.model_id.clone())).copied();
+        let weight = units.unwrap_or(1.0);
+        let reserved = units.map_or(0, |u| (u * model.tokens_per_minute_per_unit.unwrap_or(0) as f64) as u64);
+        let limits = ctx.tenant.limits(weight, reserved);
         let load = self.model_load(&model.model_id);
-        // Buckets count input plus the output a request is expected to generate.
+        // Buckets count input plus the output a request is expected to generate, one bucket per
+        // tenant and model.
         let tokens = input_tokens + self.config.queue.expected_output_tokens(output_tokens);
+        let bucket = format!("{}\u{1f}{}", ctx.tenant.name, model.model_id);
         let limited = self.limiter.lock().unwrap_or_else(|e| e.into_inner()).check(
-            &ctx.tenant.name,
+            &bucket,
             &limits,
             tokens,
             load,
@@ -337,7 +371,7 @@ impl Inference {
                 message: format!(
                     "Too many tokens: tenant {} is over its limit of {} tokens a minute on {}. Retry after {:.1}s.",
                     ctx.tenant.name,
-                    limits.tokens_per_minute,
+                    limits.tokens_per_minute + limits.reserved_tokens_per_minute,
                     model.model_id,
                     throttled.retry_after.as_secs_f64()
                 ),

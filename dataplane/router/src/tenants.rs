@@ -100,13 +100,15 @@ impl Tenant {
         }
     }
 
-    /// The tenant's limits on one model; `weight` is its provisioned model units there (1 if none).
-    pub fn limits(&self, weight: f64) -> TenantLimits {
+    /// The tenant's limits on one model; `weight` is its provisioned model units there (1 if none)
+    /// and `reserved` the tokens per minute those units guarantee.
+    pub fn limits(&self, weight: f64, reserved: u64) -> TenantLimits {
         TenantLimits {
             tokens_per_minute: self.tokens_per_minute,
             burst_tokens: self.burst_tokens,
             priority: self.priority,
             weight,
+            reserved_tokens_per_minute: reserved,
         }
     }
 }

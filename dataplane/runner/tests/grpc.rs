@@ -298,3 +298,27 @@ async fn invalid_utf8_is_an_invalid_argument() {
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert!(status.message().contains("not valid protobuf"), "{}", status.message());
 }
+
+/// Tokenizing a huge prompt takes its time on the blocking pool: on a runtime with one worker
+/// thread, the Health stream (what the router routes by) keeps its 100 ms beat meanwhile.
+#[tokio::test(flavor = "current_thread")]
+async fn health_keeps_its_beat_while_a_huge_prompt_is_tokenized() {
+    let (_runner, mut client) = start().await;
+    let mut health = client.health(HealthRequest {}).await.unwrap().into_inner();
+    health.next().await.unwrap().unwrap();
+    let mut counter = client.clone();
+    let huge = "the quick brown fox jumps over the lazy dog, again and again. ".repeat(50_000);
+    let count = tokio::spawn(async move {
+        counter.count_tokens(CountTokensRequest { messages: vec![], prompt: huge }).await.map(|r| r.into_inner())
+    });
+    let mut longest = Duration::ZERO;
+    let mut last = std::time::Instant::now();
+    while !count.is_finished() {
+        health.next().await.unwrap().unwrap();
+        longest = longest.max(last.elapsed());
+        last = std::time::Instant::now();
+    }
+    let counted = count.await.unwrap().unwrap();
+    assert!(counted.input_tokens > 300_000, "{}", counted.input_tokens);
+    assert!(longest < Duration::from_millis(400), "health went silent for {longest:?} while tokenizing");
+}

@@ -41,7 +41,7 @@ fn begin(
     headers: &HeaderMap,
 ) -> ApiResult<(Ctx, ModelEntry)> {
     let ctx = caller.ctx(api, headers)?;
-    let model = state.inference.live().catalog.resolve(model_id)?.clone();
+    let model = state.inference.resolve(&caller.tenant.name, model_id)?;
     Ok((ctx, model))
 }
 

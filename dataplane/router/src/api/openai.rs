@@ -46,7 +46,7 @@ pub async fn chat_completions(
             }
             ctx.cache_salt = salt.clone();
         }
-        let model = state.inference.live().catalog.resolve(&completion.model)?.clone();
+        let model = state.inference.resolve(&caller.tenant.name, &completion.model)?;
         let span = Inference::span(&ctx, &model.model_id);
         let ChatCompletion { model: name, stream, include_usage, request, .. } = completion;
         let needs_whole_reply = !request.tools.is_empty() || request.json_schema.is_some();
@@ -161,7 +161,7 @@ pub async fn embeddings(
         let req = openai::embeddings_request(&json_body(&body)?)?;
         requested = req.model.clone();
         let ctx = caller.ctx(api, &headers)?;
-        let model = state.inference.live().catalog.resolve(&req.model)?.clone();
+        let model = state.inference.resolve(&caller.tenant.name, &req.model)?;
         let span = Inference::span(&ctx, &model.model_id);
         let (vectors, tokens) = state.inference.embed(&ctx, &model, req.texts).instrument(span).await?;
         Ok::<_, ApiError>(

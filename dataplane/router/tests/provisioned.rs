@@ -1,0 +1,101 @@
+//! ProvisionedThroughput reserves capacity: a provisioned tenant's rate on its model is its
+//! model units × the model's tokens per unit, on top of its on-demand limits and whatever a noisy
+//! neighbour does; buckets are per (tenant, model); the reservation's ARN works as a model id,
+//! for its own tenant only.
+
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use mantle_router::test_support::{StandInConfig, stand_in};
+use mantle_router::{AuthConfig, Platform, RouterConfig, RunnerSpec};
+use serde_json::json;
+use tower::ServiceExt;
+
+const TEXT: &str = "acme.text-v1:0";
+const OTHER: &str = "acme.other-v1:0";
+
+fn model(id: &str) -> mantle_crds::FoundationModel {
+    serde_norway::from_str(&format!(
+        "apiVersion: mantle.dev/v1alpha1\nkind: FoundationModel\nmetadata: {{name: m}}\nspec:\n  modelId: {id}\n  provider: Acme\n  modality: TEXT\n  source: {{uri: 's3://b/m.gguf', format: gguf}}\n  contextLength: 4096\n  provisioning: {{tokensPerMinutePerUnit: 60000}}\n"
+    ))
+    .unwrap()
+}
+
+fn reservation() -> mantle_crds::ProvisionedThroughput {
+    serde_norway::from_str(&format!(
+        "apiVersion: mantle.dev/v1alpha1\nkind: ProvisionedThroughput\nmetadata: {{name: analytics-text}}\nspec:\n  modelId: {TEXT}\n  modelUnits: 2\n  commitment: ONE_MONTH\n  tenant: analytics\n"
+    ))
+    .unwrap()
+}
+
+async fn call(app: &axum::Router, key: &str, model: &str) -> (StatusCode, Bytes) {
+    let body = json!({"messages": [{"role": "user", "content": [{"text": "x".repeat(400)}]}], "inferenceConfig": {"maxTokens": 8}});
+    let path = format!("/model/{}/converse", model.replace(':', "%3A").replace('/', "%2F"));
+    let request = Request::post(path)
+        .header("content-type", "application/json")
+        .header("authorization", format!("Bearer {key}"))
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let response = app.clone().oneshot(request).await.unwrap();
+    let status = response.status();
+    (status, response.into_body().collect().await.unwrap().to_bytes())
+}
+
+#[tokio::test]
+async fn a_provisioned_tenant_keeps_its_reserved_rate_beside_a_noisy_neighbour() {
+    let keys = std::env::temp_dir().join(format!("mantle-pt-keys-{}.yaml", std::process::id()));
+    // Both tenants get 1,000 tokens a minute on demand (a request here costs ~110).
+    std::fs::write(
+        &keys,
+        "tenants:\n  - {name: noisy, tokensPerMinute: 1000, burstTokens: 1000, apiKeys: [mk-noisy-0123456789abcdef]}\n  - {name: analytics, tokensPerMinute: 1000, burstTokens: 1000, apiKeys: [mk-analytics-0123456789ab]}\n",
+    )
+    .unwrap();
+    let text = stand_in(StandInConfig::default()).await;
+    let other = stand_in(StandInConfig::default()).await;
+    let mut config = RouterConfig::local("127.0.0.1:0".parse().unwrap());
+    config.auth = AuthConfig::File(keys.clone());
+    let platform = Platform {
+        models: vec![model(TEXT), model(OTHER)],
+        provisioned: vec![reservation()],
+        runners: vec![
+            RunnerSpec { model: TEXT.into(), address: text.address(), pool: None, cell: None },
+            RunnerSpec { model: OTHER.into(), address: other.address(), pool: None, cell: None },
+        ],
+        cells: Vec::new(),
+    };
+    let (app, inference) = mantle_router::build(&config, platform).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !(inference.admits(TEXT) && inference.admits(OTHER)) {
+        assert!(Instant::now() < deadline, "stand-ins never ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The noisy neighbour runs into its own limit...
+    let mut noisy = Vec::new();
+    for _ in 0..40 {
+        noisy.push(call(&app, "mk-noisy-0123456789abcdef", TEXT).await.0);
+    }
+    assert!(noisy.contains(&StatusCode::TOO_MANY_REQUESTS), "the neighbour was never throttled");
+    // ...while the provisioned tenant, whose on-demand limit is the same, spends 40 requests of its
+    // reservation (120,000 tokens a minute) without a refusal.
+    for i in 0..40 {
+        let (status, body) = call(&app, "mk-analytics-0123456789ab", TEXT).await;
+        assert_eq!(status, StatusCode::OK, "request {i}: {}", String::from_utf8_lossy(&body));
+    }
+    // The reservation is on its model only: elsewhere the tenant has its on-demand bucket, which
+    // its traffic above did not touch.
+    let mut elsewhere = Vec::new();
+    for _ in 0..40 {
+        elsewhere.push(call(&app, "mk-analytics-0123456789ab", OTHER).await.0);
+    }
+    assert_eq!(elsewhere[0], StatusCode::OK, "the other model's bucket was spent by traffic to TEXT");
+    assert!(elsewhere.contains(&StatusCode::TOO_MANY_REQUESTS), "on demand elsewhere is not reserved");
+    // The reservation's ARN works as a model id, for its own tenant only.
+    let arn = "arn:aws:bedrock:us-east-1:000000000000:provisioned-model/analytics-text";
+    assert_eq!(call(&app, "mk-analytics-0123456789ab", arn).await.0, StatusCode::OK);
+    assert_eq!(call(&app, "mk-noisy-0123456789abcdef", arn).await.0, StatusCode::FORBIDDEN);
+    let unknown = "arn:aws:bedrock:us-east-1:000000000000:provisioned-model/nope";
+    assert_eq!(call(&app, "mk-analytics-0123456789ab", unknown).await.0, StatusCode::NOT_FOUND);
+    std::fs::remove_file(keys).ok();
+}
