@@ -80,26 +80,62 @@ pub fn platform_from(
     }
 }
 
-/// Starts the reflectors (in `namespace`, or all namespaces) and keeps `inference` current until
-/// the task is dropped.
-pub async fn follow(client: Client, namespace: Option<String>, inference: Arc<Inference>) -> anyhow::Result<()> {
-    fn api<K>(client: &Client, namespace: &Option<String>) -> Api<K>
+/// Why following the cluster stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum FollowError {
+    #[error(
+        "the {kind} CRD ({plural}.mantle.dev) is not installed in this cluster: install Mantle's CRDs \
+         (`helm install mantle charts/mantle`, or `kubectl apply -f crds/manifests/`) and restart the router"
+    )]
+    CrdMissing { kind: &'static str, plural: &'static str },
+    #[error("listing {kind}: {source}")]
+    List { kind: &'static str, source: kube::Error },
+    #[error("the Kubernetes caches never filled")]
+    CachesNeverFilled,
+}
+
+/// Fails clearly when a CRD the router watches is not installed (a watch would retry its 404s
+/// forever, and the router would serve nothing without saying why).
+async fn check_crds_installed(client: &Client, namespace: &Option<String>) -> Result<(), FollowError> {
+    async fn probe<K>(api: Api<K>, kind: &'static str, plural: &'static str) -> Result<(), FollowError>
     where
-        K: kube::Resource<Scope = kube::core::NamespaceResourceScope>,
-        <K as kube::Resource>::DynamicType: Default,
+        K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
     {
-        match namespace {
-            Some(ns) => Api::namespaced(client.clone(), ns),
-            None => Api::all(client.clone()),
+        match api.list_metadata(&kube::api::ListParams::default().limit(1)).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 404 => Err(FollowError::CrdMissing { kind, plural }),
+            Err(source) => Err(FollowError::List { kind, source }),
         }
     }
+    probe(namespaced::<FoundationModel>(client, namespace), "FoundationModel", "foundationmodels").await?;
+    probe(namespaced::<ProvisionedThroughput>(client, namespace), "ProvisionedThroughput", "provisionedthroughputs")
+        .await?;
+    probe(namespaced::<Cell>(client, namespace), "Cell", "cells").await
+}
+
+fn namespaced<K>(client: &Client, namespace: &Option<String>) -> Api<K>
+where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope>,
+    <K as kube::Resource>::DynamicType: Default,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Starts the reflectors (in `namespace`, or all namespaces) and keeps `inference` current until
+/// the task is dropped; the reflectors stop with it.
+pub async fn follow(client: Client, namespace: Option<String>, inference: Arc<Inference>) -> Result<(), FollowError> {
+    check_crds_installed(&client, &namespace).await?;
     let changed = Arc::new(Notify::new());
-    let models = reflect(api::<FoundationModel>(&client, &namespace), watcher::Config::default(), changed.clone());
+    let models =
+        reflect(namespaced::<FoundationModel>(&client, &namespace), watcher::Config::default(), changed.clone());
     let provisioned =
-        reflect(api::<ProvisionedThroughput>(&client, &namespace), watcher::Config::default(), changed.clone());
-    let cells = reflect(api::<Cell>(&client, &namespace), watcher::Config::default(), changed.clone());
+        reflect(namespaced::<ProvisionedThroughput>(&client, &namespace), watcher::Config::default(), changed.clone());
+    let cells = reflect(namespaced::<Cell>(&client, &namespace), watcher::Config::default(), changed.clone());
     let slices = reflect(
-        api::<EndpointSlice>(&client, &namespace),
+        namespaced::<EndpointSlice>(&client, &namespace),
         watcher::Config::default().labels(MODEL_LABEL),
         changed.clone(),
     );
@@ -110,7 +146,7 @@ pub async fn follow(client: Client, namespace: Option<String>, inference: Arc<In
         slices.0.clone().wait_until_ready().await.is_ok(),
     ] {
         if !store {
-            anyhow::bail!("the Kubernetes caches never filled");
+            return Err(FollowError::CachesNeverFilled);
         }
     }
     loop {
@@ -123,9 +159,18 @@ pub async fn follow(client: Client, namespace: Option<String>, inference: Arc<In
     }
 }
 
+/// A task that is aborted when its handle is dropped, so the reflectors stop with `follow`.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// A reflector whose store stays current for as long as the returned task runs; each change
 /// wakes `changed`.
-fn reflect<K>(api: Api<K>, config: watcher::Config, changed: Arc<Notify>) -> (Store<K>, tokio::task::JoinHandle<()>)
+fn reflect<K>(api: Api<K>, config: watcher::Config, changed: Arc<Notify>) -> (Store<K>, AbortOnDrop)
 where
     K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
     <K as kube::Resource>::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
@@ -143,7 +188,7 @@ where
             }
         }
     });
-    (reader, task)
+    (reader, AbortOnDrop(task))
 }
 
 #[cfg(test)]

@@ -153,17 +153,28 @@ async fn main() -> anyhow::Result<()> {
     let discovery = if args.kubernetes {
         let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
         let inference = router.inference();
-        Some(tokio::spawn(async move {
-            if let Err(e) = mantle_router::kubernetes::follow(client, args.namespace, inference).await {
-                tracing::error!(error = %e, "following the cluster stopped");
-            }
-        }))
+        Some(tokio::spawn(mantle_router::kubernetes::follow(client, args.namespace, inference)))
     } else {
         None
     };
-    mantle_router::server::shutdown_signal().await;
-    if let Some(task) = discovery {
-        task.abort();
+    // Serve until told to stop — or until following the cluster fails, which ends the process
+    // with the reason (a missing CRD, say) so that it shows in the pod's status and logs.
+    let followed = async {
+        match discovery {
+            Some(task) => task.await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = mantle_router::server::shutdown_signal() => {}
+        result = followed => {
+            router.shutdown().await;
+            return match result {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(anyhow::Error::new(e).context("following the cluster")),
+                Err(e) => Err(anyhow::anyhow!("following the cluster: {e}")),
+            };
+        }
     }
     tracing::info!("shutting down");
     router.shutdown().await;

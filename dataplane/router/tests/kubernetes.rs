@@ -114,3 +114,25 @@ async fn models_and_runners_come_from_the_cluster() {
     assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&bytes));
     follow.abort();
 }
+
+#[tokio::test]
+async fn a_cluster_without_the_crds_is_a_clear_error_not_a_silent_wait() {
+    let client = kube::Client::new(
+        tower::service_fn(|_request: Request<kube::client::Body>| async {
+            let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                "message": "the server could not find the requested resource", "reason": "NotFound", "code": 404});
+            let mut response = Response::new(Body::from(status.to_string()));
+            *response.status_mut() = StatusCode::NOT_FOUND;
+            Ok::<_, Infallible>(response)
+        }),
+        "default",
+    );
+    let (_app, inference) =
+        mantle_router::build(&RouterConfig::local("127.0.0.1:0".parse().unwrap()), Platform::default()).unwrap();
+    let result =
+        tokio::time::timeout(Duration::from_secs(5), mantle_router::kubernetes::follow(client, None, inference))
+            .await
+            .expect("follow gives up at once");
+    let message = result.unwrap_err().to_string();
+    assert!(message.contains("foundationmodels.mantle.dev") && message.contains("not installed"), "{message}");
+}
