@@ -26,12 +26,14 @@ pub struct StandInConfig {
     pub interval: Duration,
     /// Refuse every Generate with this gRPC code.
     pub fail_with: Option<tonic::Code>,
+    /// Fail every Generate stream with this gRPC code after this many tokens.
+    pub fail_after: Option<(u32, tonic::Code)>,
     pub context_length: u32,
 }
 
 impl Default for StandInConfig {
     fn default() -> Self {
-        StandInConfig { tokens: 8, interval: Duration::ZERO, fail_with: None, context_length: 4096 }
+        StandInConfig { tokens: 8, interval: Duration::ZERO, fail_with: None, fail_after: None, context_length: 4096 }
     }
 }
 
@@ -97,6 +99,7 @@ impl Runner for StandIn {
         }
         let n = self.config.tokens.min(r.max_tokens);
         let interval = self.config.interval;
+        let fail_after = self.config.fail_after;
         self.counters.active.fetch_add(1, Ordering::Relaxed);
         let mut guard = StreamGuard { counters: self.counters.clone(), finished: false };
         let stream = async_stream(move |tx| async move {
@@ -107,6 +110,14 @@ impl Runner for StandIn {
                 return;
             }
             for i in 0..n {
+                if let Some((after, code)) = fail_after
+                    && i == after
+                {
+                    guard.finished = true;
+                    let _ = tx.send(Err(Status::new(code, "the stand-in failed mid-stream"))).await;
+                    drop(guard);
+                    return;
+                }
                 if !interval.is_zero() {
                     tokio::time::sleep(interval).await;
                 }

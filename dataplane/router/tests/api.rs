@@ -322,6 +322,29 @@ async fn invoke_with_response_stream_sends_base64_model_chunks() {
 }
 
 #[tokio::test]
+async fn a_timeout_mid_stream_is_named_by_a_member_of_each_streams_union() {
+    let f = fixture(Options {
+        text: StandInConfig { fail_after: Some((2, tonic::Code::DeadlineExceeded)), ..Default::default() },
+        ..Default::default()
+    })
+    .await;
+    // ConverseStreamOutput has no modelTimeoutException: botocore would see no code at all.
+    let response =
+        f.app.clone().oneshot(post("/model/acme.text-v1%3A0/converse-stream", converse_body("x"))).await.unwrap();
+    let frames = read_frames(response.into_body(), usize::MAX).await;
+    let (kind, payload) = frames.last().unwrap();
+    assert_eq!(kind, "modelStreamErrorException", "{frames:?}");
+    assert_eq!(payload["originalStatusCode"], 408);
+    assert!(payload["message"].as_str().unwrap().contains("mid-stream"), "{payload}");
+    // ResponseStream models it.
+    let body = json!({"anthropic_version": "bedrock-2023-05-31", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]});
+    let request = post("/model/acme.text-v1%3A0/invoke-with-response-stream", body.to_string());
+    let response = f.app.clone().oneshot(request).await.unwrap();
+    let frames = read_frames(response.into_body(), usize::MAX).await;
+    assert_eq!(frames.last().unwrap().0, "modelTimeoutException", "{frames:?}");
+}
+
+#[tokio::test]
 async fn a_client_that_goes_away_cancels_the_runner_stream() {
     let f = fixture(Options {
         text: StandInConfig { tokens: 500, interval: Duration::from_millis(10), ..Default::default() },

@@ -18,7 +18,7 @@ use crate::adapters::converse::{self, ConverseBody};
 use crate::adapters::native::{self, StreamChunks, TextDialect};
 use crate::adapters::{StopReason, TextOutput, TextRequest, parse_body};
 use crate::catalog::ModelEntry;
-use crate::error::{ApiError, ApiResult};
+use crate::error::{ApiError, ApiResult, StreamUnion};
 use crate::guard::OutputVerdict;
 use crate::inference::{Ctx, Generation, Inference, Piece};
 
@@ -115,7 +115,7 @@ pub async fn converse_stream(
         if !req.tools.is_empty() || req.json_schema.is_some() {
             let mut done = state.inference.complete(&ctx, &model, &req).instrument(span.clone()).await?;
             guard_output(&state.inference, &ctx, &mut done.output);
-            let (frames, mut response) = stream::event_stream(&[]);
+            let (frames, mut response) = stream::event_stream(StreamUnion::ConverseStreamOutput, &[]);
             model_used(&mut response, &done.model_used);
             tokio::spawn(
                 async move {
@@ -139,7 +139,7 @@ pub async fn converse_stream(
             return Ok(response);
         }
         let generation = state.inference.generate(&ctx, &model, &req).instrument(span.clone()).await?;
-        let (frames, mut response) = stream::event_stream(&[]);
+        let (frames, mut response) = stream::event_stream(StreamUnion::ConverseStreamOutput, &[]);
         model_used(&mut response, &generation.model.model_id);
         tokio::spawn(pump_converse(state.clone(), ctx, generation, frames).instrument(span));
         Ok::<_, ApiError>(response)
@@ -273,7 +273,7 @@ pub async fn invoke_stream(
         if !req.tools.is_empty() {
             let mut done = state.inference.complete(&ctx, &model, &req).instrument(span.clone()).await?;
             guard_output(&state.inference, &ctx, &mut done.output);
-            let (frames, mut response) = stream::event_stream(&extra);
+            let (frames, mut response) = stream::event_stream(StreamUnion::ResponseStream, &extra);
             model_used(&mut response, &done.model_used);
             tokio::spawn(
                 async move {
@@ -299,7 +299,7 @@ pub async fn invoke_stream(
             return Ok(response);
         }
         let generation = state.inference.generate(&ctx, &model, &req).instrument(span.clone()).await?;
-        let (frames, mut response) = stream::event_stream(&extra);
+        let (frames, mut response) = stream::event_stream(StreamUnion::ResponseStream, &extra);
         model_used(&mut response, &generation.model.model_id);
         tokio::spawn(pump_native(state.clone(), ctx, dialect, generation, frames).instrument(span));
         Ok::<_, ApiError>(response)
