@@ -21,6 +21,7 @@ const TEXT: &str = "acme.text-v1:0";
 const BACKUP: &str = "acme.backup-v1:0";
 const EMBED: &str = "acme.embed-v1:0";
 const OLD: &str = "acme.old-v1:0";
+const MISTRAL: &str = "acme.mistral-v1:0";
 
 fn model(id: &str, modality: &str, extra: &str) -> mantle_crds::FoundationModel {
     let yaml = format!(
@@ -68,14 +69,21 @@ async fn fixture(options: Options) -> Fixture {
             model(BACKUP, "TEXT", ""),
             model(EMBED, "EMBEDDING", ""),
             model(OLD, "TEXT", "  lifecycle: {status: LEGACY, endOfLife: '2020-01-01T00:00:00Z'}\n"),
+            model(MISTRAL, "TEXT", "  invokeModelBody: Mistral\n"),
         ],
         provisioned: Vec::new(),
-        runners: vec![runner(TEXT, &text), runner(BACKUP, &backup), runner(EMBED, &embed), runner(OLD, &backup)],
+        runners: vec![
+            runner(TEXT, &text),
+            runner(BACKUP, &backup),
+            runner(EMBED, &embed),
+            runner(OLD, &backup),
+            runner(MISTRAL, &backup),
+        ],
         cells: Vec::new(),
     };
     let (app, inference) = mantle_router::build(&options.config, platform).unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
-    while ![TEXT, BACKUP, EMBED].iter().all(|m| inference.live().runners.ready(m)) {
+    while ![TEXT, BACKUP, EMBED, MISTRAL].iter().all(|m| inference.live().runners.ready(m)) {
         assert!(Instant::now() < deadline, "stand-ins never became ready");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -342,6 +350,59 @@ async fn a_timeout_mid_stream_is_named_by_a_member_of_each_streams_union() {
     let response = f.app.clone().oneshot(request).await.unwrap();
     let frames = read_frames(response.into_body(), usize::MAX).await;
     assert_eq!(frames.last().unwrap().0, "modelTimeoutException", "{frames:?}");
+}
+
+#[tokio::test]
+async fn invoke_model_reads_and_answers_the_body_of_the_models_declared_family() {
+    let f = fixture(Options::default()).await;
+    // {prompt, temperature, top_p} fits Llama and Mistral alike: the model's family decides.
+    let body = json!({"prompt": "<s>[INST] Hi [/INST]", "temperature": 0.5, "top_p": 0.9}).to_string();
+    let (status, _, reply) = send(&f.app, post("/model/acme.mistral-v1%3A0/invoke", body.clone())).await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&reply));
+    let reply = json_of(&reply);
+    assert!(reply.get("generation").is_none(), "{reply}");
+    assert_eq!(reply["outputs"][0]["text"], " tok0 tok1 tok2 tok3 tok4 tok5 tok6 tok7", "{reply}");
+    assert!(reply["outputs"][0]["stop_reason"].is_string(), "{reply}");
+    // A Llama key is not a Mistral key.
+    let llama = json!({"prompt": "Hi", "max_gen_len": 8}).to_string();
+    let (status, headers, reply) = send(&f.app, post("/model/acme.mistral-v1%3A0/invoke", llama)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(headers["x-amzn-ErrorType"], "ValidationException");
+    let message = json_of(&reply)["message"].as_str().unwrap().to_string();
+    assert!(message.contains("extraneous key [max_gen_len]") && message.contains("Mistral"), "{message}");
+    // A model that declares nothing and has no Bedrock provider prefix takes Anthropic messages.
+    let (status, _, reply) = send(&f.app, post("/model/acme.text-v1%3A0/invoke", body)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(String::from_utf8_lossy(&reply).contains("extraneous key [prompt]"));
+}
+
+#[tokio::test]
+async fn embedding_options_are_honoured_or_refused_with_a_reason() {
+    let f = fixture(Options::default()).await;
+    let invoke = "/model/acme.embed-v1%3A0/invoke";
+    // The stand-in's vectors are [len, 1, 0]: three dimensions, normalised on the way out.
+    let body = json!({"inputText": "abcd", "dimensions": 3, "normalize": true, "embeddingTypes": ["float"]});
+    let (status, _, reply) = send(&f.app, post(invoke, body.to_string())).await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&reply));
+    let reply = json_of(&reply);
+    let v: Vec<f64> = serde_json::from_value(reply["embeddingsByType"]["float"].clone()).unwrap();
+    assert!((v.iter().map(|x| x * x).sum::<f64>() - 1.0).abs() < 1e-5, "{v:?}");
+    for (body, says) in [
+        (json!({"inputText": "abcd", "dimensions": 256}), "dimensions 256 is not supported"),
+        (json!({"inputText": "abcd", "normalize": false}), "normalize false"),
+        (json!({"texts": ["abcd"]}), "extraneous key [texts]"),
+    ] {
+        let (status, _, reply) = send(&f.app, post(invoke, body.to_string())).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert!(String::from_utf8_lossy(&reply).contains(says), "{}", String::from_utf8_lossy(&reply));
+    }
+    let openai = |body: Value| post("/v1/embeddings", body.to_string());
+    let (status, _, reply) = send(&f.app, openai(json!({"model": EMBED, "input": "abcd", "dimensions": 3}))).await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&reply));
+    let (status, _, reply) = send(&f.app, openai(json!({"model": EMBED, "input": "abcd", "dimensions": 2}))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let error = &json_of(&reply)["error"];
+    assert!(error["message"].as_str().unwrap().contains("Matryoshka"), "{error}");
 }
 
 #[tokio::test]

@@ -245,6 +245,8 @@ pub struct EmbeddingsRequest {
     pub model: String,
     pub texts: Vec<String>,
     pub base64: bool,
+    /// The vector width asked for, checked against the model's own.
+    pub dimensions: Option<u32>,
 }
 
 pub fn embeddings_request(body: &Value) -> Result<EmbeddingsRequest, ApiError> {
@@ -270,7 +272,14 @@ pub fn embeddings_request(body: &Value) -> Result<EmbeddingsRequest, ApiError> {
         Some("base64") => true,
         Some(other) => return Err(ApiError::validation(format!("encoding_format {other:?} must be float or base64"))),
     };
-    Ok(EmbeddingsRequest { model, texts, base64 })
+    let dimensions = match body.get("dimensions") {
+        None | Some(Value::Null) => None,
+        Some(v) => match v.as_u64() {
+            Some(n) if (1..=u32::MAX as u64).contains(&n) => Some(n as u32),
+            _ => return Err(ApiError::validation("dimensions must be an integer of at least 1")),
+        },
+    };
+    Ok(EmbeddingsRequest { model, texts, base64, dimensions })
 }
 
 pub fn embeddings_response(model: &str, vectors: &[Vec<f32>], base64: bool, tokens: u32) -> Value {

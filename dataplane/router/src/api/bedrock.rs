@@ -15,7 +15,7 @@ use tracing::Instrument;
 use super::stream::{self, Frames};
 use super::{Caller, Shared, require_json};
 use crate::adapters::converse::{self, ConverseBody};
-use crate::adapters::native::{self, StreamChunks, TextDialect};
+use crate::adapters::native::{self, EmbedDialect, StreamChunks, TextDialect};
 use crate::adapters::{StopReason, TextOutput, TextRequest, parse_body};
 use crate::catalog::ModelEntry;
 use crate::error::{ApiError, ApiResult, StreamUnion};
@@ -43,6 +43,20 @@ fn begin(
     let ctx = caller.ctx(api, headers)?;
     let model = state.inference.live().catalog.resolve(model_id)?.clone();
     Ok((ctx, model))
+}
+
+/// A FoundationModel whose declared body family does not fit its modality (the CRD's rules
+/// refuse one; a model built some other way could still carry it).
+fn wrong_body(model: &ModelEntry) -> ApiError {
+    ApiError::Internal(format!(
+        "{} is declared with invokeModelBody {:?}, which is not a body of its modality.",
+        model.model_id, model.invoke_body
+    ))
+}
+
+/// The native text body the model takes.
+fn text_dialect(model: &ModelEntry) -> ApiResult<TextDialect> {
+    TextDialect::of(model.invoke_body).ok_or_else(|| wrong_body(model))
 }
 
 /// Applies an output guard to a whole reply.
@@ -229,7 +243,8 @@ pub async fn invoke(
         let span = Inference::span(&ctx, &model.model_id);
         match model.modality {
             Modality::Text => {
-                let (dialect, req) = native::text_request(&value)?;
+                let dialect = text_dialect(&model)?;
+                let req = native::text_request(dialect, &value)?;
                 let mut done = state.inference.complete(&ctx, &model, &req).instrument(span).await?;
                 guard_output(&state.inference, &ctx, &mut done.output);
                 let body = native::response(dialect, &ctx.request_id, &done.model_used, &done.output);
@@ -239,9 +254,15 @@ pub async fn invoke(
                 Ok(response)
             }
             Modality::Embedding => {
-                let (dialect, texts) = native::embed_request(&value)?;
-                let (vectors, tokens) = state.inference.embed(&ctx, &model, texts.clone()).instrument(span).await?;
-                let body = native::embed_response(dialect, &ctx.request_id, &texts, &vectors, tokens);
+                let dialect = EmbedDialect::of(model.invoke_body).ok_or_else(|| wrong_body(&model))?;
+                let req = native::embed_request(dialect, &value)?;
+                let (mut vectors, tokens) =
+                    state.inference.embed(&ctx, &model, req.texts.clone()).instrument(span).await?;
+                native::check_dimensions(&model.model_id, req.dimensions, &vectors)?;
+                if dialect == EmbedDialect::Titan {
+                    native::normalize(&mut vectors);
+                }
+                let body = native::embed_response(&req, &ctx.request_id, &vectors, tokens);
                 let mut response = axum::Json(body).into_response();
                 response.headers_mut().insert("x-amzn-bedrock-input-token-count", HeaderValue::from(tokens));
                 Ok::<_, ApiError>(response)
@@ -267,7 +288,8 @@ pub async fn invoke_stream(
         if model.modality != Modality::Text {
             return Err(ApiError::validation(format!("{} does not support response streaming.", model.model_id)));
         }
-        let (dialect, req) = native::text_request(&native::json_body(&body)?)?;
+        let dialect = text_dialect(&model)?;
+        let req = native::text_request(dialect, &native::json_body(&body)?)?;
         let span = Inference::span(&ctx, &model.model_id);
         let extra = [("x-amzn-bedrock-content-type", "application/json")];
         if !req.tools.is_empty() {
@@ -371,7 +393,7 @@ pub async fn count_tokens(
             return Err(ApiError::validation(format!("{} does not count tokens for text generation.", model.model_id)));
         }
         let value: Value = parse_body(&body)?;
-        let req = count_tokens_request(&value)?;
+        let req = count_tokens_request(&model, &value)?;
         let tokens =
             state.inference.count_tokens(&ctx, &model, &req).instrument(Inference::span(&ctx, &model.model_id)).await?;
         state.inference.count_outcome(&ctx, &model, "ok");
@@ -382,7 +404,7 @@ pub async fn count_tokens(
 }
 
 /// CountTokens' `input` union: an InvokeModel body (base64) or a Converse request.
-fn count_tokens_request(value: &Value) -> ApiResult<TextRequest> {
+fn count_tokens_request(model: &ModelEntry, value: &Value) -> ApiResult<TextRequest> {
     let input = value.get("input").ok_or_else(|| ApiError::validation("input is required"))?;
     let obj = input
         .as_object()
@@ -395,7 +417,7 @@ fn count_tokens_request(value: &Value) -> ApiResult<TextRequest> {
             let bytes = base64::engine::general_purpose::STANDARD
                 .decode(encoded)
                 .map_err(|e| ApiError::validation(format!("input.invokeModel.body is not base64: {e}")))?;
-            Ok(native::text_request(&native::json_body(&bytes)?)?.1)
+            native::text_request(text_dialect(model)?, &native::json_body(&bytes)?)
         }
         Some((k, v)) if k == "converse" => {
             let body: ConverseBody = serde_json::from_value(v.clone())

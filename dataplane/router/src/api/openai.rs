@@ -12,6 +12,7 @@ use tracing::Instrument;
 
 use super::stream::{self, Frames};
 use super::{Caller, Shared, require_json};
+use crate::adapters::native;
 use crate::adapters::openai::{self, ChatCompletion};
 use crate::adapters::{StopReason, TextOutput};
 use crate::error::ApiError;
@@ -157,6 +158,7 @@ pub async fn embeddings(
         let model = state.inference.live().catalog.resolve(&req.model)?.clone();
         let span = Inference::span(&ctx, &model.model_id);
         let (vectors, tokens) = state.inference.embed(&ctx, &model, req.texts).instrument(span).await?;
+        native::check_dimensions(&model.model_id, req.dimensions, &vectors)?;
         Ok::<_, ApiError>(
             axum::Json(openai::embeddings_response(&req.model, &vectors, req.base64, tokens)).into_response(),
         )
