@@ -184,6 +184,43 @@ async fn bad_input_gets_the_right_status_and_error_type() {
 }
 
 #[tokio::test]
+async fn openai_clients_get_openais_wire_details() {
+    let f = fixture(Options::default()).await;
+    // An unknown URL is OpenAI's `unknown_url`, not a missing model.
+    let (status, headers, body) = send(&f.app, post("/v1/responses", "{}")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let error = &json_of(&body)["error"];
+    assert_eq!((error["code"].as_str(), error["type"].as_str()), (Some("unknown_url"), Some("invalid_request_error")));
+    assert!(error["message"].as_str().unwrap().contains("POST /v1/responses"), "{error}");
+    // Every response carries x-request-id, the same id as x-amzn-RequestId.
+    assert_eq!(headers["x-request-id"], headers["x-amzn-RequestId"]);
+    let chat = json!({"model": TEXT, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2});
+    let (status, headers, _) = send(&f.app, post("/v1/chat/completions", chat.to_string())).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["x-request-id"], headers["x-amzn-RequestId"]);
+    // An unknown field is named; one at its default passes; one set otherwise is refused.
+    for (extra, status, says) in [
+        (json!({"temprature": 0}), StatusCode::BAD_REQUEST, "Unrecognized request argument supplied: temprature"),
+        (json!({"presence_penalty": 0, "n": 1, "user": "u"}), StatusCode::OK, ""),
+        (json!({"presence_penalty": 1.5}), StatusCode::BAD_REQUEST, "presence_penalty is not supported"),
+    ] {
+        let mut body = chat.clone();
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        let (got, _, reply) = send(&f.app, post("/v1/chat/completions", body.to_string())).await;
+        assert_eq!(got, status, "{extra}: {}", String::from_utf8_lossy(&reply));
+        let message = json_of(&reply)["error"]["message"].as_str().unwrap_or_default().to_string();
+        assert!(message.starts_with(says), "{extra}: {message}");
+    }
+    // Nothing may follow the JSON body, in either dialect.
+    let (status, _, _) = send(&f.app, post("/v1/chat/completions", format!("{chat} {{}}"))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let converse = format!("{} trailing", converse_body("x"));
+    let (status, headers, body) = send(&f.app, post("/model/acme.text-v1%3A0/converse", converse)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(headers["x-amzn-ErrorType"], "ValidationException");
+}
+
+#[tokio::test]
 async fn model_ids_arrive_percent_encoded_as_ids_or_arns() {
     let f = fixture(Options::default()).await;
     for path in [

@@ -126,6 +126,8 @@ async fn front_door(State(state): State<Shared>, request: Request, next: Next) -
         }
     };
     if let Ok(id) = HeaderValue::from_str(&request_id) {
+        // The same id under the name OpenAI's clients read (`_request_id`).
+        response.headers_mut().insert("x-request-id", id.clone());
         response.headers_mut().insert("x-amzn-RequestId", id);
     }
     response
@@ -170,10 +172,19 @@ async fn admit(state: &AppState, request: Request, request_id: &str, received: I
 
 async fn unknown_operation(request: Request) -> Response {
     let path = request.uri().path().to_string();
-    let error = ApiError::NotFound(format!("No operation matches {} {path}.", request.method()));
     if is_openai(&path) {
-        return error.into_openai();
+        // OpenAI's answer to a URL it does not serve.
+        let message = format!(
+            "Unknown request URL: {} {path}. Please check the URL for typos, or see the docs at \
+             https://platform.openai.com/docs/api-reference/.",
+            request.method()
+        );
+        let body = serde_json::json!({
+            "error": { "message": message, "type": "invalid_request_error", "param": null, "code": "unknown_url" }
+        });
+        return (StatusCode::NOT_FOUND, axum::Json(body)).into_response();
     }
+    let error = ApiError::NotFound(format!("No operation matches {} {path}.", request.method()));
     let mut response = error.into_bedrock();
     response.headers_mut().insert("x-amzn-ErrorType", HeaderValue::from_static("UnknownOperationException"));
     response
