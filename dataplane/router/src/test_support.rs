@@ -12,7 +12,7 @@ use mantle_proto::runner_server::{Runner, RunnerServer};
 use mantle_proto::{
     CountTokensRequest, CountTokensResponse, EmbedRequest, EmbedResponse, Embedding, FinishReason, Finished,
     GenerateRequest, GenerateResponse, HealthRequest, HealthSignal, InfoRequest, InfoResponse, LoadState, Started,
-    TokenChunk, Usage, generate_response,
+    TokenChunk, TokenLogprob, Usage, generate_response,
 };
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -100,6 +100,7 @@ impl Runner for StandIn {
         let n = self.config.tokens.min(r.max_tokens);
         let interval = self.config.interval;
         let fail_after = self.config.fail_after;
+        let want_logprobs = r.logprobs;
         self.counters.active.fetch_add(1, Ordering::Relaxed);
         let mut guard = StreamGuard { counters: self.counters.clone(), finished: false };
         let stream = async_stream(move |tx| async move {
@@ -121,7 +122,16 @@ impl Runner for StandIn {
                 if !interval.is_zero() {
                     tokio::time::sleep(interval).await;
                 }
-                let token = TokenChunk { text: format!(" tok{i}"), token_ids: vec![i], logprobs: Vec::new() };
+                let text = format!(" tok{i}");
+                // A made-up log-probability per token, with the token's text as its bytes.
+                let (logprobs, token_logprobs) = match want_logprobs {
+                    true => {
+                        let logprob = -0.25 * (i + 1) as f32;
+                        (vec![logprob], vec![TokenLogprob { token: text.clone().into_bytes(), logprob }])
+                    }
+                    false => (Vec::new(), Vec::new()),
+                };
+                let token = TokenChunk { text, token_ids: vec![i], logprobs, token_logprobs };
                 let msg = GenerateResponse { event: Some(generate_response::Event::Token(token)) };
                 if tx.send(Ok(msg)).await.is_err() {
                     return;
