@@ -22,7 +22,7 @@ use mantle_proto::{GenerateResponse, LoadState, generate_response};
 use tokio_stream::StreamExt;
 use tracing::Instrument;
 
-use crate::adapters::{self, DEFAULT_MAX_TOKENS, StopReason, TextOutput, TextRequest, Usage, structured};
+use crate::adapters::{self, DEFAULT_MAX_TOKENS, StopReason, TextOutput, TextRequest, TokenLogprob, Usage, structured};
 use crate::catalog::{Catalog, ModelEntry};
 use crate::error::{ApiError, from_status};
 use crate::guard::Guards;
@@ -467,7 +467,7 @@ impl Inference {
             stop_sequences: req.stop_sequences.clone(),
             priority: proto_priority(ctx.priority) as i32,
             deadline_unix_ms: ctx.deadline_unix_ms(),
-            logprobs: false,
+            logprobs: req.logprobs,
         };
         let mut client = runner.client.clone();
         let mut grpc = tonic::Request::new(request);
@@ -520,7 +520,7 @@ impl Inference {
         for attempt in 1..=attempts {
             let generation = self.generate(ctx, model, &req).await?;
             let model_used = generation.model.model_id.clone();
-            let mut output = generation.collect().await?;
+            let (mut output, logprobs) = generation.collect().await?;
             usage.input_tokens += output.usage.input_tokens;
             usage.output_tokens += output.usage.output_tokens;
             usage.cached_tokens += output.usage.cached_tokens;
@@ -531,11 +531,11 @@ impl Inference {
                 output.tool_call = Some(call);
                 output.stop_reason = StopReason::ToolUse;
             }
-            let Some(validator) = &validator else { return Ok(Completed { output, model_used }) };
+            let Some(validator) = &validator else { return Ok(Completed { output, model_used, logprobs }) };
             match structured::check(validator, &output.text) {
                 Ok(value) => {
                     output.text = value.to_string();
-                    return Ok(Completed { output, model_used });
+                    return Ok(Completed { output, model_used, logprobs });
                 }
                 Err(reason) if attempt < attempts => {
                     tracing::debug!(attempt, %reason, "structured output did not validate; retrying");
@@ -549,7 +549,7 @@ impl Inference {
                 Err(reason) => {
                     tracing::info!(%reason, "structured output never validated");
                     output.stop_reason = StopReason::MalformedModelOutput;
-                    return Ok(Completed { output, model_used });
+                    return Ok(Completed { output, model_used, logprobs });
                 }
             }
         }
@@ -690,12 +690,19 @@ struct Admission {
 pub struct Completed {
     pub output: TextOutput,
     pub model_used: String,
+    /// Each generated token's log-probability, when the request asked for them.
+    pub logprobs: Vec<TokenLogprob>,
 }
 
 /// What a generation yields.
 #[derive(Debug)]
 pub enum Piece {
-    Text { text: String, tokens: u32 },
+    /// New text, the tokens it took, and their log-probabilities when asked for.
+    Text {
+        text: String,
+        tokens: u32,
+        logprobs: Vec<TokenLogprob>,
+    },
     Done(TextOutput),
 }
 
@@ -771,7 +778,12 @@ impl Generation {
                     let tokens = t.token_ids.len().max(1) as u32;
                     self.generated += tokens;
                     self.text.push_str(&t.text);
-                    return Ok(Some(Piece::Text { text: t.text, tokens }));
+                    let logprobs: Vec<TokenLogprob> = t
+                        .token_logprobs
+                        .into_iter()
+                        .map(|l| TokenLogprob { bytes: l.token, logprob: l.logprob })
+                        .collect();
+                    return Ok(Some(Piece::Text { text: t.text, tokens, logprobs }));
                 }
                 Some(generate_response::Event::Finished(f)) => {
                     let usage = f.usage.unwrap_or_default();
@@ -801,10 +813,13 @@ impl Generation {
     }
 
     /// Reads to the end.
-    pub async fn collect(mut self) -> Result<TextOutput, ApiError> {
+    /// The whole reply and the log-probabilities of its tokens (empty unless asked for).
+    pub async fn collect(mut self) -> Result<(TextOutput, Vec<TokenLogprob>), ApiError> {
+        let mut logprobs = Vec::new();
         while let Some(piece) = self.next().await? {
-            if let Piece::Done(output) = piece {
-                return Ok(output);
+            match piece {
+                Piece::Text { logprobs: more, .. } => logprobs.extend(more),
+                Piece::Done(output) => return Ok((output, logprobs)),
             }
         }
         Err(ApiError::Internal("the generation ended twice".into()))

@@ -221,6 +221,43 @@ async fn openai_clients_get_openais_wire_details() {
 }
 
 #[tokio::test]
+async fn openai_chat_returns_logprobs_in_openais_shape() {
+    let f = fixture(Options::default()).await;
+    let chat =
+        json!({"model": TEXT, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "logprobs": true});
+    let (status, _, body) = send(&f.app, post("/v1/chat/completions", chat.to_string())).await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    let content = json_of(&body)["choices"][0]["logprobs"]["content"].clone();
+    assert_eq!(content.as_array().map(Vec::len), Some(3), "{content}");
+    // The stand-in's tokens are " tok0", " tok1", ... at -0.25, -0.5, ...
+    assert_eq!(content[1], json!({"token": " tok1", "logprob": -0.5, "bytes": b" tok1".to_vec(), "top_logprobs": []}));
+    // Streamed, each content chunk carries its own tokens.
+    let mut streamed = chat.clone();
+    streamed["stream"] = json!(true);
+    let (status, _, body) = send(&f.app, post("/v1/chat/completions", streamed.to_string())).await;
+    assert_eq!(status, StatusCode::OK);
+    let tokens: Vec<Value> = std::str::from_utf8(&body)
+        .unwrap()
+        .split("\n\n")
+        .filter_map(|e| serde_json::from_str::<Value>(e.trim_start_matches("data: ")).ok())
+        .filter(|c| c["choices"][0]["delta"]["content"].as_str().is_some_and(|t| !t.is_empty()))
+        .flat_map(|c| c["choices"][0]["logprobs"]["content"].as_array().cloned().unwrap_or_default())
+        .collect();
+    assert_eq!(tokens.len(), 3);
+    assert_eq!(tokens[2]["token"], " tok2");
+    // Without logprobs the field stays null.
+    let plain = json!({"model": TEXT, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1});
+    let (_, _, body) = send(&f.app, post("/v1/chat/completions", plain.to_string())).await;
+    assert!(json_of(&body)["choices"][0]["logprobs"].is_null());
+    // Alternatives are not served.
+    let mut top = chat.clone();
+    top["top_logprobs"] = json!(2);
+    let (status, _, body) = send(&f.app, post("/v1/chat/completions", top.to_string())).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(json_of(&body)["error"]["message"].as_str().unwrap().starts_with("top_logprobs is not supported"));
+}
+
+#[tokio::test]
 async fn model_ids_arrive_percent_encoded_as_ids_or_arns() {
     let f = fixture(Options::default()).await;
     for path in [

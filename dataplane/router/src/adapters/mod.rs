@@ -34,6 +34,16 @@ pub struct TextRequest {
     /// The reply must be JSON matching this schema (Converse `outputConfig`, OpenAI
     /// `response_format`).
     pub json_schema: Option<Value>,
+    /// Report each generated token's log-probability (OpenAI `logprobs`).
+    pub logprobs: bool,
+}
+
+/// One generated token and its log-probability, as the runner reports it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprob {
+    /// The token's own bytes (possibly part of a UTF-8 character).
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
 }
 
 impl TextRequest {

@@ -5,7 +5,7 @@ use base64::Engine as _;
 use mantle_proto::ChatMessage;
 use serde_json::{Value, json};
 
-use super::{StopReason, TextOutput, TextRequest, Tool, ToolChoice, check_sampling, tools_prompt};
+use super::{StopReason, TextOutput, TextRequest, TokenLogprob, Tool, ToolChoice, check_sampling, tools_prompt};
 use crate::error::ApiError;
 
 /// A chat-completions body, mapped: the model id, whether to stream (and include usage), and
@@ -175,11 +175,12 @@ pub fn chat_request(body: &Value) -> Result<ChatCompletion, ApiError> {
         Value::Bool(b) => *b,
         _ => return Err(ApiError::validation("logprobs must be a boolean")),
     };
-    if logprobs {
-        return Err(ApiError::validation("logprobs is not supported by this server yet; omit it or set it to false"));
-    }
+    // The runner reports the chosen token's log-probability only, not the alternatives.
     if !(body["top_logprobs"].is_null() || body["top_logprobs"].as_u64() == Some(0)) {
-        return Err(ApiError::validation("top_logprobs is not supported by this server; omit it or set it to 0"));
+        return Err(ApiError::validation(
+            "top_logprobs is not supported by this server: it reports the chosen token's log-probability only; \
+             omit top_logprobs or set it to 0",
+        ));
     }
     let max_tokens = match body.get("max_completion_tokens").or_else(|| body.get("max_tokens")) {
         None | Some(Value::Null) => None,
@@ -266,9 +267,33 @@ pub fn chat_request(body: &Value) -> Result<ChatCompletion, ApiError> {
             stop_sequences,
             tools,
             json_schema,
+            logprobs,
             ..Default::default()
         },
     })
+}
+
+/// A choice's `logprobs` object: each token with its log-probability and bytes. No
+/// alternatives are reported, so `top_logprobs` is empty.
+pub fn logprobs(tokens: &[TokenLogprob]) -> Value {
+    let content: Vec<Value> = tokens
+        .iter()
+        .map(|t| {
+            json!({
+                "token": String::from_utf8_lossy(&t.bytes),
+                "logprob": t.logprob,
+                "bytes": t.bytes,
+                "top_logprobs": [],
+            })
+        })
+        .collect();
+    json!({ "content": content, "refusal": null })
+}
+
+/// Sets a reply's or chunk's `choices[0].logprobs`.
+pub fn with_logprobs(mut body: Value, tokens: &[TokenLogprob]) -> Value {
+    body["choices"][0]["logprobs"] = logprobs(tokens);
+    body
 }
 
 fn finish_reason(reason: StopReason) -> &'static str {
@@ -447,6 +472,21 @@ mod tests {
     }
 
     #[test]
+    fn logprobs_take_openais_shape() {
+        assert!(chat_with(json!({"logprobs": true})).unwrap().request.logprobs);
+        assert!(!chat_with(json!({"logprobs": false, "top_logprobs": 0})).unwrap().request.logprobs);
+        // "é" split across two tokens: each token keeps its bytes; its text is lossy.
+        let tokens =
+            [TokenLogprob { bytes: vec![0xc3], logprob: -1.0 }, TokenLogprob { bytes: vec![0xa9], logprob: -0.5 }];
+        let body = with_logprobs(chunk("a", "m", json!({"content": "é"}), None), &tokens);
+        let content = &body["choices"][0]["logprobs"]["content"];
+        assert_eq!(content[0]["bytes"], json!([0xc3]));
+        assert_eq!(content[1]["logprob"], -0.5);
+        assert_eq!(content[1]["top_logprobs"], json!([]));
+        assert!(body["choices"][0]["logprobs"]["refusal"].is_null());
+    }
+
+    #[test]
     fn fields_the_sdks_send_at_their_defaults_are_accepted() {
         let defaults = json!({
             "frequency_penalty": 0, "presence_penalty": 0.0, "logit_bias": {}, "n": 1, "user": "u-1",
@@ -470,7 +510,7 @@ mod tests {
             (json!({"modalities": ["text", "audio"]}), "modalities"),
             (json!({"reasoning_effort": "high"}), "reasoning_effort"),
             (json!({"n": 3}), "n must be 1"),
-            (json!({"top_logprobs": 5}), "top_logprobs"),
+            (json!({"top_logprobs": 5, "logprobs": true}), "top_logprobs"),
         ] {
             let err = chat_with(extra.clone()).unwrap_err().to_string();
             assert!(err.starts_with(field), "{extra}: {err}");

@@ -347,7 +347,7 @@ async fn pump_native(state: Shared, ctx: Ctx, dialect: TextDialect, mut generati
     let mut so_far = String::new();
     loop {
         match generation.next().await {
-            Ok(Some(Piece::Text { text, tokens })) => {
+            Ok(Some(Piece::Text { text, tokens, .. })) => {
                 let text = match state.inference.guards.check_output(&ctx, &so_far, &text) {
                     OutputVerdict::Pass => text,
                     OutputVerdict::Rewrite(t) => t,
