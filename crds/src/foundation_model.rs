@@ -33,6 +33,7 @@ use crate::validation::{Invalid, Validate, Violations};
 #[x_kube(
     validation = Rule::new("self.modality == 'TEXT' || !has(self.draftModel)").message("draftModel (speculative decoding) applies to TEXT models only").field_path(".draftModel"),
     validation = Rule::new("self.modality == 'TEXT' || !has(self.chatTemplate)").message("chatTemplate applies to TEXT models only").field_path(".chatTemplate"),
+    validation = Rule::new("!has(self.invokeModelBody) || (self.modality == 'TEXT') == (self.invokeModelBody in ['AnthropicMessages', 'Llama', 'Mistral'])").message("invokeModelBody must be a body of the model's modality: AnthropicMessages, Llama or Mistral for TEXT; TitanEmbed or CohereEmbed for EMBEDDING").field_path(".invokeModelBody"),
     validation = Rule::new("!has(self.draftModel) || self.draftModel.modelId != self.modelId").message("a model cannot be its own draft model").field_path(".draftModel.modelId"),
     validation = Rule::new("!has(self.fallbacks) || self.fallbacks.all(f, f.modelId != self.modelId)").message("a model cannot be its own fallback").field_path(".fallbacks")
 )]
@@ -53,10 +54,19 @@ pub struct FoundationModelSpec {
     /// What runs the model.
     #[serde(default)]
     pub engine: Engine,
-    /// The chat template family; absent means the template embedded in the weights (GGUF
-    /// `tokenizer.chat_template`).
+    /// A built-in chat template, for a weight file that carries none. Leave it unset for a file
+    /// with its own template (GGUF `tokenizer.chat_template`): that template is the default and
+    /// the right one (it holds the model's own turn markers and default system prompt), and a
+    /// family named here replaces it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chat_template: Option<ChatTemplate>,
+    /// The native InvokeModel body the model takes and answers with (its Bedrock model family);
+    /// a body of another family is refused with a ValidationException. Absent means the family
+    /// of the modelId's provider prefix (`anthropic.` AnthropicMessages, `meta.` Llama,
+    /// `mistral.` Mistral, `amazon.titan-embed` TitanEmbed, `cohere.embed` CohereEmbed), and
+    /// otherwise AnthropicMessages for TEXT models and TitanEmbed for EMBEDDING models.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub invoke_model_body: Option<InvokeModelBody>,
     /// The maximum number of tokens (prompt + completion) one request may use.
     #[schemars(range(min = 128, max = 1048576))]
     pub context_length: i32,
@@ -205,6 +215,54 @@ pub enum ChatTemplate {
     Llama3,
     /// `[INST] ... [/INST]` (Mistral, Mixtral, Llama 2).
     Mistral,
+}
+
+/// A native InvokeModel body dialect, as Bedrock's model families define them.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum InvokeModelBody {
+    /// Anthropic Messages `{anthropic_version, max_tokens, messages, system, ...}`, answered
+    /// `{id, type: message, content, stop_reason, usage}`.
+    AnthropicMessages,
+    /// Meta Llama `{prompt, max_gen_len, temperature, top_p}`, answered
+    /// `{generation, prompt_token_count, generation_token_count, stop_reason}`.
+    Llama,
+    /// Mistral `{prompt, max_tokens, stop, temperature, top_p, top_k}`, answered
+    /// `{outputs: [{text, stop_reason}]}`.
+    Mistral,
+    /// Amazon Titan Text Embeddings `{inputText, dimensions, normalize}`, answered
+    /// `{embedding, inputTextTokenCount}`.
+    TitanEmbed,
+    /// Cohere Embed `{texts, input_type, truncate, embedding_types}`, answered
+    /// `{id, embeddings, texts, response_type}`.
+    CohereEmbed,
+}
+
+impl InvokeModelBody {
+    /// Whether the body is a text-generation body (else an embedding body).
+    pub fn is_text(self) -> bool {
+        matches!(self, InvokeModelBody::AnthropicMessages | InvokeModelBody::Llama | InvokeModelBody::Mistral)
+    }
+
+    /// The body a model takes: the declared one, else the family of the modelId's provider
+    /// prefix, else the modality's default.
+    pub fn of(declared: Option<InvokeModelBody>, model_id: &str, modality: Modality) -> InvokeModelBody {
+        if let Some(body) = declared {
+            return body;
+        }
+        let by_prefix = [
+            ("anthropic.", InvokeModelBody::AnthropicMessages),
+            ("meta.", InvokeModelBody::Llama),
+            ("mistral.", InvokeModelBody::Mistral),
+            ("amazon.titan-embed", InvokeModelBody::TitanEmbed),
+            ("cohere.embed", InvokeModelBody::CohereEmbed),
+        ];
+        let implied = by_prefix.iter().find(|(p, _)| model_id.starts_with(p)).map(|(_, b)| *b);
+        match (implied, modality) {
+            (Some(body), _) if body.is_text() == (modality == Modality::Text) => body,
+            (_, Modality::Text) => InvokeModelBody::AnthropicMessages,
+            (_, Modality::Embedding) => InvokeModelBody::TitanEmbed,
+        }
+    }
 }
 
 /// What one replica needs from its node.
@@ -507,6 +565,11 @@ impl Validate for FoundationModelSpec {
             self.modality == Modality::Text || self.chat_template.is_none(),
             "spec.chatTemplate",
             "chatTemplate applies to TEXT models only",
+        );
+        v.check(
+            self.invoke_model_body.is_none_or(|b| b.is_text() == (self.modality == Modality::Text)),
+            "spec.invokeModelBody",
+            "invokeModelBody must be a body of the model's modality: AnthropicMessages, Llama or Mistral for TEXT; TitanEmbed or CohereEmbed for EMBEDDING",
         );
         if let Some(d) = &self.draft_model {
             v.pattern(&d.model_id, MODEL_ID_PATTERN, "spec.draftModel.modelId");

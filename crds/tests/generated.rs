@@ -23,6 +23,7 @@ fn each_cel_rule_is_in_the_generated_yaml() {
             &[
                 "self.modality == 'TEXT' || !has(self.draftModel)",
                 "self.modality == 'TEXT' || !has(self.chatTemplate)",
+                "!has(self.invokeModelBody) || (self.modality == 'TEXT') == (self.invokeModelBody in ['AnthropicMessages', 'Llama', 'Mistral'])",
                 "!has(self.draftModel) || self.draftModel.modelId != self.modelId",
                 "self.type == 'External' ? has(self.external) : !has(self.external)",
                 "self.min <= self.max",

@@ -83,6 +83,7 @@ invalid_manifests! {
     cell_without_node_selector => "cell-without-node-selector.yaml",
     fm_context_length_too_small => "fm-context-length-too-small.yaml",
     fm_embedding_with_draft_model => "fm-embedding-with-draft-model.yaml",
+    fm_embedding_with_text_body => "fm-embedding-with-text-body.yaml",
     fm_external_engine_without_image => "fm-external-engine-without-image.yaml",
     fm_legacy_without_end_of_life => "fm-legacy-without-end-of-life.yaml",
     fm_min_replicas_over_max => "fm-min-replicas-over-max.yaml",

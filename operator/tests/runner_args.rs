@@ -36,8 +36,19 @@ fn smollm2_runner_args() {
         "serve --model=s3://mantle-models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf \
          --model-id=huggingfacetb.smollm2-135m-instruct-v1:0 --listen=0.0.0.0:50051 --http-listen=0.0.0.0:9090 \
          --threads=0 --sha256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53 \
-         --cache-dir=/var/cache/mantle/weights --pin-weights --chat-template=chatml"
+         --cache-dir=/var/cache/mantle/weights --pin-weights"
     );
+}
+
+#[test]
+fn a_chat_template_family_is_passed_only_when_the_model_names_one() {
+    // The example leaves the template to the GGUF file, so no override reaches the runner.
+    let mut fm = example("smollm2-135m-instruct");
+    let args = runner_args(&fm, &placement(&fm.spec.source.uri));
+    assert!(!args.iter().any(|a| a.starts_with("--chat-template")), "{args:?}");
+    fm.spec.chat_template = Some(mantle_crds::ChatTemplate::ChatML);
+    let args = runner_args(&fm, &placement(&fm.spec.source.uri));
+    assert!(args.contains(&"--chat-template=chatml".to_string()), "{args:?}");
 }
 
 #[test]

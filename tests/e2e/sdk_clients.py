@@ -78,12 +78,14 @@ check("invoke_model anthropic", out["type"] == "message" and "Paris" in out["con
       and out["usage"]["output_tokens"] > 0, out)
 check("invoke_model content type", reply["contentType"].startswith("application/json"), reply["contentType"])
 
-# invoke_model: Llama prompt body (raw prompt, no chat template)
+# invoke_model: a body of another family is refused. The model declares no invokeModelBody and
+# its provider has no Bedrock family, so it takes Anthropic messages bodies only.
 prompt = "<|im_start|>user\n" + QUESTION + "<|im_end|>\n<|im_start|>assistant\n"
-out = json.loads(runtime.invoke_model(modelId=TEXT, body=json.dumps(
-    {"prompt": prompt, "max_gen_len": 32, "temperature": 0}))["body"].read())
-check("invoke_model llama", "Paris" in out["generation"] and out["generation_token_count"] > 0
-      and out["stop_reason"] in ("stop", "length"), out)
+try:
+    runtime.invoke_model(modelId=TEXT, body=json.dumps({"prompt": prompt, "max_gen_len": 32, "temperature": 0}))
+    check("invoke_model body of another family", False, "no error")
+except runtime.exceptions.ValidationException as e:
+    check("invoke_model body of another family", "[prompt]" in str(e) and "not permitted" in str(e), str(e))
 
 # invoke_model_with_response_stream
 response = runtime.invoke_model_with_response_stream(modelId=TEXT, body=json.dumps(body))
@@ -97,8 +99,7 @@ check("invocation metrics", chunks[-1]["amazon-bedrock-invocationMetrics"]["outp
 # count_tokens, both input kinds
 counted = runtime.count_tokens(modelId=TEXT, input={"converse": {"messages": user(QUESTION)}})["inputTokens"]
 check("count_tokens converse", counted == usage["inputTokens"], (counted, usage))
-counted = runtime.count_tokens(modelId=TEXT, input={"invokeModel": {"body": json.dumps(
-    {"prompt": prompt, "max_gen_len": 8})}})["inputTokens"]
+counted = runtime.count_tokens(modelId=TEXT, input={"invokeModel": {"body": json.dumps(body)}})["inputTokens"]
 check("count_tokens invokeModel", counted > 10, counted)
 
 # embeddings through InvokeModel (Titan shape)

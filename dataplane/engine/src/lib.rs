@@ -56,8 +56,9 @@ pub struct TextModel {
 }
 
 impl TextModel {
-    /// Loads a GGUF file. `family` overrides the template embedded in the file; `threads` sizes
-    /// the compute pool (0: one thread per core).
+    /// Loads a GGUF file. The file's own chat template is used unless `family` names one (meant
+    /// for files without a template; it replaces the file's); `threads` sizes the compute pool
+    /// (0: one thread per core).
     pub fn load(path: &Path, family: Option<TemplateFamily>, threads: usize) -> Result<Self, EngineError> {
         Self::from_gguf(&GgufFile::open(path)?, family, threads)
     }
@@ -68,7 +69,16 @@ impl TextModel {
         let token_text = |id: Option<u32>| id.and_then(|i| tokenizer.decode_special(i)).unwrap_or_default();
         let (bos, eos) = (token_text(tokenizer.bos()), token_text(Some(tokenizer.eos())));
         let template = match (family, gguf.string("tokenizer.chat_template")) {
-            (Some(f), _) => ChatTemplate::family(f, &bos, &eos)?,
+            (Some(f), own) => {
+                if own.is_ok() {
+                    tracing::warn!(
+                        family = ?f,
+                        "the chat template named in the FoundationModel replaces the one in the model file; \
+                         leave chatTemplate unset to use the file's own"
+                    );
+                }
+                ChatTemplate::family(f, &bos, &eos)?
+            }
             (None, Ok(source)) => ChatTemplate::from_source(source, &bos, &eos)?,
             (None, Err(_)) => {
                 return Err(EngineError::Template(

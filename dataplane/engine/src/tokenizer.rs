@@ -173,4 +173,44 @@ impl Tokenizer {
     pub fn decode_special(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)
     }
+
+    /// The bytes one generated token adds to the text (a token may hold part of a UTF-8
+    /// character), for log-probability reports; `None` for a stop token, which adds nothing.
+    pub fn token_bytes(&self, id: u32) -> Option<Vec<u8>> {
+        if self.is_stop_token(id) {
+            return None;
+        }
+        let piece = self.inner.id_to_token(id)?;
+        // A byte-level BPE piece spells each byte as one character; a special token is its text.
+        piece.chars().map(byte_of_char).collect::<Option<Vec<u8>>>().or_else(|| Some(piece.into_bytes()))
+    }
+}
+
+/// The byte a byte-level BPE character stands for (GPT-2's `bytes_to_unicode`, inverted):
+/// printable Latin-1 bytes stand for themselves, the other 68 bytes for U+0100 onwards in order.
+fn byte_of_char(c: char) -> Option<u8> {
+    let printable = |b: u32| (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b);
+    let code = c as u32;
+    if printable(code) {
+        return Some(code as u8);
+    }
+    let index = code.checked_sub(0x100)?;
+    (0u32..=0xff).filter(|&b| !printable(b)).nth(index as usize).map(|b| b as u8)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::byte_of_char;
+
+    #[test]
+    fn byte_level_characters_map_back_to_their_bytes() {
+        assert_eq!(byte_of_char('a'), Some(b'a'));
+        // GPT-2 spells a space Ġ (U+0120) and a newline Ċ (U+010A).
+        assert_eq!(byte_of_char('Ġ'), Some(b' '));
+        assert_eq!(byte_of_char('Ċ'), Some(b'\n'));
+        assert_eq!(byte_of_char('\u{100}'), Some(0));
+        assert_eq!(byte_of_char('\u{143}'), Some(0xad));
+        assert_eq!(byte_of_char('\u{144}'), None);
+        assert_eq!(byte_of_char('é'), Some(0xe9));
+    }
 }

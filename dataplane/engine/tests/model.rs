@@ -79,6 +79,10 @@ fn tokenizer_round_trips_text_and_keeps_special_tokens_whole() {
     let ids = t.encode("<|im_start|>user\nhi").unwrap();
     assert_eq!(ids[0], im_start);
     assert!(t.is_stop_token(t.token_id("<|im_end|>").unwrap()));
+    // Each token's bytes, joined, are the text (characters split across tokens included).
+    let bytes: Vec<u8> = t.encode(text).unwrap().iter().flat_map(|&id| t.token_bytes(id).unwrap()).collect();
+    assert_eq!(bytes, text.as_bytes());
+    assert_eq!(t.token_bytes(t.token_id("<|im_end|>").unwrap()), None);
 }
 
 #[test]

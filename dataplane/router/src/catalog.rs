@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use mantle_crds::{FallbackTrigger, FoundationModel, LifecycleStatus, Modality};
+use mantle_crds::{FallbackTrigger, FoundationModel, InvokeModelBody, LifecycleStatus, Modality};
 
 use crate::error::ApiError;
 
@@ -17,6 +17,8 @@ pub struct ModelEntry {
     pub name: String,
     pub provider: String,
     pub modality: Modality,
+    /// The native InvokeModel body the model takes (its family).
+    pub invoke_body: InvokeModelBody,
     pub context_length: u32,
     /// US dollars per 1,000 input and output tokens.
     pub price_in: f64,
@@ -38,6 +40,7 @@ impl ModelEntry {
             name: fm.metadata.name.clone().unwrap_or_else(|| spec.model_id.clone()),
             provider: spec.provider.clone(),
             modality: spec.modality,
+            invoke_body: InvokeModelBody::of(spec.invoke_model_body, &spec.model_id, spec.modality),
             context_length: spec.context_length.max(0) as u32,
             price_in: spec.pricing.as_ref().map_or(0.0, |p| p.input_per_1k_tokens),
             price_out: spec.pricing.as_ref().map_or(0.0, |p| p.output_per_1k_tokens),
@@ -153,6 +156,7 @@ mod tests {
             name: "m".into(),
             provider: "p".into(),
             modality: Modality::Text,
+            invoke_body: InvokeModelBody::AnthropicMessages,
             context_length: 8192,
             price_in: 0.5,
             price_out: 1.5,

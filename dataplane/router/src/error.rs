@@ -9,6 +9,40 @@ use std::time::Duration;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
+/// The event-stream output unions of bedrock-runtime, whose exception members differ.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamUnion {
+    /// ConverseStream's `ConverseStreamOutput`.
+    ConverseStreamOutput,
+    /// InvokeModelWithResponseStream's `ResponseStream`.
+    ResponseStream,
+}
+
+impl StreamUnion {
+    /// The exception members botocore's service model gives the union.
+    pub fn exception_members(self) -> &'static [&'static str] {
+        const CONVERSE: &[&str] = &[
+            "internalServerException",
+            "modelStreamErrorException",
+            "validationException",
+            "throttlingException",
+            "serviceUnavailableException",
+        ];
+        const RESPONSE: &[&str] = &[
+            "internalServerException",
+            "modelStreamErrorException",
+            "validationException",
+            "throttlingException",
+            "modelTimeoutException",
+            "serviceUnavailableException",
+        ];
+        match self {
+            StreamUnion::ConverseStreamOutput => CONVERSE,
+            StreamUnion::ResponseStream => RESPONSE,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("{0}")]
@@ -97,9 +131,11 @@ impl ApiError {
         }
     }
 
-    /// The event-stream exception member (lowerCamel) for errors that happen mid-stream.
-    pub fn stream_exception(&self) -> &'static str {
-        match self {
+    /// The exception frame for an error that happens mid-stream: a member (lowerCamel) that the
+    /// stream's output union models, and its payload. botocore looks `:exception-type` up in the
+    /// union; a name the union lacks reaches the caller as an error with no code and no message.
+    pub fn stream_exception(&self, union: StreamUnion) -> (&'static str, serde_json::Value) {
+        let member = match self {
             ApiError::Validation(_)
             | ApiError::PayloadTooLarge(_)
             | ApiError::UnsupportedMediaType(_)
@@ -107,13 +143,21 @@ impl ApiError {
             | ApiError::BodyTimeout(_) => "validationException",
             ApiError::Throttling { .. } | ApiError::ModelNotReady(_) => "throttlingException",
             ApiError::Unavailable { .. } => "serviceUnavailableException",
-            ApiError::ModelTimeout { .. } => "modelTimeoutException",
+            ApiError::ModelTimeout { .. } if union == StreamUnion::ResponseStream => "modelTimeoutException",
+            // ConverseStreamOutput has no timeout member: the model's stream failed with a 408.
+            ApiError::ModelTimeout { message } => {
+                let body = serde_json::json!({
+                    "message": message, "originalStatusCode": 408, "originalMessage": message,
+                });
+                return ("modelStreamErrorException", body);
+            }
             ApiError::ModelError { .. } => "modelStreamErrorException",
             ApiError::AccessDenied(_)
             | ApiError::Unauthenticated { .. }
             | ApiError::NotFound(_)
             | ApiError::Internal(_) => "internalServerException",
-        }
+        };
+        (member, self.bedrock_body())
     }
 
     /// The JSON body of the Bedrock error (and of an event-stream exception frame).
@@ -245,5 +289,40 @@ mod tests {
         assert_eq!(error.kind(), "ServiceUnavailableException");
         assert_eq!(error.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert!(!error.to_string().contains("h2"), "{error}");
+    }
+
+    fn every_error() -> Vec<ApiError> {
+        let after = Duration::from_secs(1);
+        vec![
+            ApiError::Validation("v".into()),
+            ApiError::AccessDenied("a".into()),
+            ApiError::NotFound("n".into()),
+            ApiError::ModelTimeout { message: "t".into() },
+            ApiError::Throttling { message: "s".into(), retry_after: after },
+            ApiError::ModelNotReady("r".into()),
+            ApiError::ModelError { message: "e".into(), original_status: 500 },
+            ApiError::Internal("i".into()),
+            ApiError::Unavailable { message: "u".into(), retry_after: after },
+            ApiError::PayloadTooLarge("p".into()),
+            ApiError::UnsupportedMediaType("m".into()),
+        ]
+    }
+
+    #[test]
+    fn mid_stream_errors_use_members_of_the_streams_own_union() {
+        for union in [StreamUnion::ConverseStreamOutput, StreamUnion::ResponseStream] {
+            for error in every_error() {
+                let (member, body) = error.stream_exception(union);
+                assert!(union.exception_members().contains(&member), "{union:?} has no {member} (for {error:?})");
+                assert_eq!(body["message"], error.to_string());
+                if member == "modelStreamErrorException" {
+                    assert!(body["originalStatusCode"].is_u64() && body["originalMessage"].is_string(), "{body}");
+                }
+            }
+        }
+        let timeout = ApiError::ModelTimeout { message: "too slow".into() };
+        assert_eq!(timeout.stream_exception(StreamUnion::ResponseStream).0, "modelTimeoutException");
+        let (member, body) = timeout.stream_exception(StreamUnion::ConverseStreamOutput);
+        assert_eq!((member, &body["originalStatusCode"]), ("modelStreamErrorException", &serde_json::json!(408)));
     }
 }

@@ -23,7 +23,7 @@ use mantle_proto::{GenerateResponse, LoadState, generate_response};
 use tokio_stream::StreamExt;
 use tracing::Instrument;
 
-use crate::adapters::{self, DEFAULT_MAX_TOKENS, StopReason, TextOutput, TextRequest, Usage, structured};
+use crate::adapters::{self, DEFAULT_MAX_TOKENS, StopReason, TextOutput, TextRequest, TokenLogprob, Usage, structured};
 use crate::catalog::{Catalog, ModelEntry};
 use crate::error::{self, ApiError, from_status};
 use crate::guard::Guards;
@@ -157,7 +157,8 @@ pub struct Inference {
     live: std::sync::RwLock<Arc<Live>>,
     pub metrics: Metrics,
     pub meter: Meter,
-    pub guards: Guards,
+    /// The guards in force, replaced whole when guardrails change.
+    guards: std::sync::RwLock<Arc<Guards>>,
     pub config: PathConfig,
     /// One queue per model id, kept across platform updates (requests may be waiting in it).
     queues: std::sync::Mutex<HashMap<String, ModelQueue>>,
@@ -192,7 +193,7 @@ impl Inference {
             live: std::sync::RwLock::new(Arc::new(live)),
             metrics,
             meter,
-            guards: Guards::default(),
+            guards: std::sync::RwLock::new(Arc::new(Guards::default())),
             config,
             queues: std::sync::Mutex::new(HashMap::new()),
             limiter: std::sync::Mutex::new(RateLimiter::new()),
@@ -204,6 +205,16 @@ impl Inference {
         });
         tokio::spawn(capacity_loop(Arc::downgrade(&inference)));
         Ok(inference)
+    }
+
+    /// The guards in force now.
+    pub fn guards(&self) -> Arc<Guards> {
+        self.guards.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Applies `guards` from now on (requests already streaming keep theirs).
+    pub fn set_guards(&self, guards: Guards) {
+        *self.guards.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(guards);
     }
 
     /// What is served now.
@@ -388,7 +399,8 @@ impl Inference {
             weight,
         };
         let queued = Instant::now();
-        let (permit, guard) = tokio::join!(queue.acquire(request), self.guards.check_input(ctx, prompt));
+        let guards = self.guards();
+        let (permit, guard) = tokio::join!(queue.acquire(request), guards.check_input(ctx, prompt));
         let permit = permit.map_err(|rejected| {
             let (reason, error) = self.rejection(model, rejected);
             self.reject(model, reason);
@@ -456,7 +468,7 @@ impl Inference {
             stop_sequences: req.stop_sequences.clone(),
             priority: proto_priority(ctx.priority) as i32,
             deadline_unix_ms: ctx.deadline_unix_ms(),
-            logprobs: false,
+            logprobs: req.logprobs,
             cache_salt: ctx.runner_cache_salt(),
         };
         let mut client = runner.client.clone();
@@ -629,7 +641,7 @@ impl Inference {
         let mut usage = Usage::default();
         let attempts = if validator.is_some() { structured::ATTEMPTS } else { 1 };
         for attempt in 1..=attempts {
-            let (mut output, model_used) = self.collect(ctx, model, &req).await?;
+            let (mut output, logprobs, model_used) = self.collect(ctx, model, &req).await?;
             usage.input_tokens += output.usage.input_tokens;
             usage.output_tokens += output.usage.output_tokens;
             usage.cached_tokens += output.usage.cached_tokens;
@@ -640,11 +652,11 @@ impl Inference {
                 output.tool_call = Some(call);
                 output.stop_reason = StopReason::ToolUse;
             }
-            let Some(validator) = &validator else { return Ok(Completed { output, model_used }) };
+            let Some(validator) = &validator else { return Ok(Completed { output, model_used, logprobs }) };
             match structured::check(validator, &output.text) {
                 Ok(value) => {
                     output.text = value.to_string();
-                    return Ok(Completed { output, model_used });
+                    return Ok(Completed { output, model_used, logprobs });
                 }
                 Err(reason) if attempt < attempts => {
                     tracing::debug!(attempt, %reason, "structured output did not validate; retrying");
@@ -658,7 +670,7 @@ impl Inference {
                 Err(reason) => {
                     tracing::info!(%reason, "structured output never validated");
                     output.stop_reason = StopReason::MalformedModelOutput;
-                    return Ok(Completed { output, model_used });
+                    return Ok(Completed { output, model_used, logprobs });
                 }
             }
         }
@@ -672,14 +684,14 @@ impl Inference {
         ctx: &Ctx,
         model: &ModelEntry,
         req: &TextRequest,
-    ) -> Result<(TextOutput, String), ApiError> {
+    ) -> Result<(TextOutput, Vec<TokenLogprob>, String), ApiError> {
         let mut tries = 0;
         loop {
             tries += 1;
             let generation = self.generate(ctx, model, req).await?;
             let model_used = generation.model.model_id.clone();
             match generation.collect().await {
-                Ok(output) => return Ok((output, model_used)),
+                Ok((output, logprobs)) => return Ok((output, logprobs, model_used)),
                 Err(e @ ApiError::Unavailable { .. }) if tries < RUNNER_ATTEMPTS => {
                     tracing::info!(request_id = %ctx.request_id, error = %e, "generation lost midway; retrying");
                 }
@@ -891,12 +903,19 @@ impl From<tonic::Status> for StartError {
 pub struct Completed {
     pub output: TextOutput,
     pub model_used: String,
+    /// Each generated token's log-probability, when the request asked for them.
+    pub logprobs: Vec<TokenLogprob>,
 }
 
 /// What a generation yields.
 #[derive(Debug)]
 pub enum Piece {
-    Text { text: String, tokens: u32 },
+    /// New text, the tokens it took, and their log-probabilities when asked for.
+    Text {
+        text: String,
+        tokens: u32,
+        logprobs: Vec<TokenLogprob>,
+    },
     Done(TextOutput),
 }
 
@@ -980,7 +999,12 @@ impl Generation {
                     let tokens = t.token_ids.len().max(1) as u32;
                     self.generated += tokens;
                     self.text.push_str(&t.text);
-                    return Ok(Some(Piece::Text { text: t.text, tokens }));
+                    let logprobs: Vec<TokenLogprob> = t
+                        .token_logprobs
+                        .into_iter()
+                        .map(|l| TokenLogprob { bytes: l.token, logprob: l.logprob })
+                        .collect();
+                    return Ok(Some(Piece::Text { text: t.text, tokens, logprobs }));
                 }
                 Some(generate_response::Event::Finished(f)) => {
                     let usage = f.usage.unwrap_or_default();
@@ -1010,10 +1034,13 @@ impl Generation {
     }
 
     /// Reads to the end.
-    pub async fn collect(mut self) -> Result<TextOutput, ApiError> {
+    /// The whole reply and the log-probabilities of its tokens (empty unless asked for).
+    pub async fn collect(mut self) -> Result<(TextOutput, Vec<TokenLogprob>), ApiError> {
+        let mut logprobs = Vec::new();
         while let Some(piece) = self.next().await? {
-            if let Piece::Done(output) = piece {
-                return Ok(output);
+            match piece {
+                Piece::Text { logprobs: more, .. } => logprobs.extend(more),
+                Piece::Done(output) => return Ok((output, logprobs)),
             }
         }
         Err(ApiError::Internal("the generation ended twice".into()))

@@ -14,7 +14,7 @@ use mantle_proto::runner_server::{Runner, RunnerServer};
 use mantle_proto::{
     CountTokensRequest, CountTokensResponse, EmbedRequest, EmbedResponse, Embedding, FinishReason, Finished,
     GenerateRequest, GenerateResponse, HealthRequest, HealthSignal, InfoRequest, InfoResponse, LoadState, Started,
-    TokenChunk, Usage, generate_response,
+    TokenChunk, TokenLogprob, Usage, generate_response,
 };
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -28,6 +28,8 @@ pub struct StandInConfig {
     pub interval: Duration,
     /// Refuse every Generate with this gRPC code.
     pub fail_with: Option<tonic::Code>,
+    /// Fail every Generate stream with this gRPC code after this many tokens.
+    pub fail_after: Option<(u32, tonic::Code)>,
     pub context_length: u32,
     /// The token every call must carry, as a runner started with `--auth-token-file`.
     pub token: Option<Token>,
@@ -35,7 +37,14 @@ pub struct StandInConfig {
 
 impl Default for StandInConfig {
     fn default() -> Self {
-        StandInConfig { tokens: 8, interval: Duration::ZERO, fail_with: None, context_length: 4096, token: None }
+        StandInConfig {
+            tokens: 8,
+            interval: Duration::ZERO,
+            fail_with: None,
+            fail_after: None,
+            context_length: 4096,
+            token: None,
+        }
     }
 }
 
@@ -104,6 +113,8 @@ impl Runner for StandIn {
         }
         let n = self.config.tokens.min(r.max_tokens);
         let interval = self.config.interval;
+        let fail_after = self.config.fail_after;
+        let want_logprobs = r.logprobs;
         self.counters.active.fetch_add(1, Ordering::Relaxed);
         let mut guard = StreamGuard { counters: self.counters.clone(), finished: false };
         let stream = async_stream(move |tx| async move {
@@ -114,10 +125,27 @@ impl Runner for StandIn {
                 return;
             }
             for i in 0..n {
+                if let Some((after, code)) = fail_after
+                    && i == after
+                {
+                    guard.finished = true;
+                    let _ = tx.send(Err(Status::new(code, "the stand-in failed mid-stream"))).await;
+                    drop(guard);
+                    return;
+                }
                 if !interval.is_zero() {
                     tokio::time::sleep(interval).await;
                 }
-                let token = TokenChunk { text: format!(" tok{i}"), token_ids: vec![i], logprobs: Vec::new() };
+                let text = format!(" tok{i}");
+                // A made-up log-probability per token, with the token's text as its bytes.
+                let (logprobs, token_logprobs) = match want_logprobs {
+                    true => {
+                        let logprob = -0.25 * (i + 1) as f32;
+                        (vec![logprob], vec![TokenLogprob { token: text.clone().into_bytes(), logprob }])
+                    }
+                    false => (Vec::new(), Vec::new()),
+                };
+                let token = TokenChunk { text, token_ids: vec![i], logprobs, token_logprobs };
                 let msg = GenerateResponse { event: Some(generate_response::Event::Token(token)) };
                 if tx.send(Ok(msg)).await.is_err() {
                     return;

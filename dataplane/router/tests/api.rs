@@ -22,6 +22,7 @@ const TEXT: &str = "acme.text-v1:0";
 const BACKUP: &str = "acme.backup-v1:0";
 const EMBED: &str = "acme.embed-v1:0";
 const OLD: &str = "acme.old-v1:0";
+const MISTRAL: &str = "acme.mistral-v1:0";
 
 fn model(id: &str, modality: &str, extra: &str) -> mantle_crds::FoundationModel {
     let yaml = format!(
@@ -69,14 +70,21 @@ async fn fixture(options: Options) -> Fixture {
             model(BACKUP, "TEXT", ""),
             model(EMBED, "EMBEDDING", ""),
             model(OLD, "TEXT", "  lifecycle: {status: LEGACY, endOfLife: '2020-01-01T00:00:00Z'}\n"),
+            model(MISTRAL, "TEXT", "  invokeModelBody: Mistral\n"),
         ],
         provisioned: Vec::new(),
-        runners: vec![runner(TEXT, &text), runner(BACKUP, &backup), runner(EMBED, &embed), runner(OLD, &backup)],
+        runners: vec![
+            runner(TEXT, &text),
+            runner(BACKUP, &backup),
+            runner(EMBED, &embed),
+            runner(OLD, &backup),
+            runner(MISTRAL, &backup),
+        ],
         cells: Vec::new(),
     };
     let (app, inference) = mantle_router::build(&options.config, platform).unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
-    while ![TEXT, BACKUP, EMBED].iter().all(|m| inference.live().runners.ready(m)) {
+    while ![TEXT, BACKUP, EMBED, MISTRAL].iter().all(|m| inference.live().runners.ready(m)) {
         assert!(Instant::now() < deadline, "stand-ins never became ready");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -174,6 +182,80 @@ async fn bad_input_gets_the_right_status_and_error_type() {
     let (status, _, body) = send(&f.app, post("/v1/chat/completions", "{\"model\": 3}")).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(json_of(&body)["error"]["type"], "invalid_request_error");
+}
+
+#[tokio::test]
+async fn openai_clients_get_openais_wire_details() {
+    let f = fixture(Options::default()).await;
+    // An unknown URL is OpenAI's `unknown_url`, not a missing model.
+    let (status, headers, body) = send(&f.app, post("/v1/responses", "{}")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let error = &json_of(&body)["error"];
+    assert_eq!((error["code"].as_str(), error["type"].as_str()), (Some("unknown_url"), Some("invalid_request_error")));
+    assert!(error["message"].as_str().unwrap().contains("POST /v1/responses"), "{error}");
+    // Every response carries x-request-id, the same id as x-amzn-RequestId.
+    assert_eq!(headers["x-request-id"], headers["x-amzn-RequestId"]);
+    let chat = json!({"model": TEXT, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2});
+    let (status, headers, _) = send(&f.app, post("/v1/chat/completions", chat.to_string())).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["x-request-id"], headers["x-amzn-RequestId"]);
+    // An unknown field is named; one at its default passes; one set otherwise is refused.
+    for (extra, status, says) in [
+        (json!({"temprature": 0}), StatusCode::BAD_REQUEST, "Unrecognized request argument supplied: temprature"),
+        (json!({"presence_penalty": 0, "n": 1, "user": "u"}), StatusCode::OK, ""),
+        (json!({"presence_penalty": 1.5}), StatusCode::BAD_REQUEST, "presence_penalty is not supported"),
+    ] {
+        let mut body = chat.clone();
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        let (got, _, reply) = send(&f.app, post("/v1/chat/completions", body.to_string())).await;
+        assert_eq!(got, status, "{extra}: {}", String::from_utf8_lossy(&reply));
+        let message = json_of(&reply)["error"]["message"].as_str().unwrap_or_default().to_string();
+        assert!(message.starts_with(says), "{extra}: {message}");
+    }
+    // Nothing may follow the JSON body, in either dialect.
+    let (status, _, _) = send(&f.app, post("/v1/chat/completions", format!("{chat} {{}}"))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let converse = format!("{} trailing", converse_body("x"));
+    let (status, headers, body) = send(&f.app, post("/model/acme.text-v1%3A0/converse", converse)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(headers["x-amzn-ErrorType"], "ValidationException");
+}
+
+#[tokio::test]
+async fn openai_chat_returns_logprobs_in_openais_shape() {
+    let f = fixture(Options::default()).await;
+    let chat =
+        json!({"model": TEXT, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "logprobs": true});
+    let (status, _, body) = send(&f.app, post("/v1/chat/completions", chat.to_string())).await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    let content = json_of(&body)["choices"][0]["logprobs"]["content"].clone();
+    assert_eq!(content.as_array().map(Vec::len), Some(3), "{content}");
+    // The stand-in's tokens are " tok0", " tok1", ... at -0.25, -0.5, ...
+    assert_eq!(content[1], json!({"token": " tok1", "logprob": -0.5, "bytes": b" tok1".to_vec(), "top_logprobs": []}));
+    // Streamed, each content chunk carries its own tokens.
+    let mut streamed = chat.clone();
+    streamed["stream"] = json!(true);
+    let (status, _, body) = send(&f.app, post("/v1/chat/completions", streamed.to_string())).await;
+    assert_eq!(status, StatusCode::OK);
+    let tokens: Vec<Value> = std::str::from_utf8(&body)
+        .unwrap()
+        .split("\n\n")
+        .filter_map(|e| serde_json::from_str::<Value>(e.trim_start_matches("data: ")).ok())
+        .filter(|c| c["choices"][0]["delta"]["content"].as_str().is_some_and(|t| !t.is_empty()))
+        .flat_map(|c| c["choices"][0]["logprobs"]["content"].as_array().cloned().unwrap_or_default())
+        .collect();
+    assert_eq!(tokens.len(), 3);
+    assert_eq!(tokens[2]["token"], " tok2");
+    // Without logprobs the field stays null.
+    let plain = json!({"model": TEXT, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1});
+    let (_, _, body) = send(&f.app, post("/v1/chat/completions", plain.to_string())).await;
+    assert!(json_of(&body)["choices"][0]["logprobs"].is_null());
+    // Alternatives are not served.
+    let mut top = chat.clone();
+    top["top_logprobs"] = json!(2);
+    let (status, _, body) = send(&f.app, post("/v1/chat/completions", top.to_string())).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(json_of(&body)["error"]["message"].as_str().unwrap().starts_with("top_logprobs is not supported"));
 }
 
 #[tokio::test]
@@ -391,6 +473,82 @@ async fn invoke_with_response_stream_sends_base64_model_chunks() {
         ]
     );
     assert_eq!(chunks[8]["amazon-bedrock-invocationMetrics"]["outputTokenCount"], 4);
+}
+
+#[tokio::test]
+async fn a_timeout_mid_stream_is_named_by_a_member_of_each_streams_union() {
+    let f = fixture(Options {
+        text: StandInConfig { fail_after: Some((2, tonic::Code::DeadlineExceeded)), ..Default::default() },
+        ..Default::default()
+    })
+    .await;
+    // ConverseStreamOutput has no modelTimeoutException: botocore would see no code at all.
+    let response =
+        f.app.clone().oneshot(post("/model/acme.text-v1%3A0/converse-stream", converse_body("x"))).await.unwrap();
+    let frames = read_frames(response.into_body(), usize::MAX).await;
+    let (kind, payload) = frames.last().unwrap();
+    assert_eq!(kind, "modelStreamErrorException", "{frames:?}");
+    assert_eq!(payload["originalStatusCode"], 408);
+    assert!(payload["message"].as_str().unwrap().contains("mid-stream"), "{payload}");
+    // ResponseStream models it.
+    let body = json!({"anthropic_version": "bedrock-2023-05-31", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]});
+    let request = post("/model/acme.text-v1%3A0/invoke-with-response-stream", body.to_string());
+    let response = f.app.clone().oneshot(request).await.unwrap();
+    let frames = read_frames(response.into_body(), usize::MAX).await;
+    assert_eq!(frames.last().unwrap().0, "modelTimeoutException", "{frames:?}");
+}
+
+#[tokio::test]
+async fn invoke_model_reads_and_answers_the_body_of_the_models_declared_family() {
+    let f = fixture(Options::default()).await;
+    // {prompt, temperature, top_p} fits Llama and Mistral alike: the model's family decides.
+    let body = json!({"prompt": "<s>[INST] Hi [/INST]", "temperature": 0.5, "top_p": 0.9}).to_string();
+    let (status, _, reply) = send(&f.app, post("/model/acme.mistral-v1%3A0/invoke", body.clone())).await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&reply));
+    let reply = json_of(&reply);
+    assert!(reply.get("generation").is_none(), "{reply}");
+    assert_eq!(reply["outputs"][0]["text"], " tok0 tok1 tok2 tok3 tok4 tok5 tok6 tok7", "{reply}");
+    assert!(reply["outputs"][0]["stop_reason"].is_string(), "{reply}");
+    // A Llama key is not a Mistral key.
+    let llama = json!({"prompt": "Hi", "max_gen_len": 8}).to_string();
+    let (status, headers, reply) = send(&f.app, post("/model/acme.mistral-v1%3A0/invoke", llama)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(headers["x-amzn-ErrorType"], "ValidationException");
+    let message = json_of(&reply)["message"].as_str().unwrap().to_string();
+    assert!(message.contains("extraneous key [max_gen_len]") && message.contains("Mistral"), "{message}");
+    // A model that declares nothing and has no Bedrock provider prefix takes Anthropic messages.
+    let (status, _, reply) = send(&f.app, post("/model/acme.text-v1%3A0/invoke", body)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(String::from_utf8_lossy(&reply).contains("extraneous key [prompt]"));
+}
+
+#[tokio::test]
+async fn embedding_options_are_honoured_or_refused_with_a_reason() {
+    let f = fixture(Options::default()).await;
+    let invoke = "/model/acme.embed-v1%3A0/invoke";
+    // The stand-in's vectors are [len, 1, 0]: three dimensions, normalised on the way out.
+    let body = json!({"inputText": "abcd", "dimensions": 3, "normalize": true, "embeddingTypes": ["float"]});
+    let (status, _, reply) = send(&f.app, post(invoke, body.to_string())).await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&reply));
+    let reply = json_of(&reply);
+    let v: Vec<f64> = serde_json::from_value(reply["embeddingsByType"]["float"].clone()).unwrap();
+    assert!((v.iter().map(|x| x * x).sum::<f64>() - 1.0).abs() < 1e-5, "{v:?}");
+    for (body, says) in [
+        (json!({"inputText": "abcd", "dimensions": 256}), "dimensions 256 is not supported"),
+        (json!({"inputText": "abcd", "normalize": false}), "normalize false"),
+        (json!({"texts": ["abcd"]}), "extraneous key [texts]"),
+    ] {
+        let (status, _, reply) = send(&f.app, post(invoke, body.to_string())).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert!(String::from_utf8_lossy(&reply).contains(says), "{}", String::from_utf8_lossy(&reply));
+    }
+    let openai = |body: Value| post("/v1/embeddings", body.to_string());
+    let (status, _, reply) = send(&f.app, openai(json!({"model": EMBED, "input": "abcd", "dimensions": 3}))).await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&reply));
+    let (status, _, reply) = send(&f.app, openai(json!({"model": EMBED, "input": "abcd", "dimensions": 2}))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let error = &json_of(&reply)["error"];
+    assert!(error["message"].as_str().unwrap().contains("Matryoshka"), "{error}");
 }
 
 #[tokio::test]

@@ -80,7 +80,8 @@ pub struct ServeArgs {
     /// above the model's size).
     #[arg(long)]
     pub pin_weights: bool,
-    /// Use a built-in chat template instead of the one in the weights.
+    /// Use a built-in chat template instead of the one in the weights (for weight files that
+    /// carry none; a file's own template is the default).
     #[arg(long, value_enum)]
     pub chat_template: Option<Template>,
     /// A file holding the token every gRPC call must carry (`authorization: Bearer <token>`):

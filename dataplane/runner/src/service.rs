@@ -7,11 +7,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mantle_engine::{
     ChatMessage, EmbeddingModel, EngineError, Event, FinishReason, GenerateRequest, SamplingParams, TextModel,
+    Tokenizer,
 };
 use mantle_proto::runner_server::Runner;
 use mantle_proto::{
     CountTokensRequest, CountTokensResponse, EmbedRequest, EmbedResponse, Embedding, Finished, GenerateResponse,
-    HealthRequest, HealthSignal, InfoRequest, InfoResponse, Started, TokenChunk, Usage, generate_response,
+    HealthRequest, HealthSignal, InfoRequest, InfoResponse, Started, TokenChunk, TokenLogprob, Usage,
+    generate_response,
 };
 use tokio_stream::Stream;
 use tokio_stream::StreamExt;
@@ -124,7 +126,9 @@ fn finish_reason(reason: FinishReason) -> mantle_proto::FinishReason {
     }
 }
 
-fn response(output: Output, logprobs: bool) -> Result<GenerateResponse, Status> {
+/// One engine output as a stream message; `logprobs` is the model's tokenizer when the request
+/// asked for log-probabilities.
+fn response(output: Output, logprobs: Option<&Tokenizer>) -> Result<GenerateResponse, Status> {
     let event = match output {
         Output::DeadlineExceeded => {
             return Err(Status::deadline_exceeded("the request's deadline passed before it finished"));
@@ -132,7 +136,12 @@ fn response(output: Output, logprobs: bool) -> Result<GenerateResponse, Status> 
         Output::Event(Event::Token { token, text, logprob, .. }) => generate_response::Event::Token(TokenChunk {
             text,
             token_ids: vec![token],
-            logprobs: if logprobs { vec![logprob] } else { Vec::new() },
+            logprobs: if logprobs.is_some() { vec![logprob] } else { Vec::new() },
+            token_logprobs: logprobs
+                .and_then(|t| t.token_bytes(token))
+                .map(|token| TokenLogprob { token, logprob })
+                .into_iter()
+                .collect(),
         }),
         Output::Event(Event::Finished { reason, stop_sequence, usage, .. }) => {
             generate_response::Event::Finished(Finished {
@@ -160,7 +169,7 @@ impl Runner for RunnerService {
         request: Request<mantle_proto::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
         let r = request.into_inner();
-        let Served::Text { engine, .. } = &self.served else {
+        let Served::Text { engine, model } = &self.served else {
             return Err(self.wrong_modality("Generate", "TEXT"));
         };
         let prompt = self.prompt_tokens(r.messages, r.prompt).await?;
@@ -206,9 +215,11 @@ impl Runner for RunnerService {
         };
         let events = engine.generate(engine_request, deadline).await.map_err(status)?;
         tracing::debug!("generation started");
-        let logprobs = r.logprobs;
-        let stream = tokio_stream::once(Ok(started))
-            .chain(UnboundedReceiverStream::new(events).map(move |output| response(output, logprobs)));
+        let logprobs = r.logprobs.then(|| model.clone());
+        let stream = tokio_stream::once(Ok(started)).chain(
+            UnboundedReceiverStream::new(events)
+                .map(move |output| response(output, logprobs.as_deref().map(|m| &m.tokenizer))),
+        );
         Ok(Response::new(Box::pin(stream)))
     }
 

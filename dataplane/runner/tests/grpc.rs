@@ -74,6 +74,34 @@ async fn generate_streams_real_tokens_then_a_finish_with_usage() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logprobs_come_with_each_tokens_own_bytes() {
+    let (_runner, mut client) = start().await;
+    let request = GenerateRequest { logprobs: true, ..ask("Name a colour.", 12) };
+    let mut stream = client.generate(request).await.unwrap().into_inner();
+    let (mut text, mut bytes, mut reported) = (String::new(), Vec::new(), 0);
+    while let Some(msg) = stream.next().await {
+        if let generate_response::Event::Token(t) = msg.unwrap().event.unwrap() {
+            text.push_str(&t.text);
+            for l in t.token_logprobs {
+                assert!(l.logprob <= 0.0 && l.logprob.is_finite(), "{l:?}");
+                bytes.extend(l.token);
+                reported += 1;
+            }
+        }
+    }
+    assert!(reported > 0);
+    // The tokens' bytes spell the text (a stop token adds none).
+    assert_eq!(String::from_utf8(bytes).unwrap(), text);
+    // Without the flag, nothing extra is sent.
+    let mut stream = client.generate(ask("Name a colour.", 4)).await.unwrap().into_inner();
+    while let Some(msg) = stream.next().await {
+        if let generate_response::Event::Token(t) = msg.unwrap().event.unwrap() {
+            assert!(t.token_logprobs.is_empty() && t.logprobs.is_empty());
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clamped_max_tokens_fit_the_context_instead_of_failing() {
     let (_runner, mut client) = start().await;
     let mut too_many = ask("Hi", 1_000_000);

@@ -210,6 +210,7 @@ pub fn to_request(body: &ConverseBody) -> Result<TextRequest, ApiError> {
         stop_sequences,
         tools,
         json_schema,
+        logprobs: false,
     })
 }
 

@@ -34,6 +34,16 @@ pub struct TextRequest {
     /// The reply must be JSON matching this schema (Converse `outputConfig`, OpenAI
     /// `response_format`).
     pub json_schema: Option<Value>,
+    /// Report each generated token's log-probability (OpenAI `logprobs`).
+    pub logprobs: bool,
+}
+
+/// One generated token and its log-probability, as the runner reports it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprob {
+    /// The token's own bytes (possibly part of a UTF-8 character).
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
 }
 
 impl TextRequest {
@@ -196,8 +206,8 @@ pub fn check_sampling(temperature: f32, top_p: f32, max_temperature: f32) -> Res
 
 /// Turns a serde error into a ValidationException naming the field.
 pub fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    let de = &mut serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(de).map_err(|e| {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         if path == "." || path.is_empty() {
@@ -205,7 +215,10 @@ pub fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiE
         } else {
             ApiError::validation(format!("Malformed request body at {path}: {inner}"))
         }
-    })
+    })?;
+    // One JSON value and nothing after it but whitespace.
+    de.end().map_err(|e| ApiError::validation(format!("Malformed request body: {e} after the JSON value")))?;
+    Ok(value)
 }
 
 #[cfg(test)]
@@ -253,5 +266,8 @@ mod tests {
         assert!(err.contains("a[1]"), "{err}");
         assert!(parse_body::<B>(b"{").unwrap_err().to_string().contains("Malformed"));
         assert!(parse_body::<B>(b"\xff\xfe").is_err());
+        assert!(parse_body::<B>(b"{\"a\": []} \n").is_ok());
+        let err = parse_body::<B>(b"{\"a\": []} {\"a\": [2]}").unwrap_err().to_string();
+        assert!(err.contains("trailing characters"), "{err}");
     }
 }

@@ -1,14 +1,17 @@
-//! The native InvokeModel bodies users already send to Bedrock, recognised by their fields and
-//! answered in the matching shape:
+//! The native InvokeModel bodies users already send to Bedrock. A model takes the body of its
+//! family (the FoundationModel's `invokeModelBody`, see [`InvokeModelBody::of`]) and answers in
+//! that family's shape; a body of another family, or with keys the family does not have, is
+//! refused as Bedrock refuses it.
 //!
-//! | body | recognised by | reply |
+//! | family | body keys | reply |
 //! |---|---|---|
-//! | Anthropic messages | `anthropic_version` or `messages` | `{id, type: message, content, stop_reason, usage}` |
-//! | Llama | `prompt` with `max_gen_len` (or nothing else) | `{generation, prompt_token_count, generation_token_count, stop_reason}` |
-//! | Mistral | `prompt` with `max_tokens`/`top_k`/`stop` | `{outputs: [{text, stop_reason}]}` |
-//! | Titan embeddings | `inputText` | `{embedding, inputTextTokenCount}` |
-//! | Cohere embeddings | `texts` | `{id, embeddings, texts, response_type}` |
+//! | Anthropic messages | `anthropic_version`, `messages`, `max_tokens`, ... | `{id, type: message, content, stop_reason, usage}` |
+//! | Llama | `prompt`, `max_gen_len`, `temperature`, `top_p` | `{generation, prompt_token_count, generation_token_count, stop_reason}` |
+//! | Mistral | `prompt`, `max_tokens`, `stop`, `temperature`, `top_p`, `top_k` | `{outputs: [{text, stop_reason}]}` |
+//! | Titan embeddings | `inputText`, `dimensions`, `normalize`, `embeddingTypes` | `{embedding, inputTextTokenCount}` |
+//! | Cohere embeddings | `texts`, `input_type`, `truncate`, `embedding_types` | `{id, embeddings, texts, response_type}` |
 
+use mantle_crds::InvokeModelBody;
 use mantle_proto::ChatMessage;
 use serde_json::{Value, json};
 
@@ -26,6 +29,89 @@ pub enum TextDialect {
 pub enum EmbedDialect {
     Titan,
     Cohere,
+}
+
+impl TextDialect {
+    /// The text dialect of a model's body family (None for an embedding family).
+    pub fn of(body: InvokeModelBody) -> Option<TextDialect> {
+        match body {
+            InvokeModelBody::AnthropicMessages => Some(TextDialect::Anthropic),
+            InvokeModelBody::Llama => Some(TextDialect::Llama),
+            InvokeModelBody::Mistral => Some(TextDialect::Mistral),
+            InvokeModelBody::TitanEmbed | InvokeModelBody::CohereEmbed => None,
+        }
+    }
+
+    fn keys(self) -> &'static [&'static str] {
+        match self {
+            TextDialect::Anthropic => &[
+                "anthropic_version",
+                "anthropic_beta",
+                "max_tokens",
+                "messages",
+                "system",
+                "stop_sequences",
+                "temperature",
+                "top_p",
+                "top_k",
+                "tools",
+                "tool_choice",
+                "metadata",
+            ],
+            TextDialect::Llama => &["prompt", "max_gen_len", "temperature", "top_p"],
+            TextDialect::Mistral => &["prompt", "max_tokens", "stop", "temperature", "top_p", "top_k"],
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            TextDialect::Anthropic => "an Anthropic Messages body",
+            TextDialect::Llama => "a Llama body",
+            TextDialect::Mistral => "a Mistral body",
+        }
+    }
+}
+
+impl EmbedDialect {
+    /// The embedding dialect of a model's body family (None for a text family).
+    pub fn of(body: InvokeModelBody) -> Option<EmbedDialect> {
+        match body {
+            InvokeModelBody::TitanEmbed => Some(EmbedDialect::Titan),
+            InvokeModelBody::CohereEmbed => Some(EmbedDialect::Cohere),
+            _ => None,
+        }
+    }
+
+    fn keys(self) -> &'static [&'static str] {
+        match self {
+            EmbedDialect::Titan => &["inputText", "dimensions", "normalize", "embeddingTypes"],
+            EmbedDialect::Cohere => &["texts", "input_type", "truncate", "embedding_types"],
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            EmbedDialect::Titan => "a Titan Text Embeddings body",
+            EmbedDialect::Cohere => "a Cohere Embed body",
+        }
+    }
+}
+
+/// Refuses keys the family's body does not have, in Bedrock's words, saying which body the
+/// model takes.
+fn only_keys(body: &Value, keys: &[&str], name: &str) -> Result<(), ApiError> {
+    let extraneous: Vec<&str> =
+        body.as_object().into_iter().flat_map(|o| o.keys()).map(String::as_str).filter(|k| !keys.contains(k)).collect();
+    if extraneous.is_empty() {
+        return Ok(());
+    }
+    let list = extraneous.iter().map(|k| format!("[{k}]")).collect::<Vec<_>>().join(", ");
+    let verb = if extraneous.len() == 1 { "is" } else { "are" };
+    Err(ApiError::validation(format!(
+        "Malformed input request: #: extraneous key {list} {verb} not permitted; this model takes {name} \
+         (keys: {}), please reformat your input and try again.",
+        keys.join(", ")
+    )))
 }
 
 /// Parses the InvokeModel body into JSON, or explains why not.
@@ -79,23 +165,23 @@ fn strings(body: &Value, key: &str) -> Result<Vec<String>, ApiError> {
     }
 }
 
-/// Recognises a text-generation body and maps it to a runner request.
-pub fn text_request(body: &Value) -> Result<(TextDialect, TextRequest), ApiError> {
-    if body.get("anthropic_version").is_some() || body.get("messages").is_some() {
-        return Ok((TextDialect::Anthropic, anthropic(body)?));
+/// Maps a text-generation body of the model's family to a runner request.
+pub fn text_request(dialect: TextDialect, body: &Value) -> Result<TextRequest, ApiError> {
+    only_keys(body, dialect.keys(), dialect.name())?;
+    if dialect == TextDialect::Anthropic {
+        return anthropic(body);
     }
     let Some(prompt) = body.get("prompt") else {
-        return Err(ApiError::validation(
-            "Malformed input request: expected an Anthropic messages body (anthropic_version, messages, max_tokens) \
-             or a prompt body (prompt, max_gen_len or max_tokens)",
-        ));
+        return Err(ApiError::validation(format!(
+            "Malformed input request: #: required key [prompt] not found; this model takes {} (keys: {})",
+            dialect.name(),
+            dialect.keys().join(", ")
+        )));
     };
     let prompt = prompt
         .as_str()
         .filter(|p| !p.is_empty())
         .ok_or_else(|| ApiError::validation("Malformed input request: prompt must be a non-empty string"))?;
-    let mistral = ["max_tokens", "top_k", "stop"].iter().any(|k| body.get(k).is_some());
-    let dialect = if mistral && body.get("max_gen_len").is_none() { TextDialect::Mistral } else { TextDialect::Llama };
     let max_tokens = match dialect {
         TextDialect::Llama => opt_u32(body, "max_gen_len")?,
         _ => opt_u32(body, "max_tokens")?,
@@ -103,18 +189,15 @@ pub fn text_request(body: &Value) -> Result<(TextDialect, TextRequest), ApiError
     let temperature = opt_f32(body, "temperature")?.unwrap_or(0.5);
     let top_p = opt_f32(body, "top_p")?.unwrap_or(0.9);
     check_sampling(temperature, top_p, 1.0)?;
-    Ok((
-        dialect,
-        TextRequest {
-            prompt: Some(prompt.to_string()),
-            max_tokens,
-            temperature,
-            top_p,
-            top_k: opt_u32(body, "top_k")?.unwrap_or(0),
-            stop_sequences: strings(body, "stop")?,
-            ..Default::default()
-        },
-    ))
+    Ok(TextRequest {
+        prompt: Some(prompt.to_string()),
+        max_tokens,
+        temperature,
+        top_p,
+        top_k: opt_u32(body, "top_k")?.unwrap_or(0),
+        stop_sequences: strings(body, "stop")?,
+        ..Default::default()
+    })
 }
 
 /// Text of an Anthropic `content` (a string or a list of blocks).
@@ -159,6 +242,11 @@ fn anthropic_content(content: &Value, at: &str) -> Result<String, ApiError> {
 }
 
 fn anthropic(body: &Value) -> Result<TextRequest, ApiError> {
+    if body.get("messages").is_none() {
+        return Err(ApiError::validation(
+            "Malformed input request: #: required key [messages] not found; this model takes an Anthropic Messages body",
+        ));
+    }
     let Some(max_tokens) = opt_u32(body, "max_tokens")? else {
         return Err(ApiError::validation("Malformed input request: #: required key [max_tokens] not found"));
     };
@@ -369,40 +457,124 @@ impl StreamChunks {
     }
 }
 
-/// Recognises an embedding body: the texts to embed.
-pub fn embed_request(body: &Value) -> Result<(EmbedDialect, Vec<String>), ApiError> {
-    if let Some(text) = body.get("inputText") {
-        let text = text
-            .as_str()
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| ApiError::validation("Malformed input request: inputText must be a non-empty string"))?;
-        return Ok((EmbedDialect::Titan, vec![text.to_string()]));
-    }
-    if body.get("texts").is_some() {
-        let texts = strings(body, "texts")?;
-        if texts.is_empty() || texts.len() > 96 || texts.iter().any(String::is_empty) {
-            return Err(ApiError::validation("Malformed input request: texts must hold 1 to 96 non-empty strings"));
-        }
-        return Ok((EmbedDialect::Cohere, texts));
-    }
-    Err(ApiError::validation(
-        "Malformed input request: an embedding model takes {\"inputText\": \"…\"} (Titan) or {\"texts\": [\"…\"]} (Cohere)",
-    ))
+/// An embedding body of the model's family, mapped.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EmbedRequest {
+    pub dialect: EmbedDialect,
+    pub texts: Vec<String>,
+    /// The vector width asked for (Titan `dimensions`), checked against the model's own.
+    pub dimensions: Option<u32>,
+    /// Whether the reply carries the vectors by type (Titan `embeddingTypes`, Cohere
+    /// `embedding_types`); only `float` is served.
+    pub by_type: bool,
 }
 
-pub fn embed_response(
-    dialect: EmbedDialect,
-    request_id: &str,
-    texts: &[String],
-    vectors: &[Vec<f32>],
-    tokens: u32,
-) -> Value {
+/// The embedding types a body asks for: only `float` is served. Quantised and binary vectors
+/// would need the model's own calibration, which Mantle's engines do not have.
+fn float_only(body: &Value, key: &str) -> Result<bool, ApiError> {
+    if body.get(key).is_none_or(Value::is_null) {
+        return Ok(false);
+    }
+    let types = strings(body, key)?;
+    if types.is_empty() {
+        return Err(ApiError::validation(format!("Malformed input request: {key} must list at least one type")));
+    }
+    if let Some(other) = types.iter().find(|t| *t != "float") {
+        return Err(ApiError::validation(format!(
+            "{key} {other:?} is not supported: this model serves float embeddings only; ask for [\"float\"] or omit {key}"
+        )));
+    }
+    Ok(true)
+}
+
+/// Maps an embedding body of the model's family to the texts to embed and how to answer.
+pub fn embed_request(dialect: EmbedDialect, body: &Value) -> Result<EmbedRequest, ApiError> {
+    only_keys(body, dialect.keys(), dialect.name())?;
     match dialect {
-        EmbedDialect::Titan => json!({ "embedding": vectors.first(), "inputTextTokenCount": tokens }),
+        EmbedDialect::Titan => {
+            let text =
+                body.get("inputText").and_then(Value::as_str).filter(|t| !t.is_empty()).ok_or_else(|| {
+                    ApiError::validation("Malformed input request: inputText must be a non-empty string")
+                })?;
+            // Vectors are unit length already; `normalize: false` would need the raw pooled vector.
+            match body.get("normalize") {
+                None | Some(Value::Null) | Some(Value::Bool(true)) => {}
+                Some(Value::Bool(false)) => {
+                    return Err(ApiError::validation(
+                        "normalize false is not supported: this model's embeddings are always normalised to unit length",
+                    ));
+                }
+                Some(_) => return Err(ApiError::validation("Malformed input request: normalize must be a boolean")),
+            }
+            Ok(EmbedRequest {
+                dialect,
+                texts: vec![text.to_string()],
+                dimensions: opt_u32(body, "dimensions")?,
+                by_type: float_only(body, "embeddingTypes")?,
+            })
+        }
+        EmbedDialect::Cohere => {
+            let texts = strings(body, "texts")?;
+            if texts.is_empty() || texts.len() > 96 || texts.iter().any(String::is_empty) {
+                return Err(ApiError::validation("Malformed input request: texts must hold 1 to 96 non-empty strings"));
+            }
+            if let Some(kind) = body.get("input_type").filter(|v| !v.is_null()) {
+                let known = ["search_document", "search_query", "classification", "clustering"];
+                if !kind.as_str().is_some_and(|k| known.contains(&k)) {
+                    return Err(ApiError::validation(format!(
+                        "Malformed input request: input_type {kind} must be one of {}",
+                        known.join(", ")
+                    )));
+                }
+            }
+            Ok(EmbedRequest { dialect, texts, dimensions: None, by_type: float_only(body, "embedding_types")? })
+        }
+    }
+}
+
+/// Refuses vectors of another width than the one asked for. A model not trained for shortened
+/// (Matryoshka) embeddings loses meaning when truncated, so only its own width is served.
+pub fn check_dimensions(model_id: &str, asked: Option<u32>, vectors: &[Vec<f32>]) -> Result<(), ApiError> {
+    let (Some(asked), Some(width)) = (asked, vectors.first().map(Vec::len)) else { return Ok(()) };
+    if asked as usize == width {
+        return Ok(());
+    }
+    Err(ApiError::validation(format!(
+        "dimensions {asked} is not supported: {model_id} makes {width}-dimensional embeddings and is not trained for \
+         shortened (Matryoshka) ones, so it does not truncate them; omit dimensions or set it to {width}"
+    )))
+}
+
+/// Scales each vector to unit length (what the families' `normalize` promises), whatever the
+/// engine returned.
+pub fn normalize(vectors: &mut [Vec<f32>]) {
+    for v in vectors {
+        let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        if norm > 0.0 {
+            v.iter_mut().for_each(|x| *x /= norm);
+        }
+    }
+}
+
+pub fn embed_response(req: &EmbedRequest, request_id: &str, vectors: &[Vec<f32>], tokens: u32) -> Value {
+    match req.dialect {
+        EmbedDialect::Titan => {
+            let mut body = json!({ "embedding": vectors.first(), "inputTextTokenCount": tokens });
+            if req.by_type {
+                body["embeddingsByType"] = json!({ "float": vectors.first() });
+            }
+            body
+        }
+        EmbedDialect::Cohere if req.by_type => json!({
+            "id": request_id,
+            "embeddings": { "float": vectors },
+            "texts": req.texts,
+            "response_type": "embeddings_by_type",
+        }),
         EmbedDialect::Cohere => json!({
             "id": request_id,
             "embeddings": vectors,
-            "texts": texts,
+            "texts": req.texts,
             "response_type": "embeddings_floats",
         }),
     }
@@ -423,20 +595,102 @@ mod tests {
     }
 
     #[test]
-    fn bodies_are_recognised_by_their_fields() {
-        let (d, r) = text_request(&json!({
-            "anthropic_version": "bedrock-2023-05-31", "max_tokens": 20, "system": "Be brief.",
-            "messages": [{"role": "user", "content": [{"type": "text", "text": "Capital of France?"}]}],
-        }))
+    fn bodies_are_read_in_the_models_family() {
+        let r = text_request(
+            TextDialect::Anthropic,
+            &json!({
+                "anthropic_version": "bedrock-2023-05-31", "max_tokens": 20, "system": "Be brief.",
+                "messages": [{"role": "user", "content": [{"type": "text", "text": "Capital of France?"}]}],
+            }),
+        )
         .unwrap();
-        assert_eq!(d, TextDialect::Anthropic);
         assert_eq!((r.messages.len(), r.max_tokens), (2, Some(20)));
-        let (d, r) = text_request(&json!({"prompt": "Hi", "max_gen_len": 8, "temperature": 0.1})).unwrap();
-        assert_eq!((d, r.prompt.as_deref(), r.max_tokens), (TextDialect::Llama, Some("Hi"), Some(8)));
-        let (d, r) = text_request(&json!({"prompt": "Hi", "max_tokens": 8, "stop": ["\n"]})).unwrap();
-        assert_eq!((d, r.stop_sequences.len()), (TextDialect::Mistral, 1));
-        assert_eq!(embed_request(&json!({"inputText": "x"})).unwrap().0, EmbedDialect::Titan);
-        assert_eq!(embed_request(&json!({"texts": ["a", "b"], "input_type": "search_query"})).unwrap().1.len(), 2);
+        let r =
+            text_request(TextDialect::Llama, &json!({"prompt": "Hi", "max_gen_len": 8, "temperature": 0.1})).unwrap();
+        assert_eq!((r.prompt.as_deref(), r.max_tokens), (Some("Hi"), Some(8)));
+        let r = text_request(TextDialect::Mistral, &json!({"prompt": "Hi", "max_tokens": 8, "stop": ["\n"]})).unwrap();
+        assert_eq!((r.max_tokens, r.stop_sequences.len()), (Some(8), 1));
+        // A body that fits either prompt family is read in the model's.
+        let both = json!({"prompt": "Hi", "temperature": 0.2, "top_p": 0.9});
+        assert!(text_request(TextDialect::Mistral, &both).is_ok() && text_request(TextDialect::Llama, &both).is_ok());
+        let e = embed_request(EmbedDialect::Titan, &json!({"inputText": "x"})).unwrap();
+        assert_eq!((e.texts.len(), e.dimensions, e.by_type), (1, None, false));
+        let e =
+            embed_request(EmbedDialect::Cohere, &json!({"texts": ["a", "b"], "input_type": "search_query"})).unwrap();
+        assert_eq!(e.texts.len(), 2);
+    }
+
+    #[test]
+    fn a_body_of_another_family_is_refused_naming_the_key_and_the_family() {
+        let cases = [
+            (TextDialect::Mistral, json!({"prompt": "Hi", "max_gen_len": 8}), "[max_gen_len]"),
+            (TextDialect::Llama, json!({"prompt": "Hi", "max_tokens": 8, "stop": ["x"]}), "[max_tokens], [stop]"),
+            (
+                TextDialect::Llama,
+                json!({"anthropic_version": "x", "max_tokens": 5, "messages": []}),
+                "[anthropic_version]",
+            ),
+            (TextDialect::Anthropic, json!({"prompt": "Hi", "max_tokens": 8}), "[prompt]"),
+        ];
+        for (dialect, body, key) in cases {
+            let err = text_request(dialect, &body).unwrap_err();
+            assert_eq!(err.kind(), "ValidationException");
+            let message = err.to_string();
+            assert!(message.contains(&format!("extraneous key {key}")), "{message}");
+            assert!(message.contains(dialect.name()), "{message}");
+        }
+        let err = embed_request(EmbedDialect::Titan, &json!({"texts": ["a"]})).unwrap_err().to_string();
+        assert!(err.contains("[texts]") && err.contains("Titan"), "{err}");
+        let err = text_request(TextDialect::Mistral, &json!({})).unwrap_err().to_string();
+        assert!(err.contains("required key [prompt]") && err.contains("Mistral"), "{err}");
+    }
+
+    #[test]
+    fn the_family_is_declared_or_implied_by_the_model_id() {
+        use mantle_crds::Modality;
+        let of = InvokeModelBody::of;
+        assert_eq!(of(Some(InvokeModelBody::Mistral), "acme.x-v1:0", Modality::Text), InvokeModelBody::Mistral);
+        assert_eq!(of(None, "mistral.mistral-7b-instruct-v0:2", Modality::Text), InvokeModelBody::Mistral);
+        assert_eq!(of(None, "meta.llama3-8b-instruct-v1:0", Modality::Text), InvokeModelBody::Llama);
+        assert_eq!(of(None, "cohere.embed-english-v3", Modality::Embedding), InvokeModelBody::CohereEmbed);
+        assert_eq!(of(None, "acme.x-v1:0", Modality::Text), InvokeModelBody::AnthropicMessages);
+        assert_eq!(of(None, "acme.x-v1:0", Modality::Embedding), InvokeModelBody::TitanEmbed);
+    }
+
+    #[test]
+    fn embedding_options_are_honoured_or_refused() {
+        let titan = |body: Value| embed_request(EmbedDialect::Titan, &body);
+        let e = titan(json!({"inputText": "x", "dimensions": 384, "normalize": true, "embeddingTypes": ["float"]}))
+            .unwrap();
+        assert_eq!((e.dimensions, e.by_type), (Some(384), true));
+        let body = embed_response(&e, "r", &[vec![0.6, 0.8]], 2);
+        assert_eq!(body["embeddingsByType"]["float"], json!([0.6f32, 0.8f32]));
+        assert_eq!(body["embedding"], body["embeddingsByType"]["float"]);
+        for (bad, says) in [
+            (json!({"inputText": "x", "normalize": false}), "normalize false"),
+            (json!({"inputText": "x", "embeddingTypes": ["binary"]}), "\"binary\" is not supported"),
+            (json!({"inputText": "x", "dimensions": 0}), "dimensions"),
+        ] {
+            let err = titan(bad).unwrap_err().to_string();
+            assert!(err.contains(says), "{err}");
+        }
+        assert!(check_dimensions("m", Some(2), &[vec![0.6, 0.8]]).is_ok());
+        let err = check_dimensions("m", Some(256), &[vec![0.6, 0.8]]).unwrap_err().to_string();
+        assert!(err.contains("dimensions 256") && err.contains("Matryoshka") && err.contains("set it to 2"), "{err}");
+
+        let cohere = |body: Value| embed_request(EmbedDialect::Cohere, &body);
+        let e = cohere(json!({"texts": ["a"], "embedding_types": ["float"]})).unwrap();
+        let body = embed_response(&e, "r", &[vec![1.0]], 1);
+        assert_eq!(body["response_type"], "embeddings_by_type");
+        assert_eq!(body["embeddings"]["float"], json!([[1.0]]));
+        for kind in ["int8", "uint8", "binary", "ubinary"] {
+            let err = cohere(json!({"texts": ["a"], "embedding_types": ["float", kind]})).unwrap_err().to_string();
+            assert!(err.contains(&format!("{kind:?} is not supported")), "{err}");
+        }
+        assert!(cohere(json!({"texts": ["a"], "input_type": "poetry"})).is_err());
+        let mut v = vec![vec![3.0, 4.0]];
+        normalize(&mut v);
+        assert_eq!(v[0], [0.6, 0.8]);
     }
 
     #[test]
@@ -447,16 +701,22 @@ mod tests {
             json!({"anthropic_version": "x", "max_tokens": 5, "messages": [{"role": "bot", "content": "x"}]}),
             json!({"anthropic_version": "x", "max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "image"}]}]}),
             json!({"anthropic_version": "x", "max_tokens": 0, "messages": [{"role": "user", "content": "x"}]}),
+            json!({"inputs": "x"}),
+        ] {
+            let err = text_request(TextDialect::Anthropic, &body).unwrap_err();
+            assert_eq!(err.kind(), "ValidationException", "{body}");
+        }
+        for body in [
             json!({"prompt": ""}),
             json!({"prompt": 3}),
             json!({"prompt": "x", "temperature": "hot"}),
             json!({"prompt": "x", "max_gen_len": -1}),
             json!({"inputs": "x"}),
         ] {
-            let err = text_request(&body).unwrap_err();
+            let err = text_request(TextDialect::Llama, &body).unwrap_err();
             assert_eq!(err.kind(), "ValidationException", "{body}");
         }
-        assert!(embed_request(&json!({"texts": []})).is_err());
+        assert!(embed_request(EmbedDialect::Cohere, &json!({"texts": []})).is_err());
         assert!(json_body(b"").is_err() && json_body(b"[1]").is_err() && json_body(b"{").is_err());
     }
 

@@ -5,11 +5,12 @@ use base64::Engine as _;
 use mantle_proto::ChatMessage;
 use serde_json::{Value, json};
 
-use super::{StopReason, TextOutput, TextRequest, Tool, ToolChoice, check_sampling, tools_prompt};
+use super::{StopReason, TextOutput, TextRequest, TokenLogprob, Tool, ToolChoice, check_sampling, tools_prompt};
 use crate::error::ApiError;
 
 /// A chat-completions body, mapped: the model id, whether to stream (and include usage), the
 /// caller's prefix-cache salt (`cache_salt`, as vLLM takes it), and the request.
+#[derive(Debug)]
 pub struct ChatCompletion {
     pub model: String,
     pub stream: bool,
@@ -46,10 +47,96 @@ fn content_text(content: &Value, at: &str) -> Result<String, ApiError> {
     }
 }
 
-pub fn chat_request(body: &Value) -> Result<ChatCompletion, ApiError> {
-    if !body.is_object() {
-        return Err(ApiError::validation("the request body must be a JSON object"));
+/// Chat-completions fields the router serves.
+const CHAT_FIELDS: &[&str] = &[
+    "model",
+    "messages",
+    // The caller's prefix-cache salt (as vLLM takes it).
+    "cache_salt",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "stop",
+    "stream",
+    "stream_options",
+    "seed",
+    "tools",
+    "tool_choice",
+    "response_format",
+    "n",
+    "logprobs",
+    "top_logprobs",
+    // At most one tool call is made either way.
+    "parallel_tool_calls",
+    // Identifiers and hints that change nothing in the reply.
+    "user",
+    "safety_identifier",
+    "prompt_cache_key",
+];
+
+/// Chat-completions fields OpenAI defines that the router does not serve. SDKs send some of
+/// them at their defaults, which change nothing and are accepted; any other value is refused
+/// naming the field.
+const CHAT_FIELDS_AT_DEFAULT: &[&str] = &[
+    "frequency_penalty",
+    "presence_penalty",
+    "logit_bias",
+    "store",
+    "metadata",
+    "service_tier",
+    "modalities",
+    "audio",
+    "prediction",
+    "reasoning_effort",
+    "verbosity",
+    "web_search_options",
+    "functions",
+    "function_call",
+];
+
+/// Whether an unserved field holds its default (what leaves the reply unchanged).
+fn at_default(key: &str, value: &Value) -> bool {
+    match (key, value) {
+        (_, Value::Null) => true,
+        ("frequency_penalty" | "presence_penalty", v) => v.as_f64() == Some(0.0),
+        ("logit_bias" | "metadata", Value::Object(o)) => o.is_empty(),
+        ("store", Value::Bool(b)) => !b,
+        ("service_tier", Value::String(s)) => s == "auto" || s == "default",
+        ("modalities", Value::Array(a)) => a.iter().all(|m| m == "text"),
+        _ => false,
     }
+}
+
+/// Refuses fields OpenAI does not define (in OpenAI's words) and unserved fields set to
+/// anything but their default.
+fn check_fields(body: &Value, served: &[&str], at_default_only: &[&str]) -> Result<(), ApiError> {
+    let Some(object) = body.as_object() else {
+        return Err(ApiError::validation("the request body must be a JSON object"));
+    };
+    let unknown: Vec<&str> =
+        object.keys().map(String::as_str).filter(|k| !served.contains(k) && !at_default_only.contains(k)).collect();
+    match unknown.as_slice() {
+        [] => {}
+        [one] => return Err(ApiError::validation(format!("Unrecognized request argument supplied: {one}"))),
+        many => {
+            return Err(ApiError::validation(format!("Unrecognized request arguments supplied: {}", many.join(", "))));
+        }
+    }
+    for key in at_default_only {
+        if let Some(value) = object.get(*key)
+            && !at_default(key, value)
+        {
+            return Err(ApiError::validation(format!(
+                "{key} is not supported by this server; omit it or leave it at its default (got {value})"
+            )));
+        }
+    }
+    Ok(())
+}
+
+pub fn chat_request(body: &Value) -> Result<ChatCompletion, ApiError> {
+    check_fields(body, CHAT_FIELDS, CHAT_FIELDS_AT_DEFAULT)?;
     let model = body["model"]
         .as_str()
         .filter(|m| !m.is_empty())
@@ -83,8 +170,20 @@ pub fn chat_request(body: &Value) -> Result<ChatCompletion, ApiError> {
         }
         messages.push(ChatMessage { role: role.into(), content });
     }
-    if body["n"].as_u64().is_some_and(|n| n != 1) {
-        return Err(ApiError::validation("n must be 1"));
+    if !(body["n"].is_null() || body["n"].as_u64() == Some(1)) {
+        return Err(ApiError::validation("n must be 1: this server makes one choice per request"));
+    }
+    let logprobs = match &body["logprobs"] {
+        Value::Null => false,
+        Value::Bool(b) => *b,
+        _ => return Err(ApiError::validation("logprobs must be a boolean")),
+    };
+    // The runner reports the chosen token's log-probability only, not the alternatives.
+    if !(body["top_logprobs"].is_null() || body["top_logprobs"].as_u64() == Some(0)) {
+        return Err(ApiError::validation(
+            "top_logprobs is not supported by this server: it reports the chosen token's log-probability only; \
+             omit top_logprobs or set it to 0",
+        ));
     }
     let max_tokens = match body.get("max_completion_tokens").or_else(|| body.get("max_tokens")) {
         None | Some(Value::Null) => None,
@@ -177,9 +276,33 @@ pub fn chat_request(body: &Value) -> Result<ChatCompletion, ApiError> {
             stop_sequences,
             tools,
             json_schema,
+            logprobs,
             ..Default::default()
         },
     })
+}
+
+/// A choice's `logprobs` object: each token with its log-probability and bytes. No
+/// alternatives are reported, so `top_logprobs` is empty.
+pub fn logprobs(tokens: &[TokenLogprob]) -> Value {
+    let content: Vec<Value> = tokens
+        .iter()
+        .map(|t| {
+            json!({
+                "token": String::from_utf8_lossy(&t.bytes),
+                "logprob": t.logprob,
+                "bytes": t.bytes,
+                "top_logprobs": [],
+            })
+        })
+        .collect();
+    json!({ "content": content, "refusal": null })
+}
+
+/// Sets a reply's or chunk's `choices[0].logprobs`.
+pub fn with_logprobs(mut body: Value, tokens: &[TokenLogprob]) -> Value {
+    body["choices"][0]["logprobs"] = logprobs(tokens);
+    body
 }
 
 fn finish_reason(reason: StopReason) -> &'static str {
@@ -248,13 +371,17 @@ pub fn usage_chunk(id: &str, model: &str, output: &TextOutput) -> Value {
 
 /// An embeddings body: model, texts, and whether vectors go back as base64 (what the OpenAI
 /// Python client asks for by default).
+#[derive(Debug)]
 pub struct EmbeddingsRequest {
     pub model: String,
     pub texts: Vec<String>,
     pub base64: bool,
+    /// The vector width asked for, checked against the model's own.
+    pub dimensions: Option<u32>,
 }
 
 pub fn embeddings_request(body: &Value) -> Result<EmbeddingsRequest, ApiError> {
+    check_fields(body, &["model", "input", "encoding_format", "dimensions", "user"], &[])?;
     let model = body["model"]
         .as_str()
         .filter(|m| !m.is_empty())
@@ -277,7 +404,14 @@ pub fn embeddings_request(body: &Value) -> Result<EmbeddingsRequest, ApiError> {
         Some("base64") => true,
         Some(other) => return Err(ApiError::validation(format!("encoding_format {other:?} must be float or base64"))),
     };
-    Ok(EmbeddingsRequest { model, texts, base64 })
+    let dimensions = match body.get("dimensions") {
+        None | Some(Value::Null) => None,
+        Some(v) => match v.as_u64() {
+            Some(n) if (1..=u32::MAX as u64).contains(&n) => Some(n as u32),
+            _ => return Err(ApiError::validation("dimensions must be an integer of at least 1")),
+        },
+    };
+    Ok(EmbeddingsRequest { model, texts, base64, dimensions })
 }
 
 pub fn embeddings_response(model: &str, vectors: &[Vec<f32>], base64: bool, tokens: u32) -> Value {
@@ -338,6 +472,60 @@ mod tests {
         ] {
             assert!(chat_request(&body).is_err(), "{body}");
         }
+    }
+
+    fn chat_with(extra: Value) -> Result<ChatCompletion, ApiError> {
+        let mut body = json!({"model": "m", "messages": [{"role": "user", "content": "x"}]});
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        chat_request(&body)
+    }
+
+    #[test]
+    fn logprobs_take_openais_shape() {
+        assert!(chat_with(json!({"logprobs": true})).unwrap().request.logprobs);
+        assert!(!chat_with(json!({"logprobs": false, "top_logprobs": 0})).unwrap().request.logprobs);
+        // "é" split across two tokens: each token keeps its bytes; its text is lossy.
+        let tokens =
+            [TokenLogprob { bytes: vec![0xc3], logprob: -1.0 }, TokenLogprob { bytes: vec![0xa9], logprob: -0.5 }];
+        let body = with_logprobs(chunk("a", "m", json!({"content": "é"}), None), &tokens);
+        let content = &body["choices"][0]["logprobs"]["content"];
+        assert_eq!(content[0]["bytes"], json!([0xc3]));
+        assert_eq!(content[1]["logprob"], -0.5);
+        assert_eq!(content[1]["top_logprobs"], json!([]));
+        assert!(body["choices"][0]["logprobs"]["refusal"].is_null());
+    }
+
+    #[test]
+    fn fields_the_sdks_send_at_their_defaults_are_accepted() {
+        let defaults = json!({
+            "frequency_penalty": 0, "presence_penalty": 0.0, "logit_bias": {}, "n": 1, "user": "u-1",
+            "store": false, "metadata": null, "service_tier": "auto", "modalities": ["text"], "audio": null,
+            "parallel_tool_calls": true, "logprobs": false, "top_logprobs": null, "stream": false,
+            "stream_options": null, "prompt_cache_key": "k", "reasoning_effort": null, "function_call": null,
+        });
+        chat_with(defaults).unwrap();
+    }
+
+    #[test]
+    fn unknown_fields_and_unserved_values_are_refused_by_name() {
+        let err = chat_with(json!({"temprature": 0.5})).unwrap_err();
+        assert_eq!(err.to_string(), "Unrecognized request argument supplied: temprature");
+        for (extra, field) in [
+            (json!({"presence_penalty": 0.5}), "presence_penalty"),
+            (json!({"frequency_penalty": -1}), "frequency_penalty"),
+            (json!({"logit_bias": {"50256": -100}}), "logit_bias"),
+            (json!({"store": true}), "store"),
+            (json!({"service_tier": "flex"}), "service_tier"),
+            (json!({"modalities": ["text", "audio"]}), "modalities"),
+            (json!({"reasoning_effort": "high"}), "reasoning_effort"),
+            (json!({"n": 3}), "n must be 1"),
+            (json!({"top_logprobs": 5, "logprobs": true}), "top_logprobs"),
+        ] {
+            let err = chat_with(extra.clone()).unwrap_err().to_string();
+            assert!(err.starts_with(field), "{extra}: {err}");
+        }
+        let err = embeddings_request(&json!({"model": "e", "input": "x", "truncate": "END"})).unwrap_err();
+        assert_eq!(err.to_string(), "Unrecognized request argument supplied: truncate");
     }
 
     #[test]

@@ -15,11 +15,11 @@ use tracing::Instrument;
 use super::stream::{self, Frames};
 use super::{Caller, Shared, require_json};
 use crate::adapters::converse::{self, ConverseBody};
-use crate::adapters::native::{self, StreamChunks, TextDialect};
+use crate::adapters::native::{self, EmbedDialect, StreamChunks, TextDialect};
 use crate::adapters::{StopReason, TextOutput, TextRequest, parse_body};
 use crate::catalog::ModelEntry;
-use crate::error::{ApiError, ApiResult};
-use crate::guard::OutputVerdict;
+use crate::error::{ApiError, ApiResult, StreamUnion};
+use crate::guard;
 use crate::inference::{Ctx, Generation, Inference, Piece};
 
 fn fail(state: &Shared, api: &str, model_id: &str, error: ApiError) -> Response {
@@ -41,21 +41,31 @@ fn begin(
     headers: &HeaderMap,
 ) -> ApiResult<(Ctx, ModelEntry)> {
     let ctx = caller.ctx(api, headers)?;
+    if let Some(id) = headers.get("x-amzn-bedrock-guardrailidentifier") {
+        let version = headers.get("x-amzn-bedrock-guardrailversion").and_then(|v| v.to_str().ok());
+        return Err(guard::refuse_guardrail(id.to_str().unwrap_or_default(), version));
+    }
     let model = state.inference.resolve(&caller.tenant.name, model_id)?;
     Ok((ctx, model))
 }
 
-/// Applies an output guard to a whole reply.
+/// A FoundationModel whose declared body family does not fit its modality (the CRD's rules
+/// refuse one; a model built some other way could still carry it).
+fn wrong_body(model: &ModelEntry) -> ApiError {
+    ApiError::Internal(format!(
+        "{} is declared with invokeModelBody {:?}, which is not a body of its modality.",
+        model.model_id, model.invoke_body
+    ))
+}
+
+/// The native text body the model takes.
+fn text_dialect(model: &ModelEntry) -> ApiResult<TextDialect> {
+    TextDialect::of(model.invoke_body).ok_or_else(|| wrong_body(model))
+}
+
+/// Applies the output guards to a whole reply.
 fn guard_output(inference: &Inference, ctx: &Ctx, output: &mut TextOutput) {
-    match inference.guards.check_output(ctx, "", &output.text) {
-        OutputVerdict::Pass => {}
-        OutputVerdict::Rewrite(text) => output.text = text,
-        OutputVerdict::Block(message) => {
-            output.text = message;
-            output.tool_call = None;
-            output.stop_reason = StopReason::GuardrailIntervened;
-        }
-    }
+    inference.guards().guard_reply(ctx, output);
 }
 
 pub async fn converse(
@@ -92,6 +102,10 @@ fn converse_request(
     require_json(headers, "content-type")?;
     let (mut ctx, model) = begin(state, caller, api, model_id, headers)?;
     let body: ConverseBody = parse_body(body)?;
+    if let Some(guardrail) = &body.guardrail_config {
+        let id = guardrail["guardrailIdentifier"].as_str().unwrap_or_default();
+        return Err(guard::refuse_guardrail(id, guardrail["guardrailVersion"].as_str()));
+    }
     if body.service_tier.as_ref().and_then(|t| t["type"].as_str()) == Some("flex") {
         ctx.priority = ctx.priority.max(Priority::Low);
     }
@@ -115,7 +129,7 @@ pub async fn converse_stream(
         if !req.tools.is_empty() || req.json_schema.is_some() {
             let mut done = state.inference.complete(&ctx, &model, &req).instrument(span.clone()).await?;
             guard_output(&state.inference, &ctx, &mut done.output);
-            let (frames, mut response) = stream::event_stream(&[]);
+            let (frames, mut response) = stream::event_stream(StreamUnion::ConverseStreamOutput, &[]);
             model_used(&mut response, &done.model_used);
             tokio::spawn(
                 async move {
@@ -139,7 +153,7 @@ pub async fn converse_stream(
             return Ok(response);
         }
         let generation = state.inference.generate(&ctx, &model, &req).instrument(span.clone()).await?;
-        let (frames, mut response) = stream::event_stream(&[]);
+        let (frames, mut response) = stream::event_stream(StreamUnion::ConverseStreamOutput, &[]);
         model_used(&mut response, &generation.model.model_id);
         tokio::spawn(pump_converse(state.clone(), ctx, generation, frames).instrument(span));
         Ok::<_, ApiError>(response)
@@ -156,13 +170,15 @@ async fn pump_converse(state: Shared, ctx: Ctx, mut generation: Generation, fram
     }
     let mut open = false;
     let mut so_far = String::new();
+    let guards = state.inference.guards();
     loop {
         match generation.next().await {
             Ok(Some(Piece::Text { text, .. })) => {
-                let text = match state.inference.guards.check_output(&ctx, &so_far, &text) {
-                    OutputVerdict::Pass => text,
-                    OutputVerdict::Rewrite(t) => t,
-                    OutputVerdict::Block(message) => {
+                let guarded = guards.guard(&ctx, &so_far, text);
+                let text = match guarded.blocked {
+                    false => guarded.text,
+                    true => {
+                        let message = guarded.text;
                         let output = TextOutput {
                             text: message.clone(),
                             tool_call: None,
@@ -229,7 +245,8 @@ pub async fn invoke(
         let span = Inference::span(&ctx, &model.model_id);
         match model.modality {
             Modality::Text => {
-                let (dialect, req) = native::text_request(&value)?;
+                let dialect = text_dialect(&model)?;
+                let req = native::text_request(dialect, &value)?;
                 let mut done = state.inference.complete(&ctx, &model, &req).instrument(span).await?;
                 guard_output(&state.inference, &ctx, &mut done.output);
                 let body = native::response(dialect, &ctx.request_id, &done.model_used, &done.output);
@@ -239,9 +256,15 @@ pub async fn invoke(
                 Ok(response)
             }
             Modality::Embedding => {
-                let (dialect, texts) = native::embed_request(&value)?;
-                let (vectors, tokens) = state.inference.embed(&ctx, &model, texts.clone()).instrument(span).await?;
-                let body = native::embed_response(dialect, &ctx.request_id, &texts, &vectors, tokens);
+                let dialect = EmbedDialect::of(model.invoke_body).ok_or_else(|| wrong_body(&model))?;
+                let req = native::embed_request(dialect, &value)?;
+                let (mut vectors, tokens) =
+                    state.inference.embed(&ctx, &model, req.texts.clone()).instrument(span).await?;
+                native::check_dimensions(&model.model_id, req.dimensions, &vectors)?;
+                if dialect == EmbedDialect::Titan {
+                    native::normalize(&mut vectors);
+                }
+                let body = native::embed_response(&req, &ctx.request_id, &vectors, tokens);
                 let mut response = axum::Json(body).into_response();
                 response.headers_mut().insert("x-amzn-bedrock-input-token-count", HeaderValue::from(tokens));
                 Ok::<_, ApiError>(response)
@@ -267,13 +290,14 @@ pub async fn invoke_stream(
         if model.modality != Modality::Text {
             return Err(ApiError::validation(format!("{} does not support response streaming.", model.model_id)));
         }
-        let (dialect, req) = native::text_request(&native::json_body(&body)?)?;
+        let dialect = text_dialect(&model)?;
+        let req = native::text_request(dialect, &native::json_body(&body)?)?;
         let span = Inference::span(&ctx, &model.model_id);
         let extra = [("x-amzn-bedrock-content-type", "application/json")];
         if !req.tools.is_empty() {
             let mut done = state.inference.complete(&ctx, &model, &req).instrument(span.clone()).await?;
             guard_output(&state.inference, &ctx, &mut done.output);
-            let (frames, mut response) = stream::event_stream(&extra);
+            let (frames, mut response) = stream::event_stream(StreamUnion::ResponseStream, &extra);
             model_used(&mut response, &done.model_used);
             tokio::spawn(
                 async move {
@@ -299,7 +323,7 @@ pub async fn invoke_stream(
             return Ok(response);
         }
         let generation = state.inference.generate(&ctx, &model, &req).instrument(span.clone()).await?;
-        let (frames, mut response) = stream::event_stream(&extra);
+        let (frames, mut response) = stream::event_stream(StreamUnion::ResponseStream, &extra);
         model_used(&mut response, &generation.model.model_id);
         tokio::spawn(pump_native(state.clone(), ctx, dialect, generation, frames).instrument(span));
         Ok::<_, ApiError>(response)
@@ -323,16 +347,32 @@ async fn pump_native(state: Shared, ctx: Ctx, dialect: TextDialect, mut generati
         }
     }
     let mut so_far = String::new();
+    let guards = state.inference.guards();
     loop {
         match generation.next().await {
-            Ok(Some(Piece::Text { text, tokens })) => {
-                let text = match state.inference.guards.check_output(&ctx, &so_far, &text) {
-                    OutputVerdict::Pass => text,
-                    OutputVerdict::Rewrite(t) => t,
-                    OutputVerdict::Block(message) => message,
-                };
-                so_far.push_str(&text);
-                if !send_chunk(&frames, &chunks.delta(&text, tokens, input_tokens)).await {
+            Ok(Some(Piece::Text { text, tokens, .. })) => {
+                let guarded = guards.guard(&ctx, &so_far, text);
+                so_far.push_str(&guarded.text);
+                if !send_chunk(&frames, &chunks.delta(&guarded.text, tokens, input_tokens)).await {
+                    return;
+                }
+                if guarded.blocked {
+                    // The reply stops here, and says why, as every other API does.
+                    drop(generation);
+                    let output = TextOutput {
+                        text: so_far,
+                        tool_call: None,
+                        stop_reason: StopReason::GuardrailIntervened,
+                        stop_sequence: None,
+                        usage: Default::default(),
+                    };
+                    let latency = ctx.received.elapsed().as_millis() as u64;
+                    let metrics = native::invocation_metrics(&output, latency, 0);
+                    for chunk in chunks.finish(&output, metrics) {
+                        if !send_chunk(&frames, &chunk).await {
+                            return;
+                        }
+                    }
                     return;
                 }
             }
@@ -371,7 +411,7 @@ pub async fn count_tokens(
             return Err(ApiError::validation(format!("{} does not count tokens for text generation.", model.model_id)));
         }
         let value: Value = parse_body(&body)?;
-        let req = count_tokens_request(&value)?;
+        let req = count_tokens_request(&model, &value)?;
         let tokens =
             state.inference.count_tokens(&ctx, &model, &req).instrument(Inference::span(&ctx, &model.model_id)).await?;
         state.inference.count_outcome(&ctx, &model, "ok");
@@ -382,7 +422,7 @@ pub async fn count_tokens(
 }
 
 /// CountTokens' `input` union: an InvokeModel body (base64) or a Converse request.
-fn count_tokens_request(value: &Value) -> ApiResult<TextRequest> {
+fn count_tokens_request(model: &ModelEntry, value: &Value) -> ApiResult<TextRequest> {
     let input = value.get("input").ok_or_else(|| ApiError::validation("input is required"))?;
     let obj = input
         .as_object()
@@ -395,7 +435,7 @@ fn count_tokens_request(value: &Value) -> ApiResult<TextRequest> {
             let bytes = base64::engine::general_purpose::STANDARD
                 .decode(encoded)
                 .map_err(|e| ApiError::validation(format!("input.invokeModel.body is not base64: {e}")))?;
-            Ok(native::text_request(&native::json_body(&bytes)?)?.1)
+            native::text_request(text_dialect(model)?, &native::json_body(&bytes)?)
         }
         Some((k, v)) if k == "converse" => {
             let body: ConverseBody = serde_json::from_value(v.clone())

@@ -155,10 +155,19 @@ pub fn error_response(path: &str, error: ApiError) -> Response {
 
 async fn unknown_operation(request: Request) -> Response {
     let path = request.uri().path().to_string();
-    let error = ApiError::NotFound(format!("No operation matches {} {path}.", request.method()));
     if is_openai(&path) {
-        return error.into_openai();
+        // OpenAI's answer to a URL it does not serve.
+        let message = format!(
+            "Unknown request URL: {} {path}. Please check the URL for typos, or see the docs at \
+             https://platform.openai.com/docs/api-reference/.",
+            request.method()
+        );
+        let body = serde_json::json!({
+            "error": { "message": message, "type": "invalid_request_error", "param": null, "code": "unknown_url" }
+        });
+        return (StatusCode::NOT_FOUND, axum::Json(body)).into_response();
     }
+    let error = ApiError::NotFound(format!("No operation matches {} {path}.", request.method()));
     let mut response = error.into_bedrock();
     response.headers_mut().insert("x-amzn-ErrorType", HeaderValue::from_static("UnknownOperationException"));
     response

@@ -12,10 +12,11 @@ use tracing::Instrument;
 
 use super::stream::{self, Frames};
 use super::{Caller, Shared, check_cache_salt, require_json};
+use crate::adapters::native;
 use crate::adapters::openai::{self, ChatCompletion};
 use crate::adapters::{StopReason, TextOutput};
 use crate::error::ApiError;
-use crate::guard::OutputVerdict;
+use crate::guard::Guarded;
 use crate::inference::{Ctx, Generation, Inference, Piece};
 
 fn fail(state: &Shared, api: &str, model: &str, error: ApiError) -> Response {
@@ -50,16 +51,16 @@ pub async fn chat_completions(
         let span = Inference::span(&ctx, &model.model_id);
         let ChatCompletion { model: name, stream, include_usage, request, .. } = completion;
         let needs_whole_reply = !request.tools.is_empty() || request.json_schema.is_some();
+        let logprobs = request.logprobs;
         if !stream || needs_whole_reply {
             let mut done = state.inference.complete(&ctx, &model, &request).instrument(span.clone()).await?;
-            if let OutputVerdict::Block(message) | OutputVerdict::Rewrite(message) =
-                state.inference.guards.check_output(&ctx, "", &done.output.text)
-            {
-                done.output.text = message;
-            }
+            state.inference.guards().guard_reply(&ctx, &mut done.output);
             if !stream {
-                let mut response =
-                    axum::Json(openai::chat_response(&ctx.request_id, &name, &done.output)).into_response();
+                let mut body = openai::chat_response(&ctx.request_id, &name, &done.output);
+                if logprobs {
+                    body = openai::with_logprobs(body, &done.logprobs);
+                }
+                let mut response = axum::Json(body).into_response();
                 if let Ok(v) = HeaderValue::from_str(&done.model_used) {
                     response.headers_mut().insert("x-mantle-model-used", v);
                 }
@@ -77,7 +78,11 @@ pub async fn chat_completions(
                         }
                         None => json!({"role": "assistant", "content": output.text}),
                     };
-                    let _ = frames.sse(&openai::chunk(&id, &name, delta, None).to_string()).await
+                    let mut chunk = openai::chunk(&id, &name, delta, None);
+                    if logprobs {
+                        chunk = openai::with_logprobs(chunk, &done.logprobs);
+                    }
+                    let _ = frames.sse(&chunk.to_string()).await
                         && finish_sse(&frames, &id, &name, &output, include_usage).await;
                 }
                 .instrument(span),
@@ -86,7 +91,8 @@ pub async fn chat_completions(
         }
         let generation = state.inference.generate(&ctx, &model, &request).instrument(span.clone()).await?;
         let (frames, response) = stream::sse();
-        tokio::spawn(pump_sse(state.clone(), ctx, name, include_usage, generation, frames).instrument(span));
+        let options = SseOptions { include_usage, logprobs };
+        tokio::spawn(pump_sse(state.clone(), ctx, name, options, generation, frames).instrument(span));
         Ok::<_, ApiError>(response)
     }
     .await;
@@ -99,29 +105,37 @@ async fn finish_sse(frames: &Frames, id: &str, model: &str, output: &TextOutput,
         && frames.sse("[DONE]").await
 }
 
+/// What a streamed chat completion adds to its chunks.
+struct SseOptions {
+    include_usage: bool,
+    logprobs: bool,
+}
+
 async fn pump_sse(
     state: Shared,
     ctx: Ctx,
     model: String,
-    include_usage: bool,
+    options: SseOptions,
     mut generation: Generation,
     frames: Frames,
 ) {
+    let SseOptions { include_usage, logprobs: with_logprobs } = options;
     let id = ctx.request_id.clone();
     if !frames.sse(&openai::chunk(&id, &model, json!({"role": "assistant", "content": ""}), None).to_string()).await {
         return;
     }
     let mut so_far = String::new();
+    let guards = state.inference.guards();
     loop {
         match generation.next().await {
-            Ok(Some(Piece::Text { text, .. })) => {
-                let (text, blocked) = match state.inference.guards.check_output(&ctx, &so_far, &text) {
-                    OutputVerdict::Pass => (text, false),
-                    OutputVerdict::Rewrite(t) => (t, false),
-                    OutputVerdict::Block(message) => (message, true),
-                };
+            Ok(Some(Piece::Text { text, logprobs, .. })) => {
+                let Guarded { text, blocked } = guards.guard(&ctx, &so_far, text);
                 so_far.push_str(&text);
-                if !frames.sse(&openai::chunk(&id, &model, json!({"content": text}), None).to_string()).await {
+                let mut chunk = openai::chunk(&id, &model, json!({"content": text}), None);
+                if with_logprobs {
+                    chunk = openai::with_logprobs(chunk, &logprobs);
+                }
+                if !frames.sse(&chunk.to_string()).await {
                     return;
                 }
                 if blocked {
@@ -164,6 +178,7 @@ pub async fn embeddings(
         let model = state.inference.resolve(&caller.tenant.name, &req.model)?;
         let span = Inference::span(&ctx, &model.model_id);
         let (vectors, tokens) = state.inference.embed(&ctx, &model, req.texts).instrument(span).await?;
+        native::check_dimensions(&model.model_id, req.dimensions, &vectors)?;
         Ok::<_, ApiError>(
             axum::Json(openai::embeddings_response(&req.model, &vectors, req.base64, tokens)).into_response(),
         )

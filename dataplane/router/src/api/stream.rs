@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, StreamUnion};
 
 /// Frames buffered between the generation and a client.
 const FRAMES: usize = 16;
@@ -24,6 +24,8 @@ const FRAMES: usize = 16;
 /// The sending side; every method returns `false` once the client is gone.
 pub struct Frames {
     tx: mpsc::Sender<Bytes>,
+    /// The event stream's output union (None for server-sent events).
+    union: Option<StreamUnion>,
 }
 
 impl Frames {
@@ -32,9 +34,11 @@ impl Frames {
         self.frame(Message::event(event_type, payload.to_string().into_bytes())).await
     }
 
-    /// A modeled exception frame.
+    /// A modeled exception frame, named by a member of the stream's own union.
     pub async fn exception(&self, error: &ApiError) -> bool {
-        self.frame(Message::exception(error.stream_exception(), error.bedrock_body().to_string().into_bytes())).await
+        let union = self.union.unwrap_or(StreamUnion::ResponseStream);
+        let (member, body) = error.stream_exception(union);
+        self.frame(Message::exception(member, body.to_string().into_bytes())).await
     }
 
     async fn frame(&self, message: Message) -> bool {
@@ -57,8 +61,9 @@ fn body(rx: mpsc::Receiver<Bytes>) -> Body {
     Body::from_stream(ReceiverStream::new(rx).map(Ok::<_, Infallible>))
 }
 
-/// A 200 event-stream response and the sender that feeds it (chunked, one chunk per frame).
-pub fn event_stream(extra: &[(&'static str, &'static str)]) -> (Frames, Response) {
+/// A 200 event-stream response and the sender that feeds it (chunked, one chunk per frame);
+/// `union` is the operation's output union, which names its exceptions.
+pub fn event_stream(union: StreamUnion, extra: &[(&'static str, &'static str)]) -> (Frames, Response) {
     let (tx, rx) = mpsc::channel(FRAMES);
     let mut response = Response::new(body(rx));
     *response.status_mut() = StatusCode::OK;
@@ -67,7 +72,7 @@ pub fn event_stream(extra: &[(&'static str, &'static str)]) -> (Frames, Response
     for (name, value) in extra {
         headers.insert(*name, HeaderValue::from_static(value));
     }
-    (Frames { tx }, response)
+    (Frames { tx, union: Some(union) }, response)
 }
 
 /// A 200 server-sent-events response and its sender.
@@ -77,5 +82,5 @@ pub fn sse() -> (Frames, Response) {
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    (Frames { tx }, response)
+    (Frames { tx, union: None }, response)
 }
