@@ -1,0 +1,252 @@
+//! Admission glue: the tenant's token bucket (with its provisioned reservation), the model's
+//! queue and the input guard; each queue's capacity kept current from its runners' health.
+
+use super::*;
+
+pub(super) fn load_of(state: LoadState) -> Load {
+    match state {
+        LoadState::Healthy => Load::Healthy,
+        LoadState::Degraded => Load::Degraded,
+        LoadState::Throttle => Load::Throttle,
+        LoadState::Critical | LoadState::Unspecified => Load::Critical,
+    }
+}
+
+impl Inference {
+    /// The `x-mantle-capacity` header sent with 429 and 503 answers: how full the model is, so a
+    /// client (or a load balancer) can back off or go elsewhere.
+    pub fn capacity_header(&self, requested: &str) -> Option<String> {
+        let model = self.live().catalog.resolve(requested).ok()?.model_id.clone();
+        let queue = self.queues.lock().unwrap_or_else(|e| e.into_inner()).get(&model)?.clone();
+        let s = queue.snapshot();
+        Some(format!("slots={}; in-flight={}; queued={}", s.capacity, s.in_flight, s.queued))
+    }
+
+    /// Whether admission counts slots for the model now (its runners are known to the queue).
+    pub fn admits(&self, model_id: &str) -> bool {
+        let queue = self.queues.lock().unwrap_or_else(|e| e.into_inner()).get(model_id).cloned();
+        queue.is_some_and(|q| q.snapshot().capacity > 0)
+    }
+
+    /// The model's queue, created on first use.
+    pub(super) fn queue(&self, model_id: &str) -> ModelQueue {
+        let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
+        queues.entry(model_id.to_string()).or_insert_with(|| ModelQueue::new(self.config.queue.clone())).clone()
+    }
+
+    /// The model's load as admission sees it: the best state among its ready runners.
+    pub(super) fn model_load(&self, model_id: &str) -> Load {
+        self.live()
+            .runners
+            .for_model(model_id)
+            .iter()
+            .filter_map(|r| {
+                let (state, ready) = r.state();
+                ready.then(|| load_of(state))
+            })
+            .min()
+            .unwrap_or(Load::Critical)
+    }
+
+    /// Updates each model queue's capacity from its runners' readiness and health.
+    pub(super) fn refresh_capacity(&self) {
+        let live = self.live();
+        for model in live.catalog.iter() {
+            self.queue(&model.model_id);
+        }
+        let queues: Vec<(String, ModelQueue)> =
+            self.queues.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|(k, q)| (k.clone(), q.clone())).collect();
+        for (model_id, queue) in &queues {
+            let mut slots = 0;
+            let mut ready = 0;
+            for r in live.runners.for_model(model_id) {
+                let (state, is_ready) = r.state();
+                if is_ready {
+                    ready += 1;
+                    slots += match state {
+                        LoadState::Throttle => self.config.slots_per_runner.div_ceil(2),
+                        _ => self.config.slots_per_runner,
+                    };
+                }
+            }
+            queue.set_capacity(slots);
+            self.metrics.runners_ready.with_label_values(&[model_id.as_str()]).set(ready);
+            for lane in queue.snapshot().lanes {
+                self.metrics
+                    .queue_depth
+                    .with_label_values(&[model_id.as_str(), lane.lane.name()])
+                    .set(lane.queued as i64);
+                self.metrics
+                    .queue_overloaded
+                    .with_label_values(&[model_id.as_str(), lane.lane.name()])
+                    .set(i64::from(lane.overloaded));
+            }
+        }
+    }
+
+    /// Forgets the token buckets that have refilled (a new one starts full, so nothing is lost):
+    /// callers named by client strings (access key ids with authentication off) do not add up.
+    pub fn prune_buckets(&self, now: Instant) -> usize {
+        let mut limiter = self.limiter.lock().unwrap_or_else(|e| e.into_inner());
+        let pruned = limiter.prune(now);
+        self.metrics.rate_limit_buckets.set(limiter.len() as i64);
+        pruned
+    }
+
+    /// Token buckets held now.
+    pub fn rate_limit_buckets(&self) -> usize {
+        self.limiter.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub(super) fn reject(&self, model: &ModelEntry, reason: &str) {
+        self.metrics.rejected.with_label_values(&[model.model_id.as_str(), reason]).inc();
+    }
+
+    /// Rate limit, queue and input guard: a permit to send one request to one of the model's
+    /// runners.
+    pub(super) async fn admit(
+        &self,
+        ctx: &Ctx,
+        model: &ModelEntry,
+        input_tokens: u64,
+        output_tokens: u64,
+        prompt: &str,
+    ) -> Result<Admission, ApiError> {
+        model.check_serving(SystemTime::now())?;
+        let queue = self.queue(&model.model_id);
+        // Provisioned model units weigh in fair queuing and reserve their rate: units × the
+        // model's tokens per unit, on top of the tenant's on-demand limits.
+        let units = self.live().provisioned.get(&(ctx.tenant.name.clone(), model.model_id.clone())).copied();
+        let weight = units.unwrap_or(1.0);
+        let reserved = units.map_or(0, |u| (u * model.tokens_per_minute_per_unit.unwrap_or(0) as f64) as u64);
+        let limits = ctx.tenant.limits(weight, reserved);
+        let load = self.model_load(&model.model_id);
+        // Buckets count input plus the output a request is expected to generate, one bucket per
+        // tenant and model.
+        let tokens = input_tokens + self.config.queue.expected_output_tokens(output_tokens);
+        let bucket = format!("{}\u{1f}{}", ctx.tenant.name, model.model_id);
+        let limited = self.limiter.lock().unwrap_or_else(|e| e.into_inner()).check(
+            &bucket,
+            &limits,
+            tokens,
+            load,
+            Instant::now(),
+        );
+        if let Err(throttled) = limited {
+            self.reject(model, "rate_limit");
+            return Err(ApiError::Throttling {
+                message: format!(
+                    "Too many tokens: tenant {} is over its limit of {} tokens a minute on {}. Retry after {:.1}s.",
+                    ctx.tenant.name,
+                    limits.tokens_per_minute + limits.reserved_tokens_per_minute,
+                    model.model_id,
+                    throttled.retry_after.as_secs_f64()
+                ),
+                retry_after: throttled.retry_after,
+            });
+        }
+        let request = mantle_admission::Request {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            tenant: ctx.tenant.name.clone(),
+            priority: ctx.priority,
+            input_tokens,
+            max_output_tokens: output_tokens,
+            deadline: ctx.deadline,
+            weight,
+        };
+        let queued = Instant::now();
+        let guards = self.guards();
+        let (permit, guard) = tokio::join!(queue.acquire(request), guards.check_input(ctx, prompt));
+        let permit = permit.map_err(|rejected| {
+            let (reason, error) = self.rejection(model, rejected);
+            self.reject(model, reason);
+            error
+        })?;
+        guard?;
+        let wait = queued.elapsed();
+        self.metrics
+            .queue_wait
+            .with_label_values(&[model.model_id.as_str(), permit.lane().name()])
+            .observe(wait.as_secs_f64());
+        Ok(Admission { permit, queue_wait: wait })
+    }
+
+    pub(super) fn rejection(&self, model: &ModelEntry, rejected: Rejected) -> (&'static str, ApiError) {
+        let id = &model.model_id;
+        match rejected {
+            Rejected::Throttled { retry_after } => (
+                "queue_full",
+                ApiError::Throttling {
+                    message: format!(
+                        "{id} is at capacity and its queue is full. Retry after {:.1}s.",
+                        retry_after.as_secs_f64()
+                    ),
+                    retry_after,
+                },
+            ),
+            Rejected::Unavailable { retry_after } => (
+                "unavailable",
+                ApiError::Unavailable { message: format!("{id} has no ready runner right now."), retry_after },
+            ),
+            Rejected::DeadlineUnmeetable { estimated_wait } => (
+                "deadline",
+                ApiError::ModelTimeout {
+                    message: format!(
+                        "The request's deadline cannot be met: the estimated queue wait for {id} is {:.0} ms.",
+                        estimated_wait.as_secs_f64() * 1000.0
+                    ),
+                },
+            ),
+            Rejected::DeadlineExpired => (
+                "deadline",
+                ApiError::ModelTimeout { message: format!("The request's deadline passed while it waited for {id}.") },
+            ),
+        }
+    }
+}
+
+/// More bytes a token than any real text has: a prompt longer than this many bytes for each
+/// token of the context cannot fit, whatever the tokenizer.
+pub(super) const MAX_BYTES_PER_TOKEN: u64 = 32;
+
+/// Refuses, before it is queued or sent, a prompt that cannot fit the model's context: a runner
+/// would spend seconds tokenizing megabytes only to refuse it. Prompts that might fit are counted
+/// exactly by the runner, which refuses them with both counts.
+pub(super) fn check_input_length(model: &ModelEntry, req: &TextRequest) -> Result<(), ApiError> {
+    let context = model.context_length as u64;
+    let bytes: u64 = match &req.prompt {
+        Some(p) => p.len() as u64,
+        None => req.messages.iter().map(|m| m.content.len() as u64).sum(),
+    };
+    if context == 0 || bytes <= context * MAX_BYTES_PER_TOKEN {
+        return Ok(());
+    }
+    Err(ApiError::validation(format!(
+        "The input is too long for {}: it is {bytes} bytes, about {} tokens, and the model's context is {context} \
+         tokens. Shorten the input.",
+        model.model_id,
+        req.estimated_input_tokens()
+    )))
+}
+
+pub(super) async fn capacity_loop(inference: std::sync::Weak<Inference>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut last_prune = Instant::now();
+    loop {
+        tick.tick().await;
+        let Some(inference) = inference.upgrade() else { return };
+        inference.refresh_capacity();
+        if last_prune.elapsed() >= PRUNE_INTERVAL {
+            last_prune = Instant::now();
+            inference.prune_buckets(last_prune);
+        }
+    }
+}
+
+/// How often full token buckets are forgotten.
+pub(super) const PRUNE_INTERVAL: Duration = Duration::from_secs(1);
+
+pub(super) struct Admission {
+    pub(super) permit: Permit,
+    pub(super) queue_wait: Duration,
+}

@@ -1,0 +1,477 @@
+//! The request path every API shares:
+//!
+//! ```text
+//! resolve model ─► end-of-life check ─► tenant token bucket ─┬► model queue (lane, priority, DRR) ─┐
+//!                                                             └► input guard (concurrently) ───────┴► placement ─► runner
+//! runner stream ─► output guard (per delta) ─► dialect adapter ─► client;   on finish: metrics + metering
+//! ```
+//!
+//! Failures that the model's fallback chain covers move the request to the next model before
+//! anything has been sent to the client.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use mantle_admission::{
+    LoadState as Load, ModelQueue, OverloadControl, Permit, Priority, QueueConfig, RateLimiter, Rejected,
+};
+use mantle_crds::{Cell, CellState, FallbackTrigger, Modality};
+use mantle_proto::auth::{SendToken, Token};
+use mantle_proto::{GenerateResponse, LoadState, generate_response};
+use tokio_stream::StreamExt;
+use tracing::Instrument;
+
+use crate::adapters::{self, DEFAULT_MAX_TOKENS, StopReason, TextOutput, TextRequest, TokenLogprob, Usage, structured};
+use crate::catalog::{Catalog, ModelEntry};
+use crate::error::{self, ApiError, from_status};
+use crate::guard::Guards;
+use crate::metering::{Meter, MeteringRecord};
+use crate::metrics::Metrics;
+use crate::placement::{self, RequestFacts};
+use crate::runners::{InFlight, RunnerHandle, Runners};
+use crate::server::Platform;
+use crate::tenants::Tenant;
+
+mod admission;
+mod dispatch;
+mod generation;
+mod live;
+
+use admission::{capacity_loop, check_input_length};
+use dispatch::{RUNNER_ATTEMPTS, StartError};
+pub use generation::Generation;
+pub use live::Live;
+
+/// Bytes of prompt text hashed for prefix affinity (about 128 tokens).
+const PREFIX_BYTES: usize = 512;
+
+/// One request's identity and constraints, shared by every stage.
+#[derive(Clone, Debug)]
+pub struct Ctx {
+    pub request_id: String,
+    pub tenant: Tenant,
+    pub api: &'static str,
+    pub priority: Priority,
+    /// When the client stops caring (`x-amz-bedrock-deadline-ms`).
+    pub deadline: Option<Instant>,
+    pub received: Instant,
+    /// The caller's own prefix-cache salt (`x-mantle-cache-salt`, OpenAI `cache_salt`), for
+    /// isolation within the tenant; empty for none.
+    pub cache_salt: String,
+}
+
+impl Ctx {
+    /// The runner's prefix-cache namespace for this request: the tenant, then the caller's salt,
+    /// so cached prompts are shared only within a tenant (and salt). The tenant's name is
+    /// length-prefixed, so no choice of salt can reach into another tenant's namespace.
+    pub fn runner_cache_salt(&self) -> String {
+        format!("{}:{}:{}", self.tenant.name.len(), self.tenant.name, self.cache_salt)
+    }
+
+    fn deadline_unix_ms(&self) -> u64 {
+        let Some(deadline) = self.deadline else { return 0 };
+        let left = deadline.saturating_duration_since(Instant::now());
+        (SystemTime::now() + left).duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    }
+}
+
+/// Router-wide settings of the request path.
+#[derive(Clone, Debug)]
+pub struct PathConfig {
+    pub region: String,
+    /// Concurrent requests the router sends one healthy runner.
+    pub slots_per_runner: usize,
+    /// Cells a tenant is shuffle-sharded over (0: all).
+    pub shard_size: usize,
+    pub queue: QueueConfig,
+    /// The token sent to every runner (the runners' `--auth-token-file`).
+    pub runner_token: Option<Token>,
+    /// The most time a runner may leave a generation without a message (or a unary call
+    /// unanswered) before it counts as lost and the request's slot is freed.
+    pub runner_idle_timeout: Duration,
+}
+
+impl Default for PathConfig {
+    fn default() -> Self {
+        PathConfig {
+            region: "us-east-1".into(),
+            slots_per_runner: 16,
+            shard_size: 2,
+            runner_idle_timeout: Duration::from_secs(120),
+            runner_token: None,
+            // A light tenant beside a heavy one finds a slot free instead of waiting for one, and
+            // under overload the accepted requests keep their latency.
+            queue: QueueConfig {
+                reserve_window: Some(Duration::from_secs(10)),
+                overload: Some(OverloadControl::default()),
+                ..QueueConfig::default()
+            },
+        }
+    }
+}
+
+pub struct Inference {
+    live: std::sync::RwLock<Arc<Live>>,
+    pub metrics: Metrics,
+    pub meter: Meter,
+    /// The guards in force, replaced whole when guardrails change.
+    guards: std::sync::RwLock<Arc<Guards>>,
+    pub config: PathConfig,
+    /// One queue per model id, kept across platform updates (requests may be waiting in it).
+    queues: std::sync::Mutex<HashMap<String, ModelQueue>>,
+    limiter: std::sync::Mutex<RateLimiter>,
+    next_id: AtomicU64,
+    /// Randomness for power-of-two choices.
+    rng: std::sync::Mutex<rand::rngs::StdRng>,
+}
+
+impl Inference {
+    pub fn new(platform: Platform, metrics: Metrics, meter: Meter, config: PathConfig) -> anyhow::Result<Arc<Self>> {
+        let live = Live::new(platform, &Runners::new(SendToken(config.runner_token.clone())))?;
+        let inference = Arc::new(Inference {
+            live: std::sync::RwLock::new(Arc::new(live)),
+            metrics,
+            meter,
+            guards: std::sync::RwLock::new(Arc::new(Guards::default())),
+            config,
+            queues: std::sync::Mutex::new(HashMap::new()),
+            limiter: std::sync::Mutex::new(RateLimiter::new()),
+            next_id: AtomicU64::new(1),
+            rng: std::sync::Mutex::new(rand::SeedableRng::seed_from_u64(
+                SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+                    ^ std::process::id() as u64,
+            )),
+        });
+        tokio::spawn(capacity_loop(Arc::downgrade(&inference)));
+        Ok(inference)
+    }
+
+    /// The guards in force now.
+    pub fn guards(&self) -> Arc<Guards> {
+        self.guards.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Applies `guards` from now on (requests already streaming keep theirs).
+    pub fn set_guards(&self, guards: Guards) {
+        *self.guards.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(guards);
+    }
+
+    /// What is served now.
+    pub fn live(&self) -> Arc<Live> {
+        self.live.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Serves `platform` from now on: new models and runners are added, removed ones dropped;
+    /// known runners keep their connections and in-flight counts.
+    pub fn update(&self, platform: Platform) -> anyhow::Result<()> {
+        let mut live = self.live.write().unwrap_or_else(|e| e.into_inner());
+        let next = Live::new(platform, &live.runners)?;
+        tracing::info!(
+            models = next.catalog.iter().count(),
+            runners = next.runners.iter().map(|(_, r)| r.len()).sum::<usize>(),
+            "platform updated"
+        );
+        *live = Arc::new(next);
+        Ok(())
+    }
+
+    /// The model a request names: a model id, a foundation-model or inference-profile ARN, or a
+    /// provisioned-model ARN (`arn:aws:bedrock:REGION:ACCOUNT:provisioned-model/NAME`, NAME being
+    /// the ProvisionedThroughput's), which only its own tenant may call.
+    pub fn resolve(&self, tenant: &str, requested: &str) -> Result<ModelEntry, ApiError> {
+        let live = self.live();
+        let Some(name) =
+            requested.strip_prefix("arn:").and_then(|arn| arn.split_once(":provisioned-model/")).map(|(_, n)| n)
+        else {
+            return Ok(live.catalog.resolve(requested)?.clone());
+        };
+        let Some((owner, model_id)) = live.provisioned_models.get(name) else {
+            return Err(ApiError::NotFound(format!("No provisioned model throughput is named {name:?}.")));
+        };
+        if owner != tenant {
+            return Err(ApiError::AccessDenied(format!(
+                "The provisioned model throughput {name:?} belongs to another tenant."
+            )));
+        }
+        Ok(live.catalog.resolve(model_id)?.clone())
+    }
+
+    /// Starts a generation; the first event (the runner accepting the prompt) has arrived when
+    /// this returns, so errors before it are ordinary error responses.
+    pub async fn generate(&self, ctx: &Ctx, model: &ModelEntry, req: &TextRequest) -> Result<Generation, ApiError> {
+        if model.modality != Modality::Text {
+            return Err(ApiError::validation(format!(
+                "{} is an embedding model; it does not generate text.",
+                model.model_id
+            )));
+        }
+        self.with_fallbacks(model, |m| async move { self.generate_on(ctx, model, &m, req).await }).await
+    }
+
+    async fn generate_on(
+        &self,
+        ctx: &Ctx,
+        requested: &ModelEntry,
+        model: &ModelEntry,
+        req: &TextRequest,
+    ) -> Result<Generation, ApiError> {
+        check_input_length(model, req)?;
+        let prompt = req.prompt_text();
+        let output_tokens = req.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS) as u64;
+        let admission = self.admit(ctx, model, req.estimated_input_tokens(), output_tokens, &prompt).await?;
+        // A runner that is gone before it accepted the prompt costs the client nothing: the
+        // request moves to another runner, within the same admission.
+        let mut tried: Vec<Arc<RunnerHandle>> = Vec::new();
+        let (runner, in_flight, dispatched, stream, first) = loop {
+            let runner = self.place_avoiding(ctx, model, &prompt, &tried)?;
+            let in_flight = runner.begin();
+            let dispatched = Instant::now();
+            match self.start_on(ctx, &runner, req).await {
+                Ok((stream, first)) => break (runner, in_flight, dispatched, stream, first),
+                Err(StartError::Lost) if tried.len() + 1 < RUNNER_ATTEMPTS => {
+                    tracing::warn!(request_id = %ctx.request_id, runner = %runner.spec.address, "runner lost before the prompt was accepted; trying another");
+                    tried.push(runner);
+                }
+                Err(StartError::Lost) => return Err(error::runner_lost()),
+                Err(StartError::Refused(e)) => return Err(e),
+            }
+        };
+        let (input_tokens, max_tokens, pending) = match first.event {
+            Some(generate_response::Event::Started(s)) => (s.input_tokens, s.max_tokens, None),
+            // A runner that predates `Started`: keep the event.
+            _ => (0, 0, Some(first)),
+        };
+        Ok(Generation {
+            requested: requested.model_id.clone(),
+            model: model.clone(),
+            input_tokens,
+            max_tokens,
+            ctx: ctx.clone(),
+            stream,
+            idle_timeout: self.config.runner_idle_timeout,
+            runner: runner.spec.address.clone(),
+            pending,
+            permit: Some(admission.permit),
+            in_flight: Some(in_flight),
+            queue_wait: admission.queue_wait,
+            dispatched,
+            first_token: None,
+            last_token: None,
+            generated: 0,
+            text: String::new(),
+            done: false,
+            metrics: self.metrics.clone(),
+            meter: self.meter.clone(),
+        })
+    }
+
+    /// Runs a request to the end, with what the router adds around generation: the output guard,
+    /// tool-call recognition and structured-output validation with retries.
+    pub async fn complete(&self, ctx: &Ctx, model: &ModelEntry, req: &TextRequest) -> Result<Completed, ApiError> {
+        let validator = req.json_schema.as_ref().map(structured::compile).transpose()?;
+        let mut req = req.clone();
+        let mut usage = Usage::default();
+        let attempts = if validator.is_some() { structured::ATTEMPTS } else { 1 };
+        for attempt in 1..=attempts {
+            let (mut output, logprobs, model_used) = self.collect(ctx, model, &req).await?;
+            usage.input_tokens += output.usage.input_tokens;
+            usage.output_tokens += output.usage.output_tokens;
+            usage.cached_tokens += output.usage.cached_tokens;
+            output.usage = usage;
+            if !req.tools.is_empty()
+                && let Some(call) = adapters::parse_tool_call(&output.text, &req.tools)
+            {
+                output.tool_call = Some(call);
+                output.stop_reason = StopReason::ToolUse;
+            }
+            let Some(validator) = &validator else { return Ok(Completed { output, model_used, logprobs }) };
+            match structured::check(validator, &output.text) {
+                Ok(value) => {
+                    output.text = value.to_string();
+                    return Ok(Completed { output, model_used, logprobs });
+                }
+                Err(reason) if attempt < attempts => {
+                    tracing::debug!(attempt, %reason, "structured output did not validate; retrying");
+                    req.messages.push(mantle_proto::ChatMessage { role: "assistant".into(), content: output.text });
+                    req.messages.push(mantle_proto::ChatMessage {
+                        role: "user".into(),
+                        content: structured::retry_prompt(&reason),
+                    });
+                    req.seed = req.seed.wrapping_add(1);
+                }
+                Err(reason) => {
+                    tracing::info!(%reason, "structured output never validated");
+                    output.stop_reason = StopReason::MalformedModelOutput;
+                    return Ok(Completed { output, model_used, logprobs });
+                }
+            }
+        }
+        Err(ApiError::Internal("no generation attempt ran".into()))
+    }
+
+    /// One generation read to the end. Nothing has reached the client yet, so a runner lost
+    /// midway costs a retry, not an error.
+    async fn collect(
+        &self,
+        ctx: &Ctx,
+        model: &ModelEntry,
+        req: &TextRequest,
+    ) -> Result<(TextOutput, Vec<TokenLogprob>, String), ApiError> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let generation = self.generate(ctx, model, req).await?;
+            let model_used = generation.model.model_id.clone();
+            match generation.collect().await {
+                Ok((output, logprobs)) => return Ok((output, logprobs, model_used)),
+                Err(e @ ApiError::Unavailable { .. }) if tries < RUNNER_ATTEMPTS => {
+                    tracing::info!(request_id = %ctx.request_id, error = %e, "generation lost midway; retrying");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Embeds texts on one of the model's runners.
+    pub async fn embed(
+        &self,
+        ctx: &Ctx,
+        model: &ModelEntry,
+        texts: Vec<String>,
+    ) -> Result<(Vec<Vec<f32>>, u32), ApiError> {
+        if model.modality != Modality::Embedding {
+            return Err(ApiError::validation(format!(
+                "{} is a text model; it does not produce embeddings.",
+                model.model_id
+            )));
+        }
+        let estimate = texts.iter().map(|t| (t.len() as u64).div_ceil(4)).sum::<u64>().max(1);
+        let started = Instant::now();
+        let result = self
+            .with_fallbacks(model, |m| {
+                let texts = texts.clone();
+                async move {
+                    let admission = self.admit(ctx, &m, estimate, 0, "").await?;
+                    let runner = self.place(ctx, &m, "")?;
+                    let _in_flight = runner.begin();
+                    let mut client = runner.client.clone();
+                    let call = client
+                        .embed(self.unary(mantle_proto::EmbedRequest { request_id: ctx.request_id.clone(), texts }));
+                    let reply = self.bounded(call).await?;
+                    admission.permit.complete(reply.input_tokens as u64);
+                    Ok((m, reply))
+                }
+            })
+            .await;
+        let (used, reply) = result?;
+        let vectors: Vec<Vec<f32>> = reply.embeddings.into_iter().map(|e| e.values).collect();
+        let total = started.elapsed();
+        self.metrics.tokens.with_label_values(&[used.model_id.as_str(), "input"]).inc_by(reply.input_tokens as u64);
+        self.count_outcome(ctx, model, "ok");
+        self.meter.record(MeteringRecord {
+            request_id: ctx.request_id.clone(),
+            timestamp: unix_seconds(),
+            tenant: ctx.tenant.name.clone(),
+            api: ctx.api,
+            model: model.model_id.clone(),
+            model_used: used.model_id.clone(),
+            input_tokens: reply.input_tokens,
+            output_tokens: 0,
+            cached_tokens: 0,
+            queue_ms: 0.0,
+            prefill_ms: total.as_secs_f64() * 1000.0,
+            decode_ms: 0.0,
+            total_ms: ctx.received.elapsed().as_secs_f64() * 1000.0,
+            cost: used.cost(reply.input_tokens, 0),
+            outcome: "ok".into(),
+        });
+        Ok((vectors, reply.input_tokens))
+    }
+
+    /// Counts a conversation's or prompt's tokens with the model's own tokenizer and template.
+    /// It takes no slot (the runner tokenizes outside its batch), so it skips the admission
+    /// queue, but it is placed like inference: on the tenant's cells, the less loaded of two
+    /// runners, counted in their in-flight load.
+    pub async fn count_tokens(&self, ctx: &Ctx, model: &ModelEntry, req: &TextRequest) -> Result<u32, ApiError> {
+        let runner = self.place(ctx, model, "")?;
+        let _in_flight = runner.begin();
+        let mut client = runner.client.clone();
+        let call = client.count_tokens(self.unary(mantle_proto::CountTokensRequest {
+            messages: req.messages.clone(),
+            prompt: req.prompt.clone().unwrap_or_default(),
+        }));
+        Ok(self.bounded(call).await?.input_tokens)
+    }
+
+    pub fn count_outcome(&self, ctx: &Ctx, model: &ModelEntry, outcome: &str) {
+        self.metrics.requests.with_label_values(&[ctx.api, model.model_id.as_str(), outcome]).inc();
+        self.metrics
+            .request_duration
+            .with_label_values(&[ctx.api, model.model_id.as_str()])
+            .observe(ctx.received.elapsed().as_secs_f64());
+    }
+
+    /// A span for one request, carrying its id (and sent to the runner as `x-request-id`).
+    pub fn span(ctx: &Ctx, model: &str) -> tracing::Span {
+        tracing::info_span!("request", request_id = %ctx.request_id, tenant = %ctx.tenant.name, api = ctx.api, model = %model)
+    }
+
+    /// Runs `fut` inside the request's span.
+    pub async fn in_span<T>(ctx: &Ctx, model: &str, fut: impl Future<Output = T>) -> T {
+        fut.instrument(Self::span(ctx, model)).await
+    }
+}
+
+fn unix_seconds() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// A finished request with the model that answered it.
+pub struct Completed {
+    pub output: TextOutput,
+    pub model_used: String,
+    /// Each generated token's log-probability, when the request asked for them.
+    pub logprobs: Vec<TokenLogprob>,
+}
+
+/// What a generation yields.
+#[derive(Debug)]
+pub enum Piece {
+    /// New text, the tokens it took, and their log-probabilities when asked for.
+    Text {
+        text: String,
+        tokens: u32,
+        logprobs: Vec<TokenLogprob>,
+    },
+    Done(TextOutput),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx(tenant: &str, salt: &str) -> Ctx {
+        Ctx {
+            request_id: "r".into(),
+            tenant: Tenant::unbounded(tenant),
+            api: "Converse",
+            priority: Priority::Normal,
+            deadline: None,
+            received: Instant::now(),
+            cache_salt: salt.into(),
+        }
+    }
+
+    #[test]
+    fn the_runner_cache_salt_keeps_tenants_and_salts_apart() {
+        let salt = |tenant, salt| ctx(tenant, salt).runner_cache_salt();
+        assert_eq!(salt("acme", ""), salt("acme", ""));
+        assert_ne!(salt("acme", ""), salt("globex", ""));
+        assert_ne!(salt("acme", ""), salt("acme", "team-1"));
+        // No salt lets one tenant name itself into another's namespace.
+        assert_ne!(salt("a", "b:c"), salt("a:b", "c"));
+        assert_ne!(salt("a", ":b:"), salt("a:", "b:"));
+    }
+}
