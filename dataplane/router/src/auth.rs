@@ -40,7 +40,7 @@ pub struct Signed<'a> {
 impl Auth {
     /// Loads the keys file and starts watching it for changes (the kubelet rewrites a mounted
     /// Secret in place).
-    pub fn from_file(path: PathBuf) -> anyhow::Result<Self> {
+    pub fn from_file(path: PathBuf) -> Result<Self, crate::tenants::KeysError> {
         let store = Arc::new(RwLock::new(Arc::new(KeyStore::load(&path)?)));
         let auth = Auth::Keys { path: path.clone(), store: store.clone() };
         tokio::spawn(async move {

@@ -226,6 +226,26 @@ impl IntoResponse for ApiError {
 
 pub type ApiResult<T> = Result<T, ApiError>;
 
+/// Why the router could not start, or could not take a new platform: what it was given (keys,
+/// runners, manifests, certificates, addresses) is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("loading the keys file: {0}")]
+    Keys(#[from] crate::tenants::KeysError),
+    #[error("reading {path}: {message}")]
+    RunnersFile { path: String, message: String },
+    #[error("runner address {address:?}: {source}")]
+    RunnerAddress { address: String, source: tonic::transport::Error },
+    #[error(transparent)]
+    Manifests(#[from] mantle_crds::ManifestError),
+    #[error("registering metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("loading the TLS certificate: {0}")]
+    Tls(#[from] crate::listener::ListenerError),
+    #[error("binding {addr}: {source}")]
+    Bind { addr: std::net::SocketAddr, source: std::io::Error },
+}
+
 /// The error for a runner that went away (its process died, its connection broke) or stopped
 /// answering: retryable, and free of transport internals.
 pub fn runner_lost() -> ApiError {

@@ -15,6 +15,7 @@ use tokio_stream::StreamExt;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::error::SetupError;
 use crate::placement::RunnerView;
 
 /// A runner is ready while its Health stream has spoken within this long.
@@ -43,9 +44,10 @@ struct RunnersFile {
 }
 
 /// Reads a static runners file (local mode): `runners: [{model, address, pool?, cell?}]`.
-pub fn read_runners_file(path: &Path) -> anyhow::Result<Vec<RunnerSpec>> {
-    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
-    let file: RunnersFile = serde_norway::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+pub fn read_runners_file(path: &Path) -> Result<Vec<RunnerSpec>, SetupError> {
+    let fail = |message: String| SetupError::RunnersFile { path: path.display().to_string(), message };
+    let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+    let file: RunnersFile = serde_norway::from_str(&text).map_err(|e| fail(e.to_string()))?;
     Ok(file.runners)
 }
 
@@ -69,9 +71,9 @@ pub struct RunnerHandle {
 }
 
 impl RunnerHandle {
-    pub fn connect(spec: RunnerSpec, token: SendToken) -> anyhow::Result<Arc<Self>> {
+    pub fn connect(spec: RunnerSpec, token: SendToken) -> Result<Arc<Self>, SetupError> {
         let endpoint = Endpoint::from_shared(spec.address.clone())
-            .map_err(|e| anyhow::anyhow!("runner address {:?}: {e}", spec.address))?
+            .map_err(|source| SetupError::RunnerAddress { address: spec.address.clone(), source })?
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10));
@@ -200,13 +202,13 @@ impl Runners {
     }
 
     /// Connects to every runner (lazily) and starts following its health.
-    pub fn start(specs: Vec<RunnerSpec>) -> anyhow::Result<Self> {
+    pub fn start(specs: Vec<RunnerSpec>) -> Result<Self, SetupError> {
         Runners::default().update(specs)
     }
 
     /// The runners `specs` describe: the ones already known keep their connection, health and
     /// in-flight count; new ones are connected; the rest stop being watched.
-    pub fn update(&self, specs: Vec<RunnerSpec>) -> anyhow::Result<Self> {
+    pub fn update(&self, specs: Vec<RunnerSpec>) -> Result<Self, SetupError> {
         let mut old: Vec<Arc<RunnerHandle>> = self.by_model.values().flatten().cloned().collect();
         let mut by_model: BTreeMap<String, Vec<Arc<RunnerHandle>>> = BTreeMap::new();
         for spec in specs {

@@ -5,7 +5,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::Context;
 use mantle_crds::{Cell, FoundationModel, Manifest, ProvisionedThroughput};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -13,6 +12,7 @@ use tokio::task::JoinHandle;
 
 use crate::api::{self, AppState, Limits};
 use crate::auth::Auth;
+use crate::error::SetupError;
 use crate::inference::{Inference, PathConfig};
 use crate::listener::{self, ConnectionLimits, TlsFiles};
 use crate::metering::Meter;
@@ -75,7 +75,7 @@ pub struct Platform {
 
 impl Platform {
     /// The FoundationModels, ProvisionedThroughputs and Cells of a manifest directory.
-    pub fn from_manifest_dir(dir: &Path) -> anyhow::Result<Self> {
+    pub fn from_manifest_dir(dir: &Path) -> Result<Self, SetupError> {
         let mut platform = Platform::default();
         for (_, manifest) in mantle_crds::read_manifest_dir(dir)? {
             match manifest {
@@ -131,8 +131,8 @@ impl RunningRouter {
 pub fn build_apps(
     config: &RouterConfig,
     platform: Platform,
-) -> anyhow::Result<(axum::Router, axum::Router, Arc<Inference>)> {
-    let metrics = Metrics::new().context("registering metrics")?;
+) -> Result<(axum::Router, axum::Router, Arc<Inference>), SetupError> {
+    let metrics = Metrics::new()?;
     let meter = match &config.metering {
         Some(path) => Meter::jsonl(path.clone(), config.metering_max_bytes, metrics.metering_dropped.clone()),
         None => Meter::disabled(metrics.metering_dropped.clone()),
@@ -144,9 +144,7 @@ pub fn build_apps(
             );
             Auth::Off
         }
-        AuthConfig::File(path) => {
-            Auth::from_file(path.clone()).with_context(|| format!("loading keys from {}", path.display()))?
-        }
+        AuthConfig::File(path) => Auth::from_file(path.clone())?,
     };
     let inference = Inference::new(platform, metrics, meter, config.path.clone())?;
     let state = Arc::new(AppState { inference: inference.clone(), auth, limits: config.limits.clone() });
@@ -154,21 +152,22 @@ pub fn build_apps(
 }
 
 /// The public HTTP app and the request path.
-pub fn build(config: &RouterConfig, platform: Platform) -> anyhow::Result<(axum::Router, Arc<Inference>)> {
+pub fn build(config: &RouterConfig, platform: Platform) -> Result<(axum::Router, Arc<Inference>), SetupError> {
     let (app, _, inference) = build_apps(config, platform)?;
     Ok((app, inference))
 }
 
 /// Binds the listeners and serves until shut down.
-pub async fn start(config: RouterConfig, platform: Platform) -> anyhow::Result<RunningRouter> {
+pub async fn start(config: RouterConfig, platform: Platform) -> Result<RunningRouter, SetupError> {
     let (app, admin_app, inference) = build_apps(&config, platform)?;
-    let tls = config.tls.as_ref().map(TlsFiles::acceptor).transpose().context("loading the TLS certificate")?;
-    let listener = TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
-    let addr = listener.local_addr()?;
+    let tls = config.tls.as_ref().map(TlsFiles::acceptor).transpose()?;
+    let bind = |addr| move |source| SetupError::Bind { addr, source };
+    let listener = TcpListener::bind(config.listen).await.map_err(bind(config.listen))?;
+    let addr = listener.local_addr().map_err(bind(config.listen))?;
     let (admin_addr, admin) = match config.admin_listen {
         Some(at) => {
-            let l = TcpListener::bind(at).await.with_context(|| format!("binding {at}"))?;
-            let admin_addr = l.local_addr()?;
+            let l = TcpListener::bind(at).await.map_err(bind(at))?;
+            let admin_addr = l.local_addr().map_err(bind(at))?;
             let task = tokio::spawn(async move {
                 if let Err(e) = axum::serve(l, admin_app).await {
                     tracing::error!(error = %e, "the admin listener failed");

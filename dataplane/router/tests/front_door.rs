@@ -442,3 +442,18 @@ async fn runners_that_require_a_token_serve_only_the_router_that_has_it() {
     let refused = raw.count_tokens(mantle_proto::CountTokensRequest { messages: vec![], prompt: "hi".into() }).await;
     assert_eq!(refused.unwrap_err().code(), tonic::Code::Unauthenticated);
 }
+
+#[tokio::test]
+async fn setup_failures_are_typed_and_name_what_was_wrong() {
+    let taken = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let at = taken.local_addr().unwrap();
+    let error = match mantle_router::start(RouterConfig::local(at), Platform::default()).await {
+        Err(e) => e,
+        Ok(_) => panic!("bound a port that is taken"),
+    };
+    assert!(matches!(error, mantle_router::error::SetupError::Bind { addr, .. } if addr == at), "{error}");
+    let missing =
+        mantle_router::runners::read_runners_file(std::path::Path::new("/nonexistent/runners.yaml")).unwrap_err();
+    assert!(matches!(missing, mantle_router::error::SetupError::RunnersFile { .. }), "{missing}");
+    assert!(missing.to_string().contains("/nonexistent/runners.yaml"), "{missing}");
+}

@@ -17,7 +17,7 @@ pub struct Live {
 }
 
 impl Live {
-    pub(super) fn new(platform: Platform, previous: &Runners) -> anyhow::Result<Self> {
+    pub(super) fn new(platform: Platform, previous: &Runners) -> Result<Self, SetupError> {
         let mut provisioned = HashMap::new();
         for p in &platform.provisioned {
             *provisioned.entry((p.spec.tenant.clone(), p.spec.model_id.clone())).or_insert(0.0) +=

@@ -25,7 +25,7 @@ use tracing::Instrument;
 
 use crate::adapters::{self, DEFAULT_MAX_TOKENS, StopReason, TextOutput, TextRequest, TokenLogprob, Usage, structured};
 use crate::catalog::{Catalog, ModelEntry};
-use crate::error::{self, ApiError, from_status};
+use crate::error::{self, ApiError, SetupError, from_status};
 use crate::guard::Guards;
 use crate::metering::{Meter, MeteringRecord};
 use crate::metrics::Metrics;
@@ -128,7 +128,12 @@ pub struct Inference {
 }
 
 impl Inference {
-    pub fn new(platform: Platform, metrics: Metrics, meter: Meter, config: PathConfig) -> anyhow::Result<Arc<Self>> {
+    pub fn new(
+        platform: Platform,
+        metrics: Metrics,
+        meter: Meter,
+        config: PathConfig,
+    ) -> Result<Arc<Self>, SetupError> {
         let live = Live::new(platform, &Runners::new(SendToken(config.runner_token.clone())))?;
         let inference = Arc::new(Inference {
             live: std::sync::RwLock::new(Arc::new(live)),
@@ -165,7 +170,7 @@ impl Inference {
 
     /// Serves `platform` from now on: new models and runners are added, removed ones dropped;
     /// known runners keep their connections and in-flight counts.
-    pub fn update(&self, platform: Platform) -> anyhow::Result<()> {
+    pub fn update(&self, platform: Platform) -> Result<(), SetupError> {
         let mut live = self.live.write().unwrap_or_else(|e| e.into_inner());
         let next = Live::new(platform, &live.runners)?;
         tracing::info!(
