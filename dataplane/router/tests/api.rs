@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use axum::body::{Body, Bytes};
-use axum::http::{HeaderMap, Request, StatusCode};
+use axum::http::{Request, StatusCode};
 use base64::Engine as _;
 use http_body_util::BodyExt;
 use mantle_awswire::eventstream::Decoder;
@@ -18,18 +18,15 @@ use mantle_router::{AuthConfig, Platform, RouterConfig, RunnerSpec};
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
+mod support;
+
+use support::{json_of, model, post, send};
+
 const TEXT: &str = "acme.text-v1:0";
 const BACKUP: &str = "acme.backup-v1:0";
 const EMBED: &str = "acme.embed-v1:0";
 const OLD: &str = "acme.old-v1:0";
 const MISTRAL: &str = "acme.mistral-v1:0";
-
-fn model(id: &str, modality: &str, extra: &str) -> mantle_crds::FoundationModel {
-    let yaml = format!(
-        "apiVersion: mantle.dev/v1alpha1\nkind: FoundationModel\nmetadata: {{name: m}}\nspec:\n  modelId: {id}\n  provider: Acme\n  modality: {modality}\n  source: {{uri: 's3://b/m.gguf', format: gguf}}\n  contextLength: 4096\n  pricing: {{inputPer1kTokens: 1.0, outputPer1kTokens: 2.0}}\n{extra}"
-    );
-    serde_norway::from_str(&yaml).unwrap()
-}
 
 struct Fixture {
     app: axum::Router,
@@ -93,23 +90,9 @@ async fn fixture(options: Options) -> Fixture {
     Fixture { app, inference, text, _others: vec![backup, embed] }
 }
 
-fn post(path: &str, body: impl Into<Body>) -> Request<Body> {
-    Request::post(path).header("content-type", "application/json").body(body.into()).unwrap()
-}
-
-async fn send(app: &axum::Router, request: Request<Body>) -> (StatusCode, HeaderMap, Bytes) {
-    let response = app.clone().oneshot(request).await.unwrap();
-    let (parts, body) = response.into_parts();
-    (parts.status, parts.headers, body.collect().await.unwrap().to_bytes())
-}
-
 fn converse_body(text: &str) -> String {
     json!({"messages": [{"role": "user", "content": [{"text": text}]}], "inferenceConfig": {"maxTokens": 16}})
         .to_string()
-}
-
-fn json_of(body: &Bytes) -> Value {
-    serde_json::from_slice(body).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(body)))
 }
 
 #[tokio::test]

@@ -8,31 +8,26 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use axum::body::{Body, Bytes};
-use axum::http::{HeaderMap, Request, StatusCode};
-use http_body_util::BodyExt;
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
 use mantle_proto::auth::Token;
 use mantle_router::inference::Inference;
 use mantle_router::test_support::{Cuttable, RunningStandIn, StandInConfig, stand_in};
 use mantle_router::{AuthConfig, Platform, RouterConfig, RunnerSpec, RunningRouter};
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tower::ServiceExt;
+
+mod support;
+
+use support::{json_of, post, send};
 
 const TEXT: &str = "acme.text-v1:0";
 const CONVERSE: &str = "/model/acme.text-v1%3A0/converse";
 
-fn model(id: &str) -> mantle_crds::FoundationModel {
-    let yaml = format!(
-        "apiVersion: mantle.dev/v1alpha1\nkind: FoundationModel\nmetadata: {{name: m}}\nspec:\n  modelId: {id}\n  provider: Acme\n  modality: TEXT\n  source: {{uri: 's3://b/m.gguf', format: gguf}}\n  contextLength: 4096\n"
-    );
-    serde_norway::from_str(&yaml).unwrap()
-}
-
 fn platform(addresses: &[String]) -> Platform {
     Platform {
-        models: vec![model(TEXT)],
+        models: vec![support::model(TEXT, "TEXT", "")],
         runners: addresses
             .iter()
             .map(|a| RunnerSpec { model: TEXT.into(), address: a.clone(), pool: None, cell: None })
@@ -44,20 +39,6 @@ fn platform(addresses: &[String]) -> Platform {
 fn converse_body(text: &str) -> String {
     json!({"messages": [{"role": "user", "content": [{"text": text}]}], "inferenceConfig": {"maxTokens": 16}})
         .to_string()
-}
-
-fn post(path: &str, body: impl Into<Body>) -> Request<Body> {
-    Request::post(path).header("content-type", "application/json").body(body.into()).unwrap()
-}
-
-async fn send(app: &axum::Router, request: Request<Body>) -> (StatusCode, HeaderMap, Bytes) {
-    let response = app.clone().oneshot(request).await.unwrap();
-    let (parts, body) = response.into_parts();
-    (parts.status, parts.headers, body.collect().await.unwrap().to_bytes())
-}
-
-fn json_of(body: &Bytes) -> Value {
-    serde_json::from_slice(body).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(body)))
 }
 
 async fn wait_ready(inference: &Inference) {

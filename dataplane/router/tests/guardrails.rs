@@ -5,8 +5,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::body::{Body, Bytes};
-use axum::http::{HeaderMap, Request, StatusCode};
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
 use base64::Engine as _;
 use http_body_util::BodyExt;
 use mantle_awswire::eventstream::Decoder;
@@ -16,6 +16,10 @@ use mantle_router::test_support::{RunningStandIn, StandInConfig, stand_in};
 use mantle_router::{Platform, RouterConfig, RunnerSpec};
 use serde_json::{Value, json};
 use tower::ServiceExt;
+
+mod support;
+
+use support::send;
 
 const TEXT: &str = "acme.text-v1:0";
 
@@ -47,12 +51,6 @@ async fn app() -> (axum::Router, Arc<Inference>, RunningStandIn) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     (app, inference, s)
-}
-
-async fn send(app: &axum::Router, request: Request<Body>) -> (StatusCode, HeaderMap, Bytes) {
-    let response = app.clone().oneshot(request).await.unwrap();
-    let (parts, body) = response.into_parts();
-    (parts.status, parts.headers, body.collect().await.unwrap().to_bytes())
 }
 
 fn post(path: &str) -> axum::http::request::Builder {

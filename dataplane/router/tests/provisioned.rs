@@ -13,15 +13,11 @@ use mantle_router::{AuthConfig, Platform, RouterConfig, RunnerSpec};
 use serde_json::json;
 use tower::ServiceExt;
 
+mod support;
+
 const TEXT: &str = "acme.text-v1:0";
 const OTHER: &str = "acme.other-v1:0";
-
-fn model(id: &str) -> mantle_crds::FoundationModel {
-    serde_norway::from_str(&format!(
-        "apiVersion: mantle.dev/v1alpha1\nkind: FoundationModel\nmetadata: {{name: m}}\nspec:\n  modelId: {id}\n  provider: Acme\n  modality: TEXT\n  source: {{uri: 's3://b/m.gguf', format: gguf}}\n  contextLength: 4096\n  provisioning: {{tokensPerMinutePerUnit: 60000}}\n"
-    ))
-    .unwrap()
-}
+const PROVISIONING: &str = "  provisioning: {tokensPerMinutePerUnit: 60000}\n";
 
 fn reservation() -> mantle_crds::ProvisionedThroughput {
     serde_norway::from_str(&format!(
@@ -57,7 +53,7 @@ async fn a_provisioned_tenant_keeps_its_reserved_rate_beside_a_noisy_neighbour()
     let mut config = RouterConfig::local("127.0.0.1:0".parse().unwrap());
     config.auth = AuthConfig::File(keys.clone());
     let platform = Platform {
-        models: vec![model(TEXT), model(OTHER)],
+        models: vec![support::model(TEXT, "TEXT", PROVISIONING), support::model(OTHER, "TEXT", PROVISIONING)],
         provisioned: vec![reservation()],
         runners: vec![
             RunnerSpec { model: TEXT.into(), address: text.address(), pool: None, cell: None },
