@@ -125,6 +125,18 @@ async fn bad_input_gets_the_right_status_and_error_type() {
             "ValidationException",
         ),
         (
+            "unknown field in inferenceConfig",
+            post(converse, json!({"messages": [{"role": "user", "content": [{"text": "x"}]}], "inferenceConfig": {"topK": 5}}).to_string()),
+            StatusCode::BAD_REQUEST,
+            "ValidationException",
+        ),
+        (
+            "unknown top-level field, streaming",
+            post("/model/acme.text-v1%3A0/converse-stream", json!({"messages": [{"role": "user", "content": [{"text": "x"}]}], "temprature": 0}).to_string()),
+            StatusCode::BAD_REQUEST,
+            "ValidationException",
+        ),
+        (
             "wrong content type",
             Request::post(converse).header("content-type", "text/plain").body(Body::from(converse_body("x"))).unwrap(),
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -161,6 +173,11 @@ async fn bad_input_gets_the_right_status_and_error_type() {
         assert!(headers.contains_key("x-amzn-RequestId"), "{name}");
         assert!(!json_of(&body)["message"].as_str().unwrap_or_default().is_empty(), "{name}");
     }
+    // An unknown field is refused by its path, as Bedrock refuses it.
+    let body = json!({"messages": [{"role": "user", "content": [{"text": "x", "cache": true}]}]});
+    let (_, _, reply) = send(&f.app, post(converse, body.to_string())).await;
+    let message = json_of(&reply)["message"].as_str().unwrap_or_default().to_string();
+    assert!(message.contains("messages[0].content[0].cache: unknown field `cache`"), "{message}");
     // OpenAI clients get OpenAI's error shape.
     let (status, _, body) = send(&f.app, post("/v1/chat/completions", "{\"model\": 3}")).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
@@ -703,10 +720,18 @@ async fn count_tokens_is_answered_and_spread_over_the_models_runners() {
     let counts = [&a, &b].map(|s| s.counters.count_tokens.load(Ordering::Relaxed));
     assert_eq!(counts.iter().sum::<u64>(), 40);
     assert!(counts.iter().all(|&n| n > 0), "one runner took every count: {counts:?}");
-    // A malformed input is the caller's error, answered without a runner.
+    // A malformed input is the caller's error, answered without a runner: none set, or a member
+    // CountTokens' Converse input does not define.
     let (status, headers, _) = send(&app, post(&format!("/model/{TEXT}/count-tokens"), r#"{"input": {}}"#)).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(headers["x-amzn-errortype"], "ValidationException");
+    let mut body = body;
+    body["input"]["converse"]["inferenceConfig"] = json!({"maxTokens": 5});
+    let (status, headers, reply) = send(&app, post(&format!("/model/{TEXT}/count-tokens"), body.to_string())).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(headers["x-amzn-errortype"], "ValidationException");
+    let message = json_of(&reply)["message"].as_str().unwrap_or_default().to_string();
+    assert!(message.contains("input.converse.inferenceConfig: unknown field `inferenceConfig`"), "{message}");
 }
 
 fn cell(name: &str, state: &str, shard: i32) -> mantle_crds::Cell {

@@ -67,6 +67,16 @@ async fn a_guardrail_the_router_does_not_have_is_refused() {
     assert_eq!(status, StatusCode::NOT_FOUND, "{}", String::from_utf8_lossy(&body));
     assert_eq!(headers["x-amzn-ErrorType"], "ResourceNotFoundException");
     assert!(String::from_utf8_lossy(&body).contains("gr-pii"));
+    // streamProcessingMode is ConverseStream's alone: Converse refuses it as an unknown field.
+    let mut streaming = converse.clone();
+    streaming["guardrailConfig"]["streamProcessingMode"] = json!("async");
+    let request = post("/model/acme.text-v1%3A0/converse").body(Body::from(streaming.to_string())).unwrap();
+    let (status, headers, body) = send(&app, request).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(headers["x-amzn-ErrorType"], "ValidationException");
+    assert!(String::from_utf8_lossy(&body).contains("streamProcessingMode"));
+    let request = post("/model/acme.text-v1%3A0/converse-stream").body(Body::from(streaming.to_string())).unwrap();
+    assert_eq!(send(&app, request).await.0, StatusCode::NOT_FOUND, "ConverseStream takes it");
     let invoke = json!({"anthropic_version": "bedrock-2023-05-31", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]});
     let request = post("/model/acme.text-v1%3A0/invoke")
         .header("x-amzn-bedrock-guardrailidentifier", "gr-pii")

@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use anyhow::Context;
 use clap::{Subcommand, ValueEnum};
 use mantle_engine::TemplateFamily;
 
@@ -97,14 +98,18 @@ pub enum Template {
     Mistral,
 }
 
-/// Runs a runner command until it finishes (`fetch`) or Ctrl-C / SIGTERM (`serve`).
+/// Runs a runner command until it finishes (`fetch`) or Ctrl-C / SIGTERM (`serve`). This is the
+/// binary edge: the library's typed errors get their context here.
 pub async fn run(command: Command) -> anyhow::Result<()> {
     let args = match command {
         Command::Serve(args) => args,
         Command::Fetch { source, cache } => {
             let node = crate::weights::NodeCache::new(cache.cache_dir, cache.cache_budget_gib << 30);
             let options = crate::weights::store_options_from_env();
-            let cached = node.fetch(&source, cache.sha256.as_deref(), &options).await?;
+            let cached = node
+                .fetch(&source, cache.sha256.as_deref(), &options)
+                .await
+                .with_context(|| format!("caching {source} in {}", node.root().display()))?;
             tracing::info!(tier = cached.tier.name(), seconds = cached.seconds, bytes = cached.bytes, sha256 = %cached.sha256, "weights cached");
             println!("{}", cached.path.display());
             return Ok(());
@@ -125,17 +130,23 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
         max_running: args.max_running,
         swap_bytes: args.swap_mib << 20,
         gpu_index: args.gpu_index,
-        auth_token: args.auth_token_file.as_deref().map(mantle_proto::auth::Token::from_file).transpose()?,
+        auth_token: args
+            .auth_token_file
+            .as_deref()
+            .map(mantle_proto::auth::Token::from_file)
+            .transpose()
+            .context("reading the router's token (--auth-token-file)")?,
         chat_template: args.chat_template.map(|t| match t {
             Template::Chatml => TemplateFamily::ChatMl,
             Template::Llama3 => TemplateFamily::Llama3,
             Template::Mistral => TemplateFamily::Mistral,
         }),
     };
-    let runner = crate::start(config).await?;
+    let model_id = config.model_id.clone();
+    let runner = crate::start(config).await.with_context(|| format!("starting the runner for {model_id}"))?;
     shutdown_signal().await;
     tracing::info!("shutting down");
-    runner.shutdown().await
+    runner.shutdown().await.context("shutting the runner down")
 }
 
 /// Ctrl-C, or SIGTERM (what Kubernetes and `mantle dev` send).

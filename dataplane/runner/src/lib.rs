@@ -13,4 +13,4 @@ pub mod service;
 pub mod test_support;
 pub mod weights;
 
-pub use server::{RunnerConfig, RunningRunner, start};
+pub use server::{RunnerConfig, RunningRunner, ServerError, start};

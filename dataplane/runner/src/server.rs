@@ -6,9 +6,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use mantle_engine::kv_cache::KvCache;
-use mantle_engine::{EmbeddingModel, GgufFile, Scheduler, SchedulerConfig, TemplateFamily, TextModel};
+use mantle_engine::{EmbeddingModel, EngineError, GgufFile, Scheduler, SchedulerConfig, TemplateFamily, TextModel};
 use mantle_proto::auth::{RequireToken, Token};
 use mantle_proto::runner_server::RunnerServer;
 use mantle_proto::{InfoResponse, TierLoad};
@@ -20,7 +19,31 @@ use crate::engine_loop::{EngineHandle, LoopStats};
 use crate::http::{HttpState, router};
 use crate::metrics::Metrics;
 use crate::service::{RunnerService, Served};
-use crate::weights::{NodeCache, store_options_from_env};
+use crate::weights::{NodeCache, WeightError, store_options_from_env};
+
+/// Why a runner could not start, or did not stop cleanly. Each variant keeps its cause as its
+/// source; the binary prints the chain.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("registering metrics")]
+    Metrics(#[source] prometheus::Error),
+    #[error("binding {addr}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("fetching {uri} into the node weight cache")]
+    Fetch { uri: String, source: WeightError },
+    #[error("loading {}", path.display())]
+    Load { path: PathBuf, source: EngineError },
+    #[error("the task loading {} failed", path.display())]
+    LoadTask { path: PathBuf, source: tokio::task::JoinError },
+    #[error("--kv-cache-mib {mib} holds no block of {block_size} tokens")]
+    KvCacheTooSmall { mib: usize, block_size: usize },
+    #[error("starting the scheduler thread")]
+    SchedulerThread(#[source] std::io::Error),
+    #[error("the gRPC server task failed")]
+    GrpcTask(#[source] tokio::task::JoinError),
+    #[error("the gRPC server failed")]
+    Grpc(#[source] tonic::transport::Error),
+}
 
 #[derive(Debug, Clone)]
 pub struct RunnerConfig {
@@ -99,13 +122,13 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 impl RunningRunner {
     /// Stops accepting requests, ends Health streams, lets running generations finish for up to
     /// [`SHUTDOWN_GRACE`], and waits for the gRPC server.
-    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+    pub async fn shutdown(mut self) -> Result<(), ServerError> {
         self.stopping.store(true, Ordering::Relaxed);
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
         match tokio::time::timeout(SHUTDOWN_GRACE, &mut self.grpc).await {
-            Ok(done) => done.context("gRPC server task")?.context("gRPC server"),
+            Ok(done) => done.map_err(ServerError::GrpcTask)?.map_err(ServerError::Grpc),
             Err(_) => {
                 tracing::warn!("streams still open after {}s; stopping anyway", SHUTDOWN_GRACE.as_secs());
                 self.grpc.abort();
@@ -124,21 +147,17 @@ impl Drop for RunningRunner {
 }
 
 /// Binds both listeners, loads the model (HTTP answers `/readyz` 503 meanwhile) and serves.
-pub async fn start(config: RunnerConfig) -> anyhow::Result<RunningRunner> {
-    let metrics = Metrics::new().context("registering metrics")?;
+pub async fn start(config: RunnerConfig) -> Result<RunningRunner, ServerError> {
+    let metrics = Metrics::new().map_err(ServerError::Metrics)?;
     let ready = Arc::new(AtomicBool::new(false));
-    let http_listener =
-        TcpListener::bind(config.http_listen).await.with_context(|| format!("binding {}", config.http_listen))?;
-    let http_addr = http_listener.local_addr()?;
+    let (http_listener, http_addr) = bind(config.http_listen).await?;
     let app = router(HttpState { metrics: metrics.clone(), ready: ready.clone() });
     tokio::spawn(async move {
         if let Err(e) = axum::serve(http_listener, app).await {
             tracing::error!(error = %e, "HTTP server stopped");
         }
     });
-    let grpc_listener =
-        TcpListener::bind(config.grpc_listen).await.with_context(|| format!("binding {}", config.grpc_listen))?;
-    let grpc_addr = grpc_listener.local_addr()?;
+    let (grpc_listener, grpc_addr) = bind(config.grpc_listen).await?;
 
     let mut weight_load = Vec::new();
     let model_path = if config.model.contains("://") {
@@ -146,7 +165,7 @@ pub async fn start(config: RunnerConfig) -> anyhow::Result<RunningRunner> {
         let cached = cache
             .fetch(&config.model, config.sha256.as_deref(), &store_options_from_env())
             .await
-            .with_context(|| format!("fetching {}", config.model))?;
+            .map_err(|source| ServerError::Fetch { uri: config.model.clone(), source })?;
         weight_load.push(TierLoad { tier: cached.tier.name().into(), seconds: cached.seconds });
         cached.path
     } else {
@@ -178,14 +197,24 @@ pub async fn start(config: RunnerConfig) -> anyhow::Result<RunningRunner> {
     Ok(RunningRunner { grpc_addr, http_addr, shutdown: Some(shutdown), stopping, grpc })
 }
 
+/// A listener on `addr` and the address it got (`addr` may name port 0).
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ServerError> {
+    let bound = |source| ServerError::Bind { addr, source };
+    let listener = TcpListener::bind(addr).await.map_err(bound)?;
+    let local = listener.local_addr().map_err(bound)?;
+    Ok((listener, local))
+}
+
 /// Loads what `config.model_path` holds: a directory with `model.safetensors` is an EMBEDDING
 /// model, a file is a TEXT model in GGUF (served through the scheduler).
 async fn load(
     config: &RunnerConfig,
     model_path: &std::path::Path,
     metrics: &Metrics,
-) -> anyhow::Result<(Served, InfoResponse)> {
+) -> Result<(Served, InfoResponse), ServerError> {
     let path = model_path.to_path_buf();
+    let failed = |source| ServerError::Load { path: model_path.to_path_buf(), source };
+    let task_failed = |source| ServerError::LoadTask { path: model_path.to_path_buf(), source };
     let info = InfoResponse {
         model_id: config.model_id.clone(),
         kernels: mantle_engine::quant::kernels().name.into(),
@@ -194,8 +223,8 @@ async fn load(
     if path.is_dir() {
         let model = tokio::task::spawn_blocking(move || EmbeddingModel::load(&path))
             .await
-            .context("loading task")?
-            .with_context(|| format!("loading {}", model_path.display()))?;
+            .map_err(task_failed)?
+            .map_err(failed)?;
         let (_, stats) = watch::channel(LoopStats::default());
         let info = InfoResponse {
             modality: "EMBEDDING".into(),
@@ -214,17 +243,15 @@ async fn load(
         TextModel::from_gguf(&gguf, template, threads)
     })
     .await
-    .context("loading task")?
-    .with_context(|| format!("loading {}", model_path.display()))?;
+    .map_err(task_failed)?
+    .map_err(failed)?;
     let model = Arc::new(model);
     let c = &model.model.config;
     let block_size = 16;
     let num_blocks = KvCache::blocks_for_budget(config.kv_cache_bytes, c.n_layer, c.kv_dim(), block_size);
-    anyhow::ensure!(
-        num_blocks > 0,
-        "--kv-cache-mib {} holds no block of {block_size} tokens",
-        config.kv_cache_bytes >> 20
-    );
+    if num_blocks == 0 {
+        return Err(ServerError::KvCacheTooSmall { mib: config.kv_cache_bytes >> 20, block_size });
+    }
     let scheduler = Scheduler::new(
         model.clone(),
         SchedulerConfig {
@@ -242,7 +269,70 @@ async fn load(
         threads: model.model.threads() as u32,
         ..info
     };
-    let engine = EngineHandle::spawn(scheduler, metrics.clone()).context("starting the scheduler thread")?;
+    let engine = EngineHandle::spawn(scheduler, metrics.clone()).map_err(ServerError::SchedulerThread)?;
     tracing::info!(kv_blocks = num_blocks, "KV cache allocated");
     Ok((Served::Text { model, engine }, info))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Starts a runner that is expected to fail, and returns why.
+    async fn start_error(config: RunnerConfig) -> ServerError {
+        match start(config).await {
+            Ok(_) => panic!("the runner started"),
+            Err(e) => e,
+        }
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("mantle-server-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[tokio::test]
+    async fn a_missing_model_file_is_a_load_error_naming_it() {
+        let missing = scratch("missing").join("model.gguf");
+        let err = start_error(RunnerConfig::local(missing.to_string_lossy(), "acme.text-v1:0")).await;
+        assert!(matches!(&err, ServerError::Load { path, .. } if *path == missing), "{err:?}");
+        assert!(err.to_string().contains(&missing.display().to_string()), "{err}");
+    }
+
+    #[tokio::test]
+    async fn weights_that_do_not_match_their_sha256_stop_the_start() {
+        let dir = scratch("mismatch");
+        let weights = dir.join("model.gguf");
+        std::fs::write(&weights, b"not the weights the manifest names").unwrap();
+        let config = RunnerConfig {
+            sha256: Some("0".repeat(64)),
+            cache_dir: dir.join("cache"),
+            ..RunnerConfig::local(format!("file://{}", weights.display()), "acme.text-v1:0")
+        };
+        let err = start_error(config).await;
+        assert!(
+            matches!(&err, ServerError::Fetch { source: WeightError::Sha256Mismatch { expected, .. }, .. } if *expected == "0".repeat(64)),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_address_in_use_is_a_bind_error_naming_it() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = taken.local_addr().unwrap();
+        let config = RunnerConfig { http_listen: addr, ..RunnerConfig::local("unused.gguf", "acme.text-v1:0") };
+        let err = start_error(config).await;
+        assert!(matches!(&err, ServerError::Bind { addr: a, .. } if *a == addr), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn a_kv_cache_without_room_for_one_block_is_refused() {
+        let model = mantle_engine::test_support::smollm2_path();
+        let config =
+            RunnerConfig { kv_cache_bytes: 1, ..RunnerConfig::local(model.to_string_lossy(), "acme.text-v1:0") };
+        let err = start_error(config).await;
+        assert!(matches!(err, ServerError::KvCacheTooSmall { mib: 0, block_size: 16 }), "{err:?}");
+    }
 }

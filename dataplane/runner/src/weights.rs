@@ -20,13 +20,15 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 use tokio_stream::StreamExt;
 
+/// Why weights could not be fetched into, or kept in, the node cache. A variant with a cause keeps
+/// it as its source (the binary prints the chain) rather than repeating it in its message.
 #[derive(Debug, thiserror::Error)]
 pub enum WeightError {
     #[error("weights URI {uri:?}: {reason}")]
     BadUri { uri: String, reason: String },
-    #[error("object store: {0}")]
+    #[error("object store")]
     Store(#[from] object_store::Error),
-    #[error("{path}: {source}")]
+    #[error("{}", path.display())]
     Io { path: PathBuf, source: std::io::Error },
     #[error("sha256 mismatch for {uri}: expected {expected}, downloaded {actual}; the download was discarded")]
     Sha256Mismatch { uri: String, expected: String, actual: String },
@@ -75,6 +77,11 @@ pub struct NodeCache {
 impl NodeCache {
     pub fn new(root: impl Into<PathBuf>, budget_bytes: u64) -> Self {
         Self { root: root.into(), budget_bytes }
+    }
+
+    /// The cache's directory.
+    pub fn root(&self) -> &Path {
+        &self.root
     }
 
     fn blobs(&self) -> PathBuf {

@@ -221,6 +221,77 @@ pub fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiE
     Ok(value)
 }
 
+/// Declares an enum for a Smithy union: a JSON object that sets exactly one of the named members
+/// (a member set to `null` counts as unset). A member the union does not define is refused by
+/// name, and each member's value is parsed in place, so [`parse_body`] reports the path of any
+/// error inside it. `member()` gives the wire name of the member that was set.
+macro_rules! union {
+    ($(#[$meta:meta])* $vis:vis enum $name:ident { $($(#[$vmeta:meta])* $key:literal => $variant:ident($ty:ty)),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug)]
+        $vis enum $name {
+            $($(#[$vmeta])* $variant($ty)),+
+        }
+
+        impl $name {
+            /// The wire name of the member that is set.
+            #[allow(dead_code)]
+            pub fn member(&self) -> &'static str {
+                match self {
+                    $($name::$variant(_) => $key),+
+                }
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                const MEMBERS: &[&str] = &[$($key),+];
+                struct UnknownMember<'a>(&'a str);
+                impl<'de> serde::de::DeserializeSeed<'de> for UnknownMember<'_> {
+                    type Value = $name;
+                    fn deserialize<D: serde::Deserializer<'de>>(self, _: D) -> Result<$name, D::Error> {
+                        Err(serde::de::Error::unknown_field(self.0, MEMBERS))
+                    }
+                }
+                struct Members;
+                impl<'de> serde::de::Visitor<'de> for Members {
+                    type Value = $name;
+                    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                        write!(f, "an object that sets exactly one of {}", MEMBERS.join(", "))
+                    }
+                    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<$name, A::Error> {
+                        let mut set: Option<$name> = None;
+                        while let Some(key) = map.next_key::<String>()? {
+                            let value = match key.as_str() {
+                                $($key => map.next_value::<Option<$ty>>()?.map($name::$variant),)+
+                                // Refused while reading its value, so the error's path ends in its name.
+                                other => return map.next_value_seed(UnknownMember(other)),
+                            };
+                            match (&set, value) {
+                                (Some(first), Some(second)) => {
+                                    return Err(serde::de::Error::custom(format!(
+                                        "sets both {} and {}; it must set exactly one of {}",
+                                        first.member(),
+                                        second.member(),
+                                        MEMBERS.join(", ")
+                                    )));
+                                }
+                                (None, Some(value)) => set = Some(value),
+                                (_, None) => {}
+                            }
+                        }
+                        set.ok_or_else(|| {
+                            serde::de::Error::custom(format!("sets no member; it must set exactly one of {}", MEMBERS.join(", ")))
+                        })
+                    }
+                }
+                deserializer.deserialize_map(Members)
+            }
+        }
+    };
+}
+pub(crate) use union;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,9 +14,9 @@ use tracing::Instrument;
 
 use super::stream::{self, Frames};
 use super::{Caller, Shared, require_json};
-use crate::adapters::converse::{self, ConverseBody};
+use crate::adapters::converse::{self, ConverseBody, ConverseTokensBody};
 use crate::adapters::native::{self, EmbedDialect, StreamChunks, TextDialect};
-use crate::adapters::{StopReason, TextOutput, TextRequest, parse_body};
+use crate::adapters::{StopReason, TextOutput, TextRequest, parse_body, union};
 use crate::catalog::ModelEntry;
 use crate::error::{ApiError, ApiResult, StreamUnion};
 use crate::guard;
@@ -103,10 +103,16 @@ fn converse_request(
     let (mut ctx, model) = begin(state, caller, api, model_id, headers)?;
     let body: ConverseBody = parse_body(body)?;
     if let Some(guardrail) = &body.guardrail_config {
-        let id = guardrail["guardrailIdentifier"].as_str().unwrap_or_default();
-        return Err(guard::refuse_guardrail(id, guardrail["guardrailVersion"].as_str()));
+        if api == "Converse" && guardrail.stream_processing_mode.is_some() {
+            return Err(ApiError::validation(
+                "Malformed request body at guardrailConfig: unknown field `streamProcessingMode` \
+                 (only ConverseStream takes it)",
+            ));
+        }
+        let id = guardrail.guardrail_identifier.as_deref().unwrap_or_default();
+        return Err(guard::refuse_guardrail(id, guardrail.guardrail_version.as_deref()));
     }
-    if body.service_tier.as_ref().and_then(|t| t["type"].as_str()) == Some("flex") {
+    if body.service_tier.as_ref().is_some_and(|t| t.kind == "flex") {
         ctx.priority = ctx.priority.max(Priority::Low);
     }
     let req = converse::to_request(&body)?;
@@ -410,8 +416,8 @@ pub async fn count_tokens(
         if model.modality != Modality::Text {
             return Err(ApiError::validation(format!("{} does not count tokens for text generation.", model.model_id)));
         }
-        let value: Value = parse_body(&body)?;
-        let req = count_tokens_request(&model, &value)?;
+        let body: CountTokensBody = parse_body(&body)?;
+        let req = count_tokens_request(&model, body.input)?;
         let tokens =
             state.inference.count_tokens(&ctx, &model, &req).instrument(Inference::span(&ctx, &model.model_id)).await?;
         state.inference.count_outcome(&ctx, &model, "ok");
@@ -421,30 +427,36 @@ pub async fn count_tokens(
     result.unwrap_or_else(|e| fail(&state, api, &model_id, e))
 }
 
-/// CountTokens' `input` union: an InvokeModel body (base64) or a Converse request.
-fn count_tokens_request(model: &ModelEntry, value: &Value) -> ApiResult<TextRequest> {
-    let input = value.get("input").ok_or_else(|| ApiError::validation("input is required"))?;
-    let obj = input
-        .as_object()
-        .filter(|o| o.len() == 1)
-        .ok_or_else(|| ApiError::validation("input must set exactly one of invokeModel and converse"))?;
-    match obj.iter().next() {
-        Some((k, v)) if k == "invokeModel" => {
-            let encoded =
-                v["body"].as_str().ok_or_else(|| ApiError::validation("input.invokeModel.body is required"))?;
+/// The CountTokens request body.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CountTokensBody {
+    input: CountTokensInput,
+}
+
+union! {
+    /// What to count: an InvokeModel body or a Converse request.
+    enum CountTokensInput {
+        "invokeModel" => InvokeModel(InvokeModelTokens),
+        "converse" => Converse(ConverseTokensBody),
+    }
+}
+
+#[derive(serde::Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct InvokeModelTokens {
+    /// The body, base64-encoded.
+    body: String,
+}
+
+fn count_tokens_request(model: &ModelEntry, input: CountTokensInput) -> ApiResult<TextRequest> {
+    match input {
+        CountTokensInput::InvokeModel(invoke) => {
             let bytes = base64::engine::general_purpose::STANDARD
-                .decode(encoded)
+                .decode(&invoke.body)
                 .map_err(|e| ApiError::validation(format!("input.invokeModel.body is not base64: {e}")))?;
             native::text_request(text_dialect(model)?, &native::json_body(&bytes)?)
         }
-        Some((k, v)) if k == "converse" => {
-            let body: ConverseBody = serde_json::from_value(v.clone())
-                .map_err(|e| ApiError::validation(format!("input.converse is malformed: {e}")))?;
-            converse::to_request(&body)
-        }
-        Some((k, _)) => {
-            Err(ApiError::validation(format!("input.{k} is not a CountTokens input; use invokeModel or converse")))
-        }
-        None => Err(ApiError::validation("input is empty")),
+        CountTokensInput::Converse(body) => converse::to_request(&body.into()),
     }
 }
