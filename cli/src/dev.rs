@@ -207,6 +207,9 @@ fn write_runner_token(path: &Path) -> anyhow::Result<mantle_proto::auth::Token> 
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
     let mut file = options.open(path).with_context(|| format!("writing {}", path.display()))?;
+    // A file left by an earlier run keeps its mode on open: set it before writing the secret.
+    #[cfg(unix)]
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     file.write_all(text.as_bytes())?;
     Ok(mantle_proto::auth::Token::new(&text)?)
 }

@@ -187,9 +187,8 @@ impl ApiError {
             | ApiError::UnsupportedMediaType(_)
             | ApiError::HeadersTooLarge(_)
             | ApiError::BodyTimeout(_) => ("invalid_request_error", serde_json::Value::Null),
-            ApiError::AccessDenied(_) | ApiError::Unauthenticated { .. } => {
-                ("authentication_error", "invalid_api_key".into())
-            }
+            ApiError::AccessDenied(_) => ("permission_denied", "permission_denied".into()),
+            ApiError::Unauthenticated { .. } => ("authentication_error", "invalid_api_key".into()),
             ApiError::NotFound(_) => ("invalid_request_error", "model_not_found".into()),
             ApiError::Throttling { .. } | ApiError::ModelNotReady(_) => {
                 ("rate_limit_exceeded", "rate_limit_exceeded".into())
@@ -201,8 +200,8 @@ impl ApiError {
             "error": { "message": self.to_string(), "type": kind, "param": null, "code": code }
         });
         let status = match self.status() {
-            // OpenAI answers an unknown key with 401.
-            StatusCode::FORBIDDEN => StatusCode::UNAUTHORIZED,
+            // OpenAI answers an unknown key with 401 (a known key without permission stays 403).
+            StatusCode::FORBIDDEN if matches!(self, ApiError::Unauthenticated { .. }) => StatusCode::UNAUTHORIZED,
             other => other,
         };
         let mut response = (status, axum::Json(body)).into_response();

@@ -80,7 +80,10 @@ impl TlsFiles {
             .map_err(|_| ListenerError::Pem { path: self.key.clone(), what: "private key" })?;
         let signing = rustls::crypto::aws_lc_rs::sign::any_supported_type(&key)
             .map_err(|source| ListenerError::Key { path: self.key.clone(), source })?;
-        Ok(Arc::new(CertifiedKey::new(certs, signing)))
+        let key = CertifiedKey::new(certs, signing);
+        // Mid-rotation the files may not match yet: refuse the pair rather than serve it.
+        key.keys_match().map_err(|source| ListenerError::Key { path: self.key.clone(), source })?;
+        Ok(Arc::new(key))
     }
 
     fn modified(&self) -> Option<(SystemTime, SystemTime)> {

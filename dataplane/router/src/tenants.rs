@@ -144,6 +144,10 @@ impl KeyStore {
             if t.name.is_empty() {
                 return Err(format!("tenants[{index}].name is empty"));
             }
+            // Caches, buckets and reservations are keyed by the name: two tenants must not share one.
+            if store.tenants.iter().any(|known| known.name == t.name) {
+                return Err(format!("tenants[{index}]: the name {:?} is used twice", t.name));
+            }
             for key in t.access_keys {
                 if store.access_keys.insert(key.access_key_id.clone(), (key.secret_access_key, index)).is_some() {
                     return Err(format!("access key {} is listed twice", key.access_key_id));
@@ -225,5 +229,12 @@ tenants:
             let err = KeyStore::parse(text).err().unwrap_or_default();
             assert!(!err.is_empty() && err.contains(want), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn two_tenants_may_not_share_a_name() {
+        let text = "tenants:\n  - {name: acme, apiKeys: [mk-acme-0123456789abcdef]}\n  - {name: acme, apiKeys: [mk-other-0123456789abcd]}\n";
+        let error = KeyStore::parse(text).err().expect("refused");
+        assert!(error.contains("\"acme\" is used twice"), "{error}");
     }
 }

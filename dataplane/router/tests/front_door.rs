@@ -438,3 +438,12 @@ async fn setup_failures_are_typed_and_name_what_was_wrong() {
     assert!(matches!(missing, mantle_router::error::SetupError::RunnersFile { .. }), "{missing}");
     assert!(missing.to_string().contains("/nonexistent/runners.yaml"), "{missing}");
 }
+
+#[tokio::test]
+async fn a_router_not_ready_says_503_in_the_api_shape() {
+    // A runner address nothing listens on: the model never becomes admissible.
+    let (app, _inference) = mantle_router::build(&local(), platform(&["http://127.0.0.1:1".to_string()])).unwrap();
+    let (status, headers, _) = send(&app, Request::get("/readyz").body(Body::empty()).unwrap()).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(headers["x-amzn-ErrorType"], "ServiceUnavailableException");
+}

@@ -114,6 +114,9 @@ async fn shape_errors(request: Request, next: Next) -> Response {
             StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::UnsupportedMediaType(message),
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => ApiError::HeadersTooLarge(message),
             StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED => ApiError::NotFound(message),
+            StatusCode::SERVICE_UNAVAILABLE => {
+                ApiError::Unavailable { message, retry_after: std::time::Duration::from_secs(1) }
+            }
             s if s.is_client_error() => ApiError::Validation(message),
             _ => ApiError::Internal(message),
         };

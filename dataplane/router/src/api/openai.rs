@@ -54,7 +54,12 @@ pub async fn chat_completions(
         let logprobs = request.logprobs;
         if !stream || needs_whole_reply {
             let mut done = state.inference.complete(&ctx, &model, &request).instrument(span.clone()).await?;
+            let unguarded = done.output.text.clone();
             state.inference.guards().guard_reply(&ctx, &mut done.output);
+            if done.output.text != unguarded {
+                // The runner's tokens would show what a guard masked or blocked.
+                done.logprobs.clear();
+            }
             if !stream {
                 let mut body = openai::chat_response(&ctx.request_id, &name, &done.output);
                 if logprobs {
@@ -128,8 +133,13 @@ async fn pump_sse(
     let guards = state.inference.guards();
     loop {
         match generation.next().await {
-            Ok(Some(Piece::Text { text, logprobs, .. })) => {
+            Ok(Some(Piece::Text { text, mut logprobs, .. })) => {
+                let unguarded = text.clone();
                 let Guarded { text, blocked } = guards.guard(&ctx, &so_far, text);
+                if blocked || text != unguarded {
+                    // The runner's tokens would show what a guard masked or blocked.
+                    logprobs.clear();
+                }
                 so_far.push_str(&text);
                 let mut chunk = openai::chunk(&id, &model, json!({"content": text}), None);
                 if with_logprobs {

@@ -28,6 +28,9 @@ pub struct Frames {
     union: Option<StreamUnion>,
 }
 
+/// How long a stream waits for a client that has stopped reading before giving up on it.
+pub const STALLED_READER: std::time::Duration = std::time::Duration::from_secs(60);
+
 impl Frames {
     /// An event-stream frame with a JSON payload.
     pub async fn event(&self, event_type: &str, payload: &Value) -> bool {
@@ -43,7 +46,7 @@ impl Frames {
 
     async fn frame(&self, message: Message) -> bool {
         match message.encode() {
-            Ok(bytes) => self.tx.send(Bytes::from(bytes)).await.is_ok(),
+            Ok(bytes) => self.send(Bytes::from(bytes)).await,
             Err(e) => {
                 tracing::error!(error = %e, "an event-stream frame could not be encoded");
                 false
@@ -53,7 +56,20 @@ impl Frames {
 
     /// One server-sent event: `data: <json>`.
     pub async fn sse(&self, data: &str) -> bool {
-        self.tx.send(Bytes::from(format!("data: {data}\n\n"))).await.is_ok()
+        self.send(Bytes::from(format!("data: {data}\n\n"))).await
+    }
+
+    /// Queues bytes for the client. A client that stops reading for [`STALLED_READER`] counts as
+    /// gone: the caller then drops the generation, which frees its slot and cancels it on the
+    /// runner, instead of waiting on a full channel forever.
+    async fn send(&self, bytes: Bytes) -> bool {
+        match tokio::time::timeout(STALLED_READER, self.tx.send(bytes)).await {
+            Ok(sent) => sent.is_ok(),
+            Err(_) => {
+                tracing::info!("the client stopped reading the stream; ending it");
+                false
+            }
+        }
     }
 }
 
