@@ -106,6 +106,26 @@ check("count_tokens invokeModel", counted > 10, counted)
 out = json.loads(runtime.invoke_model(modelId=EMBED, body=json.dumps({"inputText": "hello world"}))["body"].read())
 check("invoke_model embedding", len(out["embedding"]) == 384 and out["inputTextTokenCount"] > 0, len(out["embedding"]))
 
+# structured output and forced tool calls: constrained decoding guarantees the shape even from a
+# 135M model that cannot follow a schema on its own
+person = {"type": "object", "additionalProperties": False, "required": ["name", "age"],
+          "properties": {"name": {"type": "string", "maxLength": 30},
+                         "age": {"type": "integer", "minimum": 0, "maximum": 120}}}
+reply = runtime.converse(modelId=TEXT, messages=user("Invent a person."), inferenceConfig={"maxTokens": 60},
+                         outputConfig={"textFormat": {"type": "json_schema", "structure": {"jsonSchema": {
+                             "schema": json.dumps(person), "name": "person"}}}})
+made = json.loads(reply["output"]["message"]["content"][0]["text"])
+check("converse outputConfig json_schema", reply["stopReason"] == "end_turn" and set(made) == {"name", "age"}
+      and isinstance(made["age"], int) and 0 <= made["age"] <= 120, reply)
+weather = {"toolSpec": {"name": "get_weather", "description": "The weather in a city",
+                        "inputSchema": {"json": {"type": "object", "required": ["city"], "additionalProperties": False,
+                                                 "properties": {"city": {"type": "string", "maxLength": 40}}}}}}
+reply = runtime.converse(modelId=TEXT, messages=user("Is it raining in Oslo?"), inferenceConfig={"maxTokens": 60},
+                         toolConfig={"tools": [weather], "toolChoice": {"tool": {"name": "get_weather"}}})
+uses = [c["toolUse"] for c in reply["output"]["message"]["content"] if "toolUse" in c]
+check("converse forced toolChoice", reply["stopReason"] == "tool_use" and len(uses) == 1
+      and uses[0]["name"] == "get_weather" and isinstance(uses[0]["input"]["city"], str), reply)
+
 # errors the SDK maps to its exceptions
 try:
     runtime.converse(modelId="acme.no-such-model-v1:0", messages=user("hi"))
@@ -158,6 +178,19 @@ def cos(a, b):
 check("openai embeddings", len(vectors) == 3 and len(vectors[0]) == 384, len(vectors))
 check("embeddings are meaningful", cos(vectors[0], vectors[1]) > cos(vectors[0], vectors[2]) + 0.2,
       (cos(vectors[0], vectors[1]), cos(vectors[0], vectors[2])))
+completion = client.chat.completions.create(
+    model=TEXT, messages=[{"role": "user", "content": "Invent a person."}], max_tokens=60,
+    response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": person}})
+made = json.loads(completion.choices[0].message.content)
+check("openai response_format json_schema", completion.choices[0].finish_reason == "stop"
+      and set(made) == {"name", "age"} and isinstance(made["age"], int), completion)
+tool = {"type": "function", "function": {"name": "get_weather", "parameters": weather["toolSpec"]["inputSchema"]["json"]}}
+completion = client.chat.completions.create(
+    model=TEXT, messages=[{"role": "user", "content": "Is it raining in Oslo?"}], max_tokens=60, tools=[tool],
+    tool_choice={"type": "function", "function": {"name": "get_weather"}})
+calls = completion.choices[0].message.tool_calls or []
+check("openai forced tool_choice", completion.choices[0].finish_reason == "tool_calls" and len(calls) == 1
+      and calls[0].function.name == "get_weather" and "city" in json.loads(calls[0].function.arguments), completion)
 listed = [m.id for m in client.models.list()]
 check("openai models", TEXT in listed and EMBED in listed, listed)
 try:

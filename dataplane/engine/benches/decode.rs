@@ -2,7 +2,8 @@
 //! time to first token and decode tokens/s for one stream, and aggregate decode tokens/s for
 //! N streams decoding together in one batch; then time to first token with a shared ~1,000-token
 //! system prompt, cold (nothing cached) and warm (the prefix cache holds it); and single-stream
-//! decode with that ~1,000-token context.
+//! decode with that ~1,000-token context; and decode with and without a JSON-schema grammar
+//! (constrained decoding), interleaved.
 //!
 //! `cargo bench -p mantle-engine --bench decode -- [--tokens 128] [--streams 1,4,16,64] [--threads N]`
 //! (threads 0: one per core). The model comes from scripts/fetch-models.sh (`$MANTLE_CACHE/models`).
@@ -13,7 +14,8 @@ use std::time::Instant;
 
 use mantle_engine::kv_cache::{BlockTable, KvCache};
 use mantle_engine::{
-    ChatMessage, Event, GenerateRequest, Sampler, SamplingParams, Scheduler, SchedulerConfig, Scratch, Step, TextModel,
+    ChatMessage, Event, GenerateRequest, Grammar, Sampler, SamplingParams, Scheduler, SchedulerConfig, Scratch, Step,
+    TextModel,
 };
 
 fn main() {
@@ -92,16 +94,101 @@ fn main() {
         }
     }
 
+    let model = std::sync::Arc::new(model);
+    let rounds: usize = flag("--constrained-rounds").and_then(|v| v.parse().ok()).unwrap_or(5);
+    if rounds > 0 {
+        constrained(&model, tokens, rounds);
+    }
     prefix_cache(model);
+}
+
+/// Decode tokens/s through the scheduler with and without a JSON-schema grammar, for 1 and 16
+/// streams: `rounds` interleaved runs of each, reported as the median ratio and its range.
+/// The schema (an array of at least 100 person objects) cannot complete within the run, so every
+/// step of every stream computes a mask, through keys, strings, numbers and enums.
+fn constrained(model: &std::sync::Arc<TextModel>, tokens: usize, rounds: usize) {
+    let schema = serde_json::json!({
+        "type": "array", "minItems": 100,
+        "items": {
+            "type": "object", "additionalProperties": false, "required": ["name", "age", "city", "languages"],
+            "properties": {
+                "name": {"type": "string", "maxLength": 24},
+                "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                "city": {"type": "string"},
+                "languages": {"type": "array", "items": {"enum": ["English", "French", "German", "Spanish"]}}
+            }
+        }
+    });
+    let prompt = model
+        .chat_prompt(&[ChatMessage::new("user", "List one hundred people with their name, age, city and languages.")])
+        .expect("prompt");
+    // Aggregate decode tokens/s of `n` streams (from each stream's first token to its end).
+    let run = |n: usize, grammar: bool| {
+        let mut scheduler = Scheduler::new(model.clone(), SchedulerConfig::default());
+        for id in 0..n as u64 {
+            let constraint = grammar
+                .then(|| model.compile_grammar(&Grammar::JsonSchema(schema.clone())).expect("the schema compiles"));
+            let request = GenerateRequest {
+                id,
+                prompt: prompt.clone(),
+                max_tokens: tokens,
+                sampling: SamplingParams::default(),
+                stop_sequences: Vec::new(),
+                priority: 1,
+                cache_salt: String::new(),
+                constraint,
+            };
+            scheduler.add(request).expect("fits");
+        }
+        let (mut first, mut generated) = (None, 0usize);
+        while scheduler.has_work() {
+            for event in scheduler.step() {
+                if let Event::Token { .. } = event {
+                    if first.is_none() {
+                        first = Some(Instant::now());
+                    } else {
+                        generated += 1;
+                    }
+                }
+            }
+        }
+        // The first step's other streams produce their first token with it; count from there.
+        (generated + 1).saturating_sub(n) as f64 / first.map_or(1e-9, |f| f.elapsed().as_secs_f64())
+    };
+    let _ = model.compile_grammar(&Grammar::JsonSchema(schema.clone())); // builds the token trie
+    for n in [1usize, 16] {
+        run(n, false);
+        run(n, true);
+        let (mut free, mut with, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            let a = run(n, false);
+            let b = run(n, true);
+            free.push(a);
+            with.push(b);
+            ratios.push(b / a);
+        }
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        println!(
+            "constrained streams {n:>3}: decode {:.1} tokens/s without a schema, {:.1} with (medians of {rounds}); \
+             with/without {:.3} (range {:.3}-{:.3})",
+            median(&mut free),
+            median(&mut with),
+            median(&mut ratios),
+            ratios[0],
+            ratios[ratios.len() - 1]
+        );
+    }
 }
 
 /// Time to first token of a request whose ~1,000-token system prompt is (warm) or is not (cold)
 /// in the prefix cache.
-fn prefix_cache(model: TextModel) {
+fn prefix_cache(model: std::sync::Arc<TextModel>) {
     let system = "You are the support assistant of ACME Corp. Follow these policies. ".to_string()
         + &"Refunds are granted within thirty days of purchase when the item is unused and in its original packaging. "
             .repeat(45);
-    let model = std::sync::Arc::new(model);
     let mut scheduler = Scheduler::new(model.clone(), SchedulerConfig::default());
     // (time to first token, decode tokens/s after it, prompt tokens) of one request.
     let mut run = |question: &str, id: u64, max_tokens: usize| {
@@ -117,6 +204,7 @@ fn prefix_cache(model: TextModel) {
             stop_sequences: Vec::new(),
             priority: 1,
             cache_salt: String::new(),
+            constraint: None,
         };
         scheduler.add(request).expect("fits");
         let start = Instant::now();

@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod chat;
+pub mod constraint;
 pub mod embedding;
 pub mod gguf;
 pub mod kv_cache;
@@ -18,6 +19,7 @@ pub mod vmath;
 use std::path::Path;
 
 pub use chat::{ChatMessage, ChatTemplate, TemplateFamily};
+pub use constraint::{Constraint, Grammar, Grammars};
 pub use embedding::{EmbeddingModel, Embeddings};
 pub use gguf::GgufFile;
 pub use model::{LlamaConfig, LlamaModel, Logits, Scratch, Step};
@@ -38,6 +40,8 @@ pub enum EngineError {
     Tokenizer(String),
     #[error("chat template: {0}")]
     Template(String),
+    #[error("grammar: {0}")]
+    Grammar(String),
     #[error("the prompt is empty")]
     EmptyPrompt,
     #[error("the prompt has {prompt_tokens} tokens; the model's context is {context_length}")]
@@ -53,6 +57,8 @@ pub struct TextModel {
     pub model: LlamaModel,
     pub tokenizer: Tokenizer,
     pub template: ChatTemplate,
+    /// The grammar compiler, built on the first constrained request.
+    grammars: std::sync::OnceLock<Result<Grammars, EngineError>>,
 }
 
 impl TextModel {
@@ -86,7 +92,13 @@ impl TextModel {
                 ));
             }
         };
-        Ok(Self { model, tokenizer, template })
+        Ok(Self { model, tokenizer, template, grammars: std::sync::OnceLock::new() })
+    }
+
+    /// Compiles a grammar for this model's vocabulary (the first call builds the token trie).
+    pub fn compile_grammar(&self, grammar: &Grammar) -> Result<Constraint, EngineError> {
+        let grammars = self.grammars.get_or_init(|| Grammars::new(&self.tokenizer, self.model.config.vocab));
+        grammars.as_ref().map_err(Clone::clone)?.compile(grammar)
     }
 
     /// Prompt token ids for a conversation, through the chat template.

@@ -1,6 +1,7 @@
 //! Choosing the next token from logits: greedy at temperature 0 (deterministic), otherwise
 //! temperature-scaled softmax restricted by top-k and top-p, drawn from a per-sequence seeded RNG.
 
+use llguidance::toktrie::SimpleVob;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -26,6 +27,8 @@ impl Default for SamplingParams {
 pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
+    /// The tokens the next draw may choose from (a grammar's mask); `None` allows all.
+    mask: Option<SimpleVob>,
 }
 
 /// The chosen token and its log-probability under the unrestricted distribution.
@@ -38,18 +41,44 @@ pub struct Sampled {
 impl Sampler {
     pub fn new(params: SamplingParams) -> Self {
         let rng = StdRng::seed_from_u64(params.seed);
-        Self { params, rng }
+        Self { params, rng, mask: None }
     }
 
+    /// Restricts the next draw to the tokens `mask` allows.
+    pub fn restrict_next(&mut self, mask: SimpleVob) {
+        self.mask = Some(mask);
+    }
+
+    /// Draws the next token. The reported log-probability is under the model's own distribution,
+    /// before any mask (as vLLM reports it by default).
     pub fn sample(&mut self, logits: &[f32]) -> Sampled {
-        let (argmax, max) = argmax(logits);
-        let log_z = max + crate::vmath::sum_exp(logits, max).ln();
-        let logprob = |i: usize| logits[i] - log_z;
-        if self.params.temperature <= 0.0 {
-            return Sampled { token: argmax as u32, logprob: logprob(argmax) };
+        let raw = logits;
+        let (raw_argmax, raw_max) = argmax(raw);
+        let log_z = raw_max + crate::vmath::sum_exp(raw, raw_max).ln();
+        let logprob = |i: usize| raw[i] - log_z;
+        let masked;
+        let (logits, best, max) = match self.mask.take() {
+            None => (logits, raw_argmax, raw_max),
+            Some(mask) => {
+                masked = logits
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &l)| if mask.is_allowed(i as u32) { l } else { f32::NEG_INFINITY })
+                    .collect::<Vec<f32>>();
+                let (at, max) = argmax(&masked);
+                (&masked[..], at, max)
+            }
+        };
+        if self.params.temperature <= 0.0 || max == f32::NEG_INFINITY {
+            return Sampled { token: best as u32, logprob: logprob(best) };
         }
-        let mut candidates: Vec<(usize, f32)> =
-            logits.iter().enumerate().map(|(i, &v)| (i, ((v - max) / self.params.temperature).exp())).collect();
+        // Tokens with no weight (masked out, or too unlikely to register) are never drawn.
+        let mut candidates: Vec<(usize, f32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| (i, ((v - max) / self.params.temperature).exp()))
+            .filter(|c| c.1 > 0.0)
+            .collect();
         candidates.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
         if self.params.top_k > 0 {
             candidates.truncate(self.params.top_k);

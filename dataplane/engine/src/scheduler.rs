@@ -24,7 +24,9 @@
 use std::sync::Arc;
 
 use half::f16;
+use llguidance::toktrie::SimpleVob;
 
+use crate::constraint::Constraint;
 use crate::kv_cache::{BlockTable, KvCache};
 use crate::model::{Scratch, Step};
 use crate::sampling::{Sampler, SamplingParams};
@@ -48,6 +50,9 @@ pub struct GenerateRequest {
     /// the same salt (the runner is given the tenant's). Empty is a namespace of its own, shared
     /// by every request without a salt.
     pub cache_salt: String,
+    /// A grammar the reply must match (compiled by [`crate::TextModel::compile_grammar`]); the
+    /// sequence ends when the grammar is complete.
+    pub constraint: Option<Constraint>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,6 +130,8 @@ struct Sequence {
     computed: usize,
     table: BlockTable,
     sampler: Sampler,
+    /// The grammar's state, advanced by every generated token.
+    constraint: Option<Constraint>,
     decoder: IncrementalDecoder,
     /// Generated text not yet emitted because it may begin a stop sequence.
     held: String,
@@ -204,7 +211,7 @@ impl Scheduler {
     }
 
     /// Checks a request against the model's context and queues it.
-    pub fn add(&mut self, req: GenerateRequest) -> Result<(), EngineError> {
+    pub fn add(&mut self, mut req: GenerateRequest) -> Result<(), EngineError> {
         let context_length =
             self.model.model.config.context_length.min(self.config.num_blocks * self.config.block_size);
         let prompt_tokens = req.prompt.len();
@@ -226,12 +233,14 @@ impl Scheduler {
         let sampler = Sampler::new(req.sampling.clone());
         let table = BlockTable::salted(self.cache.namespace(req.cache_salt.as_bytes()));
         self.arrivals += 1;
+        let constraint = req.constraint.take();
         self.waiting.push(Sequence {
             tokens: req.prompt.clone(),
             req,
             computed: 0,
             table,
             sampler,
+            constraint,
             decoder: IncrementalDecoder::default(),
             held: String::new(),
             arrival: self.arrivals,
@@ -321,6 +330,17 @@ impl Scheduler {
         if plan.is_empty() {
             return Vec::new();
         }
+        // Sequences whose step reaches their last token sample a next one; the constrained among
+        // them compute their grammar masks on another thread while the forward pass runs.
+        let samples = |s: &Sequence, n: usize| s.computed + n == s.tokens.len();
+        let mut constrained: Vec<(usize, Constraint)> = Vec::new();
+        for &(i, n) in &plan {
+            if samples(&self.running[i], n)
+                && let Some(c) = self.running[i].constraint.take()
+            {
+                constrained.push((i, c));
+            }
+        }
         let steps: Vec<Step<'_>> = plan
             .iter()
             .map(|&(i, n)| {
@@ -329,11 +349,35 @@ impl Scheduler {
                     tokens: &s.tokens[s.computed..s.computed + n],
                     start: s.computed,
                     blocks: s.table.blocks(),
-                    logits: s.computed + n == s.tokens.len(),
+                    logits: samples(s, n),
                 }
             })
             .collect();
-        let logits = self.model.model.forward(&steps, &mut self.cache, &mut self.scratch);
+        let (model, cache, scratch) = (&self.model, &mut self.cache, &mut self.scratch);
+        let (logits, masks) = std::thread::scope(|scope| {
+            let masks = (!constrained.is_empty())
+                .then(|| scope.spawn(|| constrained.iter_mut().map(|(_, c)| c.mask()).collect::<Vec<_>>()));
+            let logits = model.model.forward(&steps, cache, scratch);
+            (logits, masks.map(|m| m.join()))
+        });
+        let masks = match masks {
+            Some(Ok(masks)) => masks,
+            Some(Err(_)) => vec![Err(EngineError::Grammar("the grammar mask panicked".into())); constrained.len()],
+            None => Vec::new(),
+        };
+        for ((i, constraint), mask) in constrained.into_iter().zip(masks) {
+            let seq = &mut self.running[i];
+            let mask = mask.unwrap_or_else(|e| {
+                // Cannot happen while the grammar accepted every token so far; end the reply
+                // rather than let it leave the grammar.
+                tracing::warn!(sequence = seq.req.id, error = %e, "grammar mask failed; ending the sequence");
+                let mut eos = SimpleVob::alloc(self.model.model.config.vocab);
+                eos.allow_token(self.model.tokenizer.eos());
+                eos
+            });
+            seq.sampler.restrict_next(mask);
+            seq.constraint = Some(constraint);
+        }
         // The sequences whose logits came back, in step order; each samples its next token.
         let mut sampling = Vec::new();
         for &(i, n) in &plan {
@@ -352,7 +396,8 @@ impl Scheduler {
         for (&i, s) in sampling.iter().zip(sampled) {
             self.running[i].tokens.push(s.token);
             self.generated_tokens += 1;
-            if let Some(event) = self.finish_or_emit(i, s.token, s.logprob, &mut events) {
+            let complete = self.advance_grammar(i, s.token);
+            if let Some(event) = self.finish_or_emit(i, s.token, s.logprob, complete, &mut events) {
                 finished.push((i, event));
             }
         }
@@ -366,8 +411,34 @@ impl Scheduler {
         events
     }
 
+    /// Moves a constrained sequence's grammar past its new token; true when the grammar is
+    /// complete, so the sequence ends here.
+    fn advance_grammar(&mut self, i: usize, token: u32) -> bool {
+        let stop = self.model.tokenizer.is_stop_token(token);
+        let seq = &mut self.running[i];
+        let Some(constraint) = seq.constraint.as_mut() else { return false };
+        if stop {
+            return false;
+        }
+        match constraint.commit(token) {
+            Ok(()) => constraint.is_finished(),
+            Err(e) => {
+                tracing::warn!(sequence = seq.req.id, error = %e, "the grammar refused a sampled token; ending the sequence");
+                true
+            }
+        }
+    }
+
     /// Emits the token's text, or ends the sequence (returning its `Finished` event).
-    fn finish_or_emit(&mut self, i: usize, token: u32, logprob: f32, events: &mut Vec<Event>) -> Option<Event> {
+    /// `complete` ends it after this token: its grammar allows nothing more.
+    fn finish_or_emit(
+        &mut self,
+        i: usize,
+        token: u32,
+        logprob: f32,
+        complete: bool,
+        events: &mut Vec<Event>,
+    ) -> Option<Event> {
         let context_length =
             self.model.model.config.context_length.min(self.cache.num_blocks() * self.config.block_size);
         let tokenizer = &self.model.tokenizer;
@@ -400,12 +471,13 @@ impl Scheduler {
             });
         }
         let out_of_room = seq.generated() >= seq.req.max_tokens || seq.tokens.len() >= context_length;
-        let emit_len = if out_of_room { seq.held.len() } else { safe_prefix_len(&seq.held, &seq.req.stop_sequences) };
+        let ends = complete || out_of_room;
+        let emit_len = if ends { seq.held.len() } else { safe_prefix_len(&seq.held, &seq.req.stop_sequences) };
         let text: String = seq.held.drain(..emit_len).collect();
         events.push(Event::Token { id, token, text, logprob });
-        out_of_room.then(|| Event::Finished {
+        ends.then(|| Event::Finished {
             id,
-            reason: FinishReason::MaxTokens,
+            reason: if complete { FinishReason::EndTurn } else { FinishReason::MaxTokens },
             stop_sequence: None,
             usage: usage(seq),
         })

@@ -22,6 +22,7 @@ const TOKEN_TYPE_USER_DEFINED: i32 = 4;
 /// Llama 3's pre-tokenizer pattern.
 const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+#[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     bos: Option<u32>,
@@ -30,6 +31,8 @@ pub struct Tokenizer {
     stop_tokens: Vec<u32>,
     add_bos: bool,
     vocab: HashMap<String, u32>,
+    /// Control and user-defined tokens, which stand for themselves rather than for bytes.
+    specials: Vec<bool>,
 }
 
 impl Tokenizer {
@@ -104,7 +107,10 @@ impl Tokenizer {
         }
         let add_bos =
             gguf.metadata().get("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(false);
-        Ok(Self { inner, bos: id("tokenizer.ggml.bos_token_id"), eos, stop_tokens, add_bos, vocab })
+        let specials = (0..tokens.len())
+            .map(|i| types.get(i).is_some_and(|t| matches!(*t, TOKEN_TYPE_CONTROL | TOKEN_TYPE_USER_DEFINED)))
+            .collect();
+        Ok(Self { inner, bos: id("tokenizer.ggml.bos_token_id"), eos, stop_tokens, add_bos, vocab, specials })
     }
 
     /// Token ids of `text`; special-token text such as `<|im_start|>` becomes its one id.
@@ -120,9 +126,20 @@ impl Tokenizer {
         Ok(ids)
     }
 
+    /// Token ids of `text` alone, without a beginning-of-sequence token.
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>, EngineError> {
+        let encoding = self.inner.encode_fast(text, false).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
     /// Text of `ids`, special tokens left out.
     pub fn decode(&self, ids: &[u32]) -> Result<String, EngineError> {
         self.inner.decode(ids, true).map_err(|e| EngineError::Tokenizer(e.to_string()))
+    }
+
+    /// Every token that ends a turn.
+    pub fn stop_tokens(&self) -> &[u32] {
+        &self.stop_tokens
     }
 
     pub fn is_stop_token(&self, id: u32) -> bool {
@@ -183,6 +200,21 @@ impl Tokenizer {
         let piece = self.inner.id_to_token(id)?;
         // A byte-level BPE piece spells each byte as one character; a special token is its text.
         piece.chars().map(byte_of_char).collect::<Option<Vec<u8>>>().or_else(|| Some(piece.into_bytes()))
+    }
+
+    /// Every token's bytes in the form grammar engines expect: a normal token is the bytes it
+    /// adds to the text; a control or user-defined token (`<|im_end|>`) is its text after a 0xFF
+    /// marker byte, which no UTF-8 text contains, so no grammar can spell it by accident.
+    pub fn vocabulary_bytes(&self) -> Vec<Vec<u8>> {
+        (0..self.specials.len() as u32)
+            .map(|id| {
+                let piece = self.inner.id_to_token(id).unwrap_or_default();
+                if self.specials.get(id as usize).copied().unwrap_or(false) {
+                    return [&[0xff], piece.as_bytes()].concat();
+                }
+                piece.chars().map(byte_of_char).collect::<Option<Vec<u8>>>().unwrap_or_else(|| piece.into_bytes())
+            })
+            .collect()
     }
 }
 

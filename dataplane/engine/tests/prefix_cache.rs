@@ -23,6 +23,7 @@ fn request(id: u64, question: &str) -> GenerateRequest {
         stop_sequences: Vec::new(),
         priority: 1,
         cache_salt: String::new(),
+        constraint: None,
     }
 }
 

@@ -19,6 +19,7 @@ fn request(id: u64, question: &str, max_tokens: usize) -> GenerateRequest {
         stop_sequences: Vec::new(),
         priority: 1,
         cache_salt: String::new(),
+        constraint: None,
     }
 }
 

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mantle_engine::{
-    ChatMessage, EmbeddingModel, EngineError, Event, FinishReason, GenerateRequest, SamplingParams, TextModel,
-    Tokenizer,
+    ChatMessage, Constraint, EmbeddingModel, EngineError, Event, FinishReason, GenerateRequest, Grammar,
+    SamplingParams, TextModel, Tokenizer,
 };
 use mantle_proto::runner_server::Runner;
 use mantle_proto::{
@@ -94,6 +94,26 @@ impl RunnerService {
         })
         .await
     }
+
+    /// Compiles the request's grammar (on the blocking pool: a large schema takes milliseconds,
+    /// and the first one builds the vocabulary's token trie).
+    async fn constraint(&self, grammar: Option<mantle_proto::Grammar>) -> Result<Option<Constraint>, Status> {
+        use mantle_proto::grammar::Kind;
+        let Served::Text { model, .. } = &self.served else {
+            return Err(self.wrong_modality("a grammar", "TEXT"));
+        };
+        let grammar = match grammar.and_then(|g| g.kind) {
+            None => return Ok(None),
+            Some(Kind::JsonSchema(text)) => Grammar::JsonSchema(
+                serde_json::from_str(&text)
+                    .map_err(|e| Status::invalid_argument(format!("grammar.json_schema is not JSON: {e}")))?,
+            ),
+            Some(Kind::Regex(rx)) => Grammar::Regex(rx),
+            Some(Kind::Lark(lark)) => Grammar::Lark(lark),
+        };
+        let model = model.clone();
+        blocking(move || model.compile_grammar(&grammar)).await.map(Some)
+    }
 }
 
 /// Runs CPU-bound engine work (tokenizing, embedding) on the blocking pool.
@@ -110,7 +130,8 @@ pub fn status(e: EngineError) -> Status {
         | EngineError::PromptTooLong { .. }
         | EngineError::InvalidMaxTokens { .. }
         | EngineError::Tokenizer(_)
-        | EngineError::Template(_) => Status::invalid_argument(e.to_string()),
+        | EngineError::Template(_)
+        | EngineError::Grammar(_) => Status::invalid_argument(e.to_string()),
         EngineError::InvalidModel(_) | EngineError::UnsupportedTokenizer(_) => {
             Status::failed_precondition(e.to_string())
         }
@@ -189,6 +210,7 @@ impl Runner for RunnerService {
                 Some(Instant::now() + Duration::from_millis(ms - now_ms))
             }
         };
+        let constraint = self.constraint(r.grammar).await?;
         let mut max_tokens = r.max_tokens as usize;
         if r.clamp_max_tokens {
             max_tokens = max_tokens.min((self.info.context_length as usize).saturating_sub(prompt.len()));
@@ -212,6 +234,7 @@ impl Runner for RunnerService {
             stop_sequences: r.stop_sequences,
             priority: r.priority.clamp(0, mantle_engine::scheduler::MAX_PRIORITY as i32) as u8,
             cache_salt: r.cache_salt,
+            constraint,
         };
         let events = engine.generate(engine_request, deadline).await.map_err(status)?;
         tracing::debug!("generation started");

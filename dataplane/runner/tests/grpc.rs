@@ -5,9 +5,10 @@
 use std::time::Duration;
 
 use mantle_engine::test_support;
+use mantle_proto::grammar::Kind;
 use mantle_proto::runner_client::RunnerClient;
 use mantle_proto::{
-    ChatMessage, CountTokensRequest, EmbedRequest, FinishReason, GenerateRequest, HealthRequest, InfoRequest,
+    ChatMessage, CountTokensRequest, EmbedRequest, FinishReason, GenerateRequest, Grammar, HealthRequest, InfoRequest,
     LoadState, generate_response,
 };
 use mantle_runner::{RunnerConfig, RunningRunner};
@@ -247,6 +248,14 @@ async fn bad_requests_get_invalid_argument_with_a_reason() {
     cases.push((bad_role, "messages[0].role"));
     let long = GenerateRequest { prompt: "word ".repeat(5000), max_tokens: 5, ..Default::default() };
     cases.push((long, "the model's context is"));
+    for (kind, expected) in [
+        (Kind::JsonSchema("{not json".into()), "grammar.json_schema is not JSON"),
+        (Kind::JsonSchema(r#"{"type": "nonsense"}"#.into()), "grammar:"),
+        (Kind::Regex("(unclosed".into()), "grammar:"),
+        (Kind::Lark("start: missing".into()), "grammar:"),
+    ] {
+        cases.push((GenerateRequest { grammar: Some(Grammar { kind: Some(kind) }), ..ask("hi", 5) }, expected));
+    }
     for (request, expected) in cases {
         let Err(err) = client.generate(request).await else { panic!("{expected}: accepted") };
         assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
@@ -254,6 +263,30 @@ async fn bad_requests_get_invalid_argument_with_a_reason() {
     }
     let past = GenerateRequest { deadline_unix_ms: 1, ..ask("hi", 5) };
     assert_eq!(client.generate(past).await.err().unwrap().code(), Code::DeadlineExceeded);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grammar_constrains_the_streamed_reply_and_ends_it_when_complete() {
+    let (_runner, mut client) = start().await;
+    let schema = r#"{"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+        "population": {"type": "integer", "minimum": 0, "maximum": 99999999}}, "required": ["city", "population"], "additionalProperties": false}"#;
+    let request = GenerateRequest {
+        grammar: Some(Grammar { kind: Some(Kind::JsonSchema(schema.into())) }),
+        ..ask("Tell me about Paris.", 64)
+    };
+    let mut stream = client.generate(request).await.unwrap().into_inner();
+    let (mut text, mut finished) = (String::new(), None);
+    while let Some(msg) = stream.next().await {
+        match msg.unwrap().event.unwrap() {
+            generate_response::Event::Token(t) => text.push_str(&t.text),
+            generate_response::Event::Finished(f) => finished = Some(f),
+            generate_response::Event::Started(_) => {}
+        }
+    }
+    let value: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+    assert!(value["city"].is_string() && value["population"].is_i64(), "{text}");
+    assert_eq!(value.as_object().unwrap().len(), 2, "{text}");
+    assert_eq!(finished.expect("finished").reason(), FinishReason::EndTurn);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -31,6 +31,8 @@ pub struct TextRequest {
     pub stop_sequences: Vec<String>,
     /// Tools the model may call (Converse `toolConfig`, OpenAI `tools`).
     pub tools: Vec<Tool>,
+    /// Whether it must call one; a forced call is enforced by constrained decoding.
+    pub tool_choice: ToolChoice,
     /// The reply must be JSON matching this schema (Converse `outputConfig`, OpenAI
     /// `response_format`).
     pub json_schema: Option<Value>,
@@ -164,6 +166,16 @@ pub fn tools_prompt(tools: &[Tool], choice: &ToolChoice) -> String {
         ToolChoice::Named(name) => text.push_str(&format!("You must call the tool {name}.")),
     }
     text
+}
+
+/// Refuses a named tool choice that names none of the tools.
+pub fn check_tool_choice(tools: &[Tool], choice: &ToolChoice, field: &str) -> Result<(), ApiError> {
+    match choice {
+        ToolChoice::Named(name) if !tools.iter().any(|t| &t.name == name) => {
+            Err(ApiError::validation(format!("{field} names an unknown tool {name:?}")))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Recognises a tool call in the model's reply: a JSON object `{"name", "input"}` naming one of

@@ -15,7 +15,9 @@ use mantle_crds::InvokeModelBody;
 use mantle_proto::ChatMessage;
 use serde_json::{Value, json};
 
-use super::{StopReason, TextOutput, TextRequest, Tool, ToolChoice, Usage, check_sampling, tools_prompt};
+use super::{
+    StopReason, TextOutput, TextRequest, Tool, ToolChoice, Usage, check_sampling, check_tool_choice, tools_prompt,
+};
 use crate::error::ApiError;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -280,12 +282,15 @@ fn anthropic(body: &Value) -> Result<TextRequest, ApiError> {
             });
         }
     }
+    let mut tool_choice = ToolChoice::Auto;
     if !tools.is_empty() {
         let choice = match body["tool_choice"]["type"].as_str() {
             Some("any") => ToolChoice::Any,
             Some("tool") => ToolChoice::Named(body["tool_choice"]["name"].as_str().unwrap_or_default().into()),
             _ => ToolChoice::Auto,
         };
+        check_tool_choice(&tools, &choice, "tool_choice")?;
+        tool_choice = choice.clone();
         let text = tools_prompt(&tools, &choice);
         match messages.first_mut() {
             Some(first) if first.role == "system" => first.content = format!("{}\n\n{text}", first.content),
@@ -303,6 +308,7 @@ fn anthropic(body: &Value) -> Result<TextRequest, ApiError> {
         top_k: opt_u32(body, "top_k")?.unwrap_or(0),
         stop_sequences: strings(body, "stop_sequences")?,
         tools,
+        tool_choice,
         ..Default::default()
     })
 }

@@ -5,7 +5,10 @@ use base64::Engine as _;
 use mantle_proto::ChatMessage;
 use serde_json::{Value, json};
 
-use super::{StopReason, TextOutput, TextRequest, TokenLogprob, Tool, ToolChoice, check_sampling, tools_prompt};
+use super::{
+    StopReason, TextOutput, TextRequest, TokenLogprob, Tool, ToolChoice, check_sampling, check_tool_choice,
+    tools_prompt,
+};
 use crate::error::ApiError;
 
 /// A chat-completions body, mapped: the model id, whether to stream (and include usage), the
@@ -234,14 +237,17 @@ pub fn chat_request(body: &Value) -> Result<ChatCompletion, ApiError> {
         Some(other) => return Err(ApiError::validation(format!("response_format.type {other:?} is not supported"))),
     };
     let mut system = Vec::new();
+    let mut tool_choice = ToolChoice::Auto;
     if !tools.is_empty() {
         let choice = match &body["tool_choice"] {
             Value::String(s) if s == "required" => ToolChoice::Any,
             Value::Object(o) => ToolChoice::Named(o["function"]["name"].as_str().unwrap_or_default().into()),
             _ => ToolChoice::Auto,
         };
+        check_tool_choice(&tools, &choice, "tool_choice")?;
         if body["tool_choice"] != "none" {
             system.push(tools_prompt(&tools, &choice));
+            tool_choice = choice;
         } else {
             tools.clear();
         }
@@ -275,6 +281,7 @@ pub fn chat_request(body: &Value) -> Result<ChatCompletion, ApiError> {
             seed: body["seed"].as_u64().unwrap_or(0),
             stop_sequences,
             tools,
+            tool_choice,
             json_schema,
             logprobs,
             ..Default::default()

@@ -35,6 +35,7 @@ impl Inference {
             deadline_unix_ms: ctx.deadline_unix_ms(),
             logprobs: req.logprobs,
             cache_salt: ctx.runner_cache_salt(),
+            grammar: structured::grammar(req),
         };
         let mut client = runner.client.clone();
         let mut grpc = tonic::Request::new(request);

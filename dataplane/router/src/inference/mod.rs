@@ -272,48 +272,30 @@ impl Inference {
         })
     }
 
-    /// Runs a request to the end, with what the router adds around generation: the output guard,
-    /// tool-call recognition and structured-output validation with retries.
+    /// Runs a request to the end, with what the router adds around generation: the output guard
+    /// and tool-call recognition. A forced tool call or an output schema is enforced by the
+    /// runner's constrained decoding; the finished reply is checked once more (see
+    /// [`structured`]).
     pub async fn complete(&self, ctx: &Ctx, model: &ModelEntry, req: &TextRequest) -> Result<Completed, ApiError> {
         let validator = req.json_schema.as_ref().map(structured::compile).transpose()?;
-        let mut req = req.clone();
-        let mut usage = Usage::default();
-        let attempts = if validator.is_some() { structured::ATTEMPTS } else { 1 };
-        for attempt in 1..=attempts {
-            let (mut output, logprobs, model_used) = self.collect(ctx, model, &req).await?;
-            usage.input_tokens += output.usage.input_tokens;
-            usage.output_tokens += output.usage.output_tokens;
-            usage.cached_tokens += output.usage.cached_tokens;
-            output.usage = usage;
-            if !req.tools.is_empty()
-                && let Some(call) = adapters::parse_tool_call(&output.text, &req.tools)
-            {
-                output.tool_call = Some(call);
-                output.stop_reason = StopReason::ToolUse;
-            }
-            let Some(validator) = &validator else { return Ok(Completed { output, model_used, logprobs }) };
-            match structured::check(validator, &output.text) {
-                Ok(value) => {
-                    output.text = value.to_string();
-                    return Ok(Completed { output, model_used, logprobs });
-                }
-                Err(reason) if attempt < attempts => {
-                    tracing::debug!(attempt, %reason, "structured output did not validate; retrying");
-                    req.messages.push(mantle_proto::ChatMessage { role: "assistant".into(), content: output.text });
-                    req.messages.push(mantle_proto::ChatMessage {
-                        role: "user".into(),
-                        content: structured::retry_prompt(&reason),
-                    });
-                    req.seed = req.seed.wrapping_add(1);
-                }
-                Err(reason) => {
-                    tracing::info!(%reason, "structured output never validated");
-                    output.stop_reason = StopReason::MalformedModelOutput;
-                    return Ok(Completed { output, model_used, logprobs });
-                }
-            }
+        let (mut output, logprobs, model_used) = self.collect(ctx, model, req).await?;
+        let cut_short = output.stop_reason == StopReason::MaxTokens;
+        if !req.tools.is_empty()
+            && let Some(call) = adapters::parse_tool_call(&output.text, &req.tools)
+        {
+            output.tool_call = Some(call);
+            output.stop_reason = StopReason::ToolUse;
+        } else if structured::forces_tool(req) && !cut_short {
+            tracing::warn!(request_id = %ctx.request_id, "a forced tool call did not parse");
+            output.stop_reason = StopReason::MalformedModelOutput;
+        } else if let Some(validator) = &validator
+            && let Err(reason) = structured::check(validator, &output.text)
+            && !cut_short
+        {
+            tracing::warn!(request_id = %ctx.request_id, %reason, "structured output did not validate");
+            output.stop_reason = StopReason::MalformedModelOutput;
         }
-        Err(ApiError::Internal("no generation attempt ran".into()))
+        Ok(Completed { output, model_used, logprobs })
     }
 
     /// One generation read to the end. Nothing has reached the client yet, so a runner lost

@@ -4,7 +4,7 @@
 use mantle_proto::ChatMessage;
 use serde_json::{Value, json};
 
-use super::{TextOutput, TextRequest, Tool, ToolChoice, Usage, check_sampling, tools_prompt};
+use super::{TextOutput, TextRequest, Tool, ToolChoice, Usage, check_sampling, check_tool_choice, tools_prompt};
 use crate::error::ApiError;
 
 mod body;
@@ -135,6 +135,7 @@ pub fn to_request(body: &ConverseBody) -> Result<TextRequest, ApiError> {
         seed: 0,
         stop_sequences,
         tools,
+        tool_choice: choice,
         json_schema,
         logprobs: false,
     })
@@ -264,16 +265,9 @@ fn parse_tools(tc: &ToolConfig) -> Result<(Vec<Tool>, ToolChoice), ApiError> {
     let choice = match &tc.tool_choice {
         None | Some(ToolChoiceMember::Auto(_)) => ToolChoice::Auto,
         Some(ToolChoiceMember::Any(_)) => ToolChoice::Any,
-        Some(ToolChoiceMember::Tool(tool)) => {
-            if !tools.iter().any(|t| t.name == tool.name) {
-                return Err(ApiError::validation(format!(
-                    "toolConfig.toolChoice names an unknown tool {:?}",
-                    tool.name
-                )));
-            }
-            ToolChoice::Named(tool.name.clone())
-        }
+        Some(ToolChoiceMember::Tool(tool)) => ToolChoice::Named(tool.name.clone()),
     };
+    check_tool_choice(&tools, &choice, "toolConfig.toolChoice")?;
     Ok((tools, choice))
 }
 
@@ -413,7 +407,7 @@ mod tests {
             ),
             (
                 json!({"messages": [{"role": "user", "content": [{"text": "a", "image": {}}]}]}),
-                "sets both image and text",
+                "sets both text and image",
             ),
             (json!({"messages": [{"role": "user", "content": [{}]}]}), "sets no member"),
             (
