@@ -144,12 +144,3 @@ impl TokenizerEnv for VocabEnv {
         ids
     }
 }
-
-/// Applies a mask to logits in place: disallowed tokens get negative infinity.
-pub fn apply_mask(logits: &mut [f32], mask: &SimpleVob) {
-    for (i, l) in logits.iter_mut().enumerate() {
-        if !mask.is_allowed(i as TokenId) {
-            *l = f32::NEG_INFINITY;
-        }
-    }
-}
