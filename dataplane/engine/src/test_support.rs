@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
-use crate::TextModel;
+use crate::{ChatMessage, GenerateRequest, SamplingParams, TextModel};
 
 /// Runs scripts/fetch-models.sh and returns the models directory.
 pub fn models_dir() -> PathBuf {
@@ -28,6 +28,20 @@ pub fn smollm2_path() -> PathBuf {
 pub fn smollm2() -> Arc<TextModel> {
     static MODEL: OnceLock<Arc<TextModel>> = OnceLock::new();
     MODEL.get_or_init(|| Arc::new(TextModel::load(&smollm2_path(), None, 0).expect("SmolLM2 loads"))).clone()
+}
+
+/// A greedy request to SmolLM2 with one user turn and nothing else set.
+pub fn ask(id: u64, question: &str, max_tokens: usize) -> GenerateRequest {
+    GenerateRequest {
+        id,
+        prompt: smollm2().chat_prompt(&[ChatMessage::new("user", question)]).expect("the prompt renders"),
+        max_tokens,
+        sampling: SamplingParams::default(),
+        stop_sequences: Vec::new(),
+        priority: 1,
+        cache_salt: String::new(),
+        constraint: None,
+    }
 }
 
 /// all-MiniLM-L6-v2 (safetensors + tokenizer.json).

@@ -7,22 +7,13 @@ use mantle_engine::test_support as support;
 use std::collections::HashMap;
 
 use mantle_engine::{
-    ChatMessage, EngineError, Event, FinishReason, GenerateRequest, Grammar, SamplingParams, Scheduler, SchedulerConfig,
+    EngineError, Event, FinishReason, GenerateRequest, Grammar, SamplingParams, Scheduler, SchedulerConfig,
 };
 use serde_json::{Value, json};
 
 fn request(id: u64, question: &str, max_tokens: usize, grammar: Option<Grammar>) -> GenerateRequest {
-    let model = support::smollm2();
-    GenerateRequest {
-        id,
-        prompt: model.chat_prompt(&[ChatMessage::new("user", question)]).unwrap(),
-        max_tokens,
-        sampling: SamplingParams::default(),
-        stop_sequences: Vec::new(),
-        priority: 1,
-        cache_salt: String::new(),
-        constraint: grammar.map(|g| model.compile_grammar(&g).unwrap()),
-    }
+    let constraint = grammar.map(|g| support::smollm2().compile_grammar(&g).unwrap());
+    GenerateRequest { constraint, ..support::ask(id, question, max_tokens) }
 }
 
 /// Runs the scheduler until idle: each request's text and finish reason.

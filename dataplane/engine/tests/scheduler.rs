@@ -5,22 +5,10 @@ use mantle_engine::test_support as support;
 
 use std::collections::HashMap;
 
-use mantle_engine::{
-    ChatMessage, EngineError, Event, FinishReason, GenerateRequest, SamplingParams, Scheduler, SchedulerConfig,
-};
+use mantle_engine::{EngineError, Event, FinishReason, GenerateRequest, Scheduler, SchedulerConfig};
 
 fn request(id: u64, question: &str, max_tokens: usize) -> GenerateRequest {
-    let model = support::smollm2();
-    GenerateRequest {
-        id,
-        prompt: model.chat_prompt(&[ChatMessage::new("user", question)]).unwrap(),
-        max_tokens,
-        sampling: SamplingParams::default(),
-        stop_sequences: Vec::new(),
-        priority: 1,
-        cache_salt: String::new(),
-        constraint: None,
-    }
+    support::ask(id, question, max_tokens)
 }
 
 #[derive(Default, Debug, Clone, PartialEq)]
