@@ -1,4 +1,5 @@
-//! Metering: one record per request, written by a background task so inference never waits on
+//! Metering: one record per request that reached inference (settled once, in
+//! [`crate::inference::Ledger`], however many runners or retries it took), written by a background task so inference never waits on
 //! the sink. Records go through a bounded channel with `try_send`; when the sink lags behind, a
 //! record is dropped and counted (`mantle_router_metering_dropped_total`) rather than blocking a
 //! request or growing memory without bound.
@@ -35,7 +36,8 @@ pub struct MeteringRecord {
     pub prefill_ms: f64,
     pub decode_ms: f64,
     pub total_ms: f64,
-    /// US dollars, from the model's prices.
+    /// US dollars, from the model's prices; zero for CountTokens and for an answer that broke off
+    /// through the platform's fault (its tokens are still recorded).
     pub cost: f64,
     /// `end_turn`, `max_tokens`, …, `cancelled` or an error kind.
     pub outcome: String,

@@ -476,9 +476,14 @@ async fn invoke_with_response_stream_sends_base64_model_chunks() {
 }
 
 #[tokio::test]
-async fn a_timeout_mid_stream_is_named_by_a_member_of_each_streams_union() {
+async fn a_timeout_mid_stream_is_named_by_a_member_of_each_streams_union_and_not_billed() {
+    let metering = std::env::temp_dir().join(format!("mantle-stream-error-metering-{}.jsonl", std::process::id()));
+    let _ = std::fs::remove_file(&metering);
+    let mut config = RouterConfig::local("127.0.0.1:0".parse().unwrap());
+    config.metering = Some(metering.clone());
     let f = fixture(Options {
         text: StandInConfig { fail_after: Some((2, tonic::Code::DeadlineExceeded)), ..Default::default() },
+        config,
         ..Default::default()
     })
     .await;
@@ -496,6 +501,14 @@ async fn a_timeout_mid_stream_is_named_by_a_member_of_each_streams_union() {
     let response = f.app.clone().oneshot(request).await.unwrap();
     let frames = read_frames(response.into_body(), usize::MAX).await;
     assert_eq!(frames.last().unwrap().0, "modelTimeoutException", "{frames:?}");
+    // Each request is settled once, with the tokens it streamed, at no cost: the failure was ours.
+    let records = support::read_metering(&metering, 2).await;
+    assert_eq!(records.len(), 2, "{records:?}");
+    for r in &records {
+        assert_eq!((r["outputTokens"].as_u64(), r["cost"].as_f64()), (Some(2), Some(0.0)), "{r}");
+        assert_ne!(r["outcome"], "cancelled", "{r}");
+    }
+    std::fs::remove_file(metering).ok();
 }
 
 #[tokio::test]

@@ -365,10 +365,14 @@ async fn a_hung_runner_frees_the_slot_with_a_retryable_error() {
 }
 
 #[tokio::test]
-async fn a_request_whose_runner_dies_is_retried_on_another() {
+async fn a_request_whose_runner_dies_is_retried_on_another_and_billed_once() {
     let slow = stand_in(StandInConfig { tokens: 50, interval: Duration::from_millis(20), ..Default::default() }).await;
     let proxy = Cuttable::new(slow.addr).await.unwrap();
-    let (app, inference) = mantle_router::build(&local(), platform(&[proxy.address()])).unwrap();
+    let metering = std::env::temp_dir().join(format!("mantle-retry-metering-{}.jsonl", std::process::id()));
+    let _ = std::fs::remove_file(&metering);
+    let mut config = local();
+    config.metering = Some(metering.clone());
+    let (app, inference) = mantle_router::build(&config, platform(&[proxy.address()])).unwrap();
     wait_ready(&inference).await;
     let healthy = stand_in(StandInConfig::default()).await;
     let request = tokio::spawn({
@@ -396,6 +400,21 @@ async fn a_request_whose_runner_dies_is_retried_on_another() {
         String::from_utf8_lossy(&body)
     );
     assert_eq!(healthy.counters.generates.load(Ordering::Relaxed), 1, "retried on the healthy runner");
+    // The request is counted and metered once, for the answer it got: the lost attempt's tokens
+    // are neither billed nor counted as a failed request.
+    let id = headers["x-amzn-RequestId"].to_str().unwrap().to_string();
+    let records = support::read_metering(&metering, 1).await;
+    assert_eq!(records.len(), 1, "{records:?}");
+    let record = &records[0];
+    assert_eq!((record["requestId"].as_str(), record["outcome"].as_str()), (Some(id.as_str()), Some("end_turn")));
+    assert_eq!(record["outputTokens"], 8, "billed for the answer only, not the lost attempt's tokens");
+    let counted = inference.metrics.render();
+    assert!(
+        counted
+            .contains(&format!("mantle_router_requests_total{{api=\"Converse\",model=\"{TEXT}\",outcome=\"ok\"}} 1")),
+        "{counted}"
+    );
+    assert!(!counted.contains("outcome=\"service_unavailable\""), "{counted}");
     // With no runner left to take it, the client is told to retry, without transport internals.
     let (status, headers, body) = send(&app, post(CONVERSE, converse_body("x"))).await;
     if status != StatusCode::OK {

@@ -420,7 +420,6 @@ pub async fn count_tokens(
         let req = count_tokens_request(&model, body.input)?;
         let tokens =
             state.inference.count_tokens(&ctx, &model, &req).instrument(Inference::span(&ctx, &model.model_id)).await?;
-        state.inference.count_outcome(&ctx, &model, "ok");
         Ok::<_, ApiError>(axum::Json(json!({ "inputTokens": tokens })).into_response())
     }
     .await;

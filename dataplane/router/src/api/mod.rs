@@ -111,6 +111,7 @@ impl Caller {
             deadline,
             received: self.received,
             cache_salt,
+            settled: Default::default(),
         })
     }
 }
@@ -204,7 +205,7 @@ fn fail(state: &AppState, api: &str, model: &str, error: ApiError, render: fn(Ap
     // each make a new series.
     let live = state.inference.live();
     let label = live.catalog.resolve(model).map_or(UNKNOWN_MODEL, |m| m.model_id.as_str());
-    state.inference.metrics.requests.with_label_values(&[api, label, error.kind()]).inc();
+    state.inference.ledger.refused(api, label, error.kind());
     let shed = matches!(error, ApiError::Throttling { .. } | ApiError::Unavailable { .. });
     let mut response = render(error);
     if shed

@@ -1,5 +1,6 @@
-//! A running generation: the runner's stream read piece by piece under an idle timeout, and
-//! its end counted and metered once.
+//! A running generation: the runner's stream read piece by piece under an idle timeout; its end
+//! recorded per attempt (slot, token counters) and, when it answered the client, settled in the
+//! [`Ledger`].
 
 use super::*;
 
@@ -27,8 +28,9 @@ pub struct Generation {
     pub(super) generated: u32,
     pub(super) text: String,
     pub(super) done: bool,
-    pub(super) metrics: Metrics,
-    pub(super) meter: Meter,
+    pub(super) ledger: Ledger,
+    /// What the runner reported when the generation finished (or what was counted, if it broke).
+    pub(super) usage: Usage,
 }
 
 impl Generation {
@@ -67,13 +69,15 @@ impl Generation {
                     let model = self.model.model_id.as_str();
                     match self.last_token {
                         Some(last) => self
+                            .ledger
                             .metrics
                             .inter_token_latency
                             .with_label_values(&[model])
                             .observe((now - last).as_secs_f64()),
                         None => {
                             self.first_token = Some(now);
-                            self.metrics
+                            self.ledger
+                                .metrics
                                 .time_to_first_token
                                 .with_label_values(&[model])
                                 .observe((now - self.ctx.received).as_secs_f64());
@@ -130,10 +134,11 @@ impl Generation {
         Err(ApiError::Internal("the generation ended twice".into()))
     }
 
-    /// Counts an error the stream reports after its response has started (errors before it are
-    /// counted where they are answered).
+    /// Settles a request whose streamed answer broke off with `error` (errors before the answer
+    /// began are settled where they are answered). The tokens it streamed are recorded but not
+    /// billed: the failure was the platform's.
     pub fn count_stream_error(&self, error: &ApiError) {
-        self.metrics.requests.with_label_values(&[self.ctx.api, &self.requested, error.kind()]).inc();
+        self.settle(error.kind(), false);
     }
 
     /// Time from the request's arrival to its first token, in milliseconds.
@@ -141,6 +146,9 @@ impl Generation {
         self.first_token.map_or(0, |t| (t - self.ctx.received).as_millis() as u64)
     }
 
+    /// Ends this attempt: gives back its slot and records what it did. An answer (or a client
+    /// that left) settles the request; an error does not, as the request may be retried or
+    /// fall back, and is settled where it is answered.
     pub(super) fn finish(&mut self, usage: &Usage, outcome: &str) {
         if self.done {
             return;
@@ -150,53 +158,43 @@ impl Generation {
         let model = self.model.model_id.as_str();
         let output_tokens = if usage.output_tokens > 0 { usage.output_tokens } else { self.generated };
         let input_tokens = if usage.input_tokens > 0 { usage.input_tokens } else { self.input_tokens };
+        self.usage = Usage { input_tokens, output_tokens, cached_tokens: usage.cached_tokens };
         if let Some(permit) = self.permit.take() {
             permit.complete((input_tokens + output_tokens) as u64);
         }
         self.in_flight.take();
-        let prefill = self.first_token.unwrap_or(now) - self.dispatched;
+        let metrics = &self.ledger.metrics;
         let decode = self.first_token.map_or(Duration::ZERO, |t| now - t);
         if output_tokens > 1 && decode > Duration::ZERO {
-            self.metrics
+            metrics
                 .tokens_per_second
                 .with_label_values(&[model])
                 .observe((output_tokens - 1) as f64 / decode.as_secs_f64());
         }
-        self.metrics.tokens.with_label_values(&[model, "input"]).inc_by(input_tokens as u64);
-        self.metrics.tokens.with_label_values(&[model, "output"]).inc_by(output_tokens as u64);
-        self.metrics.tokens.with_label_values(&[model, "cached"]).inc_by(usage.cached_tokens as u64);
-        self.metrics.finish_reasons.with_label_values(&[model, outcome]).inc();
-        // Errors are counted where they are answered (the handler, or the stream's exception).
-        let requested = self.requested.as_str();
-        let result = match outcome {
-            "end_turn" | "max_tokens" | "stop_sequence" => Some("ok"),
-            "cancelled" => Some("cancelled"),
-            _ => None,
-        };
-        if let Some(result) = result {
-            self.metrics.requests.with_label_values(&[self.ctx.api, requested, result]).inc();
-            self.metrics
-                .request_duration
-                .with_label_values(&[self.ctx.api, requested])
-                .observe(self.ctx.received.elapsed().as_secs_f64());
+        metrics.tokens.with_label_values(&[model, "input"]).inc_by(input_tokens as u64);
+        metrics.tokens.with_label_values(&[model, "output"]).inc_by(output_tokens as u64);
+        metrics.tokens.with_label_values(&[model, "cached"]).inc_by(usage.cached_tokens as u64);
+        metrics.finish_reasons.with_label_values(&[model, outcome]).inc();
+        if matches!(outcome, "end_turn" | "max_tokens" | "stop_sequence" | "cancelled") {
+            self.settle(outcome, true);
         }
-        self.meter.record(MeteringRecord {
-            request_id: self.ctx.request_id.clone(),
-            timestamp: unix_seconds(),
-            tenant: self.ctx.tenant.name.clone(),
-            api: self.ctx.api,
-            model: self.requested.clone(),
-            model_used: self.model.model_id.clone(),
-            input_tokens,
-            output_tokens,
-            cached_tokens: usage.cached_tokens,
-            queue_ms: self.queue_wait.as_secs_f64() * 1000.0,
-            prefill_ms: prefill.as_secs_f64() * 1000.0,
-            decode_ms: decode.as_secs_f64() * 1000.0,
-            total_ms: self.ctx.received.elapsed().as_secs_f64() * 1000.0,
-            cost: self.model.cost(input_tokens, output_tokens),
-            outcome: outcome.into(),
-        });
+    }
+
+    fn settle(&self, outcome: &str, billable: bool) {
+        let end = Instant::now();
+        self.ledger.settle(
+            &self.ctx,
+            Account {
+                requested: &self.requested,
+                used: &self.model,
+                outcome,
+                usage: self.usage,
+                queue: self.queue_wait,
+                prefill: self.first_token.unwrap_or(end) - self.dispatched,
+                decode: self.first_token.map_or(Duration::ZERO, |t| end - t),
+                billable,
+            },
+        );
     }
 }
 

@@ -27,7 +27,7 @@ use crate::adapters::{self, DEFAULT_MAX_TOKENS, StopReason, TextOutput, TextRequ
 use crate::catalog::{Catalog, ModelEntry};
 use crate::error::{self, ApiError, SetupError, from_status};
 use crate::guard::Guards;
-use crate::metering::{Meter, MeteringRecord};
+use crate::metering::Meter;
 use crate::metrics::Metrics;
 use crate::placement::{self, RequestFacts};
 use crate::runners::{InFlight, RunnerHandle, Runners};
@@ -37,11 +37,13 @@ use crate::tenants::Tenant;
 mod admission;
 mod dispatch;
 mod generation;
+mod ledger;
 mod live;
 
 use admission::{capacity_loop, check_input_length};
 use dispatch::{RUNNER_ATTEMPTS, StartError};
 pub use generation::Generation;
+pub use ledger::{Account, Ledger, Settled};
 pub use live::Live;
 
 /// Bytes of prompt text hashed for prefix affinity (about 128 tokens).
@@ -60,6 +62,8 @@ pub struct Ctx {
     /// The caller's own prefix-cache salt (`x-mantle-cache-salt`, OpenAI `cache_salt`), for
     /// isolation within the tenant; empty for none.
     pub cache_salt: String,
+    /// Whether the request has been counted and metered (see [`Ledger`]).
+    pub settled: Settled,
 }
 
 impl Ctx {
@@ -115,7 +119,8 @@ impl Default for PathConfig {
 pub struct Inference {
     live: std::sync::RwLock<Arc<Live>>,
     pub metrics: Metrics,
-    pub meter: Meter,
+    /// Where each request is counted and metered, once.
+    pub ledger: Ledger,
     /// The guards in force, replaced whole when guardrails change.
     guards: std::sync::RwLock<Arc<Guards>>,
     pub config: PathConfig,
@@ -137,8 +142,8 @@ impl Inference {
         let live = Live::new(platform, &Runners::new(SendToken(config.runner_token.clone())))?;
         let inference = Arc::new(Inference {
             live: std::sync::RwLock::new(Arc::new(live)),
+            ledger: Ledger { metrics: metrics.clone(), meter },
             metrics,
-            meter,
             guards: std::sync::RwLock::new(Arc::new(Guards::default())),
             config,
             queues: std::sync::Mutex::new(HashMap::new()),
@@ -267,8 +272,8 @@ impl Inference {
             generated: 0,
             text: String::new(),
             done: false,
-            metrics: self.metrics.clone(),
-            meter: self.meter.clone(),
+            ledger: self.ledger.clone(),
+            usage: Usage::default(),
         })
     }
 
@@ -354,26 +359,20 @@ impl Inference {
             .await;
         let (used, reply) = result?;
         let vectors: Vec<Vec<f32>> = reply.embeddings.into_iter().map(|e| e.values).collect();
-        let total = started.elapsed();
         self.metrics.tokens.with_label_values(&[used.model_id.as_str(), "input"]).inc_by(reply.input_tokens as u64);
-        self.count_outcome(ctx, model, "ok");
-        self.meter.record(MeteringRecord {
-            request_id: ctx.request_id.clone(),
-            timestamp: unix_seconds(),
-            tenant: ctx.tenant.name.clone(),
-            api: ctx.api,
-            model: model.model_id.clone(),
-            model_used: used.model_id.clone(),
-            input_tokens: reply.input_tokens,
-            output_tokens: 0,
-            cached_tokens: 0,
-            queue_ms: 0.0,
-            prefill_ms: total.as_secs_f64() * 1000.0,
-            decode_ms: 0.0,
-            total_ms: ctx.received.elapsed().as_secs_f64() * 1000.0,
-            cost: used.cost(reply.input_tokens, 0),
-            outcome: "ok".into(),
-        });
+        self.ledger.settle(
+            ctx,
+            Account {
+                requested: &model.model_id,
+                used: &used,
+                outcome: "ok",
+                usage: Usage { input_tokens: reply.input_tokens, ..Usage::default() },
+                queue: Duration::ZERO,
+                prefill: started.elapsed(),
+                decode: Duration::ZERO,
+                billable: true,
+            },
+        );
         Ok((vectors, reply.input_tokens))
     }
 
@@ -389,15 +388,22 @@ impl Inference {
             messages: req.messages.clone(),
             prompt: req.prompt.clone().unwrap_or_default(),
         }));
-        Ok(self.bounded(call).await?.input_tokens)
-    }
-
-    pub fn count_outcome(&self, ctx: &Ctx, model: &ModelEntry, outcome: &str) {
-        self.metrics.requests.with_label_values(&[ctx.api, model.model_id.as_str(), outcome]).inc();
-        self.metrics
-            .request_duration
-            .with_label_values(&[ctx.api, model.model_id.as_str()])
-            .observe(ctx.received.elapsed().as_secs_f64());
+        let input_tokens = self.bounded(call).await?.input_tokens;
+        // Counted like any request; metered at no cost (CountTokens is free, as on Bedrock).
+        self.ledger.settle(
+            ctx,
+            Account {
+                requested: &model.model_id,
+                used: model,
+                outcome: "ok",
+                usage: Usage { input_tokens, ..Usage::default() },
+                queue: Duration::ZERO,
+                prefill: Duration::ZERO,
+                decode: Duration::ZERO,
+                billable: false,
+            },
+        );
+        Ok(input_tokens)
     }
 
     /// A span for one request, carrying its id (and sent to the runner as `x-request-id`).
@@ -448,6 +454,7 @@ mod tests {
             deadline: None,
             received: Instant::now(),
             cache_salt: salt.into(),
+            settled: Settled::default(),
         }
     }
 

@@ -1,10 +1,12 @@
 //! What the router's integration tests share: a FoundationModel from a few fields, and one
-//! request through an app with its status, headers and body.
+//! request through an app with its status, headers and body, and the metering file read back.
 
 #![allow(dead_code)] // each test binary uses its own part
 
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, Request, StatusCode};
+use std::time::{Duration, Instant};
+
 use http_body_util::BodyExt;
 use serde_json::Value;
 use tower::ServiceExt;
@@ -32,4 +34,19 @@ pub async fn send(app: &axum::Router, request: Request<Body>) -> (StatusCode, He
 
 pub fn json_of(body: &Bytes) -> Value {
     serde_json::from_slice(body).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(body)))
+}
+
+/// The metering file's records, once it has at least `least` and a moment has passed for any
+/// stray extra one to arrive (or after two seconds).
+pub async fn read_metering(path: &std::path::Path, least: usize) -> Vec<serde_json::Value> {
+    let read = || -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while read().len() < least && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    read()
 }
