@@ -1,5 +1,6 @@
 //! The runners behind each model: a gRPC client per runner and a task per runner that follows its
-//! Health stream, so placement and admission always see live load.
+//! Health stream, so placement and admission always see live load, and knows what the runner
+//! serves (its Info: context length, embedding width).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -9,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use mantle_proto::auth::SendToken;
 use mantle_proto::runner_client::RunnerClient;
-use mantle_proto::{HealthRequest, HealthSignal, LoadState};
+use mantle_proto::{HealthRequest, HealthSignal, InfoRequest, InfoResponse, LoadState};
 use serde::Deserialize;
 use tokio_stream::StreamExt;
 use tonic::service::interceptor::InterceptedService;
@@ -53,6 +54,8 @@ pub fn read_runners_file(path: &Path) -> Result<Vec<RunnerSpec>, SetupError> {
 
 #[derive(Default)]
 struct Live {
+    /// What the runner said it serves, asked each time its Health stream (re)connects.
+    info: Option<InfoResponse>,
     signal: Option<HealthSignal>,
     at: Option<Instant>,
     error: Option<String>,
@@ -113,6 +116,11 @@ impl RunnerHandle {
         self.lock().signal.clone()
     }
 
+    /// What the runner serves, once it has said.
+    pub fn info(&self) -> Option<InfoResponse> {
+        self.lock().info.clone()
+    }
+
     pub fn last_error(&self) -> Option<String> {
         self.lock().error.clone()
     }
@@ -153,6 +161,13 @@ impl RunnerHandle {
             let mut client = self.client.clone();
             match client.health(HealthRequest {}).await {
                 Ok(response) => {
+                    // A runner that restarted may serve another build of the model: ask again.
+                    match client.info(InfoRequest {}).await {
+                        Ok(info) => self.lock().info = Some(info.into_inner()),
+                        Err(status) => {
+                            tracing::warn!(runner = %self.spec.address, error = %status.message(), "the runner did not say what it serves")
+                        }
+                    }
                     let mut stream = response.into_inner();
                     while let Some(item) = stream.next().await {
                         match item {
@@ -226,6 +241,11 @@ impl Runners {
 
     pub fn for_model(&self, model_id: &str) -> &[Arc<RunnerHandle>] {
         self.by_model.get(model_id).map_or(&[], Vec::as_slice)
+    }
+
+    /// The width of the model's embeddings, as its runners report it (none until one has said).
+    pub fn embedding_dimensions(&self, model_id: &str) -> Option<u32> {
+        self.for_model(model_id).iter().filter_map(|r| r.info()).map(|i| i.embedding_dimensions).find(|&d| d > 0)
     }
 
     /// Whether the model has at least one ready runner.

@@ -31,6 +31,8 @@ pub struct StandInConfig {
     /// Fail every Generate stream with this gRPC code after this many tokens.
     pub fail_after: Option<(u32, tonic::Code)>,
     pub context_length: u32,
+    /// The width of its embeddings (`[text length, 1, 0, 0, …]`), reported by Info.
+    pub embedding_dimensions: u32,
     /// The token every call must carry, as a runner started with `--auth-token-file`.
     pub token: Option<Token>,
 }
@@ -43,6 +45,7 @@ impl Default for StandInConfig {
             fail_with: None,
             fail_after: None,
             context_length: 4096,
+            embedding_dimensions: 3,
             token: None,
         }
     }
@@ -53,6 +56,7 @@ impl Default for StandInConfig {
 pub struct Counters {
     pub generates: AtomicU64,
     pub count_tokens: AtomicU64,
+    pub embeds: AtomicU64,
     /// Streams dropped by the client before their last token.
     pub cancelled: AtomicU64,
     pub active: AtomicU32,
@@ -165,8 +169,15 @@ impl Runner for StandIn {
     }
 
     async fn embed(&self, request: Request<EmbedRequest>) -> Result<Response<EmbedResponse>, Status> {
+        self.counters.embeds.fetch_add(1, Ordering::Relaxed);
         let texts = request.into_inner().texts;
-        let embeddings = texts.iter().map(|t| Embedding { values: vec![t.len() as f32, 1.0, 0.0] }).collect();
+        let width = self.config.embedding_dimensions.max(2) as usize;
+        let vector = |t: &String| {
+            let mut values = vec![0.0; width];
+            values[..2].copy_from_slice(&[t.len() as f32, 1.0]);
+            Embedding { values }
+        };
+        let embeddings = texts.iter().map(vector).collect();
         let tokens = texts.iter().map(|t| (t.len() as u32).div_ceil(4)).sum();
         Ok(Response::new(EmbedResponse { embeddings, input_tokens: tokens }))
     }
@@ -186,6 +197,7 @@ impl Runner for StandIn {
             model_id: "stand-in".into(),
             modality: "TEXT".into(),
             context_length: self.config.context_length,
+            embedding_dimensions: self.config.embedding_dimensions,
             ..Default::default()
         }))
     }

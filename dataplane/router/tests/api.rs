@@ -32,7 +32,7 @@ struct Fixture {
     app: axum::Router,
     inference: Arc<Inference>,
     text: RunningStandIn,
-    _others: Vec<RunningStandIn>,
+    others: Vec<RunningStandIn>,
 }
 
 struct Options {
@@ -87,7 +87,7 @@ async fn fixture(options: Options) -> Fixture {
     }
     // Let the capacity loop see the ready runners.
     tokio::time::sleep(Duration::from_millis(150)).await;
-    Fixture { app, inference, text, _others: vec![backup, embed] }
+    Fixture { app, inference, text, others: vec![backup, embed] }
 }
 
 fn converse_body(text: &str) -> String {
@@ -546,6 +546,9 @@ async fn embedding_options_are_honoured_or_refused_with_a_reason() {
     let reply = json_of(&reply);
     let v: Vec<f64> = serde_json::from_value(reply["embeddingsByType"]["float"].clone()).unwrap();
     assert!((v.iter().map(|x| x * x).sum::<f64>() - 1.0).abs() < 1e-5, "{v:?}");
+    // A width the model does not make is refused before any work reaches a runner.
+    let embeds = || f.others[1].counters.embeds.load(std::sync::atomic::Ordering::Relaxed);
+    let before = embeds();
     for (body, says) in [
         (json!({"inputText": "abcd", "dimensions": 256}), "dimensions 256 is not supported"),
         (json!({"inputText": "abcd", "normalize": false}), "normalize false"),
@@ -562,6 +565,7 @@ async fn embedding_options_are_honoured_or_refused_with_a_reason() {
     assert_eq!(status, StatusCode::BAD_REQUEST);
     let error = &json_of(&reply)["error"];
     assert!(error["message"].as_str().unwrap().contains("Matryoshka"), "{error}");
+    assert_eq!(embeds(), before + 1, "only the request with the right width reached the runner");
 }
 
 #[tokio::test]
@@ -745,6 +749,16 @@ async fn count_tokens_is_answered_and_spread_over_the_models_runners() {
     assert_eq!(headers["x-amzn-errortype"], "ValidationException");
     let message = json_of(&reply)["message"].as_str().unwrap_or_default().to_string();
     assert!(message.contains("input.converse.inferenceConfig: unknown field `inferenceConfig`"), "{message}");
+    // Input that cannot fit the model's context is refused before a runner tokenizes it.
+    let long =
+        json!({"input": {"converse": {"messages": [{"role": "user", "content": [{"text": "x".repeat(200_000)}]}]}}});
+    let (status, headers, reply) = send(&app, post(&format!("/model/{TEXT}/count-tokens"), long.to_string())).await;
+    assert_eq!(
+        (status, &headers["x-amzn-errortype"]),
+        (StatusCode::BAD_REQUEST, &"ValidationException".parse().unwrap())
+    );
+    assert!(String::from_utf8_lossy(&reply).contains("context is 4096 tokens"), "{reply:?}");
+    assert_eq!([&a, &b].map(|s| s.counters.count_tokens.load(Ordering::Relaxed)).iter().sum::<u64>(), 40);
 }
 
 fn cell(name: &str, state: &str, shard: i32) -> mantle_crds::Cell {

@@ -19,9 +19,9 @@ const TEXT: &str = "acme.text-v1:0";
 const OTHER: &str = "acme.other-v1:0";
 const PROVISIONING: &str = "  provisioning: {tokensPerMinutePerUnit: 60000}\n";
 
-fn reservation() -> mantle_crds::ProvisionedThroughput {
+fn reservation(namespace: &str, model: &str, tenant: &str) -> mantle_crds::ProvisionedThroughput {
     serde_norway::from_str(&format!(
-        "apiVersion: mantle.dev/v1alpha1\nkind: ProvisionedThroughput\nmetadata: {{name: analytics-text}}\nspec:\n  modelId: {TEXT}\n  modelUnits: 2\n  commitment: ONE_MONTH\n  tenant: analytics\n"
+        "apiVersion: mantle.dev/v1alpha1\nkind: ProvisionedThroughput\nmetadata: {{name: analytics-text, namespace: {namespace}}}\nspec:\n  modelId: {model}\n  modelUnits: 2\n  commitment: ONE_MONTH\n  tenant: {tenant}\n"
     ))
     .unwrap()
 }
@@ -39,6 +39,16 @@ async fn call(app: &axum::Router, key: &str, model: &str) -> (StatusCode, Bytes)
     (status, response.into_body().collect().await.unwrap().to_bytes())
 }
 
+async fn count_tokens(app: &axum::Router, key: &str) -> StatusCode {
+    let body = json!({"input": {"converse": {"messages": [{"role": "user", "content": [{"text": "x".repeat(400)}]}]}}});
+    let request = Request::post(format!("/model/{}/count-tokens", TEXT.replace(':', "%3A")))
+        .header("content-type", "application/json")
+        .header("authorization", format!("Bearer {key}"))
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    app.clone().oneshot(request).await.unwrap().status()
+}
+
 #[tokio::test]
 async fn a_provisioned_tenant_keeps_its_reserved_rate_beside_a_noisy_neighbour() {
     let keys = std::env::temp_dir().join(format!("mantle-pt-keys-{}.yaml", std::process::id()));
@@ -54,14 +64,14 @@ async fn a_provisioned_tenant_keeps_its_reserved_rate_beside_a_noisy_neighbour()
     config.auth = AuthConfig::File(keys.clone());
     let platform = Platform {
         models: vec![support::model(TEXT, "TEXT", PROVISIONING), support::model(OTHER, "TEXT", PROVISIONING)],
-        provisioned: vec![reservation()],
+        provisioned: vec![reservation("team-a", TEXT, "analytics")],
         runners: vec![
             RunnerSpec { model: TEXT.into(), address: text.address(), pool: None, cell: None },
             RunnerSpec { model: OTHER.into(), address: other.address(), pool: None, cell: None },
         ],
         cells: Vec::new(),
     };
-    let (app, inference) = mantle_router::build(&config, platform).unwrap();
+    let (app, inference) = mantle_router::build(&config, platform.clone()).unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     while !(inference.admits(TEXT) && inference.admits(OTHER)) {
         assert!(Instant::now() < deadline, "stand-ins never ready");
@@ -73,6 +83,14 @@ async fn a_provisioned_tenant_keeps_its_reserved_rate_beside_a_noisy_neighbour()
         noisy.push(call(&app, "mk-noisy-0123456789abcdef", TEXT).await.0);
     }
     assert!(noisy.contains(&StatusCode::TOO_MANY_REQUESTS), "the neighbour was never throttled");
+    // Counting tokens spends a bucket of its own: a throttled tenant may still count, but not
+    // without end (each count here is ~100 tokens of its 1,000 a minute).
+    let mut counts = Vec::new();
+    for _ in 0..20 {
+        counts.push(count_tokens(&app, "mk-noisy-0123456789abcdef").await);
+    }
+    assert_eq!(counts[0], StatusCode::OK, "CountTokens spent inference quota");
+    assert!(counts.contains(&StatusCode::TOO_MANY_REQUESTS), "CountTokens is unbounded: {counts:?}");
     // ...while the provisioned tenant, whose on-demand limit is the same, spends 40 requests of its
     // reservation (120,000 tokens a minute) without a refusal.
     for i in 0..40 {
@@ -93,5 +111,17 @@ async fn a_provisioned_tenant_keeps_its_reserved_rate_beside_a_noisy_neighbour()
     assert_eq!(call(&app, "mk-noisy-0123456789abcdef", arn).await.0, StatusCode::FORBIDDEN);
     let unknown = "arn:aws:bedrock:us-east-1:000000000000:provisioned-model/nope";
     assert_eq!(call(&app, "mk-analytics-0123456789ab", unknown).await.0, StatusCode::NOT_FOUND);
+    // Names repeat across namespaces: the ARN's account field (the namespace, as in the ARN the
+    // status shows) picks one; an ARN that could be either is refused, not guessed.
+    let mut platform = platform;
+    platform.provisioned.push(reservation("team-b", OTHER, "noisy"));
+    inference.update(platform).unwrap();
+    let in_namespace = |ns: &str| format!("arn:mantle:bedrock:cell-a:{ns}:provisioned-model/analytics-text");
+    assert_eq!(call(&app, "mk-analytics-0123456789ab", &in_namespace("team-a")).await.0, StatusCode::OK);
+    assert_eq!(call(&app, "mk-noisy-0123456789abcdef", &in_namespace("team-b")).await.0, StatusCode::OK);
+    assert_eq!(call(&app, "mk-noisy-0123456789abcdef", &in_namespace("team-a")).await.0, StatusCode::FORBIDDEN);
+    let (status, body) = call(&app, "mk-analytics-0123456789ab", arn).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(String::from_utf8_lossy(&body).contains("team-b"), "{}", String::from_utf8_lossy(&body));
     std::fs::remove_file(keys).ok();
 }

@@ -265,8 +265,7 @@ pub async fn invoke(
                 let dialect = EmbedDialect::of(model.invoke_body).ok_or_else(|| wrong_body(&model))?;
                 let req = native::embed_request(dialect, &value)?;
                 let (mut vectors, tokens) =
-                    state.inference.embed(&ctx, &model, req.texts.clone()).instrument(span).await?;
-                native::check_dimensions(&model.model_id, req.dimensions, &vectors)?;
+                    state.inference.embed(&ctx, &model, req.texts.clone(), req.dimensions).instrument(span).await?;
                 if dialect == EmbedDialect::Titan {
                     native::normalize(&mut vectors);
                 }

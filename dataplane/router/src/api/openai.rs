@@ -12,7 +12,6 @@ use tracing::Instrument;
 
 use super::stream::{self, Frames};
 use super::{Caller, Shared, check_cache_salt, require_json};
-use crate::adapters::native;
 use crate::adapters::openai::{self, ChatCompletion};
 use crate::adapters::{StopReason, TextOutput};
 use crate::error::ApiError;
@@ -187,8 +186,7 @@ pub async fn embeddings(
         let ctx = caller.ctx(api, &headers)?;
         let model = state.inference.resolve(&caller.tenant.name, &req.model)?;
         let span = Inference::span(&ctx, &model.model_id);
-        let (vectors, tokens) = state.inference.embed(&ctx, &model, req.texts).instrument(span).await?;
-        native::check_dimensions(&model.model_id, req.dimensions, &vectors)?;
+        let (vectors, tokens) = state.inference.embed(&ctx, &model, req.texts, req.dimensions).instrument(span).await?;
         Ok::<_, ApiError>(
             axum::Json(openai::embeddings_response(&req.model, &vectors, req.base64, tokens)).into_response(),
         )

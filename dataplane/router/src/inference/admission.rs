@@ -120,31 +120,10 @@ impl Inference {
         let weight = units.unwrap_or(1.0);
         let reserved = units.map_or(0, |u| (u * model.tokens_per_minute_per_unit.unwrap_or(0) as f64) as u64);
         let limits = ctx.tenant.limits(weight, reserved);
-        let load = self.model_load(&model.model_id);
         // Buckets count input plus the output a request is expected to generate, one bucket per
         // tenant and model.
         let tokens = input_tokens + self.config.queue.expected_output_tokens(output_tokens);
-        let bucket = format!("{}\u{1f}{}", ctx.tenant.name, model.model_id);
-        let limited = self.limiter.lock().unwrap_or_else(|e| e.into_inner()).check(
-            &bucket,
-            &limits,
-            tokens,
-            load,
-            Instant::now(),
-        );
-        if let Err(throttled) = limited {
-            self.reject(model, "rate_limit");
-            return Err(ApiError::Throttling {
-                message: format!(
-                    "Too many tokens: tenant {} is over its limit of {} tokens a minute on {}. Retry after {:.1}s.",
-                    ctx.tenant.name,
-                    limits.tokens_per_minute + limits.reserved_tokens_per_minute,
-                    model.model_id,
-                    throttled.retry_after.as_secs_f64()
-                ),
-                retry_after: throttled.retry_after,
-            });
-        }
+        self.spend(ctx, model, "", &limits, tokens)?;
         let request = mantle_admission::Request {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             tenant: ctx.tenant.name.clone(),
@@ -169,6 +148,35 @@ impl Inference {
             .with_label_values(&[model.model_id.as_str(), permit.lane().name()])
             .observe(wait.as_secs_f64());
         Ok(Admission { permit, queue_wait: wait })
+    }
+
+    /// Takes `tokens` from the tenant's bucket for the model (`purpose` names a separate bucket,
+    /// e.g. for CountTokens), or refuses with the time to wait.
+    pub(super) fn spend(
+        &self,
+        ctx: &Ctx,
+        model: &ModelEntry,
+        purpose: &str,
+        limits: &mantle_admission::TenantLimits,
+        tokens: u64,
+    ) -> Result<(), ApiError> {
+        let load = self.model_load(&model.model_id);
+        let bucket = format!("{}\u{1f}{}\u{1f}{purpose}", ctx.tenant.name, model.model_id);
+        let limited =
+            self.limiter.lock().unwrap_or_else(|e| e.into_inner()).check(&bucket, limits, tokens, load, Instant::now());
+        let Err(throttled) = limited else { return Ok(()) };
+        self.reject(model, "rate_limit");
+        Err(ApiError::Throttling {
+            message: format!(
+                "Too many tokens: tenant {} is over its limit of {} tokens a minute on {}{}. Retry after {:.1}s.",
+                ctx.tenant.name,
+                limits.tokens_per_minute + limits.reserved_tokens_per_minute,
+                model.model_id,
+                if purpose.is_empty() { String::new() } else { format!(" ({purpose})") },
+                throttled.retry_after.as_secs_f64()
+            ),
+            retry_after: throttled.retry_after,
+        })
     }
 
     pub(super) fn rejection(&self, model: &ModelEntry, rejected: Rejected) -> (&'static str, ApiError) {

@@ -192,20 +192,15 @@ impl Inference {
     /// the ProvisionedThroughput's), which only its own tenant may call.
     pub fn resolve(&self, tenant: &str, requested: &str) -> Result<ModelEntry, ApiError> {
         let live = self.live();
-        let Some(name) =
-            requested.strip_prefix("arn:").and_then(|arn| arn.split_once(":provisioned-model/")).map(|(_, n)| n)
-        else {
+        let Some(provisioned) = live.provisioned_model(requested)? else {
             return Ok(live.catalog.resolve(requested)?.clone());
         };
-        let Some((owner, model_id)) = live.provisioned_models.get(name) else {
-            return Err(ApiError::NotFound(format!("No provisioned model throughput is named {name:?}.")));
-        };
-        if owner != tenant {
+        if provisioned.tenant != tenant {
             return Err(ApiError::AccessDenied(format!(
-                "The provisioned model throughput {name:?} belongs to another tenant."
+                "The provisioned model throughput {requested:?} belongs to another tenant."
             )));
         }
-        Ok(live.catalog.resolve(model_id)?.clone())
+        Ok(live.catalog.resolve(&provisioned.model_id)?.clone())
     }
 
     /// Starts a generation; the first event (the runner accepting the prompt) has arrived when
@@ -326,12 +321,15 @@ impl Inference {
         }
     }
 
-    /// Embeds texts on one of the model's runners.
+    /// Embeds texts on one of the model's runners. A `dimensions` other than the model's width is
+    /// refused before any work is queued (once a runner has said its width; else when the
+    /// vectors come back, unbilled).
     pub async fn embed(
         &self,
         ctx: &Ctx,
         model: &ModelEntry,
         texts: Vec<String>,
+        dimensions: Option<u32>,
     ) -> Result<(Vec<Vec<f32>>, u32), ApiError> {
         if model.modality != Modality::Embedding {
             return Err(ApiError::validation(format!(
@@ -339,6 +337,8 @@ impl Inference {
                 model.model_id
             )));
         }
+        let width = self.live().runners.embedding_dimensions(&model.model_id);
+        adapters::native::check_dimensions(&model.model_id, dimensions, width.map(|w| w as usize))?;
         let estimate = texts.iter().map(|t| (t.len() as u64).div_ceil(4)).sum::<u64>().max(1);
         let started = Instant::now();
         let result = self
@@ -359,6 +359,7 @@ impl Inference {
             .await;
         let (used, reply) = result?;
         let vectors: Vec<Vec<f32>> = reply.embeddings.into_iter().map(|e| e.values).collect();
+        adapters::native::check_dimensions(&model.model_id, dimensions, vectors.first().map(Vec::len))?;
         self.metrics.tokens.with_label_values(&[used.model_id.as_str(), "input"]).inc_by(reply.input_tokens as u64);
         self.ledger.settle(
             ctx,
@@ -379,8 +380,13 @@ impl Inference {
     /// Counts a conversation's or prompt's tokens with the model's own tokenizer and template.
     /// It takes no slot (the runner tokenizes outside its batch), so it skips the admission
     /// queue, but it is placed like inference: on the tenant's cells, the less loaded of two
-    /// runners, counted in their in-flight load.
+    /// runners, counted in their in-flight load. What a tenant may have counted is bounded
+    /// apart from its inference: input that cannot fit the context is refused before a runner
+    /// sees it, and the counted tokens come from a bucket of their own at the tenant's rate, so
+    /// counting never spends inference quota and cannot keep runners tokenizing without end.
     pub async fn count_tokens(&self, ctx: &Ctx, model: &ModelEntry, req: &TextRequest) -> Result<u32, ApiError> {
+        check_input_length(model, req)?;
+        self.spend(ctx, model, "CountTokens", &ctx.tenant.limits(1.0, 0), req.estimated_input_tokens())?;
         let runner = self.place(ctx, model, "")?;
         let _in_flight = runner.begin();
         let mut client = runner.client.clone();
