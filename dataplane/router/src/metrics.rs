@@ -97,16 +97,20 @@ impl Metrics {
                 "Tokens by model and kind (input, output, cached)",
                 &["model", "kind"],
             )?,
-            queue_depth: gauge("mantle_router_queue_depth", "Requests waiting, by model and lane", &["model", "lane"])?,
+            queue_depth: gauge(
+                "mantle_router_queue_depth",
+                "Requests waiting, by model, pool (shared, or a provisioned tenant's) and lane",
+                &["model", "pool", "lane"],
+            )?,
             queue_overloaded: gauge(
                 "mantle_router_queue_overloaded",
                 "1 while the lane's queue stands and requests that would wait are refused",
-                &["model", "lane"],
+                &["model", "pool", "lane"],
             )?,
             queue_wait: histogram(
                 "mantle_router_queue_wait_seconds",
-                "Time requests waited for a slot, by model and lane",
-                &["model", "lane"],
+                "Time requests waited for a slot, by model, pool and lane",
+                &["model", "pool", "lane"],
                 latency,
             )?,
             rejected: counter(

@@ -1,8 +1,10 @@
 //! ProvisionedThroughput reserves capacity: a provisioned tenant's rate on its model is its
 //! model units × the model's tokens per unit, on top of its on-demand limits and whatever a noisy
-//! neighbour does; buckets are per (tenant, model); the reservation's ARN works as a model id,
+//! neighbour does; buckets are per (tenant, model); a dedicated pool admits its tenant through a
+//! queue of its own, whatever fills the shared one; the reservation's ARN works as a model id,
 //! for its own tenant only.
 
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
@@ -123,5 +125,68 @@ async fn a_provisioned_tenant_keeps_its_reserved_rate_beside_a_noisy_neighbour()
     let (status, body) = call(&app, "mk-analytics-0123456789ab", arn).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(String::from_utf8_lossy(&body).contains("team-b"), "{}", String::from_utf8_lossy(&body));
+    std::fs::remove_file(keys).ok();
+}
+
+#[tokio::test]
+async fn a_dedicated_pool_admits_its_tenant_while_a_neighbour_fills_the_shared_one() {
+    let keys = std::env::temp_dir().join(format!("mantle-pool-keys-{}.yaml", std::process::id()));
+    std::fs::write(
+        &keys,
+        "tenants:\n  - {name: noisy, apiKeys: [mk-noisy-0123456789abcdef]}\n  - {name: analytics, apiKeys: [mk-analytics-0123456789ab]}\n",
+    )
+    .unwrap();
+    // The shared runner takes 5 s a request; the dedicated one answers at once.
+    let shared =
+        stand_in(StandInConfig { tokens: 100, interval: Duration::from_millis(50), ..Default::default() }).await;
+    let dedicated = stand_in(StandInConfig::default()).await;
+    let mut config = RouterConfig::local("127.0.0.1:0".parse().unwrap());
+    config.auth = AuthConfig::File(keys.clone());
+    config.path.slots_per_runner = 1;
+    let platform = Platform {
+        models: vec![support::model(TEXT, "TEXT", PROVISIONING)],
+        provisioned: vec![reservation("team-a", TEXT, "analytics")],
+        runners: vec![
+            RunnerSpec { model: TEXT.into(), address: shared.address(), pool: None, cell: None },
+            RunnerSpec { model: TEXT.into(), address: dedicated.address(), pool: Some("analytics".into()), cell: None },
+        ],
+        cells: Vec::new(),
+    };
+    let (app, inference) = mantle_router::build(&config, platform).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !inference.live().runners.for_model(TEXT).iter().all(|r| r.state().1) || !inference.admits(TEXT) {
+        assert!(Instant::now() < deadline, "stand-ins never ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    // The neighbour sends more than the shared pool holds.
+    let noisy: Vec<_> = (0..8)
+        .map(|_| {
+            let app = app.clone();
+            tokio::spawn(async move { call(&app, "mk-noisy-0123456789abcdef", TEXT).await.0 })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while shared.counters.active.load(Ordering::Relaxed) == 0 {
+        assert!(Instant::now() < deadline, "the neighbour never reached the shared runner");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Its requests get the shared pool's one slot, never the reservation's...
+    assert_eq!(shared.counters.active.load(Ordering::Relaxed), 1, "the shared runner is over its slots");
+    assert_eq!(dedicated.counters.generates.load(Ordering::Relaxed), 0);
+    // ...and the provisioned tenant is admitted at once by its own pool, not queued behind them.
+    let started = Instant::now();
+    let (status, body) = tokio::time::timeout(Duration::from_secs(3), call(&app, "mk-analytics-0123456789ab", TEXT))
+        .await
+        .expect("the provisioned tenant waited behind its neighbour");
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+    assert_eq!(dedicated.counters.generates.load(Ordering::Relaxed), 1);
+    let queues = inference.metrics.render();
+    assert!(queues.contains("pool=\"analytics\""), "the dedicated pool's queue is not reported: {queues}");
+    for task in noisy {
+        task.abort();
+    }
     std::fs::remove_file(keys).ok();
 }

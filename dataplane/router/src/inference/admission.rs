@@ -12,26 +12,60 @@ pub(super) fn load_of(state: LoadState) -> Load {
     }
 }
 
+/// Which queue admits a request: the model's shared pool, or a provisioned tenant's dedicated
+/// pool of it. Each has the slots of its own ready runners only, so a neighbour filling the shared
+/// pool never takes a slot of a reservation, nor waits in front of it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(super) struct QueueKey {
+    pub model: String,
+    /// The tenant whose dedicated pool it is; `None` for the shared pool.
+    pub pool: Option<String>,
+}
+
+impl QueueKey {
+    fn shared(model: &str) -> Self {
+        QueueKey { model: model.to_string(), pool: None }
+    }
+
+    fn pool_label(&self) -> &str {
+        self.pool.as_deref().unwrap_or("shared")
+    }
+}
+
 impl Inference {
-    /// The `x-mantle-capacity` header sent with 429 and 503 answers: how full the model is, so a
-    /// client (or a load balancer) can back off or go elsewhere.
+    /// The `x-mantle-capacity` header sent with 429 and 503 answers: how full the model's shared
+    /// pool is, so a client (or a load balancer) can back off or go elsewhere.
     pub fn capacity_header(&self, requested: &str) -> Option<String> {
         let model = self.live().catalog.resolve(requested).ok()?.model_id.clone();
-        let queue = self.queues.lock().unwrap_or_else(|e| e.into_inner()).get(&model)?.clone();
+        let queue = self.queues.lock().unwrap_or_else(|e| e.into_inner()).get(&QueueKey::shared(&model))?.clone();
         let s = queue.snapshot();
         Some(format!("slots={}; in-flight={}; queued={}", s.capacity, s.in_flight, s.queued))
     }
 
-    /// Whether admission counts slots for the model now (its runners are known to the queue).
+    /// Whether admission counts slots for the model now (its runners are known to a queue).
     pub fn admits(&self, model_id: &str) -> bool {
-        let queue = self.queues.lock().unwrap_or_else(|e| e.into_inner()).get(model_id).cloned();
-        queue.is_some_and(|q| q.snapshot().capacity > 0)
+        let queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
+        queues.iter().any(|(key, q)| key.model == model_id && q.snapshot().capacity > 0)
     }
 
-    /// The model's queue, created on first use.
-    pub(super) fn queue(&self, model_id: &str) -> ModelQueue {
+    /// The queue that admits `tenant`'s requests for the model: its dedicated pool's while that
+    /// has a ready runner (placement sends them there), else the shared pool's. Created on first
+    /// use.
+    pub(super) fn queue_for(&self, model_id: &str, tenant: &str) -> (QueueKey, ModelQueue) {
+        let dedicated = self
+            .live()
+            .runners
+            .for_model(model_id)
+            .iter()
+            .any(|r| r.spec.pool.as_deref() == Some(tenant) && r.state().1);
+        let key = QueueKey { model: model_id.to_string(), pool: dedicated.then(|| tenant.to_string()) };
+        let queue = self.queue(&key);
+        (key, queue)
+    }
+
+    fn queue(&self, key: &QueueKey) -> ModelQueue {
         let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
-        queues.entry(model_id.to_string()).or_insert_with(|| ModelQueue::new(self.config.queue.clone())).clone()
+        queues.entry(key.clone()).or_insert_with(|| ModelQueue::new(self.config.queue.clone())).clone()
     }
 
     /// The model's load as admission sees it: the best state among its ready runners.
@@ -48,21 +82,26 @@ impl Inference {
             .unwrap_or(Load::Critical)
     }
 
-    /// Updates each model queue's capacity from its runners' readiness and health.
+    /// Updates each queue's capacity from its pool's runners' readiness and health.
     pub(super) fn refresh_capacity(&self) {
         let live = self.live();
         for model in live.catalog.iter() {
-            self.queue(&model.model_id);
+            let id = &model.model_id;
+            self.queue(&QueueKey::shared(id));
+            let runners = live.runners.for_model(id);
+            for pool in runners.iter().filter_map(|r| r.spec.pool.clone()) {
+                self.queue(&QueueKey { model: id.clone(), pool: Some(pool) });
+            }
+            let ready = runners.iter().filter(|r| r.state().1).count();
+            self.metrics.runners_ready.with_label_values(&[id.as_str()]).set(ready as i64);
         }
-        let queues: Vec<(String, ModelQueue)> =
+        let queues: Vec<(QueueKey, ModelQueue)> =
             self.queues.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|(k, q)| (k.clone(), q.clone())).collect();
-        for (model_id, queue) in &queues {
+        for (key, queue) in &queues {
             let mut slots = 0;
-            let mut ready = 0;
-            for r in live.runners.for_model(model_id) {
+            for r in live.runners.for_model(&key.model).iter().filter(|r| r.spec.pool == key.pool) {
                 let (state, is_ready) = r.state();
                 if is_ready {
-                    ready += 1;
                     slots += match state {
                         LoadState::Throttle => self.config.slots_per_runner.div_ceil(2),
                         _ => self.config.slots_per_runner,
@@ -70,16 +109,10 @@ impl Inference {
                 }
             }
             queue.set_capacity(slots);
-            self.metrics.runners_ready.with_label_values(&[model_id.as_str()]).set(ready);
             for lane in queue.snapshot().lanes {
-                self.metrics
-                    .queue_depth
-                    .with_label_values(&[model_id.as_str(), lane.lane.name()])
-                    .set(lane.queued as i64);
-                self.metrics
-                    .queue_overloaded
-                    .with_label_values(&[model_id.as_str(), lane.lane.name()])
-                    .set(i64::from(lane.overloaded));
+                let labels = [key.model.as_str(), key.pool_label(), lane.lane.name()];
+                self.metrics.queue_depth.with_label_values(&labels).set(lane.queued as i64);
+                self.metrics.queue_overloaded.with_label_values(&labels).set(i64::from(lane.overloaded));
             }
         }
     }
@@ -113,7 +146,7 @@ impl Inference {
         prompt: &str,
     ) -> Result<Admission, ApiError> {
         model.check_serving(SystemTime::now())?;
-        let queue = self.queue(&model.model_id);
+        let (key, queue) = self.queue_for(&model.model_id, &ctx.tenant.name);
         // Provisioned model units weigh in fair queuing and reserve their rate: units × the
         // model's tokens per unit, on top of the tenant's on-demand limits.
         let units = self.live().provisioned.get(&(ctx.tenant.name.clone(), model.model_id.clone())).copied();
@@ -145,7 +178,7 @@ impl Inference {
         let wait = queued.elapsed();
         self.metrics
             .queue_wait
-            .with_label_values(&[model.model_id.as_str(), permit.lane().name()])
+            .with_label_values(&[model.model_id.as_str(), key.pool_label(), permit.lane().name()])
             .observe(wait.as_secs_f64());
         Ok(Admission { permit, queue_wait: wait })
     }

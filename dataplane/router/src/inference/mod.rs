@@ -1,9 +1,9 @@
 //! The request path every API shares:
 //!
 //! ```text
-//! resolve model ─► end-of-life check ─► tenant token bucket ─┬► model queue (lane, priority, DRR) ─┐
+//! resolve model ─► end-of-life check ─► tenant token bucket ─┬► pool queue (lane, priority, DRR) ──┐
 //!                                                             └► input guard (concurrently) ───────┴► placement ─► runner
-//! runner stream ─► output guard (per delta) ─► dialect adapter ─► client;   on finish: metrics + metering
+//! runner stream ─► output guard (per delta) ─► dialect adapter ─► client;   on finish: settled once in the ledger (count + metering)
 //! ```
 //!
 //! Failures that the model's fallback chain covers move the request to the next model before
@@ -40,7 +40,7 @@ mod generation;
 mod ledger;
 mod live;
 
-use admission::{capacity_loop, check_input_length};
+use admission::{QueueKey, capacity_loop, check_input_length};
 use dispatch::{RUNNER_ATTEMPTS, StartError};
 pub use generation::Generation;
 pub use ledger::{Account, Ledger, Settled};
@@ -124,8 +124,9 @@ pub struct Inference {
     /// The guards in force, replaced whole when guardrails change.
     guards: std::sync::RwLock<Arc<Guards>>,
     pub config: PathConfig,
-    /// One queue per model id, kept across platform updates (requests may be waiting in it).
-    queues: std::sync::Mutex<HashMap<String, ModelQueue>>,
+    /// One queue per model and pool (the shared one, and each provisioned tenant's dedicated
+    /// one), kept across platform updates (requests may be waiting in it).
+    queues: std::sync::Mutex<HashMap<QueueKey, ModelQueue>>,
     limiter: std::sync::Mutex<RateLimiter>,
     next_id: AtomicU64,
     /// Randomness for power-of-two choices.
