@@ -191,6 +191,28 @@ completion = client.chat.completions.create(
 calls = completion.choices[0].message.tool_calls or []
 check("openai forced tool_choice", completion.choices[0].finish_reason == "tool_calls" and len(calls) == 1
       and calls[0].function.name == "get_weather" and "city" in json.loads(calls[0].function.arguments), completion)
+completion = client.chat.completions.create(model=TEXT, messages=[{"role": "user", "content": QUESTION}],
+                                            max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
+content = completion.choices[0].logprobs.content
+check("openai chat top_logprobs", len(content) > 0 and all(len(t.top_logprobs) == 3 for t in content)
+      and all(t.top_logprobs[0].token == t.token for t in content), content)
+# The completions API: a raw prompt continued, and a passage scored token by token (echo with
+# logprobs and no new tokens), as lm-evaluation-harness's local-completions model asks for.
+completion = client.completions.create(model=TEXT, prompt="The capital of France is", max_tokens=8, temperature=0)
+check("openai completions", "Paris" in completion.choices[0].text and completion.usage.completion_tokens > 0,
+      completion)
+PASSAGE = ("The capital of France is Paris. It is known for the Eiffel Tower, the Louvre museum and its cafes. "
+           "Millions of tourists visit the city every year.")
+scored = client.completions.create(model=TEXT, prompt=PASSAGE, max_tokens=0, echo=True, logprobs=1, temperature=0)
+lp = scored.choices[0].logprobs
+mean = sum(lp.token_logprobs[1:]) / (len(lp.token_logprobs) - 1)
+perplexity = 2.718281828 ** -mean
+paris = lp.tokens.index(" Paris")
+check("openai completions echo scores the prompt", scored.choices[0].text == PASSAGE and "".join(lp.tokens) == PASSAGE
+      and lp.token_logprobs[0] is None and scored.usage.completion_tokens == 0
+      and lp.top_logprobs[paris] and lp.token_logprobs[paris] > -3, lp)
+check("perplexity through the completions API", 1.0 < perplexity < 60.0, perplexity)
+print(f"     perplexity of the passage: {perplexity:.2f} over {len(lp.tokens)} tokens", flush=True)
 listed = [m.id for m in client.models.list()]
 check("openai models", TEXT in listed and EMBED in listed, listed)
 try:

@@ -46,17 +46,24 @@ fn main() {
         let mut tables: Vec<BlockTable> = (0..n).map(|_| BlockTable::default()).collect();
         let mut scratch = Scratch::default();
         let mut samplers: Vec<Sampler> = (0..n).map(|_| Sampler::new(SamplingParams::default())).collect();
+        let rows: Vec<usize> = (0..n).collect();
         for t in &mut tables {
             t.reserve(&mut cache, prompt.len() + tokens).expect("cache sized for the run");
         }
         let start = Instant::now();
-        let steps: Vec<Step> =
-            tables.iter().map(|t| Step { tokens: &prompt, start: 0, blocks: t.blocks(), logits: true }).collect();
+        let steps: Vec<Step> = tables
+            .iter()
+            .map(|t| Step { tokens: &prompt, start: 0, blocks: t.blocks(), logits: true, all_logits: false })
+            .collect();
         let mut logits = model.model.forward(&steps, &mut cache, &mut scratch);
         let ttft = start.elapsed();
         let decode_start = Instant::now();
-        let mut next: Vec<u32> =
-            model.model.sample(&logits, &mut samplers.iter_mut().collect::<Vec<_>>()).iter().map(|s| s.token).collect();
+        let mut next: Vec<u32> = model
+            .model
+            .sample(&logits, &rows, &mut samplers.iter_mut().collect::<Vec<_>>())
+            .iter()
+            .map(|s| s.token)
+            .collect();
         for i in 1..tokens {
             let pos = prompt.len() + i - 1;
             let steps: Vec<Step> = tables
@@ -67,12 +74,13 @@ fn main() {
                     start: pos,
                     blocks: t.blocks(),
                     logits: true,
+                    all_logits: false,
                 })
                 .collect();
             logits = model.model.forward(&steps, &mut cache, &mut scratch);
             next = model
                 .model
-                .sample(&logits, &mut samplers.iter_mut().collect::<Vec<_>>())
+                .sample(&logits, &rows, &mut samplers.iter_mut().collect::<Vec<_>>())
                 .iter()
                 .map(|s| s.token)
                 .collect();
@@ -137,6 +145,7 @@ fn constrained(model: &std::sync::Arc<TextModel>, tokens: usize, rounds: usize) 
                 priority: 1,
                 cache_salt: String::new(),
                 constraint,
+                prompt_logprobs: false,
             };
             scheduler.add(request).expect("fits");
         }
@@ -205,6 +214,7 @@ fn prefix_cache(model: std::sync::Arc<TextModel>) {
             priority: 1,
             cache_salt: String::new(),
             constraint: None,
+            prompt_logprobs: false,
         };
         scheduler.add(request).expect("fits");
         let start = Instant::now();
@@ -221,6 +231,7 @@ fn prefix_cache(model: std::sync::Arc<TextModel>) {
                         let rate = (generated.max(1) - 1) as f64 / first.elapsed().as_secs_f64().max(1e-9);
                         return ((first - start).as_secs_f64() * 1e3, rate, tokens);
                     }
+                    Event::PromptLogprobs { .. } => {}
                 }
             }
         }

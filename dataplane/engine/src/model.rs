@@ -19,7 +19,7 @@ use crate::attention::{AttendScratch, Head, SPAN, SpanStats, attend, merge};
 use crate::gguf::GgufFile;
 use crate::kv_cache::KvCache;
 use crate::quant::{BLOCK, BlockQ8, QMatrix, quantize_row};
-use crate::sampling::{Sampled, Sampler};
+use crate::sampling::{Sampled, Sampler, TokenScore, score};
 
 /// The hyper-parameters read from GGUF metadata.
 #[derive(Debug, Clone, PartialEq)]
@@ -112,6 +112,16 @@ pub struct Step<'a> {
     pub blocks: &'a [u32],
     /// Whether to compute logits for the step's last token.
     pub logits: bool,
+    /// Whether to compute logits for every token of the step (to score a prompt), in which case
+    /// the step gives one row per token.
+    pub all_logits: bool,
+}
+
+impl Step<'_> {
+    /// Rows of logits the step gives.
+    pub fn rows(&self) -> usize {
+        if self.all_logits { self.tokens.len() } else { usize::from(self.logits) }
+    }
 }
 
 /// Buffers reused across forward passes.
@@ -129,8 +139,8 @@ pub struct Scratch {
     logits: Vec<f32>,
 }
 
-/// The logits of a forward pass: one row of vocabulary-size values per step that asked for
-/// them, in step order; borrowed from the [`Scratch`] until its next pass.
+/// The logits of a forward pass: [`Step::rows`] rows of vocabulary-size values per step, in
+/// step order; borrowed from the [`Scratch`] until its next pass.
 pub struct Logits<'a> {
     values: &'a [f32],
     vocab: usize,
@@ -245,25 +255,25 @@ impl LlamaModel {
         })
     }
 
-    /// Runs the steps, writing their keys and values into `cache`, and returns the logits of each
-    /// step that asked for them, in step order.
+    /// Runs the steps, writing their keys and values into `cache`, and returns their logits
+    /// ([`Step::rows`] each), in step order.
     pub fn forward<'s>(&self, steps: &[Step<'_>], cache: &mut KvCache, s: &'s mut Scratch) -> Logits<'s> {
         self.pool.install(|| self.forward_in_pool(steps, cache, s));
         Logits { values: &s.logits, vocab: self.config.vocab }
     }
 
-    /// Samples the next token of each step that asked for logits, `samplers[i]` from row `i`,
-    /// in parallel on the engine's threads (a vocabulary-wide pass per sequence adds up in a
-    /// large batch).
-    pub fn sample(&self, logits: &Logits<'_>, samplers: &mut [&mut Sampler]) -> Vec<Sampled> {
-        assert_eq!(logits.len(), samplers.len(), "one sampler per row of logits");
-        self.pool.install(|| {
-            samplers
-                .par_iter_mut()
-                .zip(logits.values.par_chunks_exact(logits.vocab))
-                .map(|(s, l)| s.sample(l))
-                .collect()
-        })
+    /// Samples the next token of each sequence, `samplers[i]` from row `rows[i]` of `logits`, in
+    /// parallel on the engine's threads (a vocabulary-wide pass per sequence adds up in a large
+    /// batch).
+    pub fn sample(&self, logits: &Logits<'_>, rows: &[usize], samplers: &mut [&mut Sampler]) -> Vec<Sampled> {
+        assert_eq!(rows.len(), samplers.len(), "one sampler per row");
+        self.pool.install(|| samplers.par_iter_mut().zip(rows).map(|(s, &row)| s.sample(&logits[row])).collect())
+    }
+
+    /// Scores `(row, token)` pairs: each token's log-probability under its row of `logits`, with
+    /// the `top` most likely tokens there, in parallel on the engine's threads.
+    pub fn score(&self, logits: &Logits<'_>, pairs: &[(usize, u32)], top: usize) -> Vec<TokenScore> {
+        self.pool.install(|| pairs.par_iter().map(|&(row, token)| score(&logits[row], token, top)).collect())
     }
 
     /// Threads the forward pass uses.
@@ -315,18 +325,17 @@ impl LlamaModel {
             silu_quantize(&mut s.gate, &s.up, c.n_ff, &mut s.xq);
             layer.down.matmul(&s.xq, &mut s.proj);
         }
-        // Logits only for the last token of the steps that want them; the last layer's
+        // Logits only for the tokens whose steps want them (the last, or all); the last layer's
         // feed-forward output joins the residual stream here, for those tokens only.
         let mut last = Vec::new();
         let mut offset = 0;
         for st in steps {
             offset += st.tokens.len();
-            if st.logits {
-                let (at, rows) = (last.len(), (offset - 1) * e..offset * e);
-                last.extend_from_slice(&s.x[rows.clone()]);
-                if let Some(proj) = s.proj.get(rows).filter(|_| !self.layers.is_empty()) {
-                    add_in_place(&mut last[at..], proj);
-                }
+            let first = offset - st.rows();
+            let (at, rows) = (last.len(), first * e..offset * e);
+            last.extend_from_slice(&s.x[rows.clone()]);
+            if let Some(proj) = s.proj.get(rows).filter(|_| !self.layers.is_empty()) {
+                add_in_place(&mut last[at..], proj);
             }
         }
         if last.is_empty() {

@@ -15,13 +15,18 @@ pub struct SamplingParams {
     pub top_k: usize,
     /// Seed for the sequence's RNG; the same seed and prompt give the same text.
     pub seed: u64,
+    /// How many of the most likely tokens to report beside each chosen one (0: none).
+    pub top_logprobs: usize,
 }
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        Self { temperature: 0.0, top_p: 1.0, top_k: 0, seed: 0 }
+        Self { temperature: 0.0, top_p: 1.0, top_k: 0, seed: 0, top_logprobs: 0 }
     }
 }
+
+/// The most alternatives reported per token (OpenAI's `top_logprobs` allows up to 20).
+pub const MAX_TOP_LOGPROBS: usize = 20;
 
 /// One sequence's sampler.
 pub struct Sampler {
@@ -31,11 +36,53 @@ pub struct Sampler {
     mask: Option<SimpleVob>,
 }
 
-/// The chosen token and its log-probability under the unrestricted distribution.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// The chosen token and its log-probability under the unrestricted distribution, with the most
+/// likely tokens when asked for.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Sampled {
     pub token: u32,
     pub logprob: f32,
+    /// The `top_logprobs` most likely tokens and their log-probabilities, most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// A token of a text scored by the model: its log-probability given what precedes it, and the
+/// `top` most likely tokens at its place.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenScore {
+    pub token: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+/// The log of the softmax's normaliser: `logits[i] - log_z` is token `i`'s log-probability.
+fn log_normaliser(logits: &[f32]) -> f32 {
+    let (_, max) = argmax(logits);
+    max + crate::vmath::sum_exp(logits, max).ln()
+}
+
+/// The `k` most likely tokens and their log-probabilities (`log_z` from [`log_normaliser`]),
+/// most likely first; ties go to the lower token id.
+fn top_k(logits: &[f32], log_z: f32, k: usize) -> Vec<(u32, f32)> {
+    let k = k.min(MAX_TOP_LOGPROBS).min(logits.len());
+    let mut top: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
+    for (i, &v) in logits.iter().enumerate() {
+        if k == 0 || (top.len() == k && v <= top[k - 1].1) || v.is_nan() {
+            continue;
+        }
+        let at = top.partition_point(|&(_, w)| w >= v);
+        top.insert(at, (i as u32, v));
+        top.truncate(k);
+    }
+    top.into_iter().map(|(i, v)| (i, v - log_z)).collect()
+}
+
+/// Scores `token` under `logits` (the model's distribution at its place), with the `top` most
+/// likely tokens.
+pub fn score(logits: &[f32], token: u32, top: usize) -> TokenScore {
+    let log_z = log_normaliser(logits);
+    let logprob = logits.get(token as usize).map_or(f32::NEG_INFINITY, |&v| v - log_z);
+    TokenScore { token, logprob, top: top_k(logits, log_z, top) }
 }
 
 impl Sampler {
@@ -55,7 +102,8 @@ impl Sampler {
         let raw = logits;
         let (raw_argmax, raw_max) = argmax(raw);
         let log_z = raw_max + crate::vmath::sum_exp(raw, raw_max).ln();
-        let logprob = |i: usize| raw[i] - log_z;
+        let top = top_k(raw, log_z, self.params.top_logprobs);
+        let chosen = |i: usize| Sampled { token: i as u32, logprob: raw[i] - log_z, top };
         let masked;
         let (logits, best, max) = match self.mask.take() {
             None => (logits, raw_argmax, raw_max),
@@ -70,7 +118,7 @@ impl Sampler {
             }
         };
         if self.params.temperature <= 0.0 || max == f32::NEG_INFINITY {
-            return Sampled { token: best as u32, logprob: logprob(best) };
+            return chosen(best);
         }
         // Tokens with no weight (masked out, or too unlikely to register) are never drawn.
         let mut candidates: Vec<(usize, f32)> = logits
@@ -100,11 +148,10 @@ impl Sampler {
         for &(i, weight) in &candidates {
             draw -= weight;
             if draw <= 0.0 {
-                return Sampled { token: i as u32, logprob: logprob(i) };
+                return chosen(i);
             }
         }
-        let (i, _) = candidates[candidates.len() - 1];
-        Sampled { token: i as u32, logprob: logprob(i) }
+        chosen(candidates[candidates.len() - 1].0)
     }
 }
 
@@ -143,7 +190,7 @@ mod tests {
     #[test]
     fn same_seed_same_choices_and_top_k_one_is_greedy() {
         let logits: Vec<f32> = (0..50).map(|i| ((i * 7) % 13) as f32 / 3.0).collect();
-        let params = SamplingParams { temperature: 1.0, top_p: 0.9, top_k: 0, seed: 42 };
+        let params = SamplingParams { temperature: 1.0, top_p: 0.9, seed: 42, ..Default::default() };
         let (mut a, mut b) = (Sampler::new(params.clone()), Sampler::new(params));
         let run_a: Vec<u32> = (0..20).map(|_| a.sample(&logits).token).collect();
         let run_b: Vec<u32> = (0..20).map(|_| b.sample(&logits).token).collect();
@@ -178,7 +225,25 @@ mod tests {
     fn top_p_keeps_only_the_nucleus() {
         // One token holds ~88% of the mass; top_p 0.5 must always pick it.
         let logits = [5.0, 3.0, 0.0, 0.0];
-        let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_p: 0.5, top_k: 0, seed: 1 });
+        let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_p: 0.5, seed: 1, ..Default::default() });
         assert!((0..50).all(|_| s.sample(&logits).token == 0));
+    }
+
+    #[test]
+    fn scores_are_log_softmax_and_the_top_tokens_come_most_likely_first() {
+        let logits = [1.0f32, 3.0, 2.0, 3.0, -1.0];
+        let z: f32 = logits.iter().map(|v| v.exp()).sum::<f32>().ln();
+        let s = score(&logits, 2, 3);
+        assert!((s.logprob - (2.0 - z)).abs() < 1e-5, "{s:?}");
+        let ids: Vec<u32> = s.top.iter().map(|t| t.0).collect();
+        assert_eq!(ids, [1, 3, 2], "ties go to the lower id");
+        assert!((s.top[0].1 - (3.0 - z)).abs() < 1e-5);
+        assert!(score(&logits, 0, 0).top.is_empty());
+        assert_eq!(score(&logits, 0, 100).top.len(), 5);
+        assert_eq!(score(&logits, 9, 1).logprob, f32::NEG_INFINITY, "a token outside the vocabulary");
+        // The sampler reports the same alternatives beside the token it draws.
+        let mut s = Sampler::new(SamplingParams { top_logprobs: 2, ..Default::default() });
+        let drawn = s.sample(&logits);
+        assert_eq!((drawn.token, drawn.top.iter().map(|t| t.0).collect::<Vec<_>>()), (1, vec![1, 3]));
     }
 }

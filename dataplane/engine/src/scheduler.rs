@@ -28,8 +28,8 @@ use llguidance::toktrie::SimpleVob;
 
 use crate::constraint::Constraint;
 use crate::kv_cache::{BlockTable, KvCache};
-use crate::model::{Scratch, Step};
-use crate::sampling::{Sampler, SamplingParams};
+use crate::model::{Logits, Scratch, Step};
+use crate::sampling::{Sampled, Sampler, SamplingParams, TokenScore};
 use crate::tokenizer::IncrementalDecoder;
 use crate::{EngineError, TextModel};
 
@@ -53,6 +53,10 @@ pub struct GenerateRequest {
     /// A grammar the reply must match (compiled by [`crate::TextModel::compile_grammar`]); the
     /// sequence ends when the grammar is complete.
     pub constraint: Option<Constraint>,
+    /// Score the prompt: emit each prompt token's log-probability given the tokens before it
+    /// (with `sampling.top_logprobs` alternatives), as [`Event::PromptLogprobs`]. Such a
+    /// sequence computes its whole prompt (the prefix cache would skip the positions it scores).
+    pub prompt_logprobs: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,12 +79,22 @@ pub struct Usage {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    /// A generated token and the text it completes (empty while held back).
+    /// A generated token and the text it completes (empty while held back), with the most
+    /// likely tokens at its place when the request asked for them.
     Token {
         id: u64,
         token: u32,
         text: String,
         logprob: f32,
+        top: Vec<(u32, f32)>,
+    },
+    /// Scores of the prompt's tokens `first_position..first_position + tokens.len()`, in order,
+    /// before any generated token; the first prompt token has nothing before it, so its
+    /// log-probability is 0 and it has no alternatives.
+    PromptLogprobs {
+        id: u64,
+        first_position: usize,
+        tokens: Vec<TokenScore>,
     },
     Finished {
         id: u64,
@@ -140,6 +154,8 @@ struct Sequence {
     preemptions: u32,
     /// Prompt tokens found in the prefix cache at first admission.
     cached: usize,
+    /// Prompt tokens whose scores were emitted (prompt-scoring sequences).
+    scored: usize,
     /// Blocks saved in host memory while preempted.
     swapped: Option<Swapped>,
 }
@@ -246,6 +262,7 @@ impl Scheduler {
             arrival: self.arrivals,
             preemptions: 0,
             cached: 0,
+            scored: 0,
             swapped: None,
         });
         Ok(())
@@ -341,6 +358,7 @@ impl Scheduler {
                 constrained.push((i, c));
             }
         }
+        let scores = |s: &Sequence| s.req.prompt_logprobs && s.computed < s.req.prompt.len();
         let steps: Vec<Step<'_>> = plan
             .iter()
             .map(|&(i, n)| {
@@ -350,7 +368,18 @@ impl Scheduler {
                     start: s.computed,
                     blocks: s.table.blocks(),
                     logits: samples(s, n),
+                    all_logits: scores(s),
                 }
+            })
+            .collect();
+        // Each step's rows of logits, and where they begin.
+        let step_rows: Vec<usize> = steps.iter().map(Step::rows).collect();
+        let row_starts: Vec<usize> = step_rows
+            .iter()
+            .scan(0, |next, &rows| {
+                let at = *next;
+                *next += rows;
+                Some(at)
             })
             .collect();
         let (model, cache, scratch) = (&self.model, &mut self.cache, &mut self.scratch);
@@ -360,6 +389,7 @@ impl Scheduler {
             let logits = model.model.forward(&steps, cache, scratch);
             (logits, masks.map(|m| m.join()))
         });
+        drop(steps);
         let masks = match masks {
             Some(Ok(masks)) => masks,
             Some(Err(_)) => vec![Err(EngineError::Grammar("the grammar mask panicked".into())); constrained.len()],
@@ -378,26 +408,29 @@ impl Scheduler {
             seq.sampler.restrict_next(mask);
             seq.constraint = Some(constraint);
         }
-        // The sequences whose logits came back, in step order; each samples its next token.
+        let mut events = Self::score_prompts(&self.model, &mut self.running, &plan, &row_starts, &logits);
+        // The sequences whose step reached their last token, in step order, with their row of
+        // logits (the step's last); each samples its next token.
         let mut sampling = Vec::new();
-        for &(i, n) in &plan {
+        let mut rows = Vec::new();
+        for (k, &(i, n)) in plan.iter().enumerate() {
             let seq = &mut self.running[i];
             seq.computed += n;
             seq.table.register_full(&mut self.cache, &seq.tokens, seq.computed);
             if seq.computed == seq.tokens.len() {
                 sampling.push(i);
+                rows.push(row_starts[k] + step_rows[k] - 1);
             }
         }
         let mut samplers: Vec<Option<&mut Sampler>> = self.running.iter_mut().map(|s| Some(&mut s.sampler)).collect();
         let mut samplers: Vec<&mut Sampler> = sampling.iter().filter_map(|&i| samplers[i].take()).collect();
-        let sampled = self.model.model.sample(&logits, &mut samplers);
-        let mut events = Vec::new();
+        let sampled = self.model.model.sample(&logits, &rows, &mut samplers);
         let mut finished = Vec::new();
         for (&i, s) in sampling.iter().zip(sampled) {
             self.running[i].tokens.push(s.token);
             self.generated_tokens += 1;
             let complete = self.advance_grammar(i, s.token);
-            if let Some(event) = self.finish_or_emit(i, s.token, s.logprob, complete, &mut events) {
+            if let Some(event) = self.finish_or_emit(i, s, complete, &mut events) {
                 finished.push((i, event));
             }
         }
@@ -407,6 +440,46 @@ impl Scheduler {
             let mut seq = self.running.remove(i);
             seq.table.release(&mut self.cache);
             events.push(event);
+        }
+        events
+    }
+
+    /// The prompt scores this step computed: for each prompt-scoring step, the tokens after the
+    /// positions it ran (row `j` is the distribution of the token after position `start + j`),
+    /// from the first one not yet emitted. Runs before the steps' `computed` advance.
+    fn score_prompts(
+        model: &TextModel,
+        running: &mut [Sequence],
+        plan: &[(usize, usize)],
+        row_starts: &[usize],
+        logits: &Logits<'_>,
+    ) -> Vec<Event> {
+        let mut events = Vec::new();
+        for (k, &(i, n)) in plan.iter().enumerate() {
+            let seq = &running[i];
+            let (prompt, c) = (&seq.req.prompt, seq.computed);
+            if !(seq.req.prompt_logprobs && c < prompt.len()) {
+                continue;
+            }
+            // Positions scored now: those after the ones this step runs, not emitted before
+            // (a sequence preempted and recomputed runs some positions twice).
+            let (start, end) = ((c + 1).max(seq.scored).max(1), (c + n + 1).min(prompt.len()));
+            let mut tokens = Vec::new();
+            let first_position = if seq.scored == 0 {
+                tokens.push(TokenScore { token: prompt[0], logprob: 0.0, top: Vec::new() });
+                0
+            } else {
+                start
+            };
+            let pairs: Vec<(usize, u32)> = (start..end).map(|p| (row_starts[k] + p - 1 - c, prompt[p])).collect();
+            tokens.extend(model.model.score(logits, &pairs, seq.req.sampling.top_logprobs));
+            if tokens.is_empty() {
+                continue;
+            }
+            let id = seq.req.id;
+            let seq = &mut running[i];
+            seq.scored = seq.scored.max(end).max(1);
+            events.push(Event::PromptLogprobs { id, first_position, tokens });
         }
         events
     }
@@ -431,14 +504,8 @@ impl Scheduler {
 
     /// Emits the token's text, or ends the sequence (returning its `Finished` event).
     /// `complete` ends it after this token: its grammar allows nothing more.
-    fn finish_or_emit(
-        &mut self,
-        i: usize,
-        token: u32,
-        logprob: f32,
-        complete: bool,
-        events: &mut Vec<Event>,
-    ) -> Option<Event> {
+    fn finish_or_emit(&mut self, i: usize, sampled: Sampled, complete: bool, events: &mut Vec<Event>) -> Option<Event> {
+        let Sampled { token, logprob, top } = sampled;
         let context_length =
             self.model.model.config.context_length.min(self.cache.num_blocks() * self.config.block_size);
         let tokenizer = &self.model.tokenizer;
@@ -453,7 +520,7 @@ impl Scheduler {
             seq.tokens.pop();
             let text = std::mem::take(&mut seq.held);
             if !text.is_empty() {
-                events.push(Event::Token { id, token, text, logprob });
+                events.push(Event::Token { id, token, text, logprob, top });
             }
             return Some(Event::Finished { id, reason: FinishReason::EndTurn, stop_sequence: None, usage: usage(seq) });
         }
@@ -462,7 +529,7 @@ impl Scheduler {
         if let Some((at, stop)) = find_stop(&seq.held, &seq.req.stop_sequences) {
             let text = seq.held[..at].to_string();
             seq.held.clear();
-            events.push(Event::Token { id, token, text, logprob });
+            events.push(Event::Token { id, token, text, logprob, top });
             return Some(Event::Finished {
                 id,
                 reason: FinishReason::StopSequence,
@@ -474,7 +541,7 @@ impl Scheduler {
         let ends = complete || out_of_room;
         let emit_len = if ends { seq.held.len() } else { safe_prefix_len(&seq.held, &seq.req.stop_sequences) };
         let text: String = seq.held.drain(..emit_len).collect();
-        events.push(Event::Token { id, token, text, logprob });
+        events.push(Event::Token { id, token, text, logprob, top });
         ends.then(|| Event::Finished {
             id,
             reason: if complete { FinishReason::EndTurn } else { FinishReason::MaxTokens },
@@ -505,7 +572,7 @@ impl Scheduler {
                 self.running.push(seq);
                 continue;
             }
-            let matched = seq.table.match_prefix(&mut self.cache, &seq.tokens);
+            let matched = self.reuse_prefix(&mut seq);
             seq.computed = matched;
             if seq.preemptions == 0 {
                 seq.cached = matched;
@@ -566,7 +633,13 @@ impl Scheduler {
             self.cache.record_corruption();
             seq.table.release(&mut self.cache);
         }
-        seq.computed = seq.table.match_prefix(&mut self.cache, &seq.tokens);
+        seq.computed = self.reuse_prefix(seq);
+    }
+
+    /// Takes the sequence's longest cached prefix: the tokens it need not compute. A sequence
+    /// that scores its prompt computes it all, as each position's logits are what it reports.
+    fn reuse_prefix(&mut self, seq: &mut Sequence) -> usize {
+        if seq.req.prompt_logprobs { 0 } else { seq.table.match_prefix(&mut self.cache, &seq.tokens) }
     }
 
     /// Chooses (running index, tokens) for this step and reserves their blocks, preempting when

@@ -41,6 +41,7 @@ pub fn ask(id: u64, question: &str, max_tokens: usize) -> GenerateRequest {
         priority: 1,
         cache_salt: String::new(),
         constraint: None,
+        prompt_logprobs: false,
     }
 }
 

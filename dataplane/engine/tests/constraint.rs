@@ -31,6 +31,7 @@ fn run(requests: Vec<GenerateRequest>) -> HashMap<u64, (String, FinishReason)> {
                 Event::Finished { id, reason, .. } => {
                     done.insert(id, (texts.remove(&id).unwrap_or_default(), reason));
                 }
+                Event::PromptLogprobs { .. } => {}
             }
         }
     }
@@ -90,7 +91,7 @@ fn a_json_schema_is_always_met_where_the_model_alone_fails() {
 fn sampled_replies_meet_the_schema_too() {
     let requests = (0..4)
         .map(|seed| GenerateRequest {
-            sampling: SamplingParams { temperature: 1.0, top_p: 0.95, top_k: 0, seed },
+            sampling: SamplingParams { temperature: 1.0, top_p: 0.95, seed, ..Default::default() },
             ..request(seed, "Invent a person.", 120, Some(Grammar::JsonSchema(person_schema())))
         })
         .collect();

@@ -15,7 +15,7 @@ fn generate(model: &TextModel, prompt: &[u32], max_tokens: usize) -> Vec<u32> {
     let mut sampler = Sampler::new(SamplingParams::default());
     table.reserve(&mut cache, prompt.len()).unwrap();
     let mut logits = model.model.forward(
-        &[Step { tokens: prompt, start: 0, blocks: table.blocks(), logits: true }],
+        &[Step { tokens: prompt, start: 0, blocks: table.blocks(), logits: true, all_logits: false }],
         &mut cache,
         &mut scratch,
     );
@@ -29,7 +29,7 @@ fn generate(model: &TextModel, prompt: &[u32], max_tokens: usize) -> Vec<u32> {
         let pos = prompt.len() + out.len() - 1;
         table.reserve(&mut cache, pos + 1).unwrap();
         logits = model.model.forward(
-            &[Step { tokens: &[next], start: pos, blocks: table.blocks(), logits: true }],
+            &[Step { tokens: &[next], start: pos, blocks: table.blocks(), logits: true, all_logits: false }],
             &mut cache,
             &mut scratch,
         );
@@ -109,7 +109,7 @@ fn a_batch_of_sequences_gives_the_same_logits_as_each_alone() {
             let mut table = BlockTable::default();
             table.reserve(&mut cache, p.len()).unwrap();
             model.model.forward(
-                &[Step { tokens: p, start: 0, blocks: table.blocks(), logits: true }],
+                &[Step { tokens: p, start: 0, blocks: table.blocks(), logits: true, all_logits: false }],
                 &mut cache,
                 &mut scratch,
             )[0]
@@ -128,7 +128,7 @@ fn a_batch_of_sequences_gives_the_same_logits_as_each_alone() {
     let steps: Vec<Step> = prompts
         .iter()
         .zip(&tables)
-        .map(|(p, t)| Step { tokens: p, start: 0, blocks: t.blocks(), logits: true })
+        .map(|(p, t)| Step { tokens: p, start: 0, blocks: t.blocks(), logits: true, all_logits: false })
         .collect();
     let together = model.model.forward(&steps, &mut cache, &mut scratch);
     for (a, b) in alone.iter().zip(&together) {

@@ -24,6 +24,7 @@ fn request(id: u64, question: &str) -> GenerateRequest {
         priority: 1,
         cache_salt: String::new(),
         constraint: None,
+        prompt_logprobs: false,
     }
 }
 

@@ -45,6 +45,7 @@ fn run_with(
                     outcomes.entry(id).or_default().reason = Some(reason);
                     finished.push(id);
                 }
+                Event::PromptLogprobs { .. } => {}
             }
         }
         after_step(scheduler);

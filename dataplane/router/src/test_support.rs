@@ -13,8 +13,8 @@ use mantle_proto::auth::{RequireToken, Token};
 use mantle_proto::runner_server::{Runner, RunnerServer};
 use mantle_proto::{
     CountTokensRequest, CountTokensResponse, EmbedRequest, EmbedResponse, Embedding, FinishReason, Finished,
-    GenerateRequest, GenerateResponse, HealthRequest, HealthSignal, InfoRequest, InfoResponse, LoadState, Started,
-    TokenChunk, TokenLogprob, Usage, generate_response,
+    GenerateRequest, GenerateResponse, HealthRequest, HealthSignal, InfoRequest, InfoResponse, LoadState,
+    PromptLogprobs, Started, TokenChunk, TokenLogprob, Usage, generate_response,
 };
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -89,8 +89,38 @@ impl Drop for StreamGuard {
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 fn prompt_tokens(r: &GenerateRequest) -> u32 {
+    if !r.prompt_token_ids.is_empty() {
+        return r.prompt_token_ids.len() as u32;
+    }
     let bytes: usize = r.prompt.len() + r.messages.iter().map(|m| m.content.len() + 4).sum::<usize>();
     (bytes as u32).div_ceil(4).max(1)
+}
+
+/// The stand-in's prompt scores: a token per four characters of the prompt (or `<id>` per token
+/// id), each after the first at -1 - i/100, with `top` alternatives led by the token itself.
+fn prompt_scores(r: &GenerateRequest) -> Vec<TokenLogprob> {
+    let pieces: Vec<Vec<u8>> = if r.prompt_token_ids.is_empty() {
+        let chars: Vec<char> = r.prompt.chars().collect();
+        chars.chunks(4).map(|c| c.iter().collect::<String>().into_bytes()).collect()
+    } else {
+        r.prompt_token_ids.iter().map(|id| format!("<{id}>").into_bytes()).collect()
+    };
+    pieces
+        .into_iter()
+        .enumerate()
+        .map(|(i, token)| {
+            let logprob = if i == 0 { 0.0 } else { -1.0 - i as f32 / 100.0 };
+            let alternatives = if i == 0 { 0 } else { r.top_logprobs as usize };
+            let top = (0..alternatives)
+                .map(|j| TokenLogprob {
+                    token: if j == 0 { token.clone() } else { format!("<alt{j}>").into_bytes() },
+                    logprob: logprob - j as f32,
+                    ..Default::default()
+                })
+                .collect();
+            TokenLogprob { token, logprob, token_id: i as u32, top }
+        })
+        .collect()
 }
 
 #[tonic::async_trait]
@@ -119,6 +149,7 @@ impl Runner for StandIn {
         let interval = self.config.interval;
         let fail_after = self.config.fail_after;
         let want_logprobs = r.logprobs;
+        let scores = r.prompt_logprobs.then(|| prompt_scores(&r));
         self.counters.active.fetch_add(1, Ordering::Relaxed);
         let mut guard = StreamGuard { counters: self.counters.clone(), finished: false };
         let stream = async_stream(move |tx| async move {
@@ -127,6 +158,13 @@ impl Runner for StandIn {
             };
             if tx.send(Ok(started)).await.is_err() {
                 return;
+            }
+            if let Some(tokens) = scores {
+                let scored = PromptLogprobs { first_position: 0, tokens };
+                let event = generate_response::Event::PromptLogprobs(scored);
+                if tx.send(Ok(GenerateResponse { event: Some(event) })).await.is_err() {
+                    return;
+                }
             }
             for i in 0..n {
                 if let Some((after, code)) = fail_after
@@ -145,7 +183,10 @@ impl Runner for StandIn {
                 let (logprobs, token_logprobs) = match want_logprobs {
                     true => {
                         let logprob = -0.25 * (i + 1) as f32;
-                        (vec![logprob], vec![TokenLogprob { token: text.clone().into_bytes(), logprob }])
+                        (
+                            vec![logprob],
+                            vec![TokenLogprob { token: text.clone().into_bytes(), logprob, ..Default::default() }],
+                        )
                     }
                     false => (Vec::new(), Vec::new()),
                 };

@@ -710,6 +710,77 @@ async fn openai_chat_streams_server_sent_events_and_embeddings_work() {
 }
 
 #[tokio::test]
+async fn openai_completions_continue_prompts_and_score_them_with_echo() {
+    let f = fixture(Options::default()).await;
+    let complete = |body: Value| post("/v1/completions", body.to_string());
+    // Scoring only: the prompt comes back with each token's log-probability, nothing generated.
+    let body = json!({"model": TEXT, "prompt": "Hello world, hi", "echo": true, "logprobs": 1, "max_tokens": 0});
+    let (status, _, reply) = send(&f.app, complete(body)).await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&reply));
+    let reply = json_of(&reply);
+    assert_eq!(reply["object"], "text_completion");
+    let choice = &reply["choices"][0];
+    assert_eq!((choice["text"].as_str(), choice["finish_reason"].as_str()), (Some("Hello world, hi"), Some("length")));
+    let l = &choice["logprobs"];
+    assert_eq!(l["tokens"], json!(["Hell", "o wo", "rld,", " hi"]));
+    assert_eq!(l["token_logprobs"][0], Value::Null);
+    assert_eq!(l["token_logprobs"][2], -1.02);
+    assert_eq!(l["top_logprobs"][1], json!({"o wo": -1.01}));
+    assert_eq!(l["text_offset"], json!([0, 4, 8, 12]));
+    assert_eq!(reply["usage"]["completion_tokens"], 0);
+    // Token-id prompts, two at once, continued: one choice each, in order.
+    let body = json!({"model": TEXT, "prompt": [[5, 6, 7], [8, 9]], "echo": true, "logprobs": 2, "max_tokens": 2});
+    let (status, _, reply) = send(&f.app, complete(body)).await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&reply));
+    let reply = json_of(&reply);
+    assert_eq!(reply["choices"][0]["text"], "<5><6><7> tok0 tok1");
+    assert_eq!(reply["choices"][1]["text"], "<8><9> tok0 tok1");
+    assert_eq!(reply["choices"][1]["index"], 1);
+    assert_eq!(reply["choices"][1]["logprobs"]["tokens"], json!(["<8>", "<9>", " tok0", " tok1"]));
+    assert_eq!(reply["choices"][0]["logprobs"]["top_logprobs"][1], json!({"<6>": -1.01, "<alt1>": -2.01}));
+    assert_eq!(reply["usage"]["prompt_tokens"], 5);
+    assert_eq!(reply["usage"]["completion_tokens"], 4);
+    // Plain continuation: no logprobs, OpenAI's default of 16 tokens (the stand-in stops at 8).
+    let (status, _, reply) = send(&f.app, complete(json!({"model": TEXT, "prompt": "Once"}))).await;
+    assert_eq!(status, StatusCode::OK);
+    let reply = json_of(&reply);
+    assert_eq!(
+        (reply["choices"][0]["logprobs"].clone(), reply["choices"][0]["finish_reason"].clone()),
+        (Value::Null, json!("stop"))
+    );
+    assert!(reply["choices"][0]["text"].as_str().unwrap().starts_with(" tok0"));
+    // Streamed: the echoed prompt first, then the text, the finish, the usage and [DONE].
+    let body = json!({"model": TEXT, "prompt": "abcdefgh", "stream": true, "echo": true, "logprobs": 1,
+        "max_tokens": 2, "stream_options": {"include_usage": true}});
+    let (status, headers, reply) = send(&f.app, complete(body)).await;
+    assert_eq!((status, &headers["content-type"]), (StatusCode::OK, &"text/event-stream".parse().unwrap()));
+    let events: Vec<Value> = std::str::from_utf8(&reply)
+        .unwrap()
+        .split("\n\n")
+        .filter(|e| !e.is_empty() && *e != "data: [DONE]")
+        .map(|e| serde_json::from_str(e.trim_start_matches("data: ")).unwrap())
+        .collect();
+    let texts: Vec<&str> = events.iter().filter_map(|e| e["choices"][0]["text"].as_str()).collect();
+    assert_eq!(texts, ["abcdefgh", " tok0", " tok1", ""]);
+    assert_eq!(events[0]["choices"][0]["logprobs"]["token_logprobs"], json!([null, -1.01]));
+    assert_eq!(events[1]["choices"][0]["logprobs"]["tokens"], json!([" tok0"]));
+    assert_eq!(events[3]["choices"][0]["finish_reason"], "length");
+    assert_eq!(events[4]["usage"]["completion_tokens"], 2);
+    assert!(std::str::from_utf8(&reply).unwrap().ends_with("data: [DONE]\n\n"));
+    // Refusals are OpenAI's errors.
+    for (body, says) in [
+        (json!({"model": TEXT, "prompt": "x", "suffix": "y"}), "suffix"),
+        (json!({"model": TEXT, "prompt": "x", "max_tokens": 0}), "only with echo"),
+        (json!({"model": EMBED, "prompt": "x"}), "embedding model"),
+    ] {
+        let (status, _, reply) = send(&f.app, complete(body)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        let message = json_of(&reply)["error"]["message"].as_str().unwrap_or_default().to_string();
+        assert!(message.contains(says), "{message}");
+    }
+}
+
+#[tokio::test]
 async fn count_tokens_is_answered_and_spread_over_the_models_runners() {
     let (a, b) = (stand_in(StandInConfig::default()).await, stand_in(StandInConfig::default()).await);
     let runner = |s: &RunningStandIn| RunnerSpec { model: TEXT.into(), address: s.address(), pool: None, cell: None };

@@ -3,7 +3,8 @@
 //!
 //! Before every step it drops requests whose stream the client has closed (their KV blocks are
 //! freed before the next decode step) and those past their deadline. A request's event channel
-//! is unbounded, but never holds more than its `max_tokens` events.
+//! is unbounded, but never holds more than its `max_tokens` events (and, when it scores its
+//! prompt, one more per prefill step).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::mpsc as std_mpsc;
@@ -213,7 +214,7 @@ fn drop_abandoned(scheduler: &mut Scheduler, active: &mut HashMap<u64, Active>, 
 
 fn route(event: Event, active: &mut HashMap<u64, Active>, metrics: &Metrics) {
     let id = match &event {
-        Event::Token { id, .. } | Event::Finished { id, .. } => *id,
+        Event::Token { id, .. } | Event::Finished { id, .. } | Event::PromptLogprobs { id, .. } => *id,
     };
     let Some(a) = active.get_mut(&id) else { return };
     match &event {
@@ -232,6 +233,7 @@ fn route(event: Event, active: &mut HashMap<u64, Active>, metrics: &Metrics) {
             };
             metrics.requests.with_label_values(&[outcome]).inc();
         }
+        Event::PromptLogprobs { .. } => {}
     }
     let finished = matches!(event, Event::Finished { .. });
     let _ = a.events.send(Output::Event(event));

@@ -7,12 +7,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mantle_engine::{
     ChatMessage, Constraint, EmbeddingModel, EngineError, Event, FinishReason, GenerateRequest, Grammar,
-    SamplingParams, TextModel, Tokenizer,
+    SamplingParams, TextModel, Tokenizer, sampling::MAX_TOP_LOGPROBS,
 };
 use mantle_proto::runner_server::Runner;
 use mantle_proto::{
     CountTokensRequest, CountTokensResponse, EmbedRequest, EmbedResponse, Embedding, Finished, GenerateResponse,
-    HealthRequest, HealthSignal, InfoRequest, InfoResponse, Started, TokenChunk, TokenLogprob, Usage,
+    HealthRequest, HealthSignal, InfoRequest, InfoResponse, PromptLogprobs, Started, TokenChunk, TokenLogprob, Usage,
     generate_response,
 };
 use tokio_stream::Stream;
@@ -147,23 +147,38 @@ fn finish_reason(reason: FinishReason) -> mantle_proto::FinishReason {
     }
 }
 
-/// One engine output as a stream message; `logprobs` is the model's tokenizer when the request
-/// asked for log-probabilities.
-fn response(output: Output, logprobs: Option<&Tokenizer>) -> Result<GenerateResponse, Status> {
+/// A token's log-probability as the stream carries it, with its bytes and alternatives.
+fn token_logprob(tokenizer: &Tokenizer, token: u32, logprob: f32, top: &[(u32, f32)]) -> TokenLogprob {
+    TokenLogprob {
+        token: tokenizer.token_bytes(token).unwrap_or_default(),
+        logprob,
+        token_id: token,
+        top: top.iter().map(|&(t, l)| token_logprob(tokenizer, t, l, &[])).collect(),
+    }
+}
+
+/// One engine output as a stream message; the reply's tokens carry their log-probabilities when
+/// `logprobs` (the request asked for them).
+fn response(output: Output, tokenizer: &Tokenizer, logprobs: bool) -> Result<GenerateResponse, Status> {
     let event = match output {
         Output::DeadlineExceeded => {
             return Err(Status::deadline_exceeded("the request's deadline passed before it finished"));
         }
-        Output::Event(Event::Token { token, text, logprob, .. }) => generate_response::Event::Token(TokenChunk {
+        Output::Event(Event::Token { token, text, logprob, top, .. }) => generate_response::Event::Token(TokenChunk {
             text,
             token_ids: vec![token],
-            logprobs: if logprobs.is_some() { vec![logprob] } else { Vec::new() },
-            token_logprobs: logprobs
-                .and_then(|t| t.token_bytes(token))
-                .map(|token| TokenLogprob { token, logprob })
+            logprobs: if logprobs { vec![logprob] } else { Vec::new() },
+            token_logprobs: (logprobs && tokenizer.token_bytes(token).is_some())
+                .then(|| token_logprob(tokenizer, token, logprob, &top))
                 .into_iter()
                 .collect(),
         }),
+        Output::Event(Event::PromptLogprobs { first_position, tokens, .. }) => {
+            generate_response::Event::PromptLogprobs(PromptLogprobs {
+                first_position: first_position as u32,
+                tokens: tokens.iter().map(|s| token_logprob(tokenizer, s.token, s.logprob, &s.top)).collect(),
+            })
+        }
         Output::Event(Event::Finished { reason, stop_sequence, usage, .. }) => {
             generate_response::Event::Finished(Finished {
                 reason: finish_reason(reason) as i32,
@@ -193,7 +208,27 @@ impl Runner for RunnerService {
         let Served::Text { engine, model } = &self.served else {
             return Err(self.wrong_modality("Generate", "TEXT"));
         };
-        let prompt = self.prompt_tokens(r.messages, r.prompt).await?;
+        let prompt = match r.prompt_token_ids {
+            ids if ids.is_empty() => self.prompt_tokens(r.messages, r.prompt).await?,
+            _ if !(r.messages.is_empty() && r.prompt.is_empty()) => {
+                return Err(Status::invalid_argument("send prompt_token_ids, messages or a prompt: one of them"));
+            }
+            ids => {
+                let vocab = model.model.config.vocab;
+                if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+                    return Err(Status::invalid_argument(format!(
+                        "prompt token id {bad} is not in the model's vocabulary of {vocab} tokens"
+                    )));
+                }
+                ids
+            }
+        };
+        if r.top_logprobs as usize > MAX_TOP_LOGPROBS {
+            return Err(Status::invalid_argument(format!(
+                "top_logprobs {} is more than {MAX_TOP_LOGPROBS}",
+                r.top_logprobs
+            )));
+        }
         if !(r.temperature.is_finite() && r.temperature >= 0.0) {
             return Err(Status::invalid_argument(format!("temperature {} must be 0 or more", r.temperature)));
         }
@@ -230,18 +265,19 @@ impl Runner for RunnerService {
                 top_p: if r.top_p == 0.0 { 1.0 } else { r.top_p },
                 top_k: r.top_k as usize,
                 seed: r.seed,
+                top_logprobs: r.top_logprobs as usize,
             },
             stop_sequences: r.stop_sequences,
             priority: r.priority.clamp(0, mantle_engine::scheduler::MAX_PRIORITY as i32) as u8,
             cache_salt: r.cache_salt,
             constraint,
+            prompt_logprobs: r.prompt_logprobs,
         };
         let events = engine.generate(engine_request, deadline).await.map_err(status)?;
         tracing::debug!("generation started");
-        let logprobs = r.logprobs.then(|| model.clone());
+        let (model, logprobs) = (model.clone(), r.logprobs);
         let stream = tokio_stream::once(Ok(started)).chain(
-            UnboundedReceiverStream::new(events)
-                .map(move |output| response(output, logprobs.as_deref().map(|m| &m.tokenizer))),
+            UnboundedReceiverStream::new(events).map(move |output| response(output, &model.tokenizer, logprobs)),
         );
         Ok(Response::new(Box::pin(stream)))
     }

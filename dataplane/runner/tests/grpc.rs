@@ -62,6 +62,7 @@ async fn generate_streams_real_tokens_then_a_finish_with_usage() {
                 text.push_str(&t.text);
             }
             generate_response::Event::Finished(f) => finished = Some(f),
+            generate_response::Event::PromptLogprobs(_) => panic!("prompt scores that were not asked for"),
         }
     }
     let finished = finished.expect("a Finished message ends the stream");
@@ -99,6 +100,69 @@ async fn logprobs_come_with_each_tokens_own_bytes() {
         if let generate_response::Event::Token(t) = msg.unwrap().event.unwrap() {
             assert!(t.token_logprobs.is_empty() && t.logprobs.is_empty());
         }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_is_scored_token_by_token_before_the_reply() {
+    let (_runner, mut client) = start().await;
+    let request = GenerateRequest {
+        prompt: "The capital of France is Paris.".into(),
+        max_tokens: 1,
+        prompt_logprobs: true,
+        logprobs: true,
+        top_logprobs: 2,
+        ..Default::default()
+    };
+    let mut stream = client.generate(request).await.unwrap().into_inner();
+    let (mut scored, mut started, mut reply) = (Vec::new(), 0, Vec::new());
+    while let Some(msg) = stream.next().await {
+        match msg.unwrap().event.unwrap() {
+            generate_response::Event::Started(s) => started = s.input_tokens,
+            generate_response::Event::PromptLogprobs(p) => {
+                assert_eq!(p.first_position as usize, scored.len(), "pieces in order");
+                scored.extend(p.tokens);
+            }
+            generate_response::Event::Token(t) => {
+                assert_eq!(scored.len(), started as usize, "the whole prompt is scored before the reply");
+                reply.extend(t.token_logprobs);
+            }
+            generate_response::Event::Finished(_) => {}
+        }
+    }
+    let bytes: Vec<u8> = scored.iter().flat_map(|t| t.token.clone()).collect();
+    assert_eq!(String::from_utf8(bytes).unwrap(), "The capital of France is Paris.");
+    assert_eq!((scored[0].logprob, scored[0].top.len()), (0.0, 0));
+    let paris = scored.iter().find(|t| t.token == b" Paris").expect("a Paris token");
+    assert_eq!(paris.top.len(), 2);
+    assert!(paris.logprob > -3.0, "the model knows: {paris:?}");
+    assert_eq!(reply.len(), 1);
+    assert_eq!(reply[0].top.len(), 2);
+    // The same prompt as token ids scores the same.
+    let ids: Vec<u32> = scored.iter().map(|t| t.token_id).collect();
+    let request =
+        GenerateRequest { prompt_token_ids: ids.clone(), max_tokens: 1, prompt_logprobs: true, ..Default::default() };
+    let mut stream = client.generate(request).await.unwrap().into_inner();
+    let mut again = Vec::new();
+    while let Some(msg) = stream.next().await {
+        if let generate_response::Event::PromptLogprobs(p) = msg.unwrap().event.unwrap() {
+            again.extend(p.tokens);
+        }
+    }
+    assert_eq!(again.iter().map(|t| t.token_id).collect::<Vec<_>>(), ids);
+    assert!(again.iter().zip(&scored).all(|(a, b)| (a.logprob - b.logprob).abs() < 1e-4));
+    // Ids outside the vocabulary, or ids beside a prompt, are refused.
+    for (bad, says) in [
+        (GenerateRequest { prompt_token_ids: vec![1, 10_000_000], max_tokens: 1, ..Default::default() }, "vocabulary"),
+        (
+            GenerateRequest { prompt_token_ids: vec![1], prompt: "x".into(), max_tokens: 1, ..Default::default() },
+            "one of them",
+        ),
+        (GenerateRequest { top_logprobs: 21, ..ask("hi", 1) }, "top_logprobs"),
+    ] {
+        let status = client.generate(bad).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(status.message().contains(says), "{}", status.message());
     }
 }
 
@@ -280,7 +344,7 @@ async fn a_grammar_constrains_the_streamed_reply_and_ends_it_when_complete() {
         match msg.unwrap().event.unwrap() {
             generate_response::Event::Token(t) => text.push_str(&t.text),
             generate_response::Event::Finished(f) => finished = Some(f),
-            generate_response::Event::Started(_) => {}
+            generate_response::Event::Started(_) | generate_response::Event::PromptLogprobs(_) => {}
         }
     }
     let value: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{text:?}: {e}"));

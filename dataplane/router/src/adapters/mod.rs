@@ -1,7 +1,8 @@
 //! Model adapters: every API dialect the router speaks (Converse, the native InvokeModel bodies,
-//! OpenAI chat completions) is turned into one [`TextRequest`] for a runner, and the runner's
-//! output back into the dialect's shapes.
+//! OpenAI chat completions and completions) is turned into one [`TextRequest`] for a runner, and
+//! the runner's output back into the dialect's shapes.
 
+pub mod completions;
 pub mod converse;
 pub mod native;
 pub mod openai;
@@ -22,6 +23,8 @@ pub struct TextRequest {
     pub messages: Vec<ChatMessage>,
     /// A raw prompt (the Llama/Mistral `prompt` bodies), sent without a chat template.
     pub prompt: Option<String>,
+    /// A prompt as token ids of the model's vocabulary (OpenAI completions), used as is.
+    pub prompt_token_ids: Vec<u32>,
     /// Output tokens; `None` means the default, capped by the context.
     pub max_tokens: Option<u32>,
     pub temperature: f32,
@@ -38,18 +41,40 @@ pub struct TextRequest {
     pub json_schema: Option<Value>,
     /// Report each generated token's log-probability (OpenAI `logprobs`).
     pub logprobs: bool,
+    /// The most likely tokens to report beside each one (OpenAI `top_logprobs`).
+    pub top_logprobs: u32,
+    /// Score the prompt: each prompt token's log-probability given those before it (OpenAI
+    /// completions' `echo` with `logprobs`).
+    pub prompt_logprobs: bool,
 }
 
-/// One generated token and its log-probability, as the runner reports it.
+/// A token and its log-probability, as the runner reports it, with the most likely tokens at
+/// its place when they were asked for.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TokenLogprob {
     /// The token's own bytes (possibly part of a UTF-8 character).
     pub bytes: Vec<u8>,
     pub logprob: f32,
+    pub top: Vec<TokenLogprob>,
+}
+
+impl TokenLogprob {
+    /// The log-probability as JSON: the shortest decimal that reads back as the same `f32`
+    /// (`-1.02`, not `-1.0199999809265137`); null when it is not finite.
+    pub fn logprob_json(&self) -> serde_json::Value {
+        format!("{}", self.logprob).parse::<f64>().ok().filter(|f| f.is_finite()).map_or(Value::Null, Value::from)
+    }
+}
+
+impl From<mantle_proto::TokenLogprob> for TokenLogprob {
+    fn from(l: mantle_proto::TokenLogprob) -> Self {
+        TokenLogprob { bytes: l.token, logprob: l.logprob, top: l.top.into_iter().map(Into::into).collect() }
+    }
 }
 
 impl TextRequest {
-    /// Text of the whole prompt, for estimates (admission cost, prefix affinity).
+    /// Text of the whole prompt, for estimates (admission cost, prefix affinity) and the input
+    /// guard (empty for a prompt of token ids).
     pub fn prompt_text(&self) -> String {
         match &self.prompt {
             Some(p) => p.clone(),
@@ -63,7 +88,7 @@ impl TextRequest {
             Some(p) => p.len(),
             None => self.messages.iter().map(|m| m.content.len() + 8).sum(),
         };
-        (bytes as u64).div_ceil(4).max(1)
+        (bytes as u64).div_ceil(4).max(self.prompt_token_ids.len() as u64).max(1)
     }
 }
 

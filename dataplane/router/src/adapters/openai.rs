@@ -113,7 +113,7 @@ fn at_default(key: &str, value: &Value) -> bool {
 
 /// Refuses fields OpenAI does not define (in OpenAI's words) and unserved fields set to
 /// anything but their default.
-fn check_fields(body: &Value, served: &[&str], at_default_only: &[&str]) -> Result<(), ApiError> {
+pub(super) fn check_fields(body: &Value, served: &[&str], at_default_only: &[&str]) -> Result<(), ApiError> {
     let Some(object) = body.as_object() else {
         return Err(ApiError::validation("the request body must be a JSON object"));
     };
@@ -181,12 +181,19 @@ pub fn chat_request(body: &Value) -> Result<ChatCompletion, ApiError> {
         Value::Bool(b) => *b,
         _ => return Err(ApiError::validation("logprobs must be a boolean")),
     };
-    // The runner reports the chosen token's log-probability only, not the alternatives.
-    if !(body["top_logprobs"].is_null() || body["top_logprobs"].as_u64() == Some(0)) {
-        return Err(ApiError::validation(
-            "top_logprobs is not supported by this server: it reports the chosen token's log-probability only; \
-             omit top_logprobs or set it to 0",
-        ));
+    let top_logprobs = match &body["top_logprobs"] {
+        Value::Null => 0,
+        v => match v.as_u64() {
+            Some(n) if n <= MAX_TOP_LOGPROBS as u64 => n as u32,
+            _ => {
+                return Err(ApiError::validation(format!(
+                    "top_logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS}"
+                )));
+            }
+        },
+    };
+    if top_logprobs > 0 && !logprobs {
+        return Err(ApiError::validation("top_logprobs needs logprobs set to true"));
     }
     let max_tokens = match body.get("max_completion_tokens").or_else(|| body.get("max_tokens")) {
         None | Some(Value::Null) => None,
@@ -284,23 +291,25 @@ pub fn chat_request(body: &Value) -> Result<ChatCompletion, ApiError> {
             tool_choice,
             json_schema,
             logprobs,
+            top_logprobs,
             ..Default::default()
         },
     })
 }
 
-/// A choice's `logprobs` object: each token with its log-probability and bytes. No
-/// alternatives are reported, so `top_logprobs` is empty.
+/// The most alternatives OpenAI's `top_logprobs` allows.
+pub const MAX_TOP_LOGPROBS: u32 = 20;
+
+/// A choice's `logprobs` object: each token with its log-probability and bytes, and the most
+/// likely tokens at its place when `top_logprobs` asked for them.
 pub fn logprobs(tokens: &[TokenLogprob]) -> Value {
+    let entry = |t: &TokenLogprob| json!({"token": String::from_utf8_lossy(&t.bytes), "logprob": t.logprob_json(), "bytes": t.bytes});
     let content: Vec<Value> = tokens
         .iter()
         .map(|t| {
-            json!({
-                "token": String::from_utf8_lossy(&t.bytes),
-                "logprob": t.logprob,
-                "bytes": t.bytes,
-                "top_logprobs": [],
-            })
+            let mut e = entry(t);
+            e["top_logprobs"] = t.top.iter().map(entry).collect();
+            e
         })
         .collect();
     json!({ "content": content, "refusal": null })
@@ -312,7 +321,7 @@ pub fn with_logprobs(mut body: Value, tokens: &[TokenLogprob]) -> Value {
     body
 }
 
-fn finish_reason(reason: StopReason) -> &'static str {
+pub(super) fn finish_reason(reason: StopReason) -> &'static str {
     match reason {
         StopReason::MaxTokens => "length",
         StopReason::ToolUse => "tool_calls",
@@ -321,7 +330,7 @@ fn finish_reason(reason: StopReason) -> &'static str {
     }
 }
 
-fn usage(output: &TextOutput) -> Value {
+pub(super) fn usage(output: &TextOutput) -> Value {
     json!({
         "prompt_tokens": output.usage.input_tokens,
         "completion_tokens": output.usage.output_tokens,
@@ -330,7 +339,7 @@ fn usage(output: &TextOutput) -> Value {
     })
 }
 
-fn unix_now() -> u64 {
+pub(super) fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
@@ -492,13 +501,16 @@ mod tests {
         assert!(chat_with(json!({"logprobs": true})).unwrap().request.logprobs);
         assert!(!chat_with(json!({"logprobs": false, "top_logprobs": 0})).unwrap().request.logprobs);
         // "é" split across two tokens: each token keeps its bytes; its text is lossy.
-        let tokens =
-            [TokenLogprob { bytes: vec![0xc3], logprob: -1.0 }, TokenLogprob { bytes: vec![0xa9], logprob: -0.5 }];
+        let token = |bytes: Vec<u8>, logprob| TokenLogprob { bytes, logprob, top: Vec::new() };
+        let mut tokens = [token(vec![0xc3], -1.0), token(vec![0xa9], -0.5)];
+        tokens[0].top = vec![token(vec![0xc3], -1.0), token(b"e".to_vec(), -1.5)];
         let body = with_logprobs(chunk("a", "m", json!({"content": "é"}), None), &tokens);
         let content = &body["choices"][0]["logprobs"]["content"];
         assert_eq!(content[0]["bytes"], json!([0xc3]));
         assert_eq!(content[1]["logprob"], -0.5);
         assert_eq!(content[1]["top_logprobs"], json!([]));
+        assert_eq!(content[0]["top_logprobs"][1], json!({"token": "e", "logprob": -1.5, "bytes": [101]}));
+        assert_eq!(chat_with(json!({"logprobs": true, "top_logprobs": 5})).unwrap().request.top_logprobs, 5);
         assert!(body["choices"][0]["logprobs"]["refusal"].is_null());
     }
 
@@ -526,7 +538,8 @@ mod tests {
             (json!({"modalities": ["text", "audio"]}), "modalities"),
             (json!({"reasoning_effort": "high"}), "reasoning_effort"),
             (json!({"n": 3}), "n must be 1"),
-            (json!({"top_logprobs": 5, "logprobs": true}), "top_logprobs"),
+            (json!({"top_logprobs": 21, "logprobs": true}), "top_logprobs"),
+            (json!({"top_logprobs": 2}), "top_logprobs needs logprobs"),
         ] {
             let err = chat_with(extra.clone()).unwrap_err().to_string();
             assert!(err.starts_with(field), "{extra}: {err}");

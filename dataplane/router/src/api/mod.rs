@@ -2,6 +2,7 @@
 //! authentication, the error dialect — Bedrock or OpenAI).
 
 mod bedrock;
+mod completions;
 mod control;
 mod front;
 mod openai;
@@ -128,6 +129,7 @@ pub fn router(state: Shared) -> Router {
         .route("/foundation-models", get(control::list_foundation_models))
         .route("/foundation-models/{model_id}", get(control::get_foundation_model))
         .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/completions", post(completions::completions))
         .route("/v1/embeddings", post(openai::embeddings))
         .route("/v1/models", get(openai::list_models))
         .route("/v1/models/{model_id}", get(openai::get_model))

@@ -18,12 +18,24 @@ use crate::error::ApiError;
 use crate::guard::Guarded;
 use crate::inference::{Ctx, Generation, Inference, Piece};
 
-fn fail(state: &Shared, api: &str, model: &str, error: ApiError) -> Response {
+pub(super) fn fail(state: &Shared, api: &str, model: &str, error: ApiError) -> Response {
     super::fail(state, api, model, error, ApiError::into_openai)
 }
 
-fn json_body(body: &[u8]) -> Result<Value, ApiError> {
+pub(super) fn json_body(body: &[u8]) -> Result<Value, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::validation(format!("the body is not valid JSON: {e}")))
+}
+
+/// Takes the body's `cache_salt` (as vLLM does) into the request's context; it must agree with
+/// the `x-mantle-cache-salt` header when both are sent.
+pub(super) fn take_cache_salt(ctx: &mut Ctx, salt: Option<&str>, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(salt) = salt else { return Ok(()) };
+    check_cache_salt(salt, "cache_salt")?;
+    if headers.contains_key("x-mantle-cache-salt") && salt != ctx.cache_salt {
+        return Err(ApiError::validation("cache_salt and the x-mantle-cache-salt header disagree; send one"));
+    }
+    ctx.cache_salt = salt.to_string();
+    Ok(())
 }
 
 pub async fn chat_completions(
@@ -39,13 +51,7 @@ pub async fn chat_completions(
         let completion = openai::chat_request(&json_body(&body)?)?;
         requested = completion.model.clone();
         let mut ctx = caller.ctx(api, &headers)?;
-        if let Some(salt) = &completion.cache_salt {
-            check_cache_salt(salt, "cache_salt")?;
-            if headers.contains_key("x-mantle-cache-salt") && *salt != ctx.cache_salt {
-                return Err(ApiError::validation("cache_salt and the x-mantle-cache-salt header disagree; send one"));
-            }
-            ctx.cache_salt = salt.clone();
-        }
+        take_cache_salt(&mut ctx, completion.cache_salt.as_deref(), &headers)?;
         let model = state.inference.resolve(&caller.tenant.name, &completion.model)?;
         let span = Inference::span(&ctx, &model.model_id);
         let ChatCompletion { model: name, stream, include_usage, request, .. } = completion;

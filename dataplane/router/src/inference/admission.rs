@@ -255,6 +255,14 @@ pub(super) const MAX_BYTES_PER_TOKEN: u64 = 32;
 /// exactly by the runner, which refuses them with both counts.
 pub(super) fn check_input_length(model: &ModelEntry, req: &TextRequest) -> Result<(), ApiError> {
     let context = model.context_length as u64;
+    let ids = req.prompt_token_ids.len() as u64;
+    if context > 0 && ids >= context {
+        return Err(ApiError::validation(format!(
+            "The input is too long for {}: it is {ids} tokens, and the model's context is {context} tokens. \
+             Shorten the input.",
+            model.model_id
+        )));
+    }
     let bytes: u64 = match &req.prompt {
         Some(p) => p.len() as u64,
         None => req.messages.iter().map(|m| m.content.len() as u64).sum(),

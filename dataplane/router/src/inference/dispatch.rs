@@ -36,6 +36,9 @@ impl Inference {
             logprobs: req.logprobs,
             cache_salt: ctx.runner_cache_salt(),
             grammar: structured::grammar(req),
+            prompt_logprobs: req.prompt_logprobs,
+            top_logprobs: req.top_logprobs,
+            prompt_token_ids: req.prompt_token_ids.clone(),
         };
         let mut client = runner.client.clone();
         let mut grpc = tonic::Request::new(request);

@@ -31,6 +31,17 @@ pub struct Generation {
     pub(super) ledger: Ledger,
     /// What the runner reported when the generation finished (or what was counted, if it broke).
     pub(super) usage: Usage,
+    /// The prompt's scores, when the request asked for them (they arrive before any text).
+    pub(super) prompt_logprobs: Vec<TokenLogprob>,
+}
+
+/// A generation read to the end.
+pub struct Collected {
+    pub output: TextOutput,
+    /// Each generated token's log-probability (empty unless asked for).
+    pub logprobs: Vec<TokenLogprob>,
+    /// Each prompt token's (empty unless asked for; the first has no context).
+    pub prompt_logprobs: Vec<TokenLogprob>,
 }
 
 impl Generation {
@@ -87,11 +98,7 @@ impl Generation {
                     let tokens = t.token_ids.len().max(1) as u32;
                     self.generated += tokens;
                     self.text.push_str(&t.text);
-                    let logprobs: Vec<TokenLogprob> = t
-                        .token_logprobs
-                        .into_iter()
-                        .map(|l| TokenLogprob { bytes: l.token, logprob: l.logprob })
-                        .collect();
+                    let logprobs: Vec<TokenLogprob> = t.token_logprobs.into_iter().map(Into::into).collect();
                     return Ok(Some(Piece::Text { text: t.text, tokens, logprobs }));
                 }
                 Some(generate_response::Event::Finished(f)) => {
@@ -116,22 +123,33 @@ impl Generation {
                     self.finish(&usage, stop_reason.converse());
                     return Ok(Some(Piece::Done(output)));
                 }
+                Some(generate_response::Event::PromptLogprobs(p)) => {
+                    self.prompt_logprobs.extend(p.tokens.into_iter().map(TokenLogprob::from));
+                    continue;
+                }
                 Some(generate_response::Event::Started(_)) | None => continue,
             }
         }
     }
 
-    /// Reads to the end.
-    /// The whole reply and the log-probabilities of its tokens (empty unless asked for).
-    pub async fn collect(mut self) -> Result<(TextOutput, Vec<TokenLogprob>), ApiError> {
+    /// Reads to the end: the whole reply, with the log-probabilities asked for.
+    pub async fn collect(mut self) -> Result<Collected, ApiError> {
         let mut logprobs = Vec::new();
         while let Some(piece) = self.next().await? {
             match piece {
                 Piece::Text { logprobs: more, .. } => logprobs.extend(more),
-                Piece::Done(output) => return Ok((output, logprobs)),
+                Piece::Done(output) => {
+                    let prompt_logprobs = std::mem::take(&mut self.prompt_logprobs);
+                    return Ok(Collected { output, logprobs, prompt_logprobs });
+                }
             }
         }
         Err(ApiError::Internal("the generation ended twice".into()))
+    }
+
+    /// The prompt's scores received so far (all of them once the first text has arrived).
+    pub fn take_prompt_logprobs(&mut self) -> Vec<TokenLogprob> {
+        std::mem::take(&mut self.prompt_logprobs)
     }
 
     /// Settles a request whose streamed answer broke off with `error` (errors before the answer

@@ -42,7 +42,7 @@ mod live;
 
 use admission::{QueueKey, capacity_loop, check_input_length};
 use dispatch::{RUNNER_ATTEMPTS, StartError};
-pub use generation::Generation;
+pub use generation::{Collected, Generation};
 pub use ledger::{Account, Ledger, Settled};
 pub use live::Live;
 
@@ -270,6 +270,7 @@ impl Inference {
             done: false,
             ledger: self.ledger.clone(),
             usage: Usage::default(),
+            prompt_logprobs: Vec::new(),
         })
     }
 
@@ -279,7 +280,7 @@ impl Inference {
     /// [`structured`]).
     pub async fn complete(&self, ctx: &Ctx, model: &ModelEntry, req: &TextRequest) -> Result<Completed, ApiError> {
         let validator = req.json_schema.as_ref().map(structured::compile).transpose()?;
-        let (mut output, logprobs, model_used) = self.collect(ctx, model, req).await?;
+        let (Collected { mut output, logprobs, prompt_logprobs }, model_used) = self.collect(ctx, model, req).await?;
         let cut_short = output.stop_reason == StopReason::MaxTokens;
         if !req.tools.is_empty()
             && let Some(call) = adapters::parse_tool_call(&output.text, &req.tools)
@@ -296,24 +297,19 @@ impl Inference {
             tracing::warn!(request_id = %ctx.request_id, %reason, "structured output did not validate");
             output.stop_reason = StopReason::MalformedModelOutput;
         }
-        Ok(Completed { output, model_used, logprobs })
+        Ok(Completed { output, model_used, logprobs, prompt_logprobs })
     }
 
     /// One generation read to the end. Nothing has reached the client yet, so a runner lost
     /// midway costs a retry, not an error.
-    async fn collect(
-        &self,
-        ctx: &Ctx,
-        model: &ModelEntry,
-        req: &TextRequest,
-    ) -> Result<(TextOutput, Vec<TokenLogprob>, String), ApiError> {
+    async fn collect(&self, ctx: &Ctx, model: &ModelEntry, req: &TextRequest) -> Result<(Collected, String), ApiError> {
         let mut tries = 0;
         loop {
             tries += 1;
             let generation = self.generate(ctx, model, req).await?;
             let model_used = generation.model.model_id.clone();
             match generation.collect().await {
-                Ok((output, logprobs)) => return Ok((output, logprobs, model_used)),
+                Ok(collected) => return Ok((collected, model_used)),
                 Err(e @ ApiError::Unavailable { .. }) if tries < RUNNER_ATTEMPTS => {
                     tracing::info!(request_id = %ctx.request_id, error = %e, "generation lost midway; retrying");
                 }
@@ -434,6 +430,8 @@ pub struct Completed {
     pub model_used: String,
     /// Each generated token's log-probability, when the request asked for them.
     pub logprobs: Vec<TokenLogprob>,
+    /// Each prompt token's, when the request asked to score its prompt.
+    pub prompt_logprobs: Vec<TokenLogprob>,
 }
 
 /// What a generation yields.

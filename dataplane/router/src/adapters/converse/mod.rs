@@ -137,7 +137,7 @@ pub fn to_request(body: &ConverseBody) -> Result<TextRequest, ApiError> {
         tools,
         tool_choice: choice,
         json_schema,
-        logprobs: false,
+        ..TextRequest::default()
     })
 }
 
