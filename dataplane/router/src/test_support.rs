@@ -149,6 +149,7 @@ impl Runner for StandIn {
         let interval = self.config.interval;
         let fail_after = self.config.fail_after;
         let want_logprobs = r.logprobs;
+        let top_logprobs = r.top_logprobs;
         let scores = r.prompt_logprobs.then(|| prompt_scores(&r));
         self.counters.active.fetch_add(1, Ordering::Relaxed);
         let mut guard = StreamGuard { counters: self.counters.clone(), finished: false };
@@ -183,9 +184,20 @@ impl Runner for StandIn {
                 let (logprobs, token_logprobs) = match want_logprobs {
                     true => {
                         let logprob = -0.25 * (i + 1) as f32;
+                        let top = (0..top_logprobs)
+                            .map(|j| TokenLogprob {
+                                token: if j == 0 {
+                                    text.clone().into_bytes()
+                                } else {
+                                    format!("<alt{j}>").into_bytes()
+                                },
+                                logprob: logprob - j as f32,
+                                ..Default::default()
+                            })
+                            .collect();
                         (
                             vec![logprob],
-                            vec![TokenLogprob { token: text.clone().into_bytes(), logprob, ..Default::default() }],
+                            vec![TokenLogprob { token: text.clone().into_bytes(), logprob, token_id: i, top }],
                         )
                     }
                     false => (Vec::new(), Vec::new()),

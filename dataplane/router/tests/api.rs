@@ -250,12 +250,19 @@ async fn openai_chat_returns_logprobs_in_openais_shape() {
     let plain = json!({"model": TEXT, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1});
     let (_, _, body) = send(&f.app, post("/v1/chat/completions", plain.to_string())).await;
     assert!(json_of(&body)["choices"][0]["logprobs"].is_null());
-    // Alternatives are not served.
+    // Alternatives, most likely first, when asked for; more than OpenAI allows is refused.
     let mut top = chat.clone();
     top["top_logprobs"] = json!(2);
+    top["stream"] = json!(false);
+    let (status, _, body) = send(&f.app, post("/v1/chat/completions", top.to_string())).await;
+    assert_eq!(status, StatusCode::OK);
+    let content = json_of(&body)["choices"][0]["logprobs"]["content"].clone();
+    assert_eq!(content[1]["top_logprobs"].as_array().map(Vec::len), Some(2), "{content}");
+    assert_eq!(content[1]["top_logprobs"][0]["token"], content[1]["token"]);
+    top["top_logprobs"] = json!(21);
     let (status, _, body) = send(&f.app, post("/v1/chat/completions", top.to_string())).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert!(json_of(&body)["error"]["message"].as_str().unwrap().starts_with("top_logprobs is not supported"));
+    assert!(json_of(&body)["error"]["message"].as_str().unwrap().starts_with("top_logprobs must be"));
 }
 
 #[tokio::test]
