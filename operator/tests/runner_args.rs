@@ -6,7 +6,8 @@ use mantle_crds::{Manifest, read_manifest_dir};
 use mantle_operator::{RunnerPlacement, runner_args};
 
 fn example(name: &str) -> mantle_crds::FoundationModel {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let dir = Path::new(&std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").into()))
+        .join("../examples");
     read_manifest_dir(&dir)
         .unwrap()
         .into_iter()

@@ -14,7 +14,12 @@ use serde_json::Value;
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("crate sits in the repository").to_path_buf()
+    // Read at run time: cargo reuses a test binary built in another checkout that shares the
+    // target directory, and the compile-time path would point there.
+    Path::new(&std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").into()))
+        .parent()
+        .expect("crate sits in the repository")
+        .to_path_buf()
 }
 
 /// Every YAML document of a file, as JSON values.

@@ -10,7 +10,9 @@ use crate::{ChatMessage, GenerateRequest, SamplingParams, TextModel};
 pub fn models_dir() -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/fetch-models.sh");
+        let script =
+            Path::new(&std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").into()))
+                .join("../../scripts/fetch-models.sh");
         let out = std::process::Command::new("bash").arg(&script).output().expect("bash runs scripts/fetch-models.sh");
         assert!(out.status.success(), "fetch-models.sh failed: {}", String::from_utf8_lossy(&out.stderr));
         let stdout = String::from_utf8_lossy(&out.stdout);

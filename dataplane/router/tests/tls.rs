@@ -13,7 +13,7 @@ use mantle_router::{AuthConfig, Platform, RouterConfig, RunnerSpec, TlsFiles};
 const TEXT: &str = "acme.text-v1:0";
 
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+    Path::new(&std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").into())).join("../..")
 }
 
 fn python() -> PathBuf {

@@ -24,7 +24,8 @@ impl Drop for Moto {
 }
 
 pub async fn moto() -> Moto {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let root = Path::new(&std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").into()))
+        .join("../..");
     let out = Command::new("bash").arg(root.join("scripts/python-env.sh")).output().expect("bash runs python-env.sh");
     assert!(out.status.success(), "python-env.sh failed: {}", String::from_utf8_lossy(&out.stderr));
     let venv = PathBuf::from(String::from_utf8_lossy(&out.stdout).lines().last().expect("venv path").trim());
