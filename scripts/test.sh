@@ -30,5 +30,9 @@ for values in "" "--set metrics.serviceMonitor.enabled=true --set router.auth.mo
 done
 "$venv/bin/python" scripts/check-chart.py "$tools_bin/helm" charts/mantle
 
+echo "==> operator render"
+# What the operator creates (the golden files its tests pin) against the same schemas.
+"$venv/bin/kubernetes-validate" --kubernetes-version 1.34.0 --strict --quiet operator/tests/golden/*.rendered.yaml
+
 # One closing line over every cargo test binary (the chart checks above stop the script on failure).
 awk '/^test result:/ { passed += $4; failed += $6 } END { printf "tests: %d passed, %d failed\n", passed, failed }' "$log"

@@ -4,6 +4,8 @@
 //!   default) and checks each against the same invariants the operator enforces.
 //! - `mantle crdgen [--check]` writes the CRD YAML generated from the Rust types, or checks that
 //!   the checked-in copies are current.
+//! - `mantle render [PATH...]` prints, as multi-document YAML, every object the operator would
+//!   create for the manifests (`examples/` by default), for review and GitOps diffs.
 //! - `mantle dev` runs the platform on this machine: a runner per FoundationModel in `examples/`
 //!   and the router on 127.0.0.1:8080.
 //! - `mantle runner serve|fetch …` is the model runner (what `mantle dev` starts per model).
@@ -40,6 +42,8 @@ enum Command {
         #[arg(long, default_value = ".")]
         root: PathBuf,
     },
+    /// Print every object the operator would create for the manifests, as multi-document YAML.
+    Render(mantle_operator::cli::RenderArgs),
     /// Run the platform on this machine: one runner per FoundationModel and the router.
     Dev(dev::DevArgs),
     /// The model runner (the same as the `mantle-runner` binary).
@@ -74,6 +78,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             }
             Ok(stale.is_empty())
         }
+        Command::Render(args) => mantle_operator::cli::render(&args, &mut std::io::stdout()),
         Command::Dev(args) => serve(dev::run(args)),
         Command::Runner { command } => serve(mantle_runner::cli::run(command)),
         Command::Crdgen { check: false, root } => {

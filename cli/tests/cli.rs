@@ -1,4 +1,5 @@
-//! `mantle validate` and `mantle crdgen --check` as a user runs them: exit codes and output.
+//! `mantle validate`, `mantle render` and `mantle crdgen --check` as a user runs them: exit codes
+//! and output.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -51,4 +52,22 @@ fn validate_fails_on_a_missing_path() {
 fn crdgen_check_passes_on_the_checked_in_manifests() {
     let out = mantle(&["crdgen", "--check"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+}
+
+#[test]
+fn render_prints_what_the_operator_would_create_and_fails_on_what_it_cannot_plan() {
+    let out = mantle(&["render"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.starts_with("---\napiVersion: apps/v1\nkind: Deployment\n"), "{stdout}");
+    assert!(stdout.contains("name: smollm2-135m-instruct-cell-b-analytics-smollm2"), "{stdout}");
+    // Without the Cells, the models name Cells that do not exist: said on stderr, exit 1.
+    let out = mantle(&["render", "examples/foundationmodel-smollm2.yaml"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("FoundationModel smollm2-135m-instruct: CellNotFound — no Cell named cell-a, cell-b"), "{stderr}");
+    // An invalid manifest is refused, naming it.
+    let out = mantle(&["render", "tests/invalid/fm-min-replicas-over-max.yaml"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("replicas.min must not exceed replicas.max"));
 }

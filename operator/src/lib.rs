@@ -6,9 +6,12 @@
 //! reported as a `SpecValid=False` condition instead of being acted on. Pure render functions
 //! (what goes into the objects it creates) live beside it and are golden-tested.
 
+pub mod cli;
 pub mod plan;
+pub mod render;
 pub mod runner_args;
 
 pub use mantle_crds::Validate;
 pub use plan::{Desired, Observed, Plan, PoolPlan, plan};
+pub use render::{Object, RenderOptions, render};
 pub use runner_args::{RunnerPlacement, runner_args};

@@ -33,6 +33,22 @@ pub struct Desired {
     pub cells: Vec<Cell>,
 }
 
+impl Desired {
+    /// The resources among `manifests` that planning reads.
+    pub fn from_manifests(manifests: impl IntoIterator<Item = mantle_crds::Manifest>) -> Self {
+        let mut desired = Desired::default();
+        for manifest in manifests {
+            match manifest {
+                mantle_crds::Manifest::FoundationModel(m) => desired.models.push(m),
+                mantle_crds::Manifest::ProvisionedThroughput(p) => desired.provisioned.push(p),
+                mantle_crds::Manifest::Cell(c) => desired.cells.push(c),
+                _ => {}
+            }
+        }
+        desired
+    }
+}
+
 /// What is running, as far as planning needs to know.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Observed {
@@ -170,6 +186,12 @@ fn problem<T: kube::Resource>(kind: &'static str, r: &T, reason: &'static str, m
 
 fn plan_model(model: &FoundationModel, desired: &Desired, observed: &Observed, plan: &mut Plan) {
     let name = name_of(model);
+    if name.len() > MAX_NAME {
+        // Its name is a label value on every object of its pools, which the router reads.
+        let message = format!("the name is {} characters; a FoundationModel's name is at most {MAX_NAME}", name.len());
+        plan.problems.push(problem("FoundationModel", model, "NameTooLong", message));
+        return;
+    }
     let (active, draining, missing) = model_cells(model, &desired.cells);
     let nothing_active = active.is_empty();
     match missing {

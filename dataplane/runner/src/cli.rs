@@ -24,6 +24,33 @@ pub enum Command {
         #[command(flatten)]
         cache: CacheArgs,
     },
+    /// Make the node-local weight cache directory and give it to the runner's user: the runner
+    /// pod's first init container, the one step that runs as root (with only CAP_CHOWN).
+    PrepareCache {
+        #[arg(long, default_value = "/var/cache/mantle/weights")]
+        cache_dir: PathBuf,
+        /// `uid:gid` to own it.
+        #[arg(long)]
+        owner: String,
+    },
+}
+
+/// Parses `uid:gid`.
+fn parse_owner(owner: &str) -> anyhow::Result<(u32, u32)> {
+    let parse = || {
+        let (uid, gid) = owner.split_once(':')?;
+        Some((uid.parse().ok()?, gid.parse().ok()?))
+    };
+    parse().with_context(|| format!("--owner {owner:?} must be uid:gid, two numbers"))
+}
+
+/// Creates `dir` (and its parents) and makes `owner` its owner.
+pub fn prepare_cache(dir: &std::path::Path, owner: &str) -> anyhow::Result<()> {
+    let (uid, gid) = parse_owner(owner)?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::os::unix::fs::chown(dir, Some(uid), Some(gid))
+        .with_context(|| format!("giving {} to {uid}:{gid}", dir.display()))?;
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -103,6 +130,11 @@ pub enum Template {
 pub async fn run(command: Command) -> anyhow::Result<()> {
     let args = match command {
         Command::Serve(args) => args,
+        Command::PrepareCache { cache_dir, owner } => {
+            prepare_cache(&cache_dir, &owner)?;
+            println!("{}", cache_dir.display());
+            return Ok(());
+        }
         Command::Fetch { source, cache } => {
             let node = crate::weights::NodeCache::new(cache.cache_dir, cache.cache_budget_gib << 30);
             let options = crate::weights::store_options_from_env();
@@ -168,5 +200,30 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt;
+
+    use super::*;
+
+    #[test]
+    fn prepare_cache_makes_the_directory_and_gives_it_to_the_owner() {
+        let root = std::env::temp_dir().join(format!("mantle-prepare-{}", std::process::id()));
+        let dir = root.join("var/cache/mantle/weights");
+        let me = std::fs::metadata(std::env::temp_dir()).unwrap();
+        let owner = format!("{}:{}", me.uid(), me.gid());
+        prepare_cache(&dir, &owner).unwrap();
+        let made = std::fs::metadata(&dir).unwrap();
+        assert!(made.is_dir() && made.uid() == me.uid() && made.gid() == me.gid());
+        // Again: nothing to do, no error.
+        prepare_cache(&dir, &owner).unwrap();
+        for bad in ["65532", "a:b", "1:", ":2", "1:2:3"] {
+            let err = prepare_cache(&dir, bad).unwrap_err().to_string();
+            assert!(err.contains("uid:gid"), "{bad}: {err}");
+        }
+        std::fs::remove_dir_all(root).ok();
     }
 }

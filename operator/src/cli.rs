@@ -1,0 +1,70 @@
+//! The operator's command line, shared by `mantle-operator` and `mantle render`.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::Context;
+
+use crate::plan::{Desired, Observed, plan};
+use crate::render::{RenderOptions, render as render_objects, to_yaml};
+
+#[derive(clap::Args, Debug)]
+pub struct RenderArgs {
+    /// Manifest files or directories of *.yaml.
+    #[arg(default_value = "examples")]
+    pub paths: Vec<PathBuf>,
+    /// The `mantle-runner` image the runner pods use.
+    #[arg(long)]
+    pub runner_image: Option<String>,
+    /// The node directory of the weight cache.
+    #[arg(long, default_value = "/var/cache/mantle/weights")]
+    pub cache_root: String,
+    /// The weight cache's budget on each node, in GiB.
+    #[arg(long, default_value_t = 100)]
+    pub cache_budget_gib: u64,
+    /// The Secret (key `token`) the router's runner token is in; `none` when runners do not
+    /// authenticate the router.
+    #[arg(long, default_value = "mantle-runner-token")]
+    pub runner_token_secret: String,
+}
+
+impl RenderArgs {
+    pub fn options(&self) -> RenderOptions {
+        let defaults = RenderOptions::default();
+        RenderOptions {
+            runner_image: self.runner_image.clone().unwrap_or(defaults.runner_image),
+            cache_root: self.cache_root.clone(),
+            cache_budget_gib: self.cache_budget_gib,
+            runner_token_secret: (self.runner_token_secret != "none").then(|| self.runner_token_secret.clone()),
+        }
+    }
+}
+
+/// Reads the manifests, checks each (the operator acts on none that breaks an invariant), plans
+/// and writes every object as YAML to `out`. `Ok(false)`: something could not be planned (each
+/// problem goes to stderr; the rest is still rendered).
+pub fn render(args: &RenderArgs, out: &mut impl Write) -> anyhow::Result<bool> {
+    let mut manifests = Vec::new();
+    for path in &args.paths {
+        let read = if path.is_dir() {
+            mantle_crds::read_manifest_dir(path)?.into_iter().map(|(_, m)| m).collect()
+        } else {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            mantle_crds::parse_manifests(&text, &path.display().to_string())?
+        };
+        for manifest in read {
+            manifest.validate().map_err(|invalid| {
+                anyhow::anyhow!("{} {} is invalid: {}", manifest.kind(), manifest.name(), invalid)
+            })?;
+            manifests.push(manifest);
+        }
+    }
+    let desired = Desired::from_manifests(manifests);
+    let plan = plan(&desired, &Observed::default());
+    let objects = render_objects(&desired, &plan, &args.options());
+    out.write_all(to_yaml(&objects)?.as_bytes())?;
+    for p in &plan.problems {
+        eprintln!("{} {}: {} — {}", p.kind, p.name, p.reason, p.message);
+    }
+    Ok(plan.problems.is_empty())
+}

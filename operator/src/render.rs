@@ -1,0 +1,507 @@
+//! Render: each planned pool as the Kubernetes objects that realise it — a Deployment of runner
+//! pods, a headless Service whose port `grpc` the router finds through its EndpointSlices, and a
+//! PodDisruptionBudget. Pure: the same plan renders the same objects, byte for byte, which is
+//! what `mantle render` prints and the golden tests pin.
+//!
+//! A runner pod:
+//! - runs on its Cell's nodes (node selector, tolerations; the GPU product when the model asks
+//!   for one), preferring nodes whose weight cache already holds the model (a node label the
+//!   cache reports, weighted node affinity);
+//! - fills the node-local weight cache before the runner starts: `prepare-cache` makes the cache
+//!   directory the runner's (the one step that runs as root, with only CAP_CHOWN), then `fetch`
+//!   copies the weights from the object store with the sha256 checked, with the source's
+//!   credentials Secret as its environment;
+//! - runs `mantle-runner serve` with [`runner_args`](crate::runner_args) — or, for an External
+//!   engine, the engine's image beside a `mantle-runner` sidecar that fronts it — as a non-root
+//!   user with a read-only root filesystem and no capabilities (IPC_LOCK only to pin weights);
+//! - is ready on `/readyz` (weights loaded), with a startup probe sized for loading them;
+//! - presents the router's token when runner authentication is on (a Secret, mounted as a file).
+//!
+//! Every object carries the labels the router watches (`mantle.dev/foundation-model`,
+//! `mantle.dev/cell`, and `mantle.dev/pool` for a dedicated pool), and an owner reference to the
+//! resource it serves — the FoundationModel, or the ProvisionedThroughput of a dedicated pool —
+//! so deleting that resource deletes them.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
+use k8s_openapi::api::core::v1::{
+    Affinity, Capabilities, Container, ContainerPort, EnvFromSource, EnvVar, HTTPGetAction, HostPathVolumeSource,
+    NodeAffinity, NodeSelectorRequirement, NodeSelectorTerm, PodSecurityContext, PodSpec, PodTemplateSpec,
+    PreferredSchedulingTerm, Probe, ResourceRequirements, SeccompProfile, SecretEnvSource, SecretVolumeSource,
+    SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use mantle_crds::{Cell, EngineType, FoundationModel, ProvisionedThroughput};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::plan::{Desired, Plan, PoolPlan};
+use crate::runner_args::{RunnerPlacement, runner_args};
+
+/// The labels the router watches (see `dataplane/router/src/kubernetes.rs`).
+pub const MODEL_LABEL: &str = "mantle.dev/foundation-model";
+pub const CELL_LABEL: &str = "mantle.dev/cell";
+pub const POOL_LABEL: &str = "mantle.dev/pool";
+/// The label that selects one pool's pods.
+pub const RUNNER_POOL_LABEL: &str = "mantle.dev/runner-pool";
+/// The prefix of the node labels that say a node's weight cache holds a model's weights.
+pub const WEIGHTS_LABEL_PREFIX: &str = "weights.mantle.dev/";
+
+/// The user the runner runs as (distroless's `nonroot`).
+const RUNNER_UID: i64 = 65532;
+const GRPC_PORT: i32 = 50051;
+const HTTP_PORT: i32 = 9090;
+const TOKEN_DIR: &str = "/var/run/mantle/runner-token";
+
+/// What the plan does not say about how pods are built: the operator's own settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RenderOptions {
+    /// The `mantle-runner` image.
+    pub runner_image: String,
+    /// The node directory holding the weight cache (a hostPath).
+    pub cache_root: String,
+    /// The cache's byte budget on each node, in GiB.
+    pub cache_budget_gib: u64,
+    /// The Secret (key `token`) holding the token the router presents, when runner
+    /// authentication is on.
+    pub runner_token_secret: Option<String>,
+}
+
+impl Default for RenderOptions {
+    fn default() -> Self {
+        RenderOptions {
+            runner_image: format!("ghcr.io/mantle-dev/mantle-runner:{}", env!("CARGO_PKG_VERSION")),
+            cache_root: "/var/cache/mantle/weights".into(),
+            cache_budget_gib: 100,
+            runner_token_secret: Some("mantle-runner-token".into()),
+        }
+    }
+}
+
+/// One rendered object.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Object {
+    Deployment(Box<Deployment>),
+    Service(Box<Service>),
+    PodDisruptionBudget(Box<PodDisruptionBudget>),
+}
+
+impl Object {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Object::Deployment(_) => "Deployment",
+            Object::Service(_) => "Service",
+            Object::PodDisruptionBudget(_) => "PodDisruptionBudget",
+        }
+    }
+
+    pub fn metadata(&self) -> &ObjectMeta {
+        match self {
+            Object::Deployment(o) => &o.metadata,
+            Object::Service(o) => &o.metadata,
+            Object::PodDisruptionBudget(o) => &o.metadata,
+        }
+    }
+}
+
+/// Every object of every pool in the plan, pool by pool (Deployment, Service, PodDisruptionBudget).
+pub fn render(desired: &Desired, plan: &Plan, options: &RenderOptions) -> Vec<Object> {
+    let mut objects = Vec::new();
+    for pool in &plan.pools {
+        let same_ns = |ns: &Option<String>| *ns == pool.namespace;
+        let Some(model) = desired
+            .models
+            .iter()
+            .find(|m| same_ns(&m.metadata.namespace) && m.metadata.name.as_deref() == Some(&pool.model))
+        else {
+            continue;
+        };
+        let cell = pool.cell.as_deref().and_then(|c| {
+            desired.cells.iter().find(|x| same_ns(&x.metadata.namespace) && x.metadata.name.as_deref() == Some(c))
+        });
+        let owner = match &pool.dedicated {
+            Some(d) => desired
+                .provisioned
+                .iter()
+                .find(|p| same_ns(&p.metadata.namespace) && p.metadata.name.as_deref() == Some(&d.provisioned))
+                .map(provisioned_owner),
+            None => None,
+        }
+        .unwrap_or_else(|| model_owner(model));
+        objects.extend(render_pool(pool, model, cell, owner, options));
+    }
+    objects
+}
+
+/// A controller owner reference (the uid is empty for resources read from files).
+fn owner_reference(kind: &str, meta: &ObjectMeta) -> OwnerReference {
+    OwnerReference {
+        api_version: "mantle.dev/v1alpha1".into(),
+        kind: kind.into(),
+        name: meta.name.clone().unwrap_or_default(),
+        uid: meta.uid.clone().unwrap_or_default(),
+        controller: Some(true),
+        block_owner_deletion: Some(true),
+    }
+}
+
+pub fn model_owner(model: &FoundationModel) -> OwnerReference {
+    owner_reference("FoundationModel", &model.metadata)
+}
+
+pub fn provisioned_owner(pt: &ProvisionedThroughput) -> OwnerReference {
+    owner_reference("ProvisionedThroughput", &pt.metadata)
+}
+
+/// The labels of every object of a pool.
+pub fn pool_labels(pool: &PoolPlan) -> BTreeMap<String, String> {
+    let mut labels = BTreeMap::from([
+        ("app.kubernetes.io/name".to_string(), "mantle-runner".to_string()),
+        ("app.kubernetes.io/component".to_string(), "runner".to_string()),
+        ("app.kubernetes.io/managed-by".to_string(), "mantle-operator".to_string()),
+        (MODEL_LABEL.to_string(), pool.model.clone()),
+        (RUNNER_POOL_LABEL.to_string(), pool.name.clone()),
+    ]);
+    if let Some(cell) = &pool.cell {
+        labels.insert(CELL_LABEL.into(), cell.clone());
+    }
+    if let Some(d) = &pool.dedicated {
+        labels.insert(POOL_LABEL.into(), d.tenant.clone());
+    }
+    labels
+}
+
+/// The node label that says a node's cache holds the model's weights: a digest of the weights
+/// (their sha256 when the spec gives it, else the source URI).
+pub fn weights_label(model: &FoundationModel) -> String {
+    let source = &model.spec.source;
+    let key = source.sha256.clone().unwrap_or_else(|| source.uri.clone());
+    let digest = Sha256::digest(key.as_bytes());
+    let hex: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    format!("{WEIGHTS_LABEL_PREFIX}{hex}")
+}
+
+fn meta(pool: &PoolPlan, owner: &OwnerReference) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(pool.name.clone()),
+        namespace: pool.namespace.clone(),
+        labels: Some(pool_labels(pool)),
+        owner_references: Some(vec![owner.clone()]),
+        ..ObjectMeta::default()
+    }
+}
+
+fn selector(pool: &PoolPlan) -> LabelSelector {
+    LabelSelector {
+        match_labels: Some(BTreeMap::from([(RUNNER_POOL_LABEL.to_string(), pool.name.clone())])),
+        ..LabelSelector::default()
+    }
+}
+
+/// The pool's Deployment, Service and PodDisruptionBudget.
+pub fn render_pool(
+    pool: &PoolPlan,
+    model: &FoundationModel,
+    cell: Option<&Cell>,
+    owner: OwnerReference,
+    options: &RenderOptions,
+) -> Vec<Object> {
+    let deployment = Deployment {
+        metadata: meta(pool, &owner),
+        spec: Some(DeploymentSpec {
+            replicas: Some(pool.replicas),
+            revision_history_limit: Some(5),
+            selector: selector(pool),
+            // A new spec rolls out one extra pod at a time and never takes a serving one away
+            // before its replacement is ready.
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_surge: Some(IntOrString::Int(1)),
+                    max_unavailable: Some(IntOrString::Int(0)),
+                }),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta { labels: Some(pool_labels(pool)), ..ObjectMeta::default() }),
+                spec: Some(pod_spec(model, cell, options)),
+            },
+            ..DeploymentSpec::default()
+        }),
+        ..Deployment::default()
+    };
+    let service = Service {
+        metadata: meta(pool, &owner),
+        spec: Some(ServiceSpec {
+            // Headless: the router balances over the endpoints itself.
+            cluster_ip: Some("None".into()),
+            selector: Some(BTreeMap::from([(RUNNER_POOL_LABEL.to_string(), pool.name.clone())])),
+            ports: Some(vec![
+                ServicePort {
+                    name: Some("grpc".into()),
+                    port: GRPC_PORT,
+                    target_port: Some(IntOrString::String("grpc".into())),
+                    app_protocol: Some("kubernetes.io/h2c".into()),
+                    ..ServicePort::default()
+                },
+                ServicePort {
+                    name: Some("http".into()),
+                    port: HTTP_PORT,
+                    target_port: Some(IntOrString::String("http".into())),
+                    ..ServicePort::default()
+                },
+            ]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    };
+    let budget = PodDisruptionBudget {
+        metadata: meta(pool, &owner),
+        spec: Some(PodDisruptionBudgetSpec {
+            // One pod at a time may be evicted (a node drain), never more.
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(selector(pool)),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        ..PodDisruptionBudget::default()
+    };
+    vec![
+        Object::Deployment(Box::new(deployment)),
+        Object::Service(Box::new(service)),
+        Object::PodDisruptionBudget(Box::new(budget)),
+    ]
+}
+
+fn restricted() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Capabilities::default() }),
+        ..SecurityContext::default()
+    }
+}
+
+fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
+    VolumeMount {
+        name: name.into(),
+        mount_path: path.into(),
+        read_only: read_only.then_some(true),
+        ..VolumeMount::default()
+    }
+}
+
+fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String("http".into()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        ..Probe::default()
+    }
+}
+
+fn port(name: &str, port: i32) -> ContainerPort {
+    ContainerPort {
+        name: Some(name.into()),
+        container_port: port,
+        protocol: Some("TCP".into()),
+        ..ContainerPort::default()
+    }
+}
+
+fn credentials(model: &FoundationModel) -> Option<Vec<EnvFromSource>> {
+    model.spec.source.credentials_secret_ref.as_ref().map(|s| {
+        vec![EnvFromSource {
+            secret_ref: Some(SecretEnvSource { name: s.name.clone(), optional: Some(false) }),
+            ..EnvFromSource::default()
+        }]
+    })
+}
+
+fn pod_spec(model: &FoundationModel, cell: Option<&Cell>, options: &RenderOptions) -> PodSpec {
+    let spec = &model.spec;
+    let cache = options.cache_root.as_str();
+    let mut node_selector = cell.map(|c| c.spec.node_selector.clone()).unwrap_or_default();
+    if let Some(gpu) = &spec.resources.gpu_type {
+        node_selector.insert("nvidia.com/gpu.product".into(), gpu.clone());
+    }
+    let mut volumes = vec![Volume {
+        name: "weights".into(),
+        host_path: Some(HostPathVolumeSource { path: cache.into(), type_: Some("DirectoryOrCreate".into()) }),
+        ..Volume::default()
+    }];
+    let mut env = Vec::new();
+    let mut runner_mounts = vec![mount("weights", cache, false)];
+    if let Some(secret) = &options.runner_token_secret {
+        volumes.push(Volume {
+            name: "runner-token".into(),
+            secret: Some(SecretVolumeSource { secret_name: Some(secret.clone()), ..SecretVolumeSource::default() }),
+            ..Volume::default()
+        });
+        runner_mounts.push(mount("runner-token", TOKEN_DIR, true));
+        env.push(EnvVar {
+            name: "MANTLE_RUNNER_TOKEN_FILE".into(),
+            value: Some(format!("{TOKEN_DIR}/token")),
+            ..EnvVar::default()
+        });
+    }
+    let budget = format!("--cache-budget-gib={}", options.cache_budget_gib);
+    let prepare = Container {
+        name: "prepare-cache".into(),
+        image: Some(options.runner_image.clone()),
+        args: Some(vec![
+            "prepare-cache".into(),
+            format!("--cache-dir={cache}"),
+            format!("--owner={RUNNER_UID}:{RUNNER_UID}"),
+        ]),
+        // The cache directory on the node belongs to root until this makes it the runner's.
+        security_context: Some(SecurityContext {
+            run_as_user: Some(0),
+            run_as_non_root: Some(false),
+            capabilities: Some(Capabilities { add: Some(vec!["CHOWN".into()]), drop: Some(vec!["ALL".into()]) }),
+            ..restricted()
+        }),
+        volume_mounts: Some(vec![mount("weights", cache, false)]),
+        ..Container::default()
+    };
+    let mut fetch_args =
+        vec!["fetch".into(), format!("--source={}", spec.source.uri), format!("--cache-dir={cache}"), budget];
+    if let Some(sha) = &spec.source.sha256 {
+        fetch_args.push(format!("--sha256={sha}"));
+    }
+    let fetch = Container {
+        name: "fetch-weights".into(),
+        image: Some(options.runner_image.clone()),
+        args: Some(fetch_args),
+        env_from: credentials(model),
+        security_context: Some(restricted()),
+        volume_mounts: Some(vec![mount("weights", cache, false)]),
+        ..Container::default()
+    };
+    let mut resources = ResourceRequirements::default();
+    let mut requests = BTreeMap::new();
+    let mut limits = BTreeMap::new();
+    if let Some(cpu) = &spec.resources.cpu {
+        requests.insert("cpu".to_string(), cpu.clone());
+    }
+    if let Some(memory) = &spec.resources.memory {
+        requests.insert("memory".to_string(), memory.clone());
+        limits.insert("memory".to_string(), memory.clone());
+    }
+    if spec.resources.gpus > 0 {
+        limits.insert("nvidia.com/gpu".to_string(), Quantity(spec.resources.gpus.to_string()));
+    }
+    resources.requests = (!requests.is_empty()).then_some(requests);
+    resources.limits = (!limits.is_empty()).then_some(limits);
+    // Loading weights takes longer on GPUs (copies to device memory) than on CPU.
+    let startup_seconds = if spec.resources.gpus > 0 { 1800 } else { 600 };
+    let args = runner_args(
+        model,
+        &RunnerPlacement {
+            model: spec.source.uri.clone(),
+            grpc_listen: format!("0.0.0.0:{GRPC_PORT}"),
+            http_listen: format!("0.0.0.0:{HTTP_PORT}"),
+            threads: 0,
+            cache_dir: Some(cache.into()),
+        },
+    );
+    let mut runner_security = restricted();
+    if args.iter().any(|a| a == "--pin-weights") {
+        // Locking the weights in RAM needs IPC_LOCK.
+        runner_security.capabilities =
+            Some(Capabilities { add: Some(vec!["IPC_LOCK".into()]), drop: Some(vec!["ALL".into()]) });
+    }
+    let mut runner = Container {
+        name: "runner".into(),
+        image: Some(options.runner_image.clone()),
+        args: Some(args),
+        env: (!env.is_empty()).then(|| env.clone()),
+        env_from: credentials(model),
+        ports: Some(vec![port("grpc", GRPC_PORT), port("http", HTTP_PORT)]),
+        readiness_probe: Some(http_probe("/readyz", 5, 3)),
+        liveness_probe: Some(http_probe("/healthz", 10, 6)),
+        startup_probe: Some(http_probe("/readyz", 5, startup_seconds / 5)),
+        resources: Some(resources.clone()),
+        security_context: Some(runner_security),
+        volume_mounts: Some(runner_mounts.clone()),
+        ..Container::default()
+    };
+    let mut containers = Vec::new();
+    if let (EngineType::External, Some(external)) = (spec.engine.type_, &spec.engine.external) {
+        // The engine serves the OpenAI API on its port; the runner beside it serves the router.
+        containers.push(Container {
+            name: "engine".into(),
+            image: Some(external.image.clone()),
+            args: (!external.args.is_empty()).then(|| external.args.clone()),
+            ports: Some(vec![port("engine", external.port)]),
+            resources: Some(resources),
+            volume_mounts: Some(vec![mount("weights", cache, true)]),
+            ..Container::default()
+        });
+        runner.args = Some(vec![
+            "serve".into(),
+            "--engine=external".into(),
+            format!("--upstream=http://127.0.0.1:{}", external.port),
+            format!("--model-id={}", spec.model_id),
+            format!("--listen=0.0.0.0:{GRPC_PORT}"),
+            format!("--http-listen=0.0.0.0:{HTTP_PORT}"),
+        ]);
+        runner.resources = None;
+        runner.security_context = Some(restricted());
+    }
+    containers.insert(0, runner);
+    PodSpec {
+        node_selector: (!node_selector.is_empty()).then_some(node_selector),
+        tolerations: cell.map(|c| c.spec.tolerations.clone()).filter(|t| !t.is_empty()),
+        affinity: Some(Affinity {
+            node_affinity: Some(NodeAffinity {
+                // Warm nodes first: their cache already holds the weights.
+                preferred_during_scheduling_ignored_during_execution: Some(vec![PreferredSchedulingTerm {
+                    weight: 100,
+                    preference: NodeSelectorTerm {
+                        match_expressions: Some(vec![NodeSelectorRequirement {
+                            key: weights_label(model),
+                            operator: "Exists".into(),
+                            values: None,
+                        }]),
+                        ..NodeSelectorTerm::default()
+                    },
+                }]),
+                ..NodeAffinity::default()
+            }),
+            ..Affinity::default()
+        }),
+        security_context: Some(PodSecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(RUNNER_UID),
+            run_as_group: Some(RUNNER_UID),
+            fs_group: Some(RUNNER_UID),
+            seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..SeccompProfile::default() }),
+            ..PodSecurityContext::default()
+        }),
+        automount_service_account_token: Some(false),
+        enable_service_links: Some(false),
+        termination_grace_period_seconds: Some(30),
+        init_containers: Some(vec![prepare, fetch]),
+        containers,
+        volumes: Some(volumes),
+        ..PodSpec::default()
+    }
+}
+
+/// The objects as multi-document YAML, as `mantle render` prints them.
+pub fn to_yaml(objects: &[Object]) -> Result<String, serde_norway::Error> {
+    let mut out = String::new();
+    for object in objects {
+        out.push_str("---\n");
+        out.push_str(&serde_norway::to_string(object)?);
+    }
+    Ok(out)
+}
