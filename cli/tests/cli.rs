@@ -65,7 +65,10 @@ fn render_prints_what_the_operator_would_create_and_fails_on_what_it_cannot_plan
     let out = mantle(&["render", "examples/foundationmodel-smollm2.yaml"]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("FoundationModel smollm2-135m-instruct: CellNotFound — no Cell named cell-a, cell-b"), "{stderr}");
+    assert!(
+        stderr.contains("FoundationModel smollm2-135m-instruct: CellNotFound — no Cell named cell-a, cell-b"),
+        "{stderr}"
+    );
     // An invalid manifest is refused, naming it.
     let out = mantle(&["render", "tests/invalid/fm-min-replicas-over-max.yaml"]);
     assert_eq!(out.status.code(), Some(2));

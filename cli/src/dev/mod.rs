@@ -1,17 +1,28 @@
-//! `mantle dev`: the whole platform on one machine. Reads a directory of manifests, fetches the
-//! small models when they are missing, starts one runner process per FoundationModel (with the
-//! arguments the operator puts in a runner pod), starts the router, and waits for Ctrl-C.
+//! `mantle dev`: the whole platform on one machine — the operator's plan realised as local
+//! processes. Reads a directory of manifests, fetches the small models when they are missing,
+//! plans the runner pools as the operator does (`mantle_operator::plan`), runs each pool replica
+//! as a runner process with the arguments the operator puts in a runner pod, starts the router,
+//! and then follows the directory: a FoundationModel, ProvisionedThroughput or Cell file added,
+//! changed or deleted starts, restarts or stops runners and updates the router within seconds,
+//! without restarting the router or touching models that did not change. Ctrl-C stops it all.
 
+mod manifests;
+mod runners;
+
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use mantle_crds::FoundationModel;
-use mantle_operator::{RunnerPlacement, runner_args};
-use mantle_router::{AuthConfig, Platform, RouterConfig, RunnerSpec, TlsFiles};
-use tokio::process::{Child, Command};
+use mantle_operator::plan::PoolObservation;
+use mantle_operator::{Desired, Observed, plan};
+use mantle_router::{AuthConfig, Platform, RouterConfig, RunningRouter, TlsFiles};
+
+use manifests::ManifestDir;
+use runners::{Launch, Runners};
 
 /// How long runners get to load their weights.
 const READY_TIMEOUT: Duration = Duration::from_secs(600);
@@ -76,10 +87,6 @@ pub fn local_weights(fm: &FoundationModel, models_dir: &Path) -> Option<PathBuf>
     std::fs::read_dir(models_dir).ok()?.filter_map(Result::ok).map(|e| e.path().join(name)).find(|p| p.exists())
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 /// A minimal HTTP GET returning the status code (the runner's and router's probes).
 fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
@@ -90,70 +97,126 @@ fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
     std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
 }
 
-struct RunnerProcess {
-    model_id: String,
-    http: SocketAddr,
-    child: Child,
+/// How often the manifests and the runners' readiness are looked at.
+const TICK: Duration = Duration::from_secs(1);
+
+/// The models that have weights on this machine, by FoundationModel name; the others are
+/// reported once.
+fn models_with_weights(
+    desired: &Desired,
+    models_dir: &Path,
+    reported: &mut Vec<String>,
+) -> BTreeMap<String, (FoundationModel, PathBuf)> {
+    let mut found = BTreeMap::new();
+    for fm in &desired.models {
+        let name = fm.metadata.name.clone().unwrap_or_default();
+        match local_weights(fm, models_dir) {
+            Some(path) => {
+                found.insert(name, (fm.clone(), path));
+            }
+            None if !reported.contains(&name) => {
+                tracing::error!(
+                    model = %fm.spec.model_id,
+                    "no local weights (looked for {:?} in {}); the model is listed but has no runner",
+                    source_name(&fm.spec.source.uri),
+                    models_dir.display()
+                );
+                reported.push(name);
+            }
+            None => {}
+        }
+    }
+    found
+}
+
+/// The platform the router serves: the resources, and a runner per process.
+fn platform(desired: &Desired, runners: &Runners) -> Platform {
+    Platform {
+        models: desired.models.clone(),
+        provisioned: desired.provisioned.clone(),
+        cells: desired.cells.clone(),
+        runners: runners.specs(),
+    }
+}
+
+/// Each pool's ready processes, as the plan observes them.
+async fn observe(runners: &Runners) -> Observed {
+    let probes = runners.probes();
+    let ready = tokio::task::spawn_blocking(move || {
+        probes.into_iter().map(|(key, _, http)| (key, http_status(http, "/readyz") == Some(200))).collect::<Vec<_>>()
+    })
+    .await
+    .unwrap_or_default();
+    let mut observed = Observed::default();
+    for (key, up) in ready {
+        if let Some(pool) = runners.pool_of(&key) {
+            let entry = observed.pools.entry(pool.to_string()).or_insert_with(PoolObservation::default);
+            entry.ready += i32::from(up);
+        }
+    }
+    observed
+}
+
+/// The platform as it runs: the manifests it follows, the runner processes, the router.
+struct Dev {
+    dir: ManifestDir,
+    models_dir: PathBuf,
+    launch: Launch,
+    runners: Runners,
+    missing_weights: Vec<String>,
+    /// What the plan could not do, as last reported.
+    problems: Vec<String>,
+}
+
+impl Dev {
+    /// Plans from the manifests and what runs, and makes the processes match; true when the
+    /// processes changed.
+    async fn reconcile(&mut self, observed: &Observed) -> anyhow::Result<bool> {
+        let desired = self.dir.desired();
+        let plan = plan(&desired, observed);
+        let problems: Vec<String> =
+            plan.problems.iter().map(|p| format!("{} {}: {} — {}", p.kind, p.name, p.reason, p.message)).collect();
+        if problems != self.problems {
+            for p in &problems {
+                tracing::warn!("{p}");
+            }
+            self.problems = problems;
+        }
+        let models = models_with_weights(&desired, &self.models_dir, &mut self.missing_weights);
+        let wants = runners::wants(&plan.pools, &models, &self.launch);
+        let (started, stopped) = self.runners.apply(&wants, &self.launch).await?;
+        Ok(started + stopped > 0)
+    }
 }
 
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
-    let platform = Platform::from_manifest_dir(&args.manifests)
-        .with_context(|| format!("reading manifests from {}", args.manifests.display()))?;
-    if platform.models.is_empty() {
+    let mut dir = ManifestDir::new(&args.manifests);
+    let (_, problems) =
+        dir.refresh().with_context(|| format!("reading manifests from {}", args.manifests.display()))?;
+    if !problems.is_empty() {
+        bail!("invalid manifests:\n  {}", problems.join("\n  "));
+    }
+    let desired = dir.desired();
+    if desired.models.is_empty() {
         bail!("{} holds no FoundationModel to run", args.manifests.display());
     }
-    for fm in &platform.models {
-        mantle_crds::Validate::validate(&fm.spec)
-            .map_err(|e| anyhow::anyhow!("FoundationModel {}: {e}", fm.spec.model_id))?;
-    }
     let models_dir = args.models_dir.clone().unwrap_or_else(|| cache_dir().join("models"));
-    if platform.models.iter().any(|fm| local_weights(fm, &models_dir).is_none()) {
+    if desired.models.iter().any(|fm| local_weights(fm, &models_dir).is_none()) {
         fetch_models(&args.manifests)?;
     }
-    let exe = std::env::current_exe().context("locating the mantle binary")?;
     // The runners answer only the router: a token made for this run, in a file only we read.
     let token_file = cache_dir().join("dev/runner-token");
     let token = write_runner_token(&token_file)?;
-    let mut runners = Vec::new();
-    let mut specs = Vec::new();
+    let launch = Launch {
+        exe: std::env::current_exe().context("locating the mantle binary")?,
+        token_file,
+        threads: args.threads,
+        cache_dir: cache_dir().join("dev/weights"),
+    };
     let started = Instant::now();
-    for fm in &platform.models {
-        let weights = local_weights(fm, &models_dir).with_context(|| {
-            format!(
-                "no local weights for {} (looked for {:?} in {})",
-                fm.spec.model_id,
-                source_name(&fm.spec.source.uri),
-                models_dir.display()
-            )
-        })?;
-        let grpc: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-        let http: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-        let placement = RunnerPlacement {
-            model: weights.display().to_string(),
-            grpc_listen: grpc.to_string(),
-            http_listen: http.to_string(),
-            threads: args.threads,
-            cache_dir: Some(cache_dir().join("dev/weights").display().to_string()),
-        };
-        let mut runner_args = runner_args(fm, &placement);
-        // Locking weights in RAM needs a raised memlock limit that a laptop rarely has.
-        runner_args.retain(|a| a != "--pin-weights");
-        tracing::info!(model = %fm.spec.model_id, args = %runner_args.join(" "), "starting runner");
-        let child = Command::new(&exe)
-            .arg("runner")
-            .args(&runner_args)
-            .env("MANTLE_RUNNER_TOKEN_FILE", &token_file)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting the runner for {}", fm.spec.model_id))?;
-        runners.push(RunnerProcess { model_id: fm.spec.model_id.clone(), http, child });
-        specs.push(RunnerSpec {
-            model: fm.spec.model_id.clone(),
-            address: format!("http://{grpc}"),
-            pool: None,
-            cell: None,
-        });
-    }
+    let mut dev =
+        Dev { dir, models_dir, launch, runners: Runners::default(), missing_weights: Vec::new(), problems: Vec::new() };
+    dev.reconcile(&Observed::default()).await?;
     let metering = args.metering.clone().unwrap_or_else(|| cache_dir().join("dev/metering.jsonl"));
     if let Some(parent) = metering.parent() {
         std::fs::create_dir_all(parent).ok();
@@ -170,26 +233,52 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         Some(path) => AuthConfig::File(path.clone()),
         None => AuthConfig::Off,
     };
-    let router = mantle_router::start(config, Platform { runners: specs, ..platform }).await?;
+    let router = mantle_router::start(config, platform(&dev.dir.desired(), &dev.runners)).await?;
     let ready = tokio::select! {
-        r = wait_ready(&mut runners, router.admin_addr.unwrap_or(router.addr)) => r,
+        r = wait_ready(&dev.runners, router.admin_addr.unwrap_or(router.addr)) => r,
         _ = mantle_router::server::shutdown_signal() => Err(anyhow::anyhow!("interrupted before the runners were ready")),
     };
     if let Err(e) = ready {
-        stop(runners).await;
+        dev.runners.stop_all().await;
         router.shutdown().await;
         return Err(e);
     }
-    let text_model = platform_text_model(&runners, &args.manifests);
     let scheme = if args.tls_cert.is_some() { "https" } else { "http" };
-    print_ready(router.addr, scheme, &runners, &text_model, started.elapsed(), &metering, args.auth_file.is_some());
-    tokio::select! {
-        _ = mantle_router::server::shutdown_signal() => tracing::info!("stopping"),
-        exited = watch_children(&mut runners) => tracing::error!("{exited}; stopping"),
-    }
+    print_ready(router.addr, scheme, &dev, started.elapsed(), &metering, args.auth_file.is_some());
+    let result = tokio::select! {
+        _ = mantle_router::server::shutdown_signal() => { tracing::info!("stopping"); Ok(()) }
+        e = follow(&mut dev, &router) => e,
+    };
     router.shutdown().await;
-    stop(runners).await;
-    Ok(())
+    dev.runners.stop_all().await;
+    result
+}
+
+/// Follows the manifests and the runners until stopped: every tick, reads the directory,
+/// observes which runners are ready, plans, and makes the processes and the router match.
+async fn follow(dev: &mut Dev, router: &RunningRouter) -> anyhow::Result<()> {
+    let inference = router.inference();
+    loop {
+        tokio::time::sleep(TICK).await;
+        let (changed, problems) = match dev.dir.refresh() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "reading the manifests directory");
+                continue;
+            }
+        };
+        for problem in &problems {
+            tracing::error!("ignored: {problem}");
+        }
+        let observed = observe(&dev.runners).await;
+        let moved = dev.reconcile(&observed).await?;
+        if changed || moved {
+            if let Err(e) = inference.update(platform(&dev.dir.desired(), &dev.runners)) {
+                tracing::error!(error = %e, "updating the router");
+            }
+            tracing::info!(runners = dev.runners.len(), "platform updated");
+        }
+    }
 }
 
 /// Makes a random runner token and writes it where only this user can read it.
@@ -232,17 +321,21 @@ fn fetch_models(manifests: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_ready(runners: &mut [RunnerProcess], router: SocketAddr) -> anyhow::Result<()> {
+async fn wait_ready(runners: &Runners, router: SocketAddr) -> anyhow::Result<()> {
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
-        for r in runners.iter_mut() {
-            if let Some(status) = r.child.try_wait()? {
-                bail!("the runner for {} exited before it was ready ({status})", r.model_id);
-            }
-        }
-        let all = runners.iter().all(|r| http_status(r.http, "/readyz") == Some(200));
-        if all && http_status(router, "/readyz") == Some(200) {
+        let probes = runners.probes();
+        let all = tokio::task::spawn_blocking(move || {
+            probes.iter().all(|(_, _, http)| http_status(*http, "/readyz") == Some(200))
+                && http_status(router, "/readyz") == Some(200)
+        })
+        .await
+        .unwrap_or(false);
+        if all {
             return Ok(());
+        }
+        if let Some((key, _, restarts)) = runners.processes().into_iter().find(|(_, _, restarts)| *restarts > 0) {
+            bail!("the runner {key} exited before it was ready (restarted {restarts} times); see its log above");
         }
         if Instant::now() > deadline {
             bail!("runners were not ready after {}s", READY_TIMEOUT.as_secs());
@@ -251,54 +344,28 @@ async fn wait_ready(runners: &mut [RunnerProcess], router: SocketAddr) -> anyhow
     }
 }
 
-async fn watch_children(runners: &mut [RunnerProcess]) -> String {
-    loop {
-        for r in runners.iter_mut() {
-            if let Ok(Some(status)) = r.child.try_wait() {
-                return format!("the runner for {} exited ({status})", r.model_id);
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-}
-
-async fn stop(runners: Vec<RunnerProcess>) {
-    for mut r in runners {
-        #[cfg(unix)]
-        if let Some(pid) = r.child.id() {
-            // SIGTERM first so the runner shuts down cleanly.
-            let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
-        }
-        if tokio::time::timeout(Duration::from_secs(5), r.child.wait()).await.is_err() {
-            let _ = r.child.kill().await;
-        }
-    }
-}
-
-/// The first TEXT model, for the example snippet.
-fn platform_text_model(runners: &[RunnerProcess], manifests: &Path) -> String {
-    Platform::from_manifest_dir(manifests)
-        .ok()
-        .and_then(|p| p.models.into_iter().find(|m| m.spec.modality == mantle_crds::Modality::Text))
-        .map(|m| m.spec.model_id)
-        .or_else(|| runners.first().map(|r| r.model_id.clone()))
-        .unwrap_or_default()
-}
-
-fn print_ready(
-    addr: SocketAddr,
-    scheme: &str,
-    runners: &[RunnerProcess],
-    text_model: &str,
-    took: Duration,
-    metering: &Path,
-    auth: bool,
-) {
+fn print_ready(addr: SocketAddr, scheme: &str, dev: &Dev, took: Duration, metering: &Path, auth: bool) {
+    let desired = dev.dir.desired();
+    let text_model = desired
+        .models
+        .iter()
+        .find(|m| m.spec.modality == mantle_crds::Modality::Text)
+        .or(desired.models.first())
+        .map(|m| m.spec.model_id.clone())
+        .unwrap_or_default();
     println!();
-    println!("Mantle is ready at {scheme}://{addr} ({} models, {:.1}s)", runners.len(), took.as_secs_f64());
-    for r in runners {
-        println!("  {}", r.model_id);
+    println!(
+        "Mantle is ready at {scheme}://{addr} ({} models, {} runners, {:.1}s)",
+        desired.models.len(),
+        dev.runners.len(),
+        took.as_secs_f64()
+    );
+    let probes = dev.runners.probes();
+    for m in &desired.models {
+        let n = probes.iter().filter(|(_, id, _)| *id == m.spec.model_id).count();
+        println!("  {} ({n} runner{})", m.spec.model_id, if n == 1 { "" } else { "s" });
     }
+    println!("  manifests: followed live (add, change or delete a file)");
     println!("  metering: {}", metering.display());
     println!("  auth: {}", if auth { "on (keys file)" } else { "OFF — any request is accepted" });
     println!();
