@@ -111,3 +111,58 @@ fn boto3_and_openai_clients_work_against_mantle_dev() {
         );
     }
 }
+
+/// Whether a process is gone (or a zombie nobody reaped yet).
+fn gone(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| s.contains(") Z "))
+}
+
+#[test]
+fn mantle_dev_follows_its_manifests_restarts_dead_runners_and_takes_them_along_when_killed() {
+    let python = cache().join("venv/bin/python");
+    assert!(python.exists(), "{} is missing: run scripts/python-env.sh (scripts/test.sh does)", python.display());
+    // One model, in no Cell: one runner.
+    let dir = std::env::temp_dir().join(format!("mantle-dev-live-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = std::fs::read_to_string(repo_root().join("examples/foundationmodel-smollm2.yaml")).unwrap();
+    let model: String =
+        model.lines().filter(|l| !l.trim_start().starts_with("cells:")).map(|l| format!("{l}\n")).collect();
+    std::fs::write(dir.join("smollm2.yaml"), model).unwrap();
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut dev = Dev(Command::new(env!("CARGO_BIN_EXE_mantle"))
+        .args(["dev", "--listen", &addr.to_string(), "--admin-listen", "127.0.0.1:0", "--manifests"])
+        .arg(&dir)
+        .current_dir(repo_root())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("mantle dev starts"));
+    let started = Instant::now();
+    while status(addr, "/readyz") != Some(200) {
+        assert!(dev.0.try_wait().unwrap().is_none(), "mantle dev exited before it was ready");
+        assert!(started.elapsed() < Duration::from_secs(600), "not ready after 10 minutes");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let out = Command::new(&python)
+        .arg(repo_root().join("tests/e2e/dev_live.py"))
+        .arg(format!("http://{addr}"))
+        .arg(&dir)
+        .output()
+        .expect("python runs");
+    let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    println!("{report}");
+    assert!(out.status.success(), "the live checks failed:\n{report}");
+    assert!(dev.0.try_wait().unwrap().is_none(), "mantle dev exited");
+    // SIGKILL gives mantle dev no chance to stop its runners: the kernel does.
+    let runners = children(dev.0.id());
+    assert_eq!(runners.len(), 1);
+    dev.0.kill().unwrap();
+    dev.0.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !runners.iter().all(|&pid| gone(pid)) {
+        assert!(Instant::now() < deadline, "runners {runners:?} outlived a killed mantle dev");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::fs::remove_dir_all(dir).ok();
+}
