@@ -1,0 +1,297 @@
+//! The Kubernetes executor of the plan: one kube-runtime `Controller` per kind, a shared
+//! [`Context`] and free `reconcile` functions, as in kube-rs's controller-rs.
+//!
+//! Reconciling a FoundationModel (or a ProvisionedThroughput) plans every pool from the watched
+//! resources (reflector stores), renders the pools it owns, applies each object with server-side
+//! apply (field manager `mantle-operator`), deletes the pools it owned that the plan no longer
+//! has — never while the plan reports a problem for it, so a deleted Cell does not take serving
+//! replicas with it — and writes its status (server-side apply on the status subresource) and an
+//! Event when something changed or went wrong. Errors requeue with backoff.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::Store;
+use kube::{Api, Client, Resource, ResourceExt};
+use mantle_crds::{Cell, FoundationModel, ProvisionedThroughput, Time, Validate};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::plan::{Desired, Observed, Plan, PoolObservation, plan};
+use crate::render::{Object, RenderOptions, model_owner, provisioned_owner, render_pool};
+use crate::status::{invalid_model_status, model_status, provisioned_status};
+
+/// The field manager of everything the operator applies.
+pub const MANAGER: &str = "mantle-operator";
+/// How often a resource is reconciled even when nothing it watches changed.
+const RESYNC: Duration = Duration::from_secs(300);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("applying {kind} {name}: {source}")]
+    Apply { kind: &'static str, name: String, source: kube::Error },
+    #[error("deleting {kind} {name}: {source}")]
+    Delete { kind: &'static str, name: String, source: kube::Error },
+    #[error("writing the status of {name}: {source}")]
+    Status { name: String, source: kube::Error },
+    #[error("{0} has no namespace")]
+    NoNamespace(String),
+}
+
+/// What every reconcile shares: the client, the watched resources, the render settings, the
+/// event recorder and the metrics.
+pub struct Context {
+    pub client: Client,
+    pub models: Store<FoundationModel>,
+    pub provisioned: Store<ProvisionedThroughput>,
+    pub cells: Store<Cell>,
+    /// The Deployments the operator made (labelled `app.kubernetes.io/managed-by`).
+    pub deployments: Store<Deployment>,
+    pub options: RenderOptions,
+    pub recorder: Recorder,
+    pub metrics: crate::metrics::Metrics,
+}
+
+impl Context {
+    /// The resources and the pools as the stores have them now.
+    fn snapshot(&self) -> (Desired, Observed) {
+        let desired = Desired {
+            models: self.models.state().iter().map(|m| (**m).clone()).collect(),
+            provisioned: self.provisioned.state().iter().map(|p| (**p).clone()).collect(),
+            cells: self.cells.state().iter().map(|c| (**c).clone()).collect(),
+        };
+        let mut observed = Observed::default();
+        for d in self.deployments.state() {
+            let ready = d.status.as_ref().and_then(|s| s.ready_replicas).unwrap_or(0);
+            observed.pools.insert(d.name_any(), PoolObservation { ready, autoscaled: None });
+        }
+        (desired, observed)
+    }
+
+    async fn event<K: Resource<DynamicType = ()>>(&self, object: &K, type_: EventType, reason: &str, note: String) {
+        let event =
+            Event { type_, reason: reason.into(), note: Some(note), action: "Reconcile".into(), secondary: None };
+        if let Err(e) = self.recorder.publish(&event, &object.object_ref(&())).await {
+            tracing::warn!(error = %e, reason, "publishing an event");
+        }
+    }
+}
+
+fn now() -> Time {
+    Time(k8s_openapi::jiff::Timestamp::now())
+}
+
+/// Server-side applies one rendered object.
+async fn apply(client: &Client, namespace: &str, object: &Object) -> Result<(), Error> {
+    async fn patch<K>(api: Api<K>, name: &str, object: &K) -> Result<(), kube::Error>
+    where
+        K: Resource + Clone + serde::de::DeserializeOwned + Serialize + std::fmt::Debug,
+    {
+        api.patch(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(object)).await.map(|_| ())
+    }
+    let name = object.metadata().name.clone().unwrap_or_default();
+    let result = match object {
+        Object::Deployment(d) => patch(Api::namespaced(client.clone(), namespace), &name, &**d).await,
+        Object::Service(s) => patch(Api::namespaced(client.clone(), namespace), &name, &**s).await,
+        Object::PodDisruptionBudget(p) => patch(Api::namespaced(client.clone(), namespace), &name, &**p).await,
+    };
+    result.map_err(|source| Error::Apply { kind: object.kind(), name, source })
+}
+
+/// Deletes a pool's three objects (each may be gone already).
+async fn delete_pool(client: &Client, namespace: &str, name: &str) -> Result<(), Error> {
+    async fn delete<K>(api: Api<K>, kind: &'static str, name: &str) -> Result<(), Error>
+    where
+        K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    {
+        match api.delete(name, &DeleteParams::background()).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+            Err(source) => Err(Error::Delete { kind, name: name.into(), source }),
+        }
+    }
+    delete(Api::<Deployment>::namespaced(client.clone(), namespace), "Deployment", name).await?;
+    delete(Api::<Service>::namespaced(client.clone(), namespace), "Service", name).await?;
+    delete(Api::<PodDisruptionBudget>::namespaced(client.clone(), namespace), "PodDisruptionBudget", name).await
+}
+
+/// The Deployments the operator made for an owner (by kind and name), in its namespace.
+fn owned_pools(ctx: &Context, namespace: &str, kind: &str, owner: &str) -> Vec<String> {
+    ctx.deployments
+        .state()
+        .iter()
+        .filter(|d| d.namespace().as_deref() == Some(namespace))
+        .filter(|d| {
+            d.owner_references().iter().any(|o| o.kind == kind && o.name == owner && o.controller == Some(true))
+        })
+        .map(|d| d.name_any())
+        .collect()
+}
+
+/// Applies the pools the plan gives an owner and deletes those it no longer does (unless the plan
+/// has a problem with the owner). Returns (applied pools, deleted pools).
+async fn realise(
+    ctx: &Context,
+    namespace: &str,
+    kind: &'static str,
+    owner: &str,
+    pools: &[(&crate::plan::PoolPlan, Vec<Object>)],
+    problem: bool,
+) -> Result<(usize, Vec<String>), Error> {
+    for (_, objects) in pools {
+        for object in objects {
+            apply(&ctx.client, namespace, object).await?;
+        }
+    }
+    let mut deleted = Vec::new();
+    if !problem {
+        for name in owned_pools(ctx, namespace, kind, owner) {
+            if !pools.iter().any(|(p, _)| p.name == name) {
+                delete_pool(&ctx.client, namespace, &name).await?;
+                deleted.push(name);
+            }
+        }
+    }
+    Ok((pools.len(), deleted))
+}
+
+async fn write_status<K>(api: Api<K>, name: &str, kind: &str, status: impl Serialize) -> Result<(), Error>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let body = json!({ "apiVersion": "mantle.dev/v1alpha1", "kind": kind, "status": status });
+    api.patch_status(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&body))
+        .await
+        .map(|_| ())
+        .map_err(|source| Error::Status { name: name.into(), source })
+}
+
+/// Reconciles one FoundationModel: its shared pools and its status.
+pub async fn reconcile_model(model: Arc<FoundationModel>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let result = reconcile_model_inner(&model, &ctx).await;
+    ctx.metrics.observe("FoundationModel", started.elapsed(), result.is_err());
+    result
+}
+
+async fn reconcile_model_inner(model: &FoundationModel, ctx: &Context) -> Result<Action, Error> {
+    let name = model.name_any();
+    let namespace = model.namespace().ok_or_else(|| Error::NoNamespace(name.clone()))?;
+    let api: Api<FoundationModel> = Api::namespaced(ctx.client.clone(), &namespace);
+    if let Err(invalid) = model.spec.validate() {
+        let status = invalid_model_status(model, "InvalidSpec", invalid.to_string(), &now());
+        write_status(api, &name, "FoundationModel", status).await?;
+        ctx.event(model, EventType::Warning, "InvalidSpec", invalid.to_string()).await;
+        return Ok(Action::await_change());
+    }
+    let (desired, observed) = ctx.snapshot();
+    let plan: Plan = plan(&desired, &observed);
+    let cells = &desired.cells;
+    let rendered: Vec<_> = plan
+        .pools_of(Some(&namespace), &name)
+        .filter(|p| p.dedicated.is_none())
+        .map(|pool| {
+            let cell = pool
+                .cell
+                .as_deref()
+                .and_then(|c| cells.iter().find(|x| x.name_any() == c && x.namespace() == pool.namespace));
+            (pool, render_pool(pool, model, cell, model_owner(model), &ctx.options))
+        })
+        .collect();
+    let problem = plan
+        .problems
+        .iter()
+        .find(|p| p.kind == "FoundationModel" && p.name == name && p.namespace.as_deref() == Some(&namespace));
+    let (applied, deleted) = realise(ctx, &namespace, "FoundationModel", &name, &rendered, problem.is_some()).await?;
+    let status = model_status(model, &plan, &observed, &now());
+    let changed =
+        model.status.as_ref().is_none_or(|s| s.phase != status.phase || s.ready_replicas != status.ready_replicas);
+    write_status(api, &name, "FoundationModel", &status).await?;
+    if let Some(p) = problem {
+        ctx.event(model, EventType::Warning, p.reason, p.message.clone()).await;
+    } else if changed || !deleted.is_empty() {
+        let note = format!(
+            "{applied} pools applied{}; {} of {} replicas ready",
+            if deleted.is_empty() { String::new() } else { format!(", {} removed", deleted.join(", ")) },
+            status.ready_replicas,
+            status.cells.iter().map(|c| c.desired).sum::<i32>()
+        );
+        ctx.event(model, EventType::Normal, "PoolsApplied", note).await;
+    }
+    Ok(Action::requeue(RESYNC))
+}
+
+/// Reconciles one ProvisionedThroughput: its dedicated pools and its status.
+pub async fn reconcile_provisioned(pt: Arc<ProvisionedThroughput>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let result = reconcile_provisioned_inner(&pt, &ctx).await;
+    ctx.metrics.observe("ProvisionedThroughput", started.elapsed(), result.is_err());
+    result
+}
+
+async fn reconcile_provisioned_inner(pt: &ProvisionedThroughput, ctx: &Context) -> Result<Action, Error> {
+    let name = pt.name_any();
+    let namespace = pt.namespace().ok_or_else(|| Error::NoNamespace(name.clone()))?;
+    let (desired, observed) = ctx.snapshot();
+    let plan = plan(&desired, &observed);
+    let model = desired
+        .models
+        .iter()
+        .find(|m| m.spec.model_id == pt.spec.model_id && m.namespace().as_deref() == Some(&namespace));
+    let rendered: Vec<_> = match model {
+        Some(model) => {
+            plan.pools
+                .iter()
+                .filter(|p| {
+                    p.namespace.as_deref() == Some(&namespace)
+                        && p.dedicated.as_ref().is_some_and(|d| d.provisioned == name)
+                })
+                .map(|pool| {
+                    let cell = pool.cell.as_deref().and_then(|c| {
+                        desired.cells.iter().find(|x| x.name_any() == c && x.namespace() == pool.namespace)
+                    });
+                    (pool, render_pool(pool, model, cell, provisioned_owner(pt), &ctx.options))
+                })
+                .collect()
+        }
+        None => Vec::new(),
+    };
+    let problem = plan
+        .problems
+        .iter()
+        .find(|p| p.kind == "ProvisionedThroughput" && p.name == name && p.namespace.as_deref() == Some(&namespace));
+    realise(ctx, &namespace, "ProvisionedThroughput", &name, &rendered, problem.is_some()).await?;
+    let per_unit = model.and_then(|m| m.spec.provisioning.as_ref()).map(|p| p.tokens_per_minute_per_unit);
+    let status = provisioned_status(pt, &plan, &observed, per_unit, &now());
+    let changed = pt.status.as_ref().is_none_or(|s| s.phase != status.phase);
+    write_status(
+        Api::<ProvisionedThroughput>::namespaced(ctx.client.clone(), &namespace),
+        &name,
+        "ProvisionedThroughput",
+        &status,
+    )
+    .await?;
+    if let Some(p) = problem {
+        ctx.event(pt, EventType::Warning, p.reason, p.message.clone()).await;
+    } else if changed {
+        let note = format!("{} dedicated replicas for tenant {}", status.provisioned_replicas, pt.spec.tenant);
+        ctx.event(pt, EventType::Normal, "PoolsApplied", note).await;
+    }
+    Ok(Action::requeue(RESYNC))
+}
+
+/// After a failed reconcile: try again, sooner for errors that pass.
+pub fn error_policy<K>(object: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action
+where
+    K: Resource,
+{
+    let _ = ctx;
+    tracing::warn!(name = %object.meta().name.as_deref().unwrap_or_default(), %error, "reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(15))
+}

@@ -1,0 +1,335 @@
+//! Reconcile against a mocked API server, in controller-rs's style: the requests each reconcile
+//! makes, in order, with the server-side-apply bodies, the status written and the Events; the
+//! error path; pruning, and no pruning while the plan has a problem.
+
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+
+use axum::body::Body;
+use axum::http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::watcher;
+use mantle_crds::{Cell, FoundationModel, Manifest, ProvisionedThroughput};
+use mantle_operator::controller::{Context, Error, error_policy, reconcile_model, reconcile_provisioned};
+use mantle_operator::metrics::Metrics;
+use mantle_operator::render::RenderOptions;
+use serde_json::{Value, json};
+
+/// One request the operator made: method, path and query, body.
+#[derive(Clone, Debug)]
+struct Call {
+    method: String,
+    uri: String,
+    body: Value,
+}
+
+impl Call {
+    fn short(&self) -> String {
+        format!("{} {}", self.method, self.uri.split('?').next().unwrap_or_default())
+    }
+}
+
+/// Answers as the API server would: an apply echoes the object (a status apply, the resource
+/// from `known` with that status), a delete answers Success, an event is created. `fail` makes
+/// requests whose path contains it answer 500.
+fn api_server(
+    calls: Arc<Mutex<Vec<Call>>>,
+    known: Arc<Vec<Value>>,
+    fail: Option<&'static str>,
+) -> impl tower::Service<Request<kube::client::Body>, Response = Response<Body>, Error = Infallible, Future = impl Send>
++ Send
++ Clone {
+    tower::service_fn(move |request: Request<kube::client::Body>| {
+        let (calls, known) = (calls.clone(), known.clone());
+        async move {
+            let method = request.method().to_string();
+            let uri = request.uri().to_string();
+            let bytes = request.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            calls.lock().unwrap().push(Call { method: method.clone(), uri: uri.clone(), body: body.clone() });
+            if fail.is_some_and(|f| uri.contains(f)) {
+                let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": "etcd is unhappy", "reason": "InternalError", "code": 500});
+                let mut response = Response::new(Body::from(status.to_string()));
+                *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+                return Ok(response);
+            }
+            let answer = match method.as_str() {
+                "DELETE" => json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "metadata": {}}),
+                _ if uri.split('?').next().unwrap_or_default().ends_with("/status") => {
+                    let path = uri.split('?').next().unwrap_or_default();
+                    let name = path.trim_end_matches("/status").rsplit('/').next().unwrap_or_default();
+                    let mut object = known
+                        .iter()
+                        .find(|o| o["kind"] == body["kind"] && o["metadata"]["name"] == name)
+                        .cloned()
+                        .unwrap_or(Value::Null);
+                    object["status"] = body["status"].clone();
+                    object
+                }
+                _ => {
+                    let mut object = body;
+                    if object["metadata"].is_null() {
+                        object["metadata"] = json!({"name": "x"});
+                    }
+                    object
+                }
+            };
+            Ok(Response::new(Body::from(answer.to_string())))
+        }
+    })
+}
+
+fn store<K: kube::Resource<DynamicType = ()> + Clone>(items: Vec<K>) -> Store<K> {
+    let (store, mut writer) = reflector::store();
+    for item in items {
+        writer.apply_watcher_event(&watcher::Event::Apply(item));
+    }
+    store
+}
+
+struct Fixture {
+    calls: Arc<Mutex<Vec<Call>>>,
+    ctx: Arc<Context>,
+}
+
+/// The examples, in namespace `models`, with uids and generations as the API server gives them.
+fn resources() -> (Vec<FoundationModel>, Vec<ProvisionedThroughput>, Vec<Cell>) {
+    let dir = std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap()).join("../examples");
+    let (mut models, mut provisioned, mut cells) = (Vec::new(), Vec::new(), Vec::new());
+    for (_, m) in mantle_crds::read_manifest_dir(&dir).unwrap() {
+        match m {
+            Manifest::FoundationModel(mut x) => {
+                x.metadata.namespace = Some("models".into());
+                x.metadata.uid = Some(format!("uid-{}", x.metadata.name.clone().unwrap()));
+                x.metadata.generation = Some(3);
+                models.push(x);
+            }
+            Manifest::ProvisionedThroughput(mut x) => {
+                x.metadata.namespace = Some("models".into());
+                x.metadata.uid = Some("uid-pt".into());
+                x.metadata.generation = Some(1);
+                provisioned.push(x);
+            }
+            Manifest::Cell(mut x) => {
+                x.metadata.namespace = Some("models".into());
+                cells.push(x);
+            }
+            _ => {}
+        }
+    }
+    (models, provisioned, cells)
+}
+
+fn fixture(
+    models: Vec<FoundationModel>,
+    provisioned: Vec<ProvisionedThroughput>,
+    cells: Vec<Cell>,
+    deployments: Vec<Deployment>,
+    fail: Option<&'static str>,
+) -> Fixture {
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let mut known: Vec<Value> = models.iter().map(|m| serde_json::to_value(m).unwrap()).collect();
+    known.extend(provisioned.iter().map(|p| serde_json::to_value(p).unwrap()));
+    let client = kube::Client::new(api_server(calls.clone(), Arc::new(known), fail), "default");
+    let recorder = Recorder::new(client.clone(), Reporter { controller: "mantle-operator".into(), instance: None });
+    let ctx = Context {
+        client,
+        models: store(models),
+        provisioned: store(provisioned),
+        cells: store(cells),
+        deployments: store(deployments),
+        options: RenderOptions::default(),
+        recorder,
+        metrics: Metrics::new(),
+    };
+    Fixture { calls, ctx: Arc::new(ctx) }
+}
+
+impl Fixture {
+    fn calls(&self) -> Vec<Call> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+fn smollm2(models: &[FoundationModel]) -> Arc<FoundationModel> {
+    Arc::new(models.iter().find(|m| m.metadata.name.as_deref() == Some("smollm2-135m-instruct")).unwrap().clone())
+}
+
+#[tokio::test]
+async fn a_model_is_applied_pool_by_pool_then_its_status_then_an_event() {
+    let (models, provisioned, cells) = resources();
+    let model = smollm2(&models);
+    let f = fixture(models, provisioned, cells, Vec::new(), None);
+    reconcile_model(model, f.ctx.clone()).await.unwrap();
+    let calls = f.calls();
+    let shorts: Vec<String> = calls.iter().map(Call::short).collect();
+    let ns = "/namespaces/models";
+    assert_eq!(
+        shorts,
+        [
+            format!("PATCH /apis/apps/v1{ns}/deployments/smollm2-135m-instruct-cell-a"),
+            format!("PATCH /api/v1{ns}/services/smollm2-135m-instruct-cell-a"),
+            format!("PATCH /apis/policy/v1{ns}/poddisruptionbudgets/smollm2-135m-instruct-cell-a"),
+            format!("PATCH /apis/apps/v1{ns}/deployments/smollm2-135m-instruct-cell-b"),
+            format!("PATCH /api/v1{ns}/services/smollm2-135m-instruct-cell-b"),
+            format!("PATCH /apis/policy/v1{ns}/poddisruptionbudgets/smollm2-135m-instruct-cell-b"),
+            format!("PATCH /apis/mantle.dev/v1alpha1{ns}/foundationmodels/smollm2-135m-instruct/status"),
+            format!("POST /apis/events.k8s.io/v1{ns}/events"),
+        ]
+    );
+    // Server-side apply, as the operator's field manager, forcing its fields.
+    assert!(
+        calls[0].uri.contains("fieldManager=mantle-operator") && calls[0].uri.contains("force=true"),
+        "{}",
+        calls[0].uri
+    );
+    let deployment = &calls[0].body;
+    assert_eq!(deployment["kind"], "Deployment");
+    assert_eq!(deployment["metadata"]["ownerReferences"][0]["uid"], "uid-smollm2-135m-instruct");
+    assert_eq!(deployment["spec"]["template"]["metadata"]["labels"]["mantle.dev/cell"], "cell-a");
+    // The status: nothing ready yet; in each Cell the model's shared replica and its
+    // reservation's dedicated one.
+    let status = &calls[6].body["status"];
+    assert_eq!(status["phase"], "Pending");
+    assert_eq!(status["observedGeneration"], 3);
+    assert_eq!(
+        status["cells"],
+        json!([{"cell": "cell-a", "ready": 0, "desired": 2}, {"cell": "cell-b", "ready": 0, "desired": 2}])
+    );
+    assert_eq!(status["endpoints"].as_array().unwrap().len(), 4);
+    assert_eq!(status["endpoints"][0], "smollm2-135m-instruct-cell-a.models.svc:50051");
+    let available = status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Available").unwrap();
+    assert_eq!((available["status"].as_str(), available["reason"].as_str()), (Some("False"), Some("ReplicasNotReady")));
+    let event = &calls[7].body;
+    assert_eq!((event["reason"].as_str(), event["type"].as_str()), (Some("PoolsApplied"), Some("Normal")));
+    assert_eq!(event["regarding"]["name"], "smollm2-135m-instruct");
+    assert!(f.ctx.metrics.render().contains("mantle_operator_reconciles_total{kind=\"FoundationModel\"} 1"));
+}
+
+fn owned_deployment(name: &str, owner_kind: &str, owner: &str) -> Deployment {
+    serde_json::from_value(json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": name, "namespace": "models",
+            "ownerReferences": [{"apiVersion": "mantle.dev/v1alpha1", "kind": owner_kind, "name": owner, "uid": "u", "controller": true}]},
+        "spec": {"selector": {}, "template": {}},
+        "status": {"readyReplicas": 1}
+    }))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_pool_the_plan_no_longer_has_is_deleted_but_not_while_the_plan_has_a_problem() {
+    let (models, provisioned, cells) = resources();
+    let model = smollm2(&models);
+    let stale = owned_deployment("smollm2-135m-instruct-cell-old", "FoundationModel", "smollm2-135m-instruct");
+    let f = fixture(models.clone(), provisioned.clone(), cells.clone(), vec![stale.clone()], None);
+    reconcile_model(model.clone(), f.ctx.clone()).await.unwrap();
+    let deletes: Vec<String> = f.calls().iter().filter(|c| c.method == "DELETE").map(Call::short).collect();
+    assert_eq!(
+        deletes,
+        [
+            "DELETE /apis/apps/v1/namespaces/models/deployments/smollm2-135m-instruct-cell-old",
+            "DELETE /api/v1/namespaces/models/services/smollm2-135m-instruct-cell-old",
+            "DELETE /apis/policy/v1/namespaces/models/poddisruptionbudgets/smollm2-135m-instruct-cell-old",
+        ]
+    );
+    // Cell b is gone from the cluster: its pool is not planned, yet nothing is deleted, and the
+    // model says why.
+    let cells: Vec<Cell> = cells.into_iter().filter(|c| c.metadata.name.as_deref() != Some("cell-b")).collect();
+    let serving_b = owned_deployment("smollm2-135m-instruct-cell-b", "FoundationModel", "smollm2-135m-instruct");
+    let f = fixture(models, provisioned, cells, vec![serving_b], None);
+    reconcile_model(model, f.ctx.clone()).await.unwrap();
+    let calls = f.calls();
+    assert!(calls.iter().all(|c| c.method != "DELETE"), "{:?}", calls.iter().map(Call::short).collect::<Vec<_>>());
+    let status = &calls.iter().find(|c| c.uri.contains("/status")).unwrap().body["status"];
+    let degraded = status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Degraded").unwrap();
+    assert_eq!((degraded["status"].as_str(), degraded["reason"].as_str()), (Some("True"), Some("CellNotFound")));
+    let event = &calls.last().unwrap().body;
+    assert_eq!((event["type"].as_str(), event["reason"].as_str()), (Some("Warning"), Some("CellNotFound")));
+    assert!(event["note"].as_str().unwrap().contains("cell-b"));
+}
+
+#[tokio::test]
+async fn an_invalid_spec_is_reported_and_nothing_is_applied() {
+    let (mut models, provisioned, cells) = resources();
+    let model = models.iter_mut().find(|m| m.metadata.name.as_deref() == Some("smollm2-135m-instruct")).unwrap();
+    model.spec.replicas.min = 9;
+    model.spec.replicas.max = 2;
+    let model = Arc::new(model.clone());
+    let f = fixture(models, provisioned, cells, Vec::new(), None);
+    reconcile_model(model, f.ctx.clone()).await.unwrap();
+    let calls = f.calls();
+    assert_eq!(calls.len(), 2, "{:?}", calls.iter().map(Call::short).collect::<Vec<_>>());
+    let status = &calls[0].body["status"];
+    assert_eq!(status["phase"], "Failed");
+    assert_eq!(status["conditions"][0]["type"], "SpecValid");
+    assert_eq!(status["conditions"][0]["status"], "False");
+    assert!(status["conditions"][0]["message"].as_str().unwrap().contains("replicas.min"));
+    assert_eq!(calls[1].body["reason"], "InvalidSpec");
+}
+
+#[tokio::test]
+async fn an_api_error_fails_the_reconcile_which_is_retried() {
+    let (models, provisioned, cells) = resources();
+    let model = smollm2(&models);
+    let f = fixture(models, provisioned, cells, Vec::new(), Some("/deployments/"));
+    let error = reconcile_model(model.clone(), f.ctx.clone()).await.unwrap_err();
+    assert!(matches!(&error, Error::Apply { kind: "Deployment", .. }), "{error}");
+    assert!(error.to_string().contains("smollm2-135m-instruct-cell-a"), "{error}");
+    // Nothing after the failed apply: no status, no event.
+    assert_eq!(f.calls().len(), 1);
+    let action = error_policy(model, &error, f.ctx.clone());
+    assert_eq!(
+        format!("{action:?}"),
+        format!("{:?}", kube::runtime::controller::Action::requeue(std::time::Duration::from_secs(15)))
+    );
+    assert!(f.ctx.metrics.render().contains("mantle_operator_reconcile_errors_total{kind=\"FoundationModel\"} 1"));
+}
+
+#[tokio::test]
+async fn a_reservation_gets_its_dedicated_pools_and_its_arn() {
+    let (models, provisioned, cells) = resources();
+    let pt = Arc::new(provisioned[0].clone());
+    let f = fixture(models, provisioned, cells, Vec::new(), None);
+    reconcile_provisioned(pt, f.ctx.clone()).await.unwrap();
+    let calls = f.calls();
+    let applied: Vec<&str> = calls
+        .iter()
+        .filter(|c| c.uri.contains("/deployments/"))
+        .map(|c| c.body["metadata"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        applied,
+        ["smollm2-135m-instruct-cell-a-analytics-smollm2", "smollm2-135m-instruct-cell-b-analytics-smollm2"]
+    );
+    let deployment = &calls[0].body;
+    assert_eq!(deployment["metadata"]["labels"]["mantle.dev/pool"], "analytics");
+    assert_eq!(deployment["metadata"]["ownerReferences"][0]["kind"], "ProvisionedThroughput");
+    let status = &calls.iter().find(|c| c.uri.contains("/status")).unwrap().body["status"];
+    assert_eq!(status["arn"], "arn:mantle:bedrock:cell-a:models:provisioned-model/analytics-smollm2");
+    assert_eq!(
+        (status["provisionedReplicas"].as_i64(), status["capacityTokensPerMinute"].as_i64()),
+        (Some(2), Some(120_000))
+    );
+    assert_eq!(status["phase"], "Creating");
+}
+
+#[tokio::test]
+async fn a_reservation_for_an_unknown_model_fails_with_a_reason_and_an_event() {
+    let (models, mut provisioned, cells) = resources();
+    provisioned[0].spec.model_id = "acme.nothing-v1:0".into();
+    let pt = Arc::new(provisioned[0].clone());
+    let f = fixture(models, provisioned, cells, Vec::new(), None);
+    reconcile_provisioned(pt, f.ctx.clone()).await.unwrap();
+    let calls = f.calls();
+    assert!(calls.iter().all(|c| !c.uri.contains("/deployments/")));
+    let status = &calls.iter().find(|c| c.uri.contains("/status")).unwrap().body["status"];
+    assert_eq!(status["phase"], "Failed");
+    let available = status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Available").unwrap();
+    assert_eq!(available["reason"], "ModelNotFound");
+    let event = &calls.last().unwrap().body;
+    assert_eq!((event["type"].as_str(), event["reason"].as_str()), (Some("Warning"), Some("ModelNotFound")));
+}
