@@ -10,6 +10,7 @@
 
 pub mod cli;
 pub mod controller;
+pub mod leader;
 pub mod metrics;
 pub mod plan;
 pub mod render;
