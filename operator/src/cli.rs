@@ -13,8 +13,15 @@ pub struct RenderArgs {
     /// Manifest files or directories of *.yaml.
     #[arg(default_value = "examples")]
     pub paths: Vec<PathBuf>,
+    #[command(flatten)]
+    pub pods: PodArgs,
+}
+
+/// How runner pods are built: the operator's own settings (the same for `render` and `run`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct PodArgs {
     /// The `mantle-runner` image the runner pods use.
-    #[arg(long)]
+    #[arg(long, env = "MANTLE_RUNNER_IMAGE")]
     pub runner_image: Option<String>,
     /// The node directory of the weight cache.
     #[arg(long, default_value = "/var/cache/mantle/weights")]
@@ -22,13 +29,13 @@ pub struct RenderArgs {
     /// The weight cache's budget on each node, in GiB.
     #[arg(long, default_value_t = 100)]
     pub cache_budget_gib: u64,
-    /// The Secret (key `token`) the router's runner token is in; `none` when runners do not
-    /// authenticate the router.
+    /// The Secret (key `token`) the router's runner token is in, in each namespace with runner
+    /// pools; `none` when runners do not authenticate the router.
     #[arg(long, default_value = "mantle-runner-token")]
     pub runner_token_secret: String,
 }
 
-impl RenderArgs {
+impl PodArgs {
     pub fn options(&self) -> RenderOptions {
         let defaults = RenderOptions::default();
         RenderOptions {
@@ -61,7 +68,7 @@ pub fn render(args: &RenderArgs, out: &mut impl Write) -> anyhow::Result<bool> {
     }
     let desired = Desired::from_manifests(manifests);
     let plan = plan(&desired, &Observed::default());
-    let objects = render_objects(&desired, &plan, &args.options());
+    let objects = render_objects(&desired, &plan, &args.pods.options());
     out.write_all(to_yaml(&objects)?.as_bytes())?;
     for p in &plan.problems {
         eprintln!("{} {}: {} — {}", p.kind, p.name, p.reason, p.message);

@@ -56,6 +56,29 @@ pub struct Context {
     pub options: RenderOptions,
     pub recorder: Recorder,
     pub metrics: crate::metrics::Metrics,
+    /// Failed reconciles in a row, by object, for the retry backoff.
+    pub failures: std::sync::Mutex<std::collections::HashMap<String, u32>>,
+}
+
+impl Context {
+    fn key<K: Resource>(object: &K) -> String
+    where
+        K::DynamicType: Default,
+    {
+        format!(
+            "{}/{}/{}",
+            K::kind(&Default::default()),
+            object.meta().namespace.as_deref().unwrap_or_default(),
+            object.meta().name.as_deref().unwrap_or_default()
+        )
+    }
+
+    fn succeeded<K: Resource>(&self, object: &K)
+    where
+        K::DynamicType: Default,
+    {
+        self.failures.lock().unwrap_or_else(|e| e.into_inner()).remove(&Self::key(object));
+    }
 }
 
 impl Context {
@@ -177,6 +200,9 @@ pub async fn reconcile_model(model: Arc<FoundationModel>, ctx: Arc<Context>) -> 
     let started = Instant::now();
     let result = reconcile_model_inner(&model, &ctx).await;
     ctx.metrics.observe("FoundationModel", started.elapsed(), result.is_err());
+    if result.is_ok() {
+        ctx.succeeded(&*model);
+    }
     result
 }
 
@@ -232,6 +258,9 @@ pub async fn reconcile_provisioned(pt: Arc<ProvisionedThroughput>, ctx: Arc<Cont
     let started = Instant::now();
     let result = reconcile_provisioned_inner(&pt, &ctx).await;
     ctx.metrics.observe("ProvisionedThroughput", started.elapsed(), result.is_err());
+    if result.is_ok() {
+        ctx.succeeded(&*pt);
+    }
     result
 }
 
@@ -286,12 +315,24 @@ async fn reconcile_provisioned_inner(pt: &ProvisionedThroughput, ctx: &Context) 
     Ok(Action::requeue(RESYNC))
 }
 
-/// After a failed reconcile: try again, sooner for errors that pass.
+/// The first retry's delay; each failure in a row doubles it, up to [`MAX_RETRY`].
+const FIRST_RETRY: Duration = Duration::from_secs(5);
+const MAX_RETRY: Duration = Duration::from_secs(300);
+
+/// After a failed reconcile: try again with exponential backoff (5 s, 10 s, 20 s, … 5 min),
+/// afresh once a reconcile of the object succeeds.
 pub fn error_policy<K>(object: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action
 where
     K: Resource,
+    K::DynamicType: Default,
 {
-    let _ = ctx;
-    tracing::warn!(name = %object.meta().name.as_deref().unwrap_or_default(), %error, "reconcile failed; retrying");
-    Action::requeue(Duration::from_secs(15))
+    let failures = {
+        let mut all = ctx.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let n = all.entry(Context::key(&*object)).or_insert(0);
+        *n += 1;
+        *n
+    };
+    let delay = FIRST_RETRY.saturating_mul(1 << (failures - 1).min(16)).min(MAX_RETRY);
+    tracing::warn!(name = %object.meta().name.as_deref().unwrap_or_default(), %error, failures, "reconcile failed; retrying in {}s", delay.as_secs());
+    Action::requeue(delay)
 }

@@ -14,6 +14,7 @@ pub mod leader;
 pub mod metrics;
 pub mod plan;
 pub mod render;
+pub mod run;
 pub mod runner_args;
 pub mod status;
 

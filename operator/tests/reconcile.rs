@@ -144,6 +144,7 @@ fn fixture(
         options: RenderOptions::default(),
         recorder,
         metrics: Metrics::new(),
+        failures: Default::default(),
     };
     Fixture { calls, ctx: Arc::new(ctx) }
 }
@@ -281,11 +282,11 @@ async fn an_api_error_fails_the_reconcile_which_is_retried() {
     assert!(error.to_string().contains("smollm2-135m-instruct-cell-a"), "{error}");
     // Nothing after the failed apply: no status, no event.
     assert_eq!(f.calls().len(), 1);
-    let action = error_policy(model, &error, f.ctx.clone());
-    assert_eq!(
-        format!("{action:?}"),
-        format!("{:?}", kube::runtime::controller::Action::requeue(std::time::Duration::from_secs(15)))
-    );
+    // Retried with backoff: 5 s, then 10 s, 20 s…
+    let requeue = |s| format!("{:?}", kube::runtime::controller::Action::requeue(std::time::Duration::from_secs(s)));
+    for seconds in [5, 10, 20] {
+        assert_eq!(format!("{:?}", error_policy(model.clone(), &error, f.ctx.clone())), requeue(seconds));
+    }
     assert!(f.ctx.metrics.render().contains("mantle_operator_reconcile_errors_total{kind=\"FoundationModel\"} 1"));
 }
 

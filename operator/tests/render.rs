@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use mantle_operator::cli::{RenderArgs, render};
+use mantle_operator::cli::{PodArgs, RenderArgs, render};
 use mantle_operator::render::{Object, RenderOptions};
 use mantle_operator::{Desired, Observed, plan};
 
@@ -17,10 +17,12 @@ fn here() -> PathBuf {
 fn args(path: &Path) -> RenderArgs {
     RenderArgs {
         paths: vec![path.to_path_buf()],
-        runner_image: Some("ghcr.io/mantle-dev/mantle-runner:test".into()),
-        cache_root: "/var/cache/mantle/weights".into(),
-        cache_budget_gib: 100,
-        runner_token_secret: "mantle-runner-token".into(),
+        pods: PodArgs {
+            runner_image: Some("ghcr.io/mantle-dev/mantle-runner:test".into()),
+            cache_root: "/var/cache/mantle/weights".into(),
+            cache_budget_gib: 100,
+            runner_token_secret: "mantle-runner-token".into(),
+        },
     }
 }
 

@@ -1,0 +1,237 @@
+//! `mantle-operator` running in a cluster: checks that its CRDs are installed, serves
+//! `/metrics`, `/healthz` and `/readyz`, waits to lead (a Lease, when leader election is on), then
+//! runs the FoundationModel and ProvisionedThroughput controllers until SIGTERM — or until it
+//! loses the Lease, when it exits so that it never reconciles beside another leader.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
+use mantle_crds::{Cell, FoundationModel, ProvisionedThroughput};
+
+use crate::controller::{Context, error_policy, reconcile_model, reconcile_provisioned};
+use crate::leader::Elector;
+use crate::metrics::Metrics;
+use crate::render::RenderOptions;
+
+/// The label every object the operator makes carries.
+const MANAGED: &str = "app.kubernetes.io/managed-by=mantle-operator";
+
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    pub metrics_listen: SocketAddr,
+    /// Elect a leader through a Lease in this namespace (only the leader reconciles); without
+    /// it, this replica reconciles alone.
+    #[arg(long)]
+    pub leader_election_namespace: Option<String>,
+    #[arg(long, default_value = "mantle-operator")]
+    pub lease_name: String,
+    /// How long a Lease holds without renewal before another replica takes over.
+    #[arg(long, default_value_t = 15)]
+    pub lease_duration_s: u64,
+    /// This replica's name in the Lease.
+    #[arg(long, env = "POD_NAME", default_value = "mantle-operator")]
+    pub identity: String,
+    /// Namespaces to watch (repeat the flag); none watches the whole cluster.
+    #[arg(long = "watch-namespace")]
+    pub watch_namespaces: Vec<String>,
+    #[command(flatten)]
+    pub render: crate::cli::PodArgs,
+}
+
+/// The CRDs the controllers need.
+const CRDS: [&str; 3] = ["foundationmodels.mantle.dev", "provisionedthroughputs.mantle.dev", "cells.mantle.dev"];
+
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let client = Client::try_default().await.context("connecting to the Kubernetes API")?;
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for name in CRDS {
+        if crds.get_opt(name).await.with_context(|| format!("looking up the CRD {name}"))?.is_none() {
+            bail!(
+                "the CRD {name} is not installed: install the chart (it carries the CRDs) or `kubectl apply -f crds/manifests/`"
+            );
+        }
+    }
+    let metrics = Metrics::new();
+    let leading = Arc::new(AtomicBool::new(false));
+    tokio::spawn(serve_http(args.metrics_listen, metrics.clone(), leading.clone()));
+    let elector = args.leader_election_namespace.as_ref().map(|ns| {
+        let api: Api<Lease> = Api::namespaced(client.clone(), ns);
+        Elector::new(api, &args.lease_name, &args.identity, Duration::from_secs(args.lease_duration_s.max(3)))
+    });
+    if let Some(elector) = &elector {
+        tracing::info!(identity = %args.identity, "waiting to lead");
+        while !elector.step().await.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "leader election");
+            false
+        }) {
+            tokio::time::sleep(elector.renew_every()).await;
+        }
+    }
+    tracing::info!(identity = %args.identity, "leading: reconciling");
+    leading.store(true, Ordering::Relaxed);
+    let options = args.render.options();
+    let scopes: Vec<Option<String>> = if args.watch_namespaces.is_empty() {
+        vec![None]
+    } else {
+        args.watch_namespaces.iter().cloned().map(Some).collect()
+    };
+    let mut controllers = tokio::task::JoinSet::new();
+    for scope in scopes {
+        controllers.spawn(controllers_for(
+            client.clone(),
+            scope,
+            options.clone(),
+            metrics.clone(),
+            args.identity.clone(),
+        ));
+    }
+    let renewing = async {
+        let Some(elector) = &elector else { return std::future::pending::<anyhow::Result<()>>().await };
+        loop {
+            tokio::time::sleep(elector.renew_every()).await;
+            match elector.step().await {
+                Ok(true) => {}
+                Ok(false) => bail!("lost the leader-election Lease to another replica; exiting"),
+                Err(e) => tracing::warn!(error = %e, "renewing the Lease"),
+            }
+        }
+    };
+    tokio::select! {
+        result = renewing => result,
+        _ = async { while controllers.join_next().await.is_some() {} } => {
+            tracing::info!("controllers stopped");
+            Ok(())
+        }
+    }
+}
+
+fn api<K>(client: &Client, scope: &Option<String>) -> Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match scope {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// The controllers of one scope (a namespace, or the whole cluster), until SIGTERM.
+async fn controllers_for(
+    client: Client,
+    scope: Option<String>,
+    options: RenderOptions,
+    metrics: Metrics,
+    identity: String,
+) {
+    let managed = watcher::Config::default().labels(MANAGED);
+    let (cells, cells_writer) = reflector::store::<Cell>();
+    let (deployments, deployments_writer) = reflector::store::<Deployment>();
+    tokio::spawn(
+        reflector::reflector(cells_writer, watcher(api::<Cell>(&client, &scope), watcher::Config::default()))
+            .applied_objects()
+            .for_each(|_| async {}),
+    );
+    tokio::spawn(
+        reflector::reflector(deployments_writer, watcher(api::<Deployment>(&client, &scope), managed.clone()))
+            .applied_objects()
+            .for_each(|_| async {}),
+    );
+    let models = Controller::new(api::<FoundationModel>(&client, &scope), watcher::Config::default());
+    let provisioned = Controller::new(api::<ProvisionedThroughput>(&client, &scope), watcher::Config::default());
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        models: models.store(),
+        provisioned: provisioned.store(),
+        cells,
+        deployments,
+        options,
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter { controller: "mantle-operator".into(), instance: Some(identity) },
+        ),
+        metrics,
+        failures: Default::default(),
+    });
+    // A Cell's change replans every model in its namespace; a model's change, its reservations.
+    let store = ctx.models.clone();
+    let models = models
+        .owns(api::<Deployment>(&client, &scope), managed.clone())
+        .watches(api::<Cell>(&client, &scope), watcher::Config::default(), move |cell: Cell| {
+            let ns = cell.namespace();
+            store
+                .state()
+                .into_iter()
+                .filter(|m| m.namespace() == ns)
+                .map(|m| ObjectRef::from_obj(&*m))
+                .collect::<Vec<_>>()
+        })
+        .shutdown_on_signal()
+        .run(reconcile_model, error_policy, ctx.clone())
+        .for_each(|result| async move { log(result.map(|(o, _)| o.name)) });
+    let store = ctx.provisioned.clone();
+    let provisioned = provisioned
+        .owns(api::<Deployment>(&client, &scope), managed)
+        .watches(api::<FoundationModel>(&client, &scope), watcher::Config::default(), move |model: FoundationModel| {
+            let (ns, id) = (model.namespace(), model.spec.model_id.clone());
+            store
+                .state()
+                .into_iter()
+                .filter(|p| p.namespace() == ns && p.spec.model_id == id)
+                .map(|p| ObjectRef::from_obj(&*p))
+                .collect::<Vec<_>>()
+        })
+        .shutdown_on_signal()
+        .run(reconcile_provisioned, error_policy, ctx)
+        .for_each(|result| async move { log(result.map(|(o, _)| o.name)) });
+    tokio::join!(models, provisioned);
+}
+
+fn log<E: std::fmt::Display>(result: Result<String, E>) {
+    match result {
+        Ok(name) => tracing::debug!(%name, "reconciled"),
+        Err(e) => tracing::warn!(error = %e, "reconcile"),
+    }
+}
+
+/// `/metrics`, `/healthz` (the process runs) and `/readyz` (it leads, or waits to).
+async fn serve_http(listen: SocketAddr, metrics: Metrics, leading: Arc<AtomicBool>) {
+    use axum::routing::get;
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let m = metrics.clone();
+                async move { m.render() }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let leading = leading.load(Ordering::Relaxed);
+                async move { if leading { "leading" } else { "following" } }
+            }),
+        );
+    match tokio::net::TcpListener::bind(listen).await {
+        Ok(listener) => {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "the metrics listener stopped");
+            }
+        }
+        Err(e) => tracing::error!(%listen, error = %e, "cannot listen for /metrics"),
+    }
+}
