@@ -74,7 +74,7 @@ pub struct RenderOptions {
 impl Default for RenderOptions {
     fn default() -> Self {
         RenderOptions {
-            runner_image: format!("ghcr.io/mantle-dev/mantle-runner:{}", env!("CARGO_PKG_VERSION")),
+            runner_image: format!("mantle/runner:{}", env!("CARGO_PKG_VERSION")),
             cache_root: "/var/cache/mantle/weights".into(),
             cache_budget_gib: 100,
             runner_token_secret: Some("mantle-runner-token".into()),
