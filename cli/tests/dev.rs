@@ -148,6 +148,7 @@ fn mantle_dev_follows_its_manifests_restarts_dead_runners_and_takes_them_along_w
         .arg(repo_root().join("tests/e2e/dev_live.py"))
         .arg(format!("http://{addr}"))
         .arg(&dir)
+        .arg(dev.0.id().to_string())
         .output()
         .expect("python runs");
     let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));

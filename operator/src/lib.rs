@@ -8,6 +8,7 @@
 //! from the same gate, [`mantle_crds::Validate`], so a spec the API server let through but that
 //! breaks an invariant is reported as a `SpecValid=False` condition instead of being acted on.
 
+pub mod autoscale;
 pub mod cli;
 pub mod controller;
 pub mod leader;

@@ -1,6 +1,6 @@
 """Drives a running `mantle dev` while its manifests change, as a developer would.
 
-Usage: python tests/e2e/dev_live.py ENDPOINT MANIFESTS_DIR
+Usage: python tests/e2e/dev_live.py ENDPOINT MANIFESTS_DIR MANTLE_DEV_PID
 
 1. A second FoundationModel file (another modelId for the same weights) is added: its model
    answers through boto3 within seconds, and the first model keeps answering meanwhile.
@@ -18,7 +18,7 @@ import time
 import boto3
 import botocore.config
 
-endpoint, manifests = sys.argv[1], sys.argv[2]
+endpoint, manifests, dev_pid = sys.argv[1], sys.argv[2], int(sys.argv[3])
 BASE = "huggingfacetb.smollm2-135m-instruct-v1:0"
 SECOND = "acme.smollm2-second-v1:0"
 config = botocore.config.Config(retries={"max_attempts": 1}, read_timeout=120, connect_timeout=5)
@@ -55,13 +55,15 @@ def until(what, check, timeout):
 
 
 def runner_pids(model_id):
+    """This `mantle dev`'s runner processes for the model (not another's on the same machine)."""
     pids = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             cmdline = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
-        except OSError:
+            parent = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
             continue
-        if b"runner" in cmdline and f"--model-id={model_id}".encode() in cmdline:
+        if parent == dev_pid and b"runner" in cmdline and f"--model-id={model_id}".encode() in cmdline:
             pids.append(int(pid))
     return pids
 

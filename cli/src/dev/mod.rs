@@ -17,8 +17,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use mantle_crds::FoundationModel;
+use mantle_operator::autoscale::{Autoscaler, Signal};
 use mantle_operator::plan::PoolObservation;
-use mantle_operator::{Desired, Observed, plan};
+use mantle_operator::{Desired, Observed, PoolPlan, plan};
 use mantle_router::{AuthConfig, Platform, RouterConfig, RunningRouter, TlsFiles};
 
 use manifests::ManifestDir;
@@ -166,6 +167,9 @@ struct Dev {
     missing_weights: Vec<String>,
     /// What the plan could not do, as last reported.
     problems: Vec<String>,
+    /// The pools of the last plan, and the autoscaler that sizes the shared ones.
+    pools: Vec<PoolPlan>,
+    autoscaler: Autoscaler,
 }
 
 impl Dev {
@@ -185,7 +189,38 @@ impl Dev {
         let models = models_with_weights(&desired, &self.models_dir, &mut self.missing_weights);
         let wants = runners::wants(&plan.pools, &models, &self.launch);
         let (started, stopped) = self.runners.apply(&wants, &self.launch).await?;
+        self.pools = plan.pools;
         Ok(started + stopped > 0)
+    }
+
+    /// The autoscaler's decision for each shared pool, from the requests waiting in the router
+    /// for its model (shared over the model's shared pools by their replicas).
+    fn autoscale(&mut self, observed: &mut Observed, inference: &mantle_router::inference::Inference) {
+        let desired = self.dir.desired();
+        let now = Instant::now();
+        let shared: Vec<&PoolPlan> = self.pools.iter().filter(|p| p.dedicated.is_none() && !p.draining).collect();
+        for pool in &shared {
+            let Some(model) = desired.models.iter().find(|m| m.metadata.name.as_deref() == Some(&pool.model)) else {
+                continue;
+            };
+            let total: i32 = shared.iter().filter(|p| p.model == pool.model).map(|p| p.replicas.max(1)).sum();
+            let waiting = inference.queued(&pool.model_id, None) as f64;
+            let queued = waiting * pool.replicas.max(1) as f64 / total.max(1) as f64;
+            let signal = Signal {
+                queued,
+                replicas: pool.replicas,
+                min: pool.min,
+                max: pool.max,
+                target_queue_depth: model.spec.replicas.target_queue_depth,
+            };
+            let replicas = self.autoscaler.decide(&pool.name, &signal, now);
+            if replicas != pool.replicas {
+                tracing::info!(pool = %pool.name, queued, from = pool.replicas, to = replicas, "autoscaling");
+            }
+            observed.pools.entry(pool.name.clone()).or_default().autoscaled = Some(replicas);
+        }
+        let names: Vec<&str> = self.pools.iter().map(|p| p.name.as_str()).collect();
+        self.autoscaler.retain(&names);
     }
 }
 
@@ -205,7 +240,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         fetch_models(&args.manifests)?;
     }
     // The runners answer only the router: a token made for this run, in a file only we read.
-    let token_file = cache_dir().join("dev/runner-token");
+    // One file per run: two `mantle dev` at once must not hand each other's runners their token.
+    let token_file = cache_dir().join(format!("dev/runner-token-{}", std::process::id()));
     let token = write_runner_token(&token_file)?;
     let launch = Launch {
         exe: std::env::current_exe().context("locating the mantle binary")?,
@@ -214,8 +250,16 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         cache_dir: cache_dir().join("dev/weights"),
     };
     let started = Instant::now();
-    let mut dev =
-        Dev { dir, models_dir, launch, runners: Runners::default(), missing_weights: Vec::new(), problems: Vec::new() };
+    let mut dev = Dev {
+        dir,
+        models_dir,
+        launch,
+        runners: Runners::default(),
+        missing_weights: Vec::new(),
+        problems: Vec::new(),
+        pools: Vec::new(),
+        autoscaler: Autoscaler::default(),
+    };
     dev.reconcile(&Observed::default()).await?;
     let metering = args.metering.clone().unwrap_or_else(|| cache_dir().join("dev/metering.jsonl"));
     if let Some(parent) = metering.parent() {
@@ -251,6 +295,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     };
     router.shutdown().await;
     dev.runners.stop_all().await;
+    std::fs::remove_file(&dev.launch.token_file).ok();
     result
 }
 
@@ -270,7 +315,8 @@ async fn follow(dev: &mut Dev, router: &RunningRouter) -> anyhow::Result<()> {
         for problem in &problems {
             tracing::error!("ignored: {problem}");
         }
-        let observed = observe(&dev.runners).await;
+        let mut observed = observe(&dev.runners).await;
+        dev.autoscale(&mut observed, &inference);
         let moved = dev.reconcile(&observed).await?;
         if changed || moved {
             if let Err(e) = inference.update(platform(&dev.dir.desired(), &dev.runners)) {

@@ -42,6 +42,14 @@ impl Inference {
         Some(format!("slots={}; in-flight={}; queued={}", s.capacity, s.in_flight, s.queued))
     }
 
+    /// Requests waiting for the model's shared pool (`pool` None) or a tenant's dedicated one:
+    /// the demand an autoscaler reads.
+    pub fn queued(&self, model_id: &str, pool: Option<&str>) -> usize {
+        let key = QueueKey { model: model_id.to_string(), pool: pool.map(str::to_string) };
+        let queue = self.queues.lock().unwrap_or_else(|e| e.into_inner()).get(&key).cloned();
+        queue.map_or(0, |q| q.snapshot().queued)
+    }
+
     /// Whether admission counts slots for the model now (its runners are known to a queue).
     pub fn admits(&self, model_id: &str) -> bool {
         let queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
