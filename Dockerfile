@@ -1,0 +1,32 @@
+# The three images, from one multi-stage build that compiles the workspace once:
+#   docker build --target operator -t mantle/operator:dev .
+#   docker build --target router   -t mantle/router:dev .
+#   docker build --target runner   -t mantle/runner:dev .
+# Each final image is distroless (glibc, CA certificates, no shell) and runs as the non-root
+# user 65532 — the UID the chart's pod security contexts and the runner pods' cache expect.
+
+FROM rust:1.95-bookworm AS build
+WORKDIR /src
+COPY . .
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked --bin mantle-operator --bin mantle-router --bin mantle-runner \
+ && mkdir -p /out \
+ && cp target/release/mantle-operator target/release/mantle-router target/release/mantle-runner /out/
+
+FROM gcr.io/distroless/cc-debian12:nonroot AS operator
+COPY --from=build /out/mantle-operator /usr/local/bin/mantle-operator
+USER 65532:65532
+ENTRYPOINT ["/usr/local/bin/mantle-operator"]
+
+FROM gcr.io/distroless/cc-debian12:nonroot AS router
+COPY --from=build /out/mantle-router /usr/local/bin/mantle-router
+USER 65532:65532
+ENTRYPOINT ["/usr/local/bin/mantle-router"]
+
+# The runner pods' containers run `mantle-runner prepare-cache | fetch | serve …` (the operator
+# passes the subcommand as the arguments).
+FROM gcr.io/distroless/cc-debian12:nonroot AS runner
+COPY --from=build /out/mantle-runner /usr/local/bin/mantle-runner
+USER 65532:65532
+ENTRYPOINT ["/usr/local/bin/mantle-runner"]
