@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -25,7 +25,7 @@ use serde_json::json;
 
 use crate::plan::{Desired, Observed, Plan, PoolObservation, plan};
 use crate::render::{Object, RenderOptions, model_owner, provisioned_owner, render_pool};
-use crate::status::{invalid_model_status, model_status, provisioned_status};
+use crate::status::{NodeFacts, cell_status, invalid_model_status, model_status, provisioned_status};
 
 /// The field manager of everything the operator applies.
 pub const MANAGER: &str = "mantle-operator";
@@ -53,6 +53,8 @@ pub struct Context {
     pub cells: Store<Cell>,
     /// The Deployments the operator made (labelled `app.kubernetes.io/managed-by`).
     pub deployments: Store<Deployment>,
+    /// The cluster's nodes (for the Cells' status).
+    pub nodes: Store<Node>,
     pub options: RenderOptions,
     pub recorder: Recorder,
     pub metrics: crate::metrics::Metrics,
@@ -313,6 +315,50 @@ async fn reconcile_provisioned_inner(pt: &ProvisionedThroughput, ctx: &Context) 
         ctx.event(pt, EventType::Normal, "PoolsApplied", note).await;
     }
     Ok(Action::requeue(RESYNC))
+}
+
+/// What a Cell's status needs of a node: its labels, readiness and allocatable GPUs.
+fn node_facts(node: &Node) -> NodeFacts {
+    let status = node.status.as_ref();
+    let ready = status
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+    let gpus = status
+        .and_then(|s| s.allocatable.as_ref())
+        .and_then(|a| a.get("nvidia.com/gpu"))
+        .and_then(|q| q.0.parse().ok())
+        .unwrap_or(0);
+    NodeFacts { labels: node.labels().clone(), ready, gpus }
+}
+
+/// Reconciles one Cell: its status (nodes, GPUs, models, health), and an Event when its health
+/// changes.
+pub async fn reconcile_cell(cell: Arc<Cell>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let result = reconcile_cell_inner(&cell, &ctx).await;
+    ctx.metrics.observe("Cell", started.elapsed(), result.is_err());
+    if result.is_ok() {
+        ctx.succeeded(&*cell);
+    }
+    result
+}
+
+async fn reconcile_cell_inner(cell: &Cell, ctx: &Context) -> Result<Action, Error> {
+    let name = cell.name_any();
+    let namespace = cell.namespace().ok_or_else(|| Error::NoNamespace(name.clone()))?;
+    let (desired, observed) = ctx.snapshot();
+    let plan = plan(&desired, &observed);
+    let nodes: Vec<NodeFacts> = ctx.nodes.state().iter().map(|n| node_facts(n)).collect();
+    let status = cell_status(cell, &nodes, &desired, &plan, &observed, &now());
+    let before = cell.status.as_ref().and_then(|s| s.health);
+    write_status(Api::<Cell>::namespaced(ctx.client.clone(), &namespace), &name, "Cell", &status).await?;
+    if before != status.health {
+        let healthy = status.health == Some(mantle_crds::CellHealth::Healthy);
+        let degraded = status.conditions.iter().find(|c| c.type_ == "Degraded").map(|c| c.message.clone());
+        let note = format!("{:?}: {} ready nodes; {}", status.health, status.ready_nodes, degraded.unwrap_or_default());
+        ctx.event(cell, if healthy { EventType::Normal } else { EventType::Warning }, "Health", note).await;
+    }
+    Ok(Action::requeue(Duration::from_secs(60)))
 }
 
 /// The first retry's delay; each failure in a row doubles it, up to [`MAX_RETRY`].

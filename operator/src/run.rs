@@ -12,6 +12,7 @@ use anyhow::{Context as _, bail};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef};
@@ -19,7 +20,7 @@ use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use mantle_crds::{Cell, FoundationModel, ProvisionedThroughput};
 
-use crate::controller::{Context, error_policy, reconcile_model, reconcile_provisioned};
+use crate::controller::{Context, error_policy, reconcile_cell, reconcile_model, reconcile_provisioned};
 use crate::leader::Elector;
 use crate::metrics::Metrics;
 use crate::render::RenderOptions;
@@ -138,10 +139,10 @@ async fn controllers_for(
     identity: String,
 ) {
     let managed = watcher::Config::default().labels(MANAGED);
-    let (cells, cells_writer) = reflector::store::<Cell>();
     let (deployments, deployments_writer) = reflector::store::<Deployment>();
+    let (nodes, nodes_writer) = reflector::store::<Node>();
     tokio::spawn(
-        reflector::reflector(cells_writer, watcher(api::<Cell>(&client, &scope), watcher::Config::default()))
+        reflector::reflector(nodes_writer, watcher(Api::<Node>::all(client.clone()), watcher::Config::default()))
             .applied_objects()
             .for_each(|_| async {}),
     );
@@ -150,14 +151,16 @@ async fn controllers_for(
             .applied_objects()
             .for_each(|_| async {}),
     );
+    let cells = Controller::new(api::<Cell>(&client, &scope), watcher::Config::default());
     let models = Controller::new(api::<FoundationModel>(&client, &scope), watcher::Config::default());
     let provisioned = Controller::new(api::<ProvisionedThroughput>(&client, &scope), watcher::Config::default());
     let ctx = Arc::new(Context {
         client: client.clone(),
         models: models.store(),
         provisioned: provisioned.store(),
-        cells,
+        cells: cells.store(),
         deployments,
+        nodes,
         options,
         recorder: Recorder::new(
             client.clone(),
@@ -195,9 +198,28 @@ async fn controllers_for(
                 .collect::<Vec<_>>()
         })
         .shutdown_on_signal()
-        .run(reconcile_provisioned, error_policy, ctx)
+        .run(reconcile_provisioned, error_policy, ctx.clone())
         .for_each(|result| async move { log(result.map(|(o, _)| o.name)) });
-    tokio::join!(models, provisioned);
+    // A Cell's status follows its nodes and the runner Deployments in it.
+    let store = ctx.cells.clone();
+    let by_label = move |d: Deployment| {
+        let (ns, cell) = (d.namespace(), d.labels().get(crate::render::CELL_LABEL).cloned());
+        store
+            .state()
+            .into_iter()
+            .filter(|c| c.namespace() == ns && Some(c.name_any()) == cell)
+            .map(|c| ObjectRef::from_obj(&*c))
+            .collect::<Vec<_>>()
+    };
+    let store = ctx.cells.clone();
+    let every_cell = move |_: Node| store.state().into_iter().map(|c| ObjectRef::from_obj(&*c)).collect::<Vec<_>>();
+    let cells = cells
+        .watches(api::<Deployment>(&client, &scope), watcher::Config::default().labels(MANAGED), by_label)
+        .watches(Api::<Node>::all(client.clone()), watcher::Config::default(), every_cell)
+        .shutdown_on_signal()
+        .run(reconcile_cell, error_policy, ctx)
+        .for_each(|result| async move { log(result.map(|(o, _)| o.name)) });
+    tokio::join!(models, provisioned, cells);
 }
 
 fn log<E: std::fmt::Display>(result: Result<String, E>) {

@@ -199,3 +199,105 @@ pub fn provisioned_status(
         observed_generation: generation,
     }
 }
+
+/// What a Cell's status reports of one matched node.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NodeFacts {
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub ready: bool,
+    /// `nvidia.com/gpu` allocatable.
+    pub gpus: i32,
+}
+
+/// A Cell's status: its ready nodes and GPUs (from the nodes its selector matches), the models
+/// placed on it and the GPUs their planned replicas take, and its health — `Degraded` while a
+/// pool in it has fewer ready replicas than planned, `Unhealthy` when it wants replicas and no
+/// node is ready.
+pub fn cell_status(
+    cell: &mantle_crds::Cell,
+    nodes: &[NodeFacts],
+    desired: &crate::plan::Desired,
+    plan: &Plan,
+    observed: &Observed,
+    now: &Time,
+) -> mantle_crds::CellStatus {
+    use mantle_crds::{CellHealth, CellStatus};
+    let name = cell.metadata.name.as_deref().unwrap_or_default();
+    let namespace = &cell.metadata.namespace;
+    let generation = cell.metadata.generation;
+    let previous = cell.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
+    let matched: Vec<&NodeFacts> =
+        nodes.iter().filter(|n| cell.spec.node_selector.iter().all(|(k, v)| n.labels.get(k) == Some(v))).collect();
+    let ready_nodes = matched.iter().filter(|n| n.ready).count() as i32;
+    let node_gpus: i32 = matched.iter().filter(|n| n.ready).map(|n| n.gpus).sum();
+    let pools: Vec<&PoolPlan> =
+        plan.pools.iter().filter(|p| p.namespace == *namespace && p.cell.as_deref() == Some(name)).collect();
+    let mut models: Vec<String> =
+        pools.iter().map(|p| format!("{}/{}", namespace.as_deref().unwrap_or("default"), p.model)).collect();
+    models.sort();
+    models.dedup();
+    let gpus_of = |pool: &PoolPlan| {
+        desired
+            .models
+            .iter()
+            .find(|m| m.metadata.name.as_deref() == Some(&pool.model) && m.metadata.namespace == pool.namespace)
+            .map_or(0, |m| m.spec.resources.gpus.max(0))
+    };
+    let allocated: i32 = pools.iter().map(|p| p.replicas * gpus_of(p)).sum();
+    let wanted: i32 = pools.iter().map(|p| p.replicas).sum();
+    let short: Vec<String> = pools
+        .iter()
+        .filter(|p| ready_of(p, observed) < p.replicas)
+        .map(|p| format!("{} ({} of {})", p.name, ready_of(p, observed), p.replicas))
+        .collect();
+    let health = if wanted > 0 && ready_nodes == 0 {
+        CellHealth::Unhealthy
+    } else if short.is_empty() {
+        CellHealth::Healthy
+    } else {
+        CellHealth::Degraded
+    };
+    let capacity = cell.spec.capacity.gpus;
+    let conditions = vec![
+        condition(
+            previous,
+            "NodesReady",
+            ready_nodes > 0,
+            if ready_nodes > 0 { "NodesReady" } else { "NoReadyNode" },
+            format!("{ready_nodes} of {} matched nodes ready, {node_gpus} GPUs allocatable", matched.len()),
+            generation,
+            now,
+        ),
+        condition(
+            previous,
+            "Degraded",
+            !short.is_empty(),
+            if short.is_empty() { "AllReplicasReady" } else { "ReplicasNotReady" },
+            if short.is_empty() {
+                format!("{wanted} replicas ready")
+            } else {
+                format!("not ready: {}", short.join(", "))
+            },
+            generation,
+            now,
+        ),
+        condition(
+            previous,
+            "GpusAvailable",
+            allocated <= capacity.min(if matched.is_empty() { capacity } else { node_gpus }) || allocated == 0,
+            if allocated == 0 { "NoGpuModels" } else { "Allocated" },
+            format!("{allocated} GPUs planned; capacity {capacity}, {node_gpus} allocatable on ready nodes"),
+            generation,
+            now,
+        ),
+    ];
+    CellStatus {
+        health: Some(health),
+        model_count: models.len() as i32,
+        models_placed: models,
+        ready_nodes,
+        allocated_gpus: allocated,
+        conditions,
+        observed_generation: generation,
+    }
+}

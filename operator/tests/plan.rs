@@ -196,3 +196,30 @@ fn long_names_stay_dns_labels_and_distinct() {
     assert!(!x.contains("--") && x.starts_with("aaaa"));
     assert_eq!(object_name(&["m", "cell-a"]), "m-cell-a");
 }
+
+#[test]
+fn a_cell_reports_its_nodes_gpus_models_and_health() {
+    use mantle_operator::status::{NodeFacts, cell_status};
+    let desired = examples();
+    let plan = plan(&desired, &Observed::default());
+    let cell = desired.cells.iter().find(|c| c.metadata.name.as_deref() == Some("cell-a")).unwrap();
+    let node = |cell: &str, ready: bool, gpus: i32| NodeFacts {
+        labels: [("mantle.dev/cell".to_string(), cell.to_string())].into(),
+        ready,
+        gpus,
+    };
+    let nodes = [node("cell-a", true, 8), node("cell-a", false, 8), node("cell-b", true, 8)];
+    let now = mantle_crds::Time(k8s_openapi::jiff::Timestamp::now());
+    let status = cell_status(cell, &nodes, &desired, &plan, &ready(&plan), &now);
+    assert_eq!((status.ready_nodes, status.model_count), (1, 2));
+    assert_eq!(status.models_placed, ["default/all-minilm-l6-v2", "default/smollm2-135m-instruct"]);
+    assert_eq!(status.allocated_gpus, 0, "the examples run on CPU");
+    assert_eq!(status.health, Some(mantle_crds::CellHealth::Healthy));
+    // A pool short of ready replicas makes the Cell Degraded, naming it; no ready node, Unhealthy.
+    let status = cell_status(cell, &nodes, &desired, &plan, &Observed::default(), &now);
+    assert_eq!(status.health, Some(mantle_crds::CellHealth::Degraded));
+    let degraded = status.conditions.iter().find(|c| c.type_ == "Degraded").unwrap();
+    assert!(degraded.message.contains("smollm2-135m-instruct-cell-a (0 of 1)"), "{}", degraded.message);
+    let status = cell_status(cell, &[node("cell-a", false, 8)], &desired, &plan, &ready(&plan), &now);
+    assert_eq!(status.health, Some(mantle_crds::CellHealth::Unhealthy));
+}

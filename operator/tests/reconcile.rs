@@ -13,7 +13,9 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher;
 use mantle_crds::{Cell, FoundationModel, Manifest, ProvisionedThroughput};
-use mantle_operator::controller::{Context, Error, error_policy, reconcile_model, reconcile_provisioned};
+use mantle_operator::controller::{
+    Context, Error, error_policy, reconcile_cell, reconcile_model, reconcile_provisioned,
+};
 use mantle_operator::metrics::Metrics;
 use mantle_operator::render::RenderOptions;
 use serde_json::{Value, json};
@@ -133,6 +135,7 @@ fn fixture(
     let calls = Arc::new(Mutex::new(Vec::new()));
     let mut known: Vec<Value> = models.iter().map(|m| serde_json::to_value(m).unwrap()).collect();
     known.extend(provisioned.iter().map(|p| serde_json::to_value(p).unwrap()));
+    known.extend(cells.iter().map(|c| serde_json::to_value(c).unwrap()));
     let client = kube::Client::new(api_server(calls.clone(), Arc::new(known), fail), "default");
     let recorder = Recorder::new(client.clone(), Reporter { controller: "mantle-operator".into(), instance: None });
     let ctx = Context {
@@ -141,6 +144,7 @@ fn fixture(
         provisioned: store(provisioned),
         cells: store(cells),
         deployments: store(deployments),
+        nodes: store(Vec::new()),
         options: RenderOptions::default(),
         recorder,
         metrics: Metrics::new(),
@@ -333,4 +337,26 @@ async fn a_reservation_for_an_unknown_model_fails_with_a_reason_and_an_event() {
     assert_eq!(available["reason"], "ModelNotFound");
     let event = &calls.last().unwrap().body;
     assert_eq!((event["type"].as_str(), event["reason"].as_str()), (Some("Warning"), Some("ModelNotFound")));
+}
+
+#[tokio::test]
+async fn a_cell_reports_its_health_and_says_when_it_changes() {
+    let (models, provisioned, cells) = resources();
+    let cell = Arc::new(cells.iter().find(|c| c.metadata.name.as_deref() == Some("cell-a")).unwrap().clone());
+    let f = fixture(models, provisioned, cells, Vec::new(), None);
+    reconcile_cell(cell, f.ctx.clone()).await.unwrap();
+    let calls = f.calls();
+    let shorts: Vec<String> = calls.iter().map(Call::short).collect();
+    assert_eq!(
+        shorts,
+        [
+            "PATCH /apis/mantle.dev/v1alpha1/namespaces/models/cells/cell-a/status",
+            "POST /apis/events.k8s.io/v1/namespaces/models/events",
+        ]
+    );
+    let status = &calls[0].body["status"];
+    // No node matches (none are known) and its pools want replicas: Unhealthy, said in an Event.
+    assert_eq!((status["health"].as_str(), status["readyNodes"].as_i64()), (Some("Unhealthy"), Some(0)));
+    assert_eq!(status["modelsPlaced"], json!(["models/all-minilm-l6-v2", "models/smollm2-135m-instruct"]));
+    assert_eq!((calls[1].body["reason"].as_str(), calls[1].body["type"].as_str()), (Some("Health"), Some("Warning")));
 }
