@@ -24,7 +24,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::plan::{Desired, Observed, Plan, PoolObservation, plan};
-use crate::render::{Object, RenderOptions, model_owner, provisioned_owner, render_pool};
+use crate::render::{Object, RenderOptions, render_pools};
 use crate::status::{NodeFacts, cell_status, invalid_model_status, model_status, provisioned_status};
 
 /// The field manager of everything the operator applies.
@@ -42,6 +42,8 @@ pub enum Error {
     Status { name: String, source: kube::Error },
     #[error("{0} has no namespace")]
     NoNamespace(String),
+    #[error("the watches stopped before they had listed")]
+    NotReady,
 }
 
 /// What every reconcile shares: the client, the watched resources, the render settings, the
@@ -84,15 +86,40 @@ impl Context {
 }
 
 impl Context {
-    /// The resources and the pools as the stores have them now.
-    fn snapshot(&self) -> (Desired, Observed) {
+    /// Waits until every store has listed once: a plan made from a half-filled store (a Cell
+    /// not seen yet) would prune pools that serve.
+    async fn ready(&self) -> Result<(), Error> {
+        listed(&self.models).await?;
+        listed(&self.provisioned).await?;
+        listed(&self.cells).await?;
+        listed(&self.deployments).await?;
+        listed(&self.nodes).await
+    }
+
+    /// One namespace's resources and pools as the stores have them now (planning never crosses
+    /// a namespace, and pool names repeat across namespaces). Models whose spec breaks an
+    /// invariant are left out: they get no pools, dedicated or shared.
+    fn snapshot(&self, namespace: &str) -> (Desired, Observed) {
+        let here = |ns: Option<String>| ns.as_deref() == Some(namespace);
         let desired = Desired {
-            models: self.models.state().iter().map(|m| (**m).clone()).collect(),
-            provisioned: self.provisioned.state().iter().map(|p| (**p).clone()).collect(),
-            cells: self.cells.state().iter().map(|c| (**c).clone()).collect(),
+            models: self
+                .models
+                .state()
+                .iter()
+                .filter(|m| here(m.namespace()) && m.spec.validate().is_ok())
+                .map(|m| (**m).clone())
+                .collect(),
+            provisioned: self
+                .provisioned
+                .state()
+                .iter()
+                .filter(|p| here(p.namespace()))
+                .map(|p| (**p).clone())
+                .collect(),
+            cells: self.cells.state().iter().filter(|c| here(c.namespace())).map(|c| (**c).clone()).collect(),
         };
         let mut observed = Observed::default();
-        for d in self.deployments.state() {
+        for d in self.deployments.state().iter().filter(|d| here(d.namespace())) {
             let ready = d.status.as_ref().and_then(|s| s.ready_replicas).unwrap_or(0);
             observed.pools.insert(d.name_any(), PoolObservation { ready, autoscaled: None });
         }
@@ -104,6 +131,21 @@ impl Context {
             Event { type_, reason: reason.into(), note: Some(note), action: "Reconcile".into(), secondary: None };
         if let Err(e) = self.recorder.publish(&event, &object.object_ref(&())).await {
             tracing::warn!(error = %e, reason, "publishing an event");
+        }
+    }
+}
+
+/// Waits until a store has listed once. Asked afresh every 100 ms: a waiter that started before
+/// another controller's store was filled is not always woken when it is.
+async fn listed<K>(store: &Store<K>) -> Result<(), Error>
+where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    loop {
+        match tokio::time::timeout(Duration::from_millis(100), store.wait_until_ready()).await {
+            Ok(result) => return result.map_err(|_| Error::NotReady),
+            Err(_) => continue,
         }
     }
 }
@@ -218,20 +260,11 @@ async fn reconcile_model_inner(model: &FoundationModel, ctx: &Context) -> Result
         ctx.event(model, EventType::Warning, "InvalidSpec", invalid.to_string()).await;
         return Ok(Action::await_change());
     }
-    let (desired, observed) = ctx.snapshot();
+    ctx.ready().await?;
+    let (desired, observed) = ctx.snapshot(&namespace);
     let plan: Plan = plan(&desired, &observed);
-    let cells = &desired.cells;
-    let rendered: Vec<_> = plan
-        .pools_of(Some(&namespace), &name)
-        .filter(|p| p.dedicated.is_none())
-        .map(|pool| {
-            let cell = pool
-                .cell
-                .as_deref()
-                .and_then(|c| cells.iter().find(|x| x.name_any() == c && x.namespace() == pool.namespace));
-            (pool, render_pool(pool, model, cell, model_owner(model), &ctx.options))
-        })
-        .collect();
+    let mine = plan.pools_of(Some(&namespace), &name).filter(|p| p.dedicated.is_none());
+    let rendered = render_pools(&desired, mine, &ctx.options);
     let problem = plan
         .problems
         .iter()
@@ -269,30 +302,17 @@ pub async fn reconcile_provisioned(pt: Arc<ProvisionedThroughput>, ctx: Arc<Cont
 async fn reconcile_provisioned_inner(pt: &ProvisionedThroughput, ctx: &Context) -> Result<Action, Error> {
     let name = pt.name_any();
     let namespace = pt.namespace().ok_or_else(|| Error::NoNamespace(name.clone()))?;
-    let (desired, observed) = ctx.snapshot();
+    ctx.ready().await?;
+    let (desired, observed) = ctx.snapshot(&namespace);
     let plan = plan(&desired, &observed);
     let model = desired
         .models
         .iter()
         .find(|m| m.spec.model_id == pt.spec.model_id && m.namespace().as_deref() == Some(&namespace));
-    let rendered: Vec<_> = match model {
-        Some(model) => {
-            plan.pools
-                .iter()
-                .filter(|p| {
-                    p.namespace.as_deref() == Some(&namespace)
-                        && p.dedicated.as_ref().is_some_and(|d| d.provisioned == name)
-                })
-                .map(|pool| {
-                    let cell = pool.cell.as_deref().and_then(|c| {
-                        desired.cells.iter().find(|x| x.name_any() == c && x.namespace() == pool.namespace)
-                    });
-                    (pool, render_pool(pool, model, cell, provisioned_owner(pt), &ctx.options))
-                })
-                .collect()
-        }
-        None => Vec::new(),
-    };
+    let mine = plan.pools.iter().filter(|p| {
+        p.namespace.as_deref() == Some(&namespace) && p.dedicated.as_ref().is_some_and(|d| d.provisioned == name)
+    });
+    let rendered = render_pools(&desired, mine, &ctx.options);
     let problem = plan
         .problems
         .iter()
@@ -346,7 +366,8 @@ pub async fn reconcile_cell(cell: Arc<Cell>, ctx: Arc<Context>) -> Result<Action
 async fn reconcile_cell_inner(cell: &Cell, ctx: &Context) -> Result<Action, Error> {
     let name = cell.name_any();
     let namespace = cell.namespace().ok_or_else(|| Error::NoNamespace(name.clone()))?;
-    let (desired, observed) = ctx.snapshot();
+    ctx.ready().await?;
+    let (desired, observed) = ctx.snapshot(&namespace);
     let plan = plan(&desired, &observed);
     let nodes: Vec<NodeFacts> = ctx.nodes.state().iter().map(|n| node_facts(n)).collect();
     let status = cell_status(cell, &nodes, &desired, &plan, &observed, &now());

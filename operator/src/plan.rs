@@ -16,7 +16,8 @@
 //! - The autoscaler's decision (observed) sets a shared pool's replicas within its bounds;
 //!   without one, a pool runs its minimum. A dedicated pool never scales below its reservation.
 //! - What cannot be planned (a missing Cell, a reservation for an unknown model or one that
-//!   cannot be provisioned) is a [`Problem`] for the resource's status, and plans nothing for it.
+//!   cannot be provisioned, two pools that would take one name) is a [`Problem`] for the
+//!   resource's status; what can still be planned for it is (the Cells that exist).
 //!
 //! The plan is deterministic: pools come sorted by name, and names are stable.
 
@@ -133,7 +134,11 @@ pub fn object_name(parts: &[&str]) -> String {
     }
     let digest = Sha256::digest(full.as_bytes());
     let hash: String = digest.iter().take(4).map(|b| format!("{b:02x}")).collect();
-    let keep = full[..MAX_NAME - hash.len() - 1].trim_end_matches('-');
+    let mut end = MAX_NAME - hash.len() - 1;
+    while !full.is_char_boundary(end) {
+        end -= 1;
+    }
+    let keep = full[..end].trim_end_matches('-');
     format!("{keep}-{hash}")
 }
 
@@ -177,6 +182,28 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
         plan_provisioned(pt, desired, observed, &mut plan);
     }
     plan.pools.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    // Two pools may not share a name (a Cell `a-gold` beside a reservation `gold` in Cell `a`):
+    // the first keeps it, the other is not planned and its owner says why.
+    let mut kept: Vec<PoolPlan> = Vec::with_capacity(plan.pools.len());
+    for pool in std::mem::take(&mut plan.pools) {
+        match kept.last() {
+            Some(last) if last.name == pool.name && last.namespace == pool.namespace => {
+                let (kind, name) = match &pool.dedicated {
+                    Some(d) => ("ProvisionedThroughput", d.provisioned.clone()),
+                    None => ("FoundationModel", pool.model.clone()),
+                };
+                plan.problems.push(Problem {
+                    kind,
+                    namespace: pool.namespace.clone(),
+                    name,
+                    reason: "NameCollision",
+                    message: format!("its pool {} would take the name of another; rename one of them", pool.name),
+                });
+            }
+            _ => kept.push(pool),
+        }
+    }
+    plan.pools = kept;
     plan
 }
 
@@ -223,10 +250,12 @@ fn plan_model(model: &FoundationModel, desired: &Desired, observed: &Observed, p
     };
     // What each Draining Cell holds now is made up in the Active Cells, spread evenly (the first
     // Cells take the remainder).
+    // A Draining Cell holds what it runs: the autoscaler's last word, or what is ready there.
+    let held = |pool: &str| scaled(pool).max(observed.pools.get(pool).map_or(0, |o| o.ready));
     let drained: Vec<(String, i32)> = draining
         .into_iter()
         .map(|c| {
-            let held = scaled(&pool_name(Some(&c)));
+            let held = held(&pool_name(Some(&c)));
             (c, held)
         })
         .filter(|(_, held)| *held > 0)
@@ -274,36 +303,47 @@ fn plan_provisioned(pt: &ProvisionedThroughput, desired: &Desired, observed: &Ob
         .filter(|t| *t > 0.0)
         .unwrap_or(per_unit as f64);
     let total = (wanted / per_replica).ceil().max(1.0) as i32;
-    let (active, _, _) = model_cells(model, &desired.cells);
+    let (active, draining, _) = model_cells(model, &desired.cells);
     if active.is_empty() {
         let message = format!("{} has no Active Cell to run the reservation in", name_of(model));
         plan.problems.push(problem(kind, pt, "NoActiveCell", message));
-        return;
     }
-    let pt_name = name_of(pt);
-    let n = active.len() as i32;
+    let (model_name, pt_name) = (name_of(model), name_of(pt));
+    let pool_name = |cell: &Option<String>| match cell {
+        Some(cell) => object_name(&[&model_name, cell, &pt_name]),
+        None => object_name(&[&model_name, &pt_name]),
+    };
+    let pool = |cell: Option<String>, replicas: i32, min: i32, draining: bool| PoolPlan {
+        name: pool_name(&cell),
+        namespace: pt.metadata.namespace.clone(),
+        model: model_name.clone(),
+        model_id: model.spec.model_id.clone(),
+        cell,
+        dedicated: Some(Dedicated { tenant: pt.spec.tenant.clone(), provisioned: pt_name.clone() }),
+        replicas,
+        min,
+        max: replicas,
+        draining,
+    };
+    // The reservation's replicas, spread over the Active Cells (the first take the remainder).
     let cells: BTreeSet<Option<String>> = active.into_iter().collect();
+    let n = cells.len().max(1) as i32;
+    let mut replacements = Vec::new();
     for (i, cell) in cells.into_iter().enumerate() {
         let replicas = total / n + i32::from((i as i32) < total % n);
-        if replicas == 0 {
-            continue;
+        if replicas > 0 {
+            let p = pool(cell, replicas, replicas, false);
+            replacements.push((p.name.clone(), replicas));
+            plan.pools.push(p);
         }
-        let model_name = name_of(model);
-        let name = match &cell {
-            Some(cell) => object_name(&[&model_name, cell, &pt_name]),
-            None => object_name(&[&model_name, &pt_name]),
-        };
-        plan.pools.push(PoolPlan {
-            name,
-            namespace: pt.metadata.namespace.clone(),
-            model: name_of(model),
-            model_id: model.spec.model_id.clone(),
-            cell,
-            dedicated: Some(Dedicated { tenant: pt.spec.tenant.clone(), provisioned: pt_name.clone() }),
-            replicas,
-            min: replicas,
-            max: replicas,
-            draining: false,
-        });
+    }
+    // In a Draining Cell the reservation keeps what serves there until the Active Cells' pools do.
+    let replaced = !replacements.is_empty()
+        && replacements.iter().all(|(name, want)| observed.pools.get(name).is_some_and(|o| o.ready >= *want));
+    for cell in draining {
+        let held = observed.pools.get(&pool_name(&Some(cell.clone()))).map_or(0, |o| o.ready);
+        if held > 0 {
+            plan.pools.push(pool(Some(cell), if replaced { 0 } else { held }, 0, true));
+        }
     }
 }

@@ -53,7 +53,8 @@ pub const WEIGHTS_LABEL_PREFIX: &str = "weights.mantle.dev/";
 
 /// The user the runner runs as (distroless's `nonroot`).
 const RUNNER_UID: i64 = 65532;
-const GRPC_PORT: i32 = 50051;
+/// The runner's gRPC port (a Service port named `grpc`).
+pub const GRPC_PORT: i32 = 50051;
 const HTTP_PORT: i32 = 9090;
 const TOKEN_DIR: &str = "/var/run/mantle/runner-token";
 
@@ -111,31 +112,30 @@ impl Object {
 
 /// Every object of every pool in the plan, pool by pool (Deployment, Service, PodDisruptionBudget).
 pub fn render(desired: &Desired, plan: &Plan, options: &RenderOptions) -> Vec<Object> {
-    let mut objects = Vec::new();
-    for pool in &plan.pools {
-        let same_ns = |ns: &Option<String>| *ns == pool.namespace;
-        let Some(model) = desired
-            .models
-            .iter()
-            .find(|m| same_ns(&m.metadata.namespace) && m.metadata.name.as_deref() == Some(&pool.model))
-        else {
-            continue;
-        };
-        let cell = pool.cell.as_deref().and_then(|c| {
-            desired.cells.iter().find(|x| same_ns(&x.metadata.namespace) && x.metadata.name.as_deref() == Some(c))
-        });
-        let owner = match &pool.dedicated {
-            Some(d) => desired
-                .provisioned
-                .iter()
-                .find(|p| same_ns(&p.metadata.namespace) && p.metadata.name.as_deref() == Some(&d.provisioned))
-                .map(provisioned_owner),
-            None => None,
-        }
-        .unwrap_or_else(|| model_owner(model));
-        objects.extend(render_pool(pool, model, cell, owner, options));
+    render_pools(desired, plan.pools.iter(), options).into_iter().flat_map(|(_, objects)| objects).collect()
+}
+
+/// The objects of each of `pools`, with the model, Cell and owner each takes from `desired`
+/// (the ProvisionedThroughput for a dedicated pool, else the FoundationModel).
+pub fn render_pools<'a>(
+    desired: &Desired,
+    pools: impl Iterator<Item = &'a PoolPlan>,
+    options: &RenderOptions,
+) -> Vec<(&'a PoolPlan, Vec<Object>)> {
+    let mut rendered = Vec::new();
+    for pool in pools {
+        let same =
+            |meta: &ObjectMeta, name: &str| meta.namespace == pool.namespace && meta.name.as_deref() == Some(name);
+        let Some(model) = desired.models.iter().find(|m| same(&m.metadata, &pool.model)) else { continue };
+        let cell = pool.cell.as_deref().and_then(|c| desired.cells.iter().find(|x| same(&x.metadata, c)));
+        let owner = pool
+            .dedicated
+            .as_ref()
+            .and_then(|d| desired.provisioned.iter().find(|p| same(&p.metadata, &d.provisioned)))
+            .map_or_else(|| model_owner(model), provisioned_owner);
+        rendered.push((pool, render_pool(pool, model, cell, owner, options)));
     }
-    objects
+    rendered
 }
 
 /// A controller owner reference (the uid is empty for resources read from files).

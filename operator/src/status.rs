@@ -7,9 +7,7 @@ use mantle_crds::{
 };
 
 use crate::plan::{Observed, Plan, PoolPlan, Problem};
-
-/// The gRPC port of a pool's Service.
-const GRPC_PORT: i32 = 50051;
+use crate::render::GRPC_PORT;
 
 /// A condition, keeping the previous transition time when its status did not change.
 pub fn condition(
@@ -83,7 +81,7 @@ pub fn model_status(model: &FoundationModel, plan: &Plan, observed: &Observed, n
     let scaled_to_zero = desired == 0 && pools.iter().all(|p| p.min == 0) && !pools.is_empty();
     let (available, reason, message) = match (problem, ready) {
         (_, r) if r > 0 => (true, "ReplicasReady", format!("{r} of {desired} replicas ready")),
-        _ if scaled_to_zero => (true, "ScaledToZero", "no replica runs until a request arrives".to_string()),
+        _ if scaled_to_zero => (true, "ScaledToZero", "replicas.min is 0 and nothing asks for more".to_string()),
         (Some(p), _) => (false, p.reason, p.message.clone()),
         (None, _) => (false, "ReplicasNotReady", format!("0 of {desired} replicas ready")),
     };
@@ -111,7 +109,7 @@ pub fn model_status(model: &FoundationModel, plan: &Plan, observed: &Observed, n
             previous,
             "Deprecated",
             true,
-            "Legacy",
+            if lifecycle.status == LifecycleStatus::Legacy { "Legacy" } else { "EndOfLifeSet" },
             format!(
                 "the model is {}{end}: requests after its end of life are refused",
                 if lifecycle.status == LifecycleStatus::Legacy { "LEGACY" } else { "ACTIVE" }
@@ -182,12 +180,13 @@ pub fn provisioned_status(
             (ProvisionedPhase::Creating, false, "ReplicasNotReady", format!("{ready} of {replicas} replicas ready"))
         }
     };
+    // The ARN is a name clients keep: made once, from the first Cell the reservation ran in.
     let cell = pools.first().and_then(|p| p.cell.clone()).unwrap_or_else(|| "local".into());
+    let arn = pt.status.as_ref().and_then(|s| s.arn.clone()).unwrap_or_else(|| {
+        format!("arn:mantle:bedrock:{cell}:{}:provisioned-model/{name}", namespace.as_deref().unwrap_or("default"))
+    });
     ProvisionedThroughputStatus {
-        arn: Some(format!(
-            "arn:mantle:bedrock:{cell}:{}:provisioned-model/{name}",
-            namespace.as_deref().unwrap_or("default")
-        )),
+        arn: Some(arn),
         phase: Some(phase),
         provisioned_replicas: replicas,
         capacity_tokens_per_minute: tokens_per_unit.map_or(0, |t| t * pt.spec.model_units.max(0) as i64),

@@ -85,10 +85,13 @@ fn api_server(
 }
 
 fn store<K: kube::Resource<DynamicType = ()> + Clone>(items: Vec<K>) -> Store<K> {
+    // As a watch's first list fills it: then it is ready.
     let (store, mut writer) = reflector::store();
+    writer.apply_watcher_event(&watcher::Event::Init);
     for item in items {
-        writer.apply_watcher_event(&watcher::Event::Apply(item));
+        writer.apply_watcher_event(&watcher::Event::InitApply(item));
     }
+    writer.apply_watcher_event(&watcher::Event::InitDone);
     store
 }
 
