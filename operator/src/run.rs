@@ -1,7 +1,8 @@
 //! `mantle-operator` running in a cluster: checks that its CRDs are installed, serves
 //! `/metrics`, `/healthz` and `/readyz`, waits to lead (a Lease, when leader election is on), then
-//! runs the FoundationModel and ProvisionedThroughput controllers until SIGTERM — or until it
-//! loses the Lease, when it exits so that it never reconciles beside another leader.
+//! runs the FoundationModel, ProvisionedThroughput and Cell controllers until SIGTERM — or until
+//! it loses the Lease (or cannot renew it), when it exits so that it never reconciles beside
+//! another leader.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -99,13 +100,19 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             args.identity.clone(),
         ));
     }
+    // A leader that cannot renew its Lease for the Lease's duration may already have a successor:
+    // it stops (and is restarted) rather than reconcile beside it.
     let renewing = async {
         let Some(elector) = &elector else { return std::future::pending::<anyhow::Result<()>>().await };
+        let mut renewed = std::time::Instant::now();
         loop {
             tokio::time::sleep(elector.renew_every()).await;
             match elector.step().await {
-                Ok(true) => {}
+                Ok(true) => renewed = std::time::Instant::now(),
                 Ok(false) => bail!("lost the leader-election Lease to another replica; exiting"),
+                Err(e) if renewed.elapsed() >= Duration::from_secs(args.lease_duration_s) => {
+                    bail!("could not renew the leader-election Lease for its whole duration ({e}); exiting")
+                }
                 Err(e) => tracing::warn!(error = %e, "renewing the Lease"),
             }
         }

@@ -101,10 +101,14 @@ fn a_draining_cell_keeps_its_replicas_until_the_replacements_serve() {
     let after = plan(&desired, &observed);
     assert_eq!(pool(&after, "smollm2-135m-instruct-cell-b").replicas, 0);
     assert!(capacity(&after, &observed) >= served);
-    // The reservation's replica moves too: cell-a now holds both.
-    let dedicated: Vec<_> =
-        after.pools.iter().filter(|p| p.dedicated.is_some()).map(|p| (p.cell.clone(), p.replicas)).collect();
-    assert_eq!(dedicated, [(Some("cell-a".into()), 2)]);
+    // The reservation moves too: cell-a wants both replicas, and cell-b keeps its one until they
+    // serve.
+    let dedicated = |plan: &Plan| -> Vec<(Option<String>, i32)> {
+        plan.pools.iter().filter(|p| p.dedicated.is_some()).map(|p| (p.cell.clone(), p.replicas)).collect()
+    };
+    assert_eq!(dedicated(&after), [(Some("cell-a".into()), 2), (Some("cell-b".into()), 1)]);
+    observed.pools.get_mut("smollm2-135m-instruct-cell-a-analytics-smollm2").unwrap().ready = 2;
+    assert_eq!(dedicated(&plan(&desired, &observed)), [(Some("cell-a".into()), 2), (Some("cell-b".into()), 0)]);
     // A Disabled Cell has no pools at all.
     set_state(&mut desired, "cell-b", CellState::Disabled);
     assert!(plan(&desired, &observed).pools.iter().all(|p| p.cell.as_deref() != Some("cell-b")));
@@ -222,4 +226,20 @@ fn a_cell_reports_its_nodes_gpus_models_and_health() {
     assert!(degraded.message.contains("smollm2-135m-instruct-cell-a (0 of 1)"), "{}", degraded.message);
     let status = cell_status(cell, &[node("cell-a", false, 8)], &desired, &plan, &ready(&plan), &now);
     assert_eq!(status.health, Some(mantle_crds::CellHealth::Unhealthy));
+}
+
+#[test]
+fn two_pools_that_would_share_a_name_are_a_problem_not_a_fight() {
+    let mut desired = examples();
+    // A Cell named so that SmolLM2's shared pool in it takes the reservation's pool name.
+    let mut odd = desired.cells[0].clone();
+    odd.metadata.name = Some("cell-a-analytics-smollm2".into());
+    desired.cells.push(odd);
+    desired.models.iter_mut().for_each(|m| m.spec.cells.clear());
+    let plan = plan(&desired, &Observed::default());
+    let names: Vec<&str> = plan.pools.iter().map(|p| p.name.as_str()).collect();
+    let mut unique = names.clone();
+    unique.dedup();
+    assert_eq!(names, unique, "every pool name once");
+    assert!(plan.problems.iter().any(|p| p.reason == "NameCollision"), "{:?}", plan.problems);
 }

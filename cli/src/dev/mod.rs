@@ -278,8 +278,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         None => AuthConfig::Off,
     };
     let router = mantle_router::start(config, platform(&dev.dir.desired(), &dev.runners)).await?;
+    let inference = router.inference();
     let ready = tokio::select! {
-        r = wait_ready(&dev.runners, router.admin_addr.unwrap_or(router.addr)) => r,
+        r = wait_ready(&dev.runners, &inference) => r,
         _ = mantle_router::server::shutdown_signal() => Err(anyhow::anyhow!("interrupted before the runners were ready")),
     };
     if let Err(e) = ready {
@@ -367,17 +368,20 @@ fn fetch_models(manifests: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_ready(runners: &Runners, router: SocketAddr) -> anyhow::Result<()> {
+/// Waits until every runner process is ready and the router admits requests for each model
+/// that has one (a model the plan gives no runner — scaled to zero, or with a problem — is not
+/// waited for).
+async fn wait_ready(runners: &Runners, router: &mantle_router::inference::Inference) -> anyhow::Result<()> {
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
         let probes = runners.probes();
+        let models: Vec<String> = probes.iter().map(|(_, id, _)| id.clone()).collect();
         let all = tokio::task::spawn_blocking(move || {
             probes.iter().all(|(_, _, http)| http_status(*http, "/readyz") == Some(200))
-                && http_status(router, "/readyz") == Some(200)
         })
         .await
         .unwrap_or(false);
-        if all {
+        if all && models.iter().all(|m| router.admits(m)) {
             return Ok(());
         }
         if let Some((key, _, restarts)) = runners.processes().into_iter().find(|(_, _, restarts)| *restarts > 0) {

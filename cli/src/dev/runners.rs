@@ -3,7 +3,9 @@
 //! again with backoff (the router stops sending it traffic as soon as its Health stream breaks);
 //! a pool that goes, or whose arguments change, has its processes stopped (and started anew);
 //! and every process dies with `mantle dev`, even when that is killed with SIGKILL (the kernel
-//! sends it SIGKILL when its parent goes: `PR_SET_PDEATHSIG`).
+//! sends it SIGKILL when its parent goes: `PR_SET_PDEATHSIG`). The death signal is tied to the
+//! thread that started the process, so processes are started from tokio's worker threads (which
+//! live as long as `mantle dev`), never from its blocking pool (whose threads retire when idle).
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener};
@@ -23,7 +25,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 const STABLE: Duration = Duration::from_secs(60);
 
 /// One runner process the plan wants: a replica of a pool.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub struct Want {
     /// `<pool>#<replica>`.
     pub key: String,
@@ -31,6 +33,18 @@ pub struct Want {
     pub pool: PoolPlan,
     /// The runner's arguments with `{grpc}` and `{http}` for its listen addresses.
     pub args: Vec<String>,
+}
+
+impl Want {
+    /// Whether a process started for `other` serves this want as it is: the same model, arguments,
+    /// Cell and reservation (a pool's size and bounds do not matter to its processes).
+    fn same_process(&self, other: &Want) -> bool {
+        self.key == other.key
+            && self.model_id == other.model_id
+            && self.args == other.args
+            && self.pool.cell == other.pool.cell
+            && self.pool.dedicated == other.pool.dedicated
+    }
 }
 
 /// What `mantle dev` needs to know to start runners.
@@ -97,8 +111,19 @@ pub struct Runners {
     running: BTreeMap<String, Supervised>,
 }
 
-fn free_port() -> std::io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+/// Two distinct free ports (both listeners are held until both are known).
+fn free_ports() -> std::io::Result<(SocketAddr, SocketAddr)> {
+    let (a, b) = (TcpListener::bind("127.0.0.1:0")?, TcpListener::bind("127.0.0.1:0")?);
+    Ok((a.local_addr()?, b.local_addr()?))
+}
+
+/// Stops processes side by side (each may take its 5 s to stop).
+async fn shut_down_all(processes: Vec<Supervised>) {
+    let mut stopping = tokio::task::JoinSet::new();
+    for s in processes {
+        stopping.spawn(s.shut_down());
+    }
+    while stopping.join_next().await.is_some() {}
 }
 
 impl Runners {
@@ -108,22 +133,20 @@ impl Runners {
         let stale: Vec<String> = self
             .running
             .iter()
-            .filter(|(key, s)| !wants.iter().any(|w| w.key == **key && *w == s.want))
+            .filter(|(_, s)| !wants.iter().any(|w| w.same_process(&s.want)))
             .map(|(key, _)| key.clone())
             .collect();
-        for key in &stale {
-            if let Some(s) = self.running.remove(key) {
-                tracing::info!(runner = %key, model = %s.want.model_id, "stopping runner");
-                s.shut_down().await;
-            }
+        let gone: Vec<Supervised> = stale.iter().filter_map(|key| self.running.remove(key)).collect();
+        for s in &gone {
+            tracing::info!(runner = %s.want.key, model = %s.want.model_id, "stopping runner");
         }
+        shut_down_all(gone).await;
         let mut started = 0;
         for want in wants {
             if self.running.contains_key(&want.key) {
                 continue;
             }
-            let grpc: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse().expect("an address");
-            let http: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse().expect("an address");
+            let (grpc, http) = free_ports()?;
             let args: Vec<String> = want
                 .args
                 .iter()
@@ -180,9 +203,7 @@ impl Runners {
 
     /// Stops every process.
     pub async fn stop_all(&mut self) {
-        for (_, s) in std::mem::take(&mut self.running) {
-            s.shut_down().await;
-        }
+        shut_down_all(std::mem::take(&mut self.running).into_values().collect()).await;
     }
 }
 
@@ -248,7 +269,8 @@ fn spawn(launch: &Launch, args: &[String]) -> std::io::Result<Child> {
         // _exit).
         unsafe {
             command.pre_exec(move || {
-                // The kernel kills the runner when `mantle dev` dies, however it dies.
+                // The kernel kills the runner when the thread that started it (a tokio worker,
+                // which lives as long as `mantle dev`) goes, however `mantle dev` dies.
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }

@@ -57,7 +57,11 @@ pub struct TokenScore {
 
 /// The log of the softmax's normaliser: `logits[i] - log_z` is token `i`'s log-probability.
 fn log_normaliser(logits: &[f32]) -> f32 {
-    let (_, max) = argmax(logits);
+    log_normaliser_with(logits, argmax(logits).1)
+}
+
+/// [`log_normaliser`], given the largest logit.
+fn log_normaliser_with(logits: &[f32], max: f32) -> f32 {
     max + crate::vmath::sum_exp(logits, max).ln()
 }
 
@@ -65,9 +69,12 @@ fn log_normaliser(logits: &[f32]) -> f32 {
 /// most likely first; ties go to the lower token id.
 fn top_k(logits: &[f32], log_z: f32, k: usize) -> Vec<(u32, f32)> {
     let k = k.min(MAX_TOP_LOGPROBS).min(logits.len());
+    if k == 0 {
+        return Vec::new();
+    }
     let mut top: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
     for (i, &v) in logits.iter().enumerate() {
-        if k == 0 || (top.len() == k && v <= top[k - 1].1) || v.is_nan() {
+        if (top.len() == k && v <= top[k - 1].1) || v.is_nan() {
             continue;
         }
         let at = top.partition_point(|&(_, w)| w >= v);
@@ -101,7 +108,7 @@ impl Sampler {
     pub fn sample(&mut self, logits: &[f32]) -> Sampled {
         let raw = logits;
         let (raw_argmax, raw_max) = argmax(raw);
-        let log_z = raw_max + crate::vmath::sum_exp(raw, raw_max).ln();
+        let log_z = log_normaliser_with(raw, raw_max);
         let top = top_k(raw, log_z, self.params.top_logprobs);
         let chosen = |i: usize| Sampled { token: i as u32, logprob: raw[i] - log_z, top };
         let masked;

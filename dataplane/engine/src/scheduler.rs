@@ -358,7 +358,7 @@ impl Scheduler {
                 constrained.push((i, c));
             }
         }
-        let scores = |s: &Sequence| s.req.prompt_logprobs && s.computed < s.req.prompt.len();
+        let scores = |s: &Sequence| s.req.prompt_logprobs && s.scored < s.req.prompt.len();
         let steps: Vec<Step<'_>> = plan
             .iter()
             .map(|&(i, n)| {
@@ -458,7 +458,7 @@ impl Scheduler {
         for (k, &(i, n)) in plan.iter().enumerate() {
             let seq = &running[i];
             let (prompt, c) = (&seq.req.prompt, seq.computed);
-            if !(seq.req.prompt_logprobs && c < prompt.len()) {
+            if !(seq.req.prompt_logprobs && seq.scored < prompt.len()) {
                 continue;
             }
             // Positions scored now: those after the ones this step runs, not emitted before
@@ -639,7 +639,11 @@ impl Scheduler {
     /// Takes the sequence's longest cached prefix: the tokens it need not compute. A sequence
     /// that scores its prompt computes it all, as each position's logits are what it reports.
     fn reuse_prefix(&mut self, seq: &mut Sequence) -> usize {
-        if seq.req.prompt_logprobs { 0 } else { seq.table.match_prefix(&mut self.cache, &seq.tokens) }
+        if seq.req.prompt_logprobs && seq.scored < seq.req.prompt.len() {
+            0
+        } else {
+            seq.table.match_prefix(&mut self.cache, &seq.tokens)
+        }
     }
 
     /// Chooses (running index, tokens) for this step and reserves their blocks, preempting when

@@ -44,13 +44,16 @@ pub struct Completion {
 }
 
 impl Completion {
-    /// The runner request for one prompt.
+    /// The runner request for one prompt. The prompt is scored only when the reply shows the
+    /// scores, or needs the tokens' text (an echoed prompt of token ids): scoring computes the
+    /// logits of every prompt position and bypasses the prefix cache.
     pub fn request_for(&self, prompt: &Prompt) -> TextRequest {
         let mut request = self.request.clone();
         match prompt {
             Prompt::Text(text) => request.prompt = Some(text.clone()),
             Prompt::Tokens(ids) => request.prompt_token_ids = ids.clone(),
         }
+        request.prompt_logprobs = self.echo && (self.logprobs.is_some() || matches!(prompt, Prompt::Tokens(_)));
         request
     }
 }
@@ -207,8 +210,8 @@ pub fn completion_request(body: &Value) -> Result<Completion, ApiError> {
             stop_sequences,
             logprobs: logprobs.is_some(),
             top_logprobs: logprobs.unwrap_or(0),
-            // An echoed prompt of token ids needs the tokens' text, which the scores carry.
-            prompt_logprobs: echo,
+            // Set per prompt by `request_for`.
+            prompt_logprobs: false,
             ..TextRequest::default()
         },
     })
@@ -419,10 +422,16 @@ mod tests {
     #[test]
     fn options_are_served_or_refused_by_name() {
         let c = with(json!({"echo": true, "logprobs": 1, "max_tokens": 0, "temperature": 0})).unwrap();
-        assert!(c.score_only && c.echo && c.request.prompt_logprobs);
+        assert!(c.score_only && c.echo && c.request_for(&c.prompts[0]).prompt_logprobs);
+        let echo_only = with(json!({"echo": true})).unwrap();
+        assert!(!echo_only.request_for(&echo_only.prompts[0]).prompt_logprobs, "a text prompt echoes as sent");
+        assert!(echo_only.request_for(&Prompt::Tokens(vec![1])).prompt_logprobs, "token ids need their text");
         assert_eq!((c.logprobs, c.request.top_logprobs, c.request.max_tokens), (Some(1), 1, Some(1)));
         let c = with(json!({})).unwrap();
-        assert_eq!((c.request.max_tokens, c.logprobs, c.request.prompt_logprobs), (Some(16), None, false));
+        assert_eq!(
+            (c.request.max_tokens, c.logprobs, c.request_for(&c.prompts[0]).prompt_logprobs),
+            (Some(16), None, false)
+        );
         for (extra, says) in [
             (json!({"max_tokens": 0}), "only with echo"),
             (json!({"logprobs": 6}), "logprobs must be"),

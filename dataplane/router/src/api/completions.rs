@@ -89,17 +89,27 @@ async fn complete_all(
         return Ok(vec![state.inference.complete(ctx, model, &completion.request_for(prompt)).await?]);
     }
     let mut tasks = tokio::task::JoinSet::new();
+    let mut parts = Vec::new();
     for (i, prompt) in completion.prompts.iter().enumerate() {
         let mut ctx = ctx.clone();
         ctx.request_id = format!("{}-{i}", ctx.request_id);
         ctx.settled = Settled::default();
+        parts.push(ctx.settled.clone());
         let (inference, model, request) = (state.inference.clone(), model.clone(), completion.request_for(prompt));
         tasks.spawn(async move { (i, inference.complete(&ctx, &model, &request).await) }.in_current_span());
     }
     let mut done: Vec<Option<Completed>> = (0..completion.prompts.len()).map(|_| None).collect();
     while let Some(joined) = tasks.join_next().await {
-        let (i, result) = joined.map_err(|e| ApiError::Internal(format!("a prompt's task failed: {e}")))?;
-        done[i] = Some(result?);
+        let outcome = joined.map_err(|e| ApiError::Internal(format!("a prompt's task failed: {e}")));
+        match outcome.and_then(|(i, result)| result.map(|d| (i, d))) {
+            Ok((i, d)) => done[i] = Some(d),
+            Err(e) => {
+                // The request fails as a whole: the other prompts, cancelled as the tasks drop,
+                // are recorded but not billed.
+                parts.iter().for_each(Settled::waive);
+                return Err(e);
+            }
+        }
     }
     Ok(done.into_iter().flatten().collect())
 }

@@ -13,18 +13,35 @@ use crate::catalog::ModelEntry;
 use crate::metering::{Meter, MeteringRecord};
 use crate::metrics::Metrics;
 
-/// Whether a request has been settled; shared by every clone of its [`Ctx`].
+/// Whether a request has been settled, and whether it is to be billed; shared by every clone of
+/// its [`Ctx`].
 #[derive(Clone, Debug, Default)]
-pub struct Settled(Arc<AtomicBool>);
+pub struct Settled(Arc<SettledState>);
+
+#[derive(Debug, Default)]
+struct SettledState {
+    done: AtomicBool,
+    waived: AtomicBool,
+}
 
 impl Settled {
     /// Marks the request settled; true only the first time.
     fn first(&self) -> bool {
-        !self.0.swap(true, Ordering::AcqRel)
+        !self.0.done.swap(true, Ordering::AcqRel)
     }
 
     pub fn is_settled(&self) -> bool {
-        self.0.load(Ordering::Acquire)
+        self.0.done.load(Ordering::Acquire)
+    }
+
+    /// Bills nothing for the request, whatever ends it (a part of a request that failed as a
+    /// whole: the client gets an error, not this part's tokens).
+    pub fn waive(&self) {
+        self.0.waived.store(true, Ordering::Release);
+    }
+
+    fn waived(&self) -> bool {
+        self.0.waived.load(Ordering::Acquire)
     }
 }
 
@@ -83,7 +100,11 @@ impl Ledger {
             prefill_ms: account.prefill.as_secs_f64() * 1000.0,
             decode_ms: account.decode.as_secs_f64() * 1000.0,
             total_ms: elapsed.as_secs_f64() * 1000.0,
-            cost: if account.billable { account.used.cost(usage.input_tokens, usage.output_tokens) } else { 0.0 },
+            cost: if account.billable && !ctx.settled.waived() {
+                account.used.cost(usage.input_tokens, usage.output_tokens)
+            } else {
+                0.0
+            },
             outcome: account.outcome.to_string(),
         });
         true
