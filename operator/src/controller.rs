@@ -2,11 +2,13 @@
 //! [`Context`] and free `reconcile` functions, as in kube-rs's controller-rs.
 //!
 //! Reconciling a FoundationModel (or a ProvisionedThroughput) plans every pool from the watched
-//! resources (reflector stores), renders the pools it owns, applies each object with server-side
-//! apply (field manager `mantle-operator`), deletes the pools it owned that the plan no longer
-//! has — never while the plan reports a problem for it, so a deleted Cell does not take serving
-//! replicas with it — and writes its status (server-side apply on the status subresource) and an
-//! Event when something changed or went wrong. Errors requeue with backoff.
+//! resources (reflector stores, once each has listed), renders the pools it owns, applies each
+//! object with server-side apply (field manager `mantle-operator`), deletes the pools it owned
+//! that the plan no longer has — never while the plan reports a problem for it, so deleting a Cell
+//! that a model names does not take serving replicas with it (a model on every Active Cell
+//! follows the Cells there are) — and writes its status (server-side apply on the status
+//! subresource) and an Event when something changed or went wrong. Errors requeue with
+//! exponential backoff. Cells get their status the same way.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -176,10 +176,22 @@ async fn controllers_for(
         metrics,
         failures: Default::default(),
     });
-    // A Cell's change replans every model in its namespace; a model's change, its reservations.
+    // A runner Deployment's change (its own, or a reservation's for the model: the model's status
+    // counts both) and a Cell's change replan a model; a model's or a Cell's change, its
+    // reservations.
+    let store = ctx.models.clone();
+    let of_model = move |d: Deployment| {
+        let (ns, model) = (d.namespace(), d.labels().get(crate::render::MODEL_LABEL).cloned());
+        store
+            .state()
+            .into_iter()
+            .filter(|m| m.namespace() == ns && Some(m.name_any()) == model)
+            .map(|m| ObjectRef::from_obj(&*m))
+            .collect::<Vec<_>>()
+    };
     let store = ctx.models.clone();
     let models = models
-        .owns(api::<Deployment>(&client, &scope), managed.clone())
+        .watches(api::<Deployment>(&client, &scope), managed.clone(), of_model)
         .watches(api::<Cell>(&client, &scope), watcher::Config::default(), move |cell: Cell| {
             let ns = cell.namespace();
             store
@@ -193,8 +205,14 @@ async fn controllers_for(
         .run(reconcile_model, error_policy, ctx.clone())
         .for_each(|result| async move { log(result.map(|(o, _)| o.name)) });
     let store = ctx.provisioned.clone();
+    let in_namespace = move |cell: Cell| {
+        let ns = cell.namespace();
+        store.state().into_iter().filter(|p| p.namespace() == ns).map(|p| ObjectRef::from_obj(&*p)).collect::<Vec<_>>()
+    };
+    let store = ctx.provisioned.clone();
     let provisioned = provisioned
         .owns(api::<Deployment>(&client, &scope), managed)
+        .watches(api::<Cell>(&client, &scope), watcher::Config::default(), in_namespace)
         .watches(api::<FoundationModel>(&client, &scope), watcher::Config::default(), move |model: FoundationModel| {
             let (ns, id) = (model.namespace(), model.spec.model_id.clone());
             store
