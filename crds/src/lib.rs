@@ -23,7 +23,7 @@ pub use foundation_model::*;
 pub use generate::{GeneratedCrd, all_crds, check_generated, write_generated};
 pub use guardrail::*;
 pub use knowledge_base::*;
-pub use manifest::{Manifest, ManifestError, parse_manifests, read_manifest_dir};
+pub use manifest::{Manifest, ManifestError, manifest_files, parse_manifests, read_manifest_dir};
 pub use provisioned_throughput::*;
 pub use validation::{FieldError, Invalid, Validate};
 

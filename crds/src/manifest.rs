@@ -118,12 +118,7 @@ fn typed<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, String> {
 
 /// Reads every `*.yaml` / `*.yml` file in `dir` (not recursive), in name order.
 pub fn read_manifest_dir(dir: &Path) -> Result<Vec<(PathBuf, Manifest)>, ManifestError> {
-    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|source| io_error(dir, source))?
-        .filter_map(|entry| entry.ok().map(|e| e.path()))
-        .filter(|p| p.is_file() && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
-        .collect();
-    paths.sort();
+    let paths = manifest_files(dir).map_err(|source| io_error(dir, source))?;
     let mut manifests = Vec::new();
     for path in paths {
         let text = std::fs::read_to_string(&path).map_err(|source| io_error(&path, source))?;
@@ -132,6 +127,16 @@ pub fn read_manifest_dir(dir: &Path) -> Result<Vec<(PathBuf, Manifest)>, Manifes
         }
     }
     Ok(manifests)
+}
+
+/// The `*.yaml` and `*.yml` files of a directory, sorted.
+pub fn manifest_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
+        .collect();
+    paths.sort();
+    Ok(paths)
 }
 
 fn io_error(path: &Path, source: std::io::Error) -> ManifestError {

@@ -30,11 +30,7 @@ impl ManifestDir {
     /// Reads the directory again; returns whether anything changed, and each problem met (a file
     /// that does not parse or validate) as `file: reason`.
     pub fn refresh(&mut self) -> std::io::Result<(bool, Vec<String>)> {
-        let mut paths: Vec<PathBuf> = std::fs::read_dir(&self.dir)?
-            .filter_map(|entry| entry.ok().map(|e| e.path()))
-            .filter(|p| p.is_file() && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
-            .collect();
-        paths.sort();
+        let paths = mantle_crds::manifest_files(&self.dir)?;
         let mut changed = false;
         let mut problems = Vec::new();
         let gone: Vec<PathBuf> = self.files.keys().filter(|p| !paths.contains(p)).cloned().collect();

@@ -718,7 +718,11 @@ async fn openai_chat_streams_server_sent_events_and_embeddings_work() {
 
 #[tokio::test]
 async fn openai_completions_continue_prompts_and_score_them_with_echo() {
-    let f = fixture(Options::default()).await;
+    let metering = std::env::temp_dir().join(format!("mantle-completions-metering-{}.jsonl", std::process::id()));
+    let _ = std::fs::remove_file(&metering);
+    let mut config = RouterConfig::local("127.0.0.1:0".parse().unwrap());
+    config.metering = Some(metering.clone());
+    let f = fixture(Options { config, ..Default::default() }).await;
     let complete = |body: Value| post("/v1/completions", body.to_string());
     // Scoring only: the prompt comes back with each token's log-probability, nothing generated.
     let body = json!({"model": TEXT, "prompt": "Hello world, hi", "echo": true, "logprobs": 1, "max_tokens": 0});
@@ -735,6 +739,13 @@ async fn openai_completions_continue_prompts_and_score_them_with_echo() {
     assert_eq!(l["top_logprobs"][1], json!({"o wo": -1.01}));
     assert_eq!(l["text_offset"], json!([0, 4, 8, 12]));
     assert_eq!(reply["usage"]["completion_tokens"], 0);
+    // Metered as answered: the token the runner generated to close the scoring is not billed.
+    let records = support::read_metering(&metering, 1).await;
+    assert_eq!(
+        (records[0]["outputTokens"].as_u64(), records[0]["api"].as_str()),
+        (Some(0), Some("Completions")),
+        "{records:?}"
+    );
     // Token-id prompts, two at once, continued: one choice each, in order.
     let body = json!({"model": TEXT, "prompt": [[5, 6, 7], [8, 9]], "echo": true, "logprobs": 2, "max_tokens": 2});
     let (status, _, reply) = send(&f.app, complete(body)).await;

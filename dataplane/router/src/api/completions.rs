@@ -34,6 +34,9 @@ pub async fn completions(
         let mut ctx = caller.ctx(api, &headers)?;
         take_cache_salt(&mut ctx, completion.cache_salt.as_deref(), &headers)?;
         let model = state.inference.resolve(&caller.tenant.name, &completion.model)?;
+        if completion.score_only {
+            ctx.settled.drop_output();
+        }
         if !state.inference.guards().input.is_empty()
             && completion.prompts.iter().any(|p| matches!(p, Prompt::Tokens(_)))
         {
@@ -94,6 +97,9 @@ async fn complete_all(
         let mut ctx = ctx.clone();
         ctx.request_id = format!("{}-{i}", ctx.request_id);
         ctx.settled = Settled::default();
+        if completion.score_only {
+            ctx.settled.drop_output();
+        }
         parts.push(ctx.settled.clone());
         let (inference, model, request) = (state.inference.clone(), model.clone(), completion.request_for(prompt));
         tasks.spawn(async move { (i, inference.complete(&ctx, &model, &request).await) }.in_current_span());

@@ -22,6 +22,7 @@ pub struct Settled(Arc<SettledState>);
 struct SettledState {
     done: AtomicBool,
     waived: AtomicBool,
+    no_output: AtomicBool,
 }
 
 impl Settled {
@@ -42,6 +43,12 @@ impl Settled {
 
     fn waived(&self) -> bool {
         self.0.waived.load(Ordering::Acquire)
+    }
+
+    /// The generated tokens are not part of the answer (a prompt scored only, which the runner
+    /// still continues by one token): neither recorded nor billed.
+    pub fn drop_output(&self) {
+        self.0.no_output.store(true, Ordering::Release);
     }
 }
 
@@ -85,7 +92,10 @@ impl Ledger {
         let elapsed = ctx.received.elapsed();
         self.metrics.requests.with_label_values(&[ctx.api, account.requested, result_of(account.outcome)]).inc();
         self.metrics.request_duration.with_label_values(&[ctx.api, account.requested]).observe(elapsed.as_secs_f64());
-        let usage = account.usage;
+        let mut usage = account.usage;
+        if ctx.settled.0.no_output.load(Ordering::Acquire) {
+            usage.output_tokens = 0;
+        }
         self.meter.record(MeteringRecord {
             request_id: ctx.request_id.clone(),
             timestamp: unix_seconds(),
