@@ -53,17 +53,18 @@ impl Drop for Dev {
     }
 }
 
-#[test]
-fn boto3_and_openai_clients_work_against_mantle_dev() {
+/// Starts `mantle dev` with `extra` arguments on a free port, and waits until it is ready.
+fn start_dev(extra: &[&std::ffi::OsStr], stdout: Stdio) -> (Dev, SocketAddr) {
     let python = cache().join("venv/bin/python");
     assert!(python.exists(), "{} is missing: run scripts/python-env.sh (scripts/test.sh does)", python.display());
     let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut dev = Dev(Command::new(env!("CARGO_BIN_EXE_mantle"))
         .args(["dev", "--listen", &addr.to_string(), "--admin-listen", "127.0.0.1:0"])
+        .args(extra)
         .current_dir(repo_root())
         .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
+        .stdout(stdout)
         .spawn()
         .expect("mantle dev starts"));
     let started = Instant::now();
@@ -72,6 +73,13 @@ fn boto3_and_openai_clients_work_against_mantle_dev() {
         assert!(started.elapsed() < Duration::from_secs(600), "not ready after 10 minutes");
         std::thread::sleep(Duration::from_millis(250));
     }
+    (dev, addr)
+}
+
+#[test]
+fn boto3_and_openai_clients_work_against_mantle_dev() {
+    let python = cache().join("venv/bin/python");
+    let (mut dev, addr) = start_dev(&[], Stdio::piped());
     let runners = children(dev.0.id());
     // The operator's plan for examples/: SmolLM2 in two Cells, its reservation's two replicas
     // (one per Cell), and MiniLM in one Cell.
@@ -120,7 +128,6 @@ fn gone(pid: u32) -> bool {
 #[test]
 fn mantle_dev_follows_its_manifests_restarts_dead_runners_and_takes_them_along_when_killed() {
     let python = cache().join("venv/bin/python");
-    assert!(python.exists(), "{} is missing: run scripts/python-env.sh (scripts/test.sh does)", python.display());
     // One model, in no Cell: one runner.
     let dir = std::env::temp_dir().join(format!("mantle-dev-live-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -128,22 +135,7 @@ fn mantle_dev_follows_its_manifests_restarts_dead_runners_and_takes_them_along_w
     let model: String =
         model.lines().filter(|l| !l.trim_start().starts_with("cells:")).map(|l| format!("{l}\n")).collect();
     std::fs::write(dir.join("smollm2.yaml"), model).unwrap();
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut dev = Dev(Command::new(env!("CARGO_BIN_EXE_mantle"))
-        .args(["dev", "--listen", &addr.to_string(), "--admin-listen", "127.0.0.1:0", "--manifests"])
-        .arg(&dir)
-        .current_dir(repo_root())
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("mantle dev starts"));
-    let started = Instant::now();
-    while status(addr, "/readyz") != Some(200) {
-        assert!(dev.0.try_wait().unwrap().is_none(), "mantle dev exited before it was ready");
-        assert!(started.elapsed() < Duration::from_secs(600), "not ready after 10 minutes");
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    let (mut dev, addr) = start_dev(&["--manifests".as_ref(), dir.as_os_str()], Stdio::null());
     let out = Command::new(&python)
         .arg(repo_root().join("tests/e2e/dev_live.py"))
         .arg(format!("http://{addr}"))

@@ -241,15 +241,29 @@ where
         .map_err(|source| Error::Status { name: name.into(), source })
 }
 
-/// Reconciles one FoundationModel: its shared pools and its status.
-pub async fn reconcile_model(model: Arc<FoundationModel>, ctx: Arc<Context>) -> Result<Action, Error> {
+/// Runs one reconcile of `object`, counted in the metrics (by its kind), and forgets its past
+/// failures when it succeeds.
+async fn counted<K>(
+    object: &K,
+    ctx: &Context,
+    work: impl Future<Output = Result<Action, Error>>,
+) -> Result<Action, Error>
+where
+    K: Resource,
+    K::DynamicType: Default,
+{
     let started = Instant::now();
-    let result = reconcile_model_inner(&model, &ctx).await;
-    ctx.metrics.observe("FoundationModel", started.elapsed(), result.is_err());
+    let result = work.await;
+    ctx.metrics.observe(&K::kind(&Default::default()), started.elapsed(), result.is_err());
     if result.is_ok() {
-        ctx.succeeded(&*model);
+        ctx.succeeded(object);
     }
     result
+}
+
+/// Reconciles one FoundationModel: its shared pools and its status.
+pub async fn reconcile_model(model: Arc<FoundationModel>, ctx: Arc<Context>) -> Result<Action, Error> {
+    counted(&*model, &ctx, reconcile_model_inner(&model, &ctx)).await
 }
 
 async fn reconcile_model_inner(model: &FoundationModel, ctx: &Context) -> Result<Action, Error> {
@@ -292,13 +306,7 @@ async fn reconcile_model_inner(model: &FoundationModel, ctx: &Context) -> Result
 
 /// Reconciles one ProvisionedThroughput: its dedicated pools and its status.
 pub async fn reconcile_provisioned(pt: Arc<ProvisionedThroughput>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let started = Instant::now();
-    let result = reconcile_provisioned_inner(&pt, &ctx).await;
-    ctx.metrics.observe("ProvisionedThroughput", started.elapsed(), result.is_err());
-    if result.is_ok() {
-        ctx.succeeded(&*pt);
-    }
-    result
+    counted(&*pt, &ctx, reconcile_provisioned_inner(&pt, &ctx)).await
 }
 
 async fn reconcile_provisioned_inner(pt: &ProvisionedThroughput, ctx: &Context) -> Result<Action, Error> {
@@ -356,13 +364,7 @@ fn node_facts(node: &Node) -> NodeFacts {
 /// Reconciles one Cell: its status (nodes, GPUs, models, health), and an Event when its health
 /// changes.
 pub async fn reconcile_cell(cell: Arc<Cell>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let started = Instant::now();
-    let result = reconcile_cell_inner(&cell, &ctx).await;
-    ctx.metrics.observe("Cell", started.elapsed(), result.is_err());
-    if result.is_ok() {
-        ctx.succeeded(&*cell);
-    }
-    result
+    counted(&*cell, &ctx, reconcile_cell_inner(&cell, &ctx)).await
 }
 
 async fn reconcile_cell_inner(cell: &Cell, ctx: &Context) -> Result<Action, Error> {

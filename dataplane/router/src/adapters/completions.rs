@@ -7,8 +7,8 @@
 
 use serde_json::{Map, Value, json};
 
-use super::openai::{check_fields, finish_reason, unix_now};
-use super::{StopReason, TextOutput, TextRequest, TokenLogprob, Usage, check_sampling};
+use super::openai::{check_fields, finish_reason, flag, sampling, small_int, unix_now};
+use super::{StopReason, TextOutput, TextRequest, TokenLogprob, Usage};
 use crate::error::ApiError;
 
 /// Prompts one request may carry (each is a generation of its own).
@@ -144,18 +144,8 @@ pub fn completion_request(body: &Value) -> Result<Completion, ApiError> {
     if !(body["suffix"].is_null() || body["suffix"] == "") {
         return Err(ApiError::validation("suffix is not supported by this server: it completes prompts left to right"));
     }
-    let echo = match &body["echo"] {
-        Value::Null => false,
-        Value::Bool(b) => *b,
-        _ => return Err(ApiError::validation("echo must be a boolean")),
-    };
-    let logprobs = match &body["logprobs"] {
-        Value::Null => None,
-        v => match v.as_u64() {
-            Some(n) if n <= MAX_LOGPROBS as u64 => Some(n as u32),
-            _ => return Err(ApiError::validation(format!("logprobs must be an integer from 0 to {MAX_LOGPROBS}"))),
-        },
-    };
+    let echo = flag(body, "echo")?;
+    let logprobs = small_int(body, "logprobs", MAX_LOGPROBS)?;
     let max_tokens = match &body["max_tokens"] {
         Value::Null => DEFAULT_MAX_TOKENS,
         v => v
@@ -166,15 +156,7 @@ pub fn completion_request(body: &Value) -> Result<Completion, ApiError> {
     if max_tokens == 0 && !echo {
         return Err(ApiError::validation("max_tokens 0 generates nothing; it is served only with echo"));
     }
-    let number = |key: &str, default: f32| -> Result<f32, ApiError> {
-        match &body[key] {
-            Value::Null => Ok(default),
-            v => v.as_f64().map(|f| f as f32).ok_or_else(|| ApiError::validation(format!("{key} must be a number"))),
-        }
-    };
-    let temperature = number("temperature", 1.0)?;
-    let top_p = number("top_p", 1.0)?;
-    check_sampling(temperature, top_p, 2.0)?;
+    let (temperature, top_p) = sampling(body)?;
     let stop_sequences = match &body["stop"] {
         Value::Null => Vec::new(),
         Value::String(s) => vec![s.clone()],

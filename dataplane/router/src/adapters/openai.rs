@@ -138,6 +138,39 @@ pub(super) fn check_fields(body: &Value, served: &[&str], at_default_only: &[&st
     Ok(())
 }
 
+/// A boolean field (absent or null: false).
+pub(super) fn flag(body: &Value, key: &str) -> Result<bool, ApiError> {
+    match &body[key] {
+        Value::Null => Ok(false),
+        Value::Bool(b) => Ok(*b),
+        _ => Err(ApiError::validation(format!("{key} must be a boolean"))),
+    }
+}
+
+/// An integer field from 0 to `max` (absent or null: none).
+pub(super) fn small_int(body: &Value, key: &str, max: u32) -> Result<Option<u32>, ApiError> {
+    match &body[key] {
+        Value::Null => Ok(None),
+        v => match v.as_u64() {
+            Some(n) if n <= max as u64 => Ok(Some(n as u32)),
+            _ => Err(ApiError::validation(format!("{key} must be an integer from 0 to {max}"))),
+        },
+    }
+}
+
+/// `temperature` and `top_p` (OpenAI's defaults: 1 and 1), checked.
+pub(super) fn sampling(body: &Value) -> Result<(f32, f32), ApiError> {
+    let number = |key: &str| -> Result<f32, ApiError> {
+        match &body[key] {
+            Value::Null => Ok(1.0),
+            v => v.as_f64().map(|f| f as f32).ok_or_else(|| ApiError::validation(format!("{key} must be a number"))),
+        }
+    };
+    let (temperature, top_p) = (number("temperature")?, number("top_p")?);
+    check_sampling(temperature, top_p, 2.0)?;
+    Ok((temperature, top_p))
+}
+
 pub fn chat_request(body: &Value) -> Result<ChatCompletion, ApiError> {
     check_fields(body, CHAT_FIELDS, CHAT_FIELDS_AT_DEFAULT)?;
     let model = body["model"]
@@ -176,22 +209,8 @@ pub fn chat_request(body: &Value) -> Result<ChatCompletion, ApiError> {
     if !(body["n"].is_null() || body["n"].as_u64() == Some(1)) {
         return Err(ApiError::validation("n must be 1: this server makes one choice per request"));
     }
-    let logprobs = match &body["logprobs"] {
-        Value::Null => false,
-        Value::Bool(b) => *b,
-        _ => return Err(ApiError::validation("logprobs must be a boolean")),
-    };
-    let top_logprobs = match &body["top_logprobs"] {
-        Value::Null => 0,
-        v => match v.as_u64() {
-            Some(n) if n <= MAX_TOP_LOGPROBS as u64 => n as u32,
-            _ => {
-                return Err(ApiError::validation(format!(
-                    "top_logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS}"
-                )));
-            }
-        },
-    };
+    let logprobs = flag(body, "logprobs")?;
+    let top_logprobs = small_int(body, "top_logprobs", MAX_TOP_LOGPROBS)?.unwrap_or(0);
     if top_logprobs > 0 && !logprobs {
         return Err(ApiError::validation("top_logprobs needs logprobs set to true"));
     }
@@ -202,17 +221,7 @@ pub fn chat_request(body: &Value) -> Result<ChatCompletion, ApiError> {
             _ => return Err(ApiError::validation("max_tokens must be an integer of at least 1")),
         },
     };
-    let number = |key: &str, default: f32| -> Result<f32, ApiError> {
-        match body.get(key) {
-            None | Some(Value::Null) => Ok(default),
-            Some(v) => {
-                v.as_f64().map(|f| f as f32).ok_or_else(|| ApiError::validation(format!("{key} must be a number")))
-            }
-        }
-    };
-    let temperature = number("temperature", 1.0)?;
-    let top_p = number("top_p", 1.0)?;
-    check_sampling(temperature, top_p, 2.0)?;
+    let (temperature, top_p) = sampling(body)?;
     let stop_sequences = match &body["stop"] {
         Value::Null => Vec::new(),
         Value::String(s) => vec![s.clone()],
