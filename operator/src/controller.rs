@@ -64,6 +64,11 @@ pub struct Context {
     pub metrics: crate::metrics::Metrics,
     /// Failed reconciles in a row, by object, for the retry backoff.
     pub failures: std::sync::Mutex<std::collections::HashMap<String, u32>>,
+    /// Requests waiting in the routers for each model's shared pools (model id → requests), when
+    /// the operator reads them; without it, shared pools run their minimum.
+    pub demand: std::sync::Mutex<Option<std::collections::BTreeMap<String, f64>>>,
+    /// Sizes the shared pools from the demand (the same autoscaler `mantle dev` runs).
+    pub autoscaler: std::sync::Mutex<crate::autoscale::Autoscaler>,
 }
 
 impl Context {
@@ -121,11 +126,46 @@ impl Context {
             cells: self.cells.state().iter().filter(|c| here(c.namespace())).map(|c| (**c).clone()).collect(),
         };
         let mut observed = Observed::default();
-        for d in self.deployments.state().iter().filter(|d| here(d.namespace())) {
+        let deployments: Vec<Arc<Deployment>> =
+            self.deployments.state().into_iter().filter(|d| here(d.namespace())).collect();
+        for d in &deployments {
             let ready = d.status.as_ref().and_then(|s| s.ready_replicas).unwrap_or(0);
             observed.pools.insert(d.name_any(), PoolObservation { ready, autoscaled: None });
         }
+        self.autoscale(&desired, &deployments, &mut observed);
         (desired, observed)
+    }
+
+    /// The autoscaler's decision for each shared pool, from the routers' demand for its model
+    /// (shared over the model's shared pools by their replicas).
+    fn autoscale(&self, desired: &Desired, deployments: &[Arc<Deployment>], observed: &mut Observed) {
+        let Some(demand) = self.demand.lock().unwrap_or_else(|e| e.into_inner()).clone() else { return };
+        let shared: Vec<(&FoundationModel, &Deployment, i32)> = deployments
+            .iter()
+            .filter(|d| !d.labels().contains_key(crate::render::POOL_LABEL))
+            .filter_map(|d| {
+                let model = d.labels().get(crate::render::MODEL_LABEL)?;
+                let model = desired.models.iter().find(|m| m.name_any() == *model)?;
+                Some((model, &**d, d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0)))
+            })
+            .collect();
+        let now = Instant::now();
+        let mut autoscaler = self.autoscaler.lock().unwrap_or_else(|e| e.into_inner());
+        for (model, deployment, replicas) in &shared {
+            let total: i32 =
+                shared.iter().filter(|(m, _, _)| m.name_any() == model.name_any()).map(|(_, _, r)| (*r).max(1)).sum();
+            let waiting = demand.get(&model.spec.model_id).copied().unwrap_or(0.0);
+            let bounds = &model.spec.replicas;
+            let signal = crate::autoscale::Signal {
+                queued: waiting * (*replicas).max(1) as f64 / total.max(1) as f64,
+                replicas: *replicas,
+                min: bounds.min,
+                max: bounds.max,
+                target_queue_depth: bounds.target_queue_depth,
+            };
+            let decided = autoscaler.decide(&deployment.name_any(), &signal, now);
+            observed.pools.entry(deployment.name_any()).or_default().autoscaled = Some(decided);
+        }
     }
 
     async fn event<K: Resource<DynamicType = ()>>(&self, object: &K, type_: EventType, reason: &str, note: String) {

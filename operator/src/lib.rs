@@ -11,6 +11,7 @@
 pub mod autoscale;
 pub mod cli;
 pub mod controller;
+pub mod demand;
 pub mod leader;
 pub mod metrics;
 pub mod plan;

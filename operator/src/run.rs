@@ -49,6 +49,10 @@ pub struct RunArgs {
     /// Namespaces to watch (repeat the flag); none watches the whole cluster.
     #[arg(long = "watch-namespace")]
     pub watch_namespaces: Vec<String>,
+    /// The router Service (`NAMESPACE/NAME`) whose pods' queues size the shared pools (their
+    /// port named `metrics`); without it, shared pools run `replicas.min`.
+    #[arg(long)]
+    pub router_service: Option<String>,
     #[command(flatten)]
     pub render: crate::cli::PodArgs,
 }
@@ -91,6 +95,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         args.watch_namespaces.iter().cloned().map(Some).collect()
     };
     let mut controllers = tokio::task::JoinSet::new();
+    let router = args.router_service.as_deref().and_then(|s| s.split_once('/'));
+    let router = router.map(|(ns, name)| (ns.to_string(), name.to_string()));
     for scope in scopes {
         controllers.spawn(controllers_for(
             client.clone(),
@@ -98,6 +104,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             options.clone(),
             metrics.clone(),
             args.identity.clone(),
+            router.clone(),
         ));
     }
     // A leader that cannot renew its Lease for the Lease's duration may already have a successor:
@@ -138,12 +145,16 @@ where
 }
 
 /// The controllers of one scope (a namespace, or the whole cluster), until SIGTERM.
+/// How often the routers' queues are read for the autoscaler.
+const DEMAND_EVERY: Duration = Duration::from_secs(15);
+
 async fn controllers_for(
     client: Client,
     scope: Option<String>,
     options: RenderOptions,
     metrics: Metrics,
     identity: String,
+    router: Option<(String, String)>,
 ) {
     let managed = watcher::Config::default().labels(MANAGED);
     let (deployments, deployments_writer) = reflector::store::<Deployment>();
@@ -175,7 +186,28 @@ async fn controllers_for(
         ),
         metrics,
         failures: Default::default(),
+        demand: Default::default(),
+        autoscaler: Default::default(),
     });
+    // Every interval, the routers' queues; while any model has demand, or when it changed, the
+    // models are replanned (the autoscaler's stabilisation window needs a look even while it
+    // holds).
+    let (replan, replans) = tokio::sync::mpsc::unbounded_channel::<()>();
+    if let Some((namespace, name)) = router {
+        let (ctx, client) = (ctx.clone(), client.clone());
+        tokio::spawn(async move {
+            loop {
+                if let Some(demand) = crate::demand::router_demand(&client, &namespace, &name).await {
+                    let busy = demand.values().any(|q| *q > 0.0);
+                    let before = ctx.demand.lock().unwrap_or_else(|e| e.into_inner()).replace(demand.clone());
+                    if busy || before.as_ref() != Some(&demand) {
+                        let _ = replan.send(());
+                    }
+                }
+                tokio::time::sleep(DEMAND_EVERY).await;
+            }
+        });
+    }
     // A runner Deployment's change (its own, or a reservation's for the model: the model's status
     // counts both) and a Cell's change replan a model; a model's or a Cell's change, its
     // reservations.
@@ -191,6 +223,7 @@ async fn controllers_for(
     };
     let store = ctx.models.clone();
     let models = models
+        .reconcile_all_on(tokio_stream::wrappers::UnboundedReceiverStream::new(replans))
         .watches(api::<Deployment>(&client, &scope), managed.clone(), of_model)
         .watches(api::<Cell>(&client, &scope), watcher::Config::default(), move |cell: Cell| {
             let ns = cell.namespace();

@@ -152,6 +152,8 @@ fn fixture(
         recorder,
         metrics: Metrics::new(),
         failures: Default::default(),
+        demand: Default::default(),
+        autoscaler: Default::default(),
     };
     Fixture { calls, ctx: Arc::new(ctx) }
 }
@@ -362,4 +364,41 @@ async fn a_cell_reports_its_health_and_says_when_it_changes() {
     assert_eq!((status["health"].as_str(), status["readyNodes"].as_i64()), (Some("Unhealthy"), Some(0)));
     assert_eq!(status["modelsPlaced"], json!(["models/all-minilm-l6-v2", "models/smollm2-135m-instruct"]));
     assert_eq!((calls[1].body["reason"].as_str(), calls[1].body["type"].as_str()), (Some("Health"), Some("Warning")));
+}
+
+#[tokio::test]
+async fn the_routers_queue_sizes_a_shared_pool_within_its_bounds() {
+    let (models, provisioned, cells) = resources();
+    let model = smollm2(&models);
+    // The shared pools run one replica each now.
+    let running = |name: &str| {
+        let mut d = owned_deployment(name, "FoundationModel", "smollm2-135m-instruct");
+        d.metadata.labels = Some(
+            [
+                ("mantle.dev/foundation-model".to_string(), "smollm2-135m-instruct".to_string()),
+                ("app.kubernetes.io/managed-by".to_string(), "mantle-operator".to_string()),
+            ]
+            .into(),
+        );
+        d.spec.as_mut().unwrap().replicas = Some(1);
+        d
+    };
+    let deployments = vec![running("smollm2-135m-instruct-cell-a"), running("smollm2-135m-instruct-cell-b")];
+    let f = fixture(models, provisioned, cells, deployments, None);
+    // 96 requests wait in the routers for the model (target 16 per replica): 48 per Cell's pool,
+    // 3 replicas each.
+    *f.ctx.demand.lock().unwrap() = Some([("huggingfacetb.smollm2-135m-instruct-v1:0".to_string(), 96.0)].into());
+    reconcile_model(model, f.ctx.clone()).await.unwrap();
+    let replicas: Vec<(String, i64)> = f
+        .calls()
+        .iter()
+        .filter(|c| c.uri.contains("/deployments/"))
+        .map(|c| {
+            (c.body["metadata"]["name"].as_str().unwrap().to_string(), c.body["spec"]["replicas"].as_i64().unwrap())
+        })
+        .collect();
+    assert_eq!(
+        replicas,
+        [("smollm2-135m-instruct-cell-a".to_string(), 3), ("smollm2-135m-instruct-cell-b".to_string(), 3)]
+    );
 }
