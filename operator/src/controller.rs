@@ -103,6 +103,14 @@ impl Context {
         listed(&self.nodes).await
     }
 
+    /// The plan of one namespace, once every watch has listed, with what it was made from.
+    async fn plan(&self, namespace: &str) -> Result<(Desired, Observed, Plan), Error> {
+        self.ready().await?;
+        let (desired, observed) = self.snapshot(namespace);
+        let plan = plan(&desired, &observed);
+        Ok((desired, observed, plan))
+    }
+
     /// One namespace's resources and pools as the stores have them now (planning never crosses
     /// a namespace, and pool names repeat across namespaces). Models whose spec breaks an
     /// invariant are left out: they get no pools, dedicated or shared.
@@ -316,9 +324,7 @@ async fn reconcile_model_inner(model: &FoundationModel, ctx: &Context) -> Result
         ctx.event(model, EventType::Warning, "InvalidSpec", invalid.to_string()).await;
         return Ok(Action::await_change());
     }
-    ctx.ready().await?;
-    let (desired, observed) = ctx.snapshot(&namespace);
-    let plan: Plan = plan(&desired, &observed);
+    let (desired, observed, plan) = ctx.plan(&namespace).await?;
     let mine = plan.pools_of(Some(&namespace), &name).filter(|p| p.dedicated.is_none());
     let rendered = render_pools(&desired, mine, &ctx.options);
     let problem = plan
@@ -352,9 +358,7 @@ pub async fn reconcile_provisioned(pt: Arc<ProvisionedThroughput>, ctx: Arc<Cont
 async fn reconcile_provisioned_inner(pt: &ProvisionedThroughput, ctx: &Context) -> Result<Action, Error> {
     let name = pt.name_any();
     let namespace = pt.namespace().ok_or_else(|| Error::NoNamespace(name.clone()))?;
-    ctx.ready().await?;
-    let (desired, observed) = ctx.snapshot(&namespace);
-    let plan = plan(&desired, &observed);
+    let (desired, observed, plan) = ctx.plan(&namespace).await?;
     let model = desired
         .models
         .iter()
@@ -410,9 +414,7 @@ pub async fn reconcile_cell(cell: Arc<Cell>, ctx: Arc<Context>) -> Result<Action
 async fn reconcile_cell_inner(cell: &Cell, ctx: &Context) -> Result<Action, Error> {
     let name = cell.name_any();
     let namespace = cell.namespace().ok_or_else(|| Error::NoNamespace(name.clone()))?;
-    ctx.ready().await?;
-    let (desired, observed) = ctx.snapshot(&namespace);
-    let plan = plan(&desired, &observed);
+    let (desired, observed, plan) = ctx.plan(&namespace).await?;
     let nodes: Vec<NodeFacts> = ctx.nodes.state().iter().map(|n| node_facts(n)).collect();
     let status = cell_status(cell, &nodes, &desired, &plan, &observed, &now());
     let before = cell.status.as_ref().and_then(|s| s.health);

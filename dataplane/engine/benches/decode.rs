@@ -136,17 +136,7 @@ fn constrained(model: &std::sync::Arc<TextModel>, tokens: usize, rounds: usize) 
         for id in 0..n as u64 {
             let constraint = grammar
                 .then(|| model.compile_grammar(&Grammar::JsonSchema(schema.clone())).expect("the schema compiles"));
-            let request = GenerateRequest {
-                id,
-                prompt: prompt.clone(),
-                max_tokens: tokens,
-                sampling: SamplingParams::default(),
-                stop_sequences: Vec::new(),
-                priority: 1,
-                cache_salt: String::new(),
-                constraint,
-                prompt_logprobs: false,
-            };
+            let request = GenerateRequest { constraint, ..GenerateRequest::greedy(id, prompt.clone(), tokens) };
             scheduler.add(request).expect("fits");
         }
         let (mut first, mut generated) = (None, 0usize);
@@ -205,17 +195,7 @@ fn prefix_cache(model: std::sync::Arc<TextModel>) {
             .chat_prompt(&[ChatMessage::new("system", &system), ChatMessage::new("user", question)])
             .expect("prompt");
         let tokens = prompt.len();
-        let request = GenerateRequest {
-            id,
-            prompt,
-            max_tokens,
-            sampling: SamplingParams::default(),
-            stop_sequences: Vec::new(),
-            priority: 1,
-            cache_salt: String::new(),
-            constraint: None,
-            prompt_logprobs: false,
-        };
+        let request = GenerateRequest::greedy(id, prompt, max_tokens);
         scheduler.add(request).expect("fits");
         let start = Instant::now();
         let (mut first, mut generated) = (None, 0);

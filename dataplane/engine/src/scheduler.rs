@@ -59,6 +59,24 @@ pub struct GenerateRequest {
     pub prompt_logprobs: bool,
 }
 
+impl GenerateRequest {
+    /// A greedy request for `prompt` with nothing else set: no stop sequences, normal priority
+    /// (1), no cache salt, grammar or prompt scores.
+    pub fn greedy(id: u64, prompt: Vec<u32>, max_tokens: usize) -> Self {
+        GenerateRequest {
+            id,
+            prompt,
+            max_tokens,
+            sampling: SamplingParams::default(),
+            stop_sequences: Vec::new(),
+            priority: 1,
+            cache_salt: String::new(),
+            constraint: None,
+            prompt_logprobs: false,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
     /// The model ended its turn.

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
-use crate::{ChatMessage, GenerateRequest, SamplingParams, TextModel};
+use crate::{ChatMessage, GenerateRequest, TextModel};
 
 /// Runs scripts/fetch-models.sh and returns the models directory.
 pub fn models_dir() -> PathBuf {
@@ -34,17 +34,11 @@ pub fn smollm2() -> Arc<TextModel> {
 
 /// A greedy request to SmolLM2 with one user turn and nothing else set.
 pub fn ask(id: u64, question: &str, max_tokens: usize) -> GenerateRequest {
-    GenerateRequest {
+    GenerateRequest::greedy(
         id,
-        prompt: smollm2().chat_prompt(&[ChatMessage::new("user", question)]).expect("the prompt renders"),
+        smollm2().chat_prompt(&[ChatMessage::new("user", question)]).expect("the prompt renders"),
         max_tokens,
-        sampling: SamplingParams::default(),
-        stop_sequences: Vec::new(),
-        priority: 1,
-        cache_salt: String::new(),
-        constraint: None,
-        prompt_logprobs: false,
-    }
+    )
 }
 
 /// all-MiniLM-L6-v2 (safetensors + tokenizer.json).

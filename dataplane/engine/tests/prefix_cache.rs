@@ -4,7 +4,7 @@
 //! the same cache salt.
 
 use mantle_engine::test_support as support;
-use mantle_engine::{ChatMessage, Event, GenerateRequest, SamplingParams, Scheduler, SchedulerConfig, Usage};
+use mantle_engine::{ChatMessage, Event, GenerateRequest, Scheduler, SchedulerConfig, Usage};
 
 fn system_prompt() -> String {
     "You are the support assistant of ACME Corp. ".to_string()
@@ -13,19 +13,11 @@ fn system_prompt() -> String {
 
 fn request(id: u64, question: &str) -> GenerateRequest {
     let model = support::smollm2();
-    GenerateRequest {
+    GenerateRequest::greedy(
         id,
-        prompt: model
-            .chat_prompt(&[ChatMessage::new("system", &system_prompt()), ChatMessage::new("user", question)])
-            .unwrap(),
-        max_tokens: 16,
-        sampling: SamplingParams::default(),
-        stop_sequences: Vec::new(),
-        priority: 1,
-        cache_salt: String::new(),
-        constraint: None,
-        prompt_logprobs: false,
-    }
+        model.chat_prompt(&[ChatMessage::new("system", &system_prompt()), ChatMessage::new("user", question)]).unwrap(),
+        16,
+    )
 }
 
 /// Runs one request to the end: its generated tokens and usage.

@@ -13,15 +13,9 @@ const TEXT: &str = "The quick brown fox jumps over the lazy dog. It was a bright
 
 fn scoring(id: u64, prompt: Vec<u32>, top: usize) -> GenerateRequest {
     GenerateRequest {
-        id,
-        prompt,
-        max_tokens: 1,
         sampling: SamplingParams { top_logprobs: top, ..Default::default() },
-        stop_sequences: Vec::new(),
-        priority: 1,
-        cache_salt: String::new(),
-        constraint: None,
         prompt_logprobs: true,
+        ..GenerateRequest::greedy(id, prompt, 1)
     }
 }
 
