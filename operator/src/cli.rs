@@ -23,6 +23,9 @@ pub struct PodArgs {
     /// The `mantle-runner` image the runner pods use.
     #[arg(long, env = "MANTLE_RUNNER_IMAGE")]
     pub runner_image: Option<String>,
+    /// The `mantle-runner` image built with CUDA, for builtin-engine models with GPUs.
+    #[arg(long, env = "MANTLE_RUNNER_CUDA_IMAGE")]
+    pub runner_cuda_image: Option<String>,
     /// The node directory of the weight cache.
     #[arg(long, default_value = "/var/cache/mantle/weights")]
     pub cache_root: String,
@@ -40,6 +43,7 @@ impl PodArgs {
         let defaults = RenderOptions::default();
         RenderOptions {
             runner_image: self.runner_image.clone().unwrap_or(defaults.runner_image),
+            runner_cuda_image: self.runner_cuda_image.clone().unwrap_or(defaults.runner_cuda_image),
             cache_root: self.cache_root.clone(),
             cache_budget_gib: self.cache_budget_gib,
             runner_token_secret: (self.runner_token_secret != "none").then(|| self.runner_token_secret.clone()),

@@ -63,6 +63,8 @@ const TOKEN_DIR: &str = "/var/run/mantle/runner-token";
 pub struct RenderOptions {
     /// The `mantle-runner` image.
     pub runner_image: String,
+    /// The `mantle-runner` image built with CUDA, for models that ask for GPUs.
+    pub runner_cuda_image: String,
     /// The node directory holding the weight cache (a hostPath).
     pub cache_root: String,
     /// The cache's byte budget on each node, in GiB.
@@ -76,6 +78,7 @@ impl Default for RenderOptions {
     fn default() -> Self {
         RenderOptions {
             runner_image: format!("mantle/runner:{}", env!("CARGO_PKG_VERSION")),
+            runner_cuda_image: format!("mantle/runner-cuda:{}", env!("CARGO_PKG_VERSION")),
             cache_root: "/var/cache/mantle/weights".into(),
             cache_budget_gib: 100,
             runner_token_secret: Some("mantle-runner-token".into()),
@@ -328,6 +331,10 @@ fn credentials(model: &FoundationModel) -> Option<Vec<EnvFromSource>> {
 fn pod_spec(model: &FoundationModel, cell: Option<&Cell>, options: &RenderOptions) -> PodSpec {
     let spec = &model.spec;
     let cache = options.cache_root.as_str();
+    // A builtin engine on GPUs runs the runner built with CUDA; an external engine brings its
+    // own GPU code and the runner beside it only forwards.
+    let on_gpu = spec.resources.gpus > 0 && spec.engine.type_ == EngineType::Builtin;
+    let runner_image = if on_gpu { &options.runner_cuda_image } else { &options.runner_image };
     let mut node_selector = cell.map(|c| c.spec.node_selector.clone()).unwrap_or_default();
     if let Some(gpu) = &spec.resources.gpu_type {
         node_selector.insert("nvidia.com/gpu.product".into(), gpu.clone());
@@ -355,7 +362,7 @@ fn pod_spec(model: &FoundationModel, cell: Option<&Cell>, options: &RenderOption
     let budget = format!("--cache-budget-gib={}", options.cache_budget_gib);
     let prepare = Container {
         name: "prepare-cache".into(),
-        image: Some(options.runner_image.clone()),
+        image: Some(runner_image.clone()),
         args: Some(vec![
             "prepare-cache".into(),
             format!("--cache-dir={cache}"),
@@ -378,7 +385,7 @@ fn pod_spec(model: &FoundationModel, cell: Option<&Cell>, options: &RenderOption
     }
     let fetch = Container {
         name: "fetch-weights".into(),
-        image: Some(options.runner_image.clone()),
+        image: Some(runner_image.clone()),
         args: Some(fetch_args),
         env_from: credentials(model),
         security_context: Some(restricted()),
@@ -410,6 +417,7 @@ fn pod_spec(model: &FoundationModel, cell: Option<&Cell>, options: &RenderOption
             http_listen: format!("0.0.0.0:{HTTP_PORT}"),
             threads: 0,
             cache_dir: Some(cache.into()),
+            device: on_gpu.then(|| "cuda".into()),
         },
     );
     let mut runner_security = restricted();
@@ -420,7 +428,7 @@ fn pod_spec(model: &FoundationModel, cell: Option<&Cell>, options: &RenderOption
     }
     let mut runner = Container {
         name: "runner".into(),
-        image: Some(options.runner_image.clone()),
+        image: Some(runner_image.clone()),
         args: Some(args),
         env: (!env.is_empty()).then(|| env.clone()),
         env_from: credentials(model),

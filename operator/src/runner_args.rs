@@ -14,6 +14,8 @@ pub struct RunnerPlacement {
     pub threads: usize,
     /// The node-local weight cache (`--cache-dir`), when the pod has one.
     pub cache_dir: Option<String>,
+    /// Where the model runs (`--device`: `cuda` on a GPU node); `None` is the runner's CPU.
+    pub device: Option<String>,
 }
 
 /// `mantle-runner` arguments (after the binary name) serving `model` at `placement`.
@@ -32,6 +34,9 @@ pub fn runner_args(model: &FoundationModel, placement: &RunnerPlacement) -> Vec<
     }
     if let Some(dir) = &placement.cache_dir {
         args.push(format!("--cache-dir={dir}"));
+    }
+    if let Some(device) = &placement.device {
+        args.push(format!("--device={device}"));
     }
     if spec.weight_cache.pin_in_host_memory && spec.weight_cache.tiers.contains(&CacheTier::HostMemory) {
         args.push("--pin-weights".into());

@@ -19,6 +19,7 @@ fn args(path: &Path) -> RenderArgs {
         paths: vec![path.to_path_buf()],
         pods: PodArgs {
             runner_image: Some("ghcr.io/mantle-dev/mantle-runner:test".into()),
+            runner_cuda_image: Some("ghcr.io/mantle-dev/mantle-runner-cuda:test".into()),
             cache_root: "/var/cache/mantle/weights".into(),
             cache_budget_gib: 100,
             runner_token_secret: "mantle-runner-token".into(),

@@ -25,6 +25,7 @@ fn placement(model: &str) -> RunnerPlacement {
         http_listen: "0.0.0.0:9090".into(),
         threads: 0,
         cache_dir: Some("/var/cache/mantle/weights".into()),
+        device: None,
     }
 }
 

@@ -72,6 +72,8 @@ pub fn wants(
             http_listen: "{http}".into(),
             threads: launch.threads,
             cache_dir: Some(launch.cache_dir.display().to_string()),
+            // Local runners use this machine's CPU, whatever GPUs the model asks of a cluster.
+            device: None,
         };
         let mut args = runner_args(model, &placement);
         // Locking weights in RAM needs a raised memlock limit that a laptop rarely has.

@@ -5,17 +5,17 @@
 //! decode with that ~1,000-token context; and decode with and without a JSON-schema grammar
 //! (constrained decoding), interleaved.
 //!
-//! `cargo bench -p mantle-engine --bench decode -- [--tokens 128] [--streams 1,4,16,64] [--threads N]`
-//! (threads 0: one per core). The model comes from scripts/fetch-models.sh (`$MANTLE_CACHE/models`).
+//! `cargo bench -p mantle-engine --bench decode -- [--tokens 128] [--streams 1,4,16,64] [--threads N]
+//! [--device cpu|cuda|candle-cpu]` (threads 0: one per core; `cuda` needs `--features cuda`). The model comes from scripts/fetch-models.sh (`$MANTLE_CACHE/models`).
 //! `scripts/bench-engine.sh` runs this next to llama.cpp on the same inputs.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
-use mantle_engine::kv_cache::{BlockTable, KvCache};
+use mantle_engine::kv_cache::BlockTable;
 use mantle_engine::{
-    ChatMessage, Event, GenerateRequest, Grammar, Sampler, SamplingParams, Scheduler, SchedulerConfig, Scratch, Step,
-    TextModel,
+    Backend, ChatMessage, Event, GenerateRequest, Grammar, Sampler, SamplingParams, Scheduler, SchedulerConfig,
+    Scratch, Step, TextModel,
 };
 
 fn main() {
@@ -31,18 +31,24 @@ fn main() {
         .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/mantle"))
         .join("models");
     let path = models.join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    let model = TextModel::load(&path, None, threads)
+    let device = flag("--device").unwrap_or_else(|| "cpu".into());
+    let backend = Backend::parse(&device).unwrap_or_else(|e| panic!("--device {device}: {e}"));
+    let model = TextModel::load_on(&path, None, threads, &backend)
         .unwrap_or_else(|e| panic!("{}: {e} (run scripts/fetch-models.sh)", path.display()));
-    println!("kernels: {}, threads: {}", mantle_engine::quant::kernels().name, model.model.threads());
+    println!(
+        "device: {}, kernels: {}, threads: {}",
+        model.model.device_name(),
+        mantle_engine::quant::kernels().name,
+        model.model.threads()
+    );
     let prompt = model
         .chat_prompt(&[ChatMessage::new("user", "Write a short story about a lighthouse keeper.")])
         .expect("prompt");
 
     let mut single = None;
     for &n in &streams {
-        let c = &model.model.config;
         let per_seq = (prompt.len() + tokens).div_ceil(16) + 1;
-        let mut cache = KvCache::new(c.n_layer, c.n_head_kv, c.head_dim, 16, per_seq * n);
+        let mut cache = model.model.new_cache(16, per_seq * n).expect("KV cache");
         let mut tables: Vec<BlockTable> = (0..n).map(|_| BlockTable::default()).collect();
         let mut scratch = Scratch::default();
         let mut samplers: Vec<Sampler> = (0..n).map(|_| Sampler::new(SamplingParams::default())).collect();
@@ -55,7 +61,7 @@ fn main() {
             .iter()
             .map(|t| Step { tokens: &prompt, start: 0, blocks: t.blocks(), logits: true, all_logits: false })
             .collect();
-        let mut logits = model.model.forward(&steps, &mut cache, &mut scratch);
+        let mut logits = model.model.forward(&steps, &mut cache, &mut scratch).expect("forward");
         let ttft = start.elapsed();
         let decode_start = Instant::now();
         let mut next: Vec<u32> = model
@@ -77,7 +83,7 @@ fn main() {
                     all_logits: false,
                 })
                 .collect();
-            logits = model.model.forward(&steps, &mut cache, &mut scratch);
+            logits = model.model.forward(&steps, &mut cache, &mut scratch).expect("forward");
             next = model
                 .model
                 .sample(&logits, &rows, &mut samplers.iter_mut().collect::<Vec<_>>())
@@ -132,7 +138,7 @@ fn constrained(model: &std::sync::Arc<TextModel>, tokens: usize, rounds: usize) 
         .expect("prompt");
     // Aggregate decode tokens/s of `n` streams (from each stream's first token to its end).
     let run = |n: usize, grammar: bool| {
-        let mut scheduler = Scheduler::new(model.clone(), SchedulerConfig::default());
+        let mut scheduler = Scheduler::new(model.clone(), SchedulerConfig::default()).expect("scheduler");
         for id in 0..n as u64 {
             let constraint = grammar
                 .then(|| model.compile_grammar(&Grammar::JsonSchema(schema.clone())).expect("the schema compiles"));
@@ -188,7 +194,7 @@ fn prefix_cache(model: std::sync::Arc<TextModel>) {
     let system = "You are the support assistant of ACME Corp. Follow these policies. ".to_string()
         + &"Refunds are granted within thirty days of purchase when the item is unused and in its original packaging. "
             .repeat(45);
-    let mut scheduler = Scheduler::new(model.clone(), SchedulerConfig::default());
+    let mut scheduler = Scheduler::new(model.clone(), SchedulerConfig::default()).expect("scheduler");
     // (time to first token, decode tokens/s after it, prompt tokens) of one request.
     let mut run = |question: &str, id: u64, max_tokens: usize| {
         let prompt = model
@@ -212,6 +218,7 @@ fn prefix_cache(model: std::sync::Arc<TextModel>) {
                         return ((first - start).as_secs_f64() * 1e3, rate, tokens);
                     }
                     Event::PromptLogprobs { .. } => {}
+                    Event::Failed { error, .. } => panic!("the request failed: {error}"),
                 }
             }
         }

@@ -7,8 +7,10 @@ use std::io::Cursor;
 use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::quantized::GgmlDType;
+use candle_core::Device;
+use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
 
 use crate::EngineError;
 use crate::quant::{QMatrix, WeightType};
@@ -166,6 +168,19 @@ impl GgufFile {
             return Err(EngineError::InvalidModel(format!("tensor {name} is {dtype:?}, expected F32")));
         }
         Ok(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+    }
+
+    pub fn has_tensor(&self, name: &str) -> bool {
+        self.content.tensor_infos.contains_key(name)
+    }
+
+    /// A tensor as candle's quantized tensor on `device` (copied there), for the tensor forward
+    /// pass.
+    pub fn qtensor(&self, name: &str, device: &Device) -> Result<Arc<QTensor>, EngineError> {
+        let (dtype, dims, bytes) = self.raw(name)?;
+        qtensor_from_ggml(dtype, &bytes, dims, device)
+            .map(Arc::new)
+            .map_err(|e| EngineError::InvalidModel(format!("tensor {name}: {e}")))
     }
 
     /// A 2-D quantized weight matrix (`rows` outputs × `cols` inputs).

@@ -22,12 +22,21 @@
 //! so one KV head's keys (or values) in a block are one contiguous run, which attention streams.
 //! Half precision halves what attention reads per decoded token (at 16 streams of ~100 cached
 //! tokens, the cache reads rival the weights), and doubles the tokens a memory budget holds.
+//!
+//! On an accelerator ([`KvCache::on_device`]) the keys and values live in device memory instead,
+//! one `[layer][slot][kv_dim]` f16 tensor each (slot = block × block_size + offset), written and
+//! read by the tensor forward pass; the bookkeeping above is the same, and checksums, swaps and
+//! fault injection copy a block's rows of every layer to or from the host in one transfer each
+//! for keys and values.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, Hash, Hasher, RandomState};
 
+use candle_core::{DType, Device, Tensor};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
+
+use crate::EngineError;
 
 /// Ran out of free blocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -39,8 +48,12 @@ pub struct KvCache {
     kv_heads: usize,
     head_dim: usize,
     kv_dim: usize,
+    n_layer: usize,
+    /// Host storage, per layer (empty when the cache is on a device).
     keys: Vec<Vec<f16>>,
     values: Vec<Vec<f16>>,
+    /// Device storage, when the cache is on a device.
+    tensors: Option<DeviceKv>,
     /// Blocks holding nothing worth keeping.
     free: Vec<u32>,
     refcount: Vec<u32>,
@@ -62,15 +75,39 @@ impl KvCache {
     /// A cache of `num_blocks` blocks of `block_size` slots for `n_layer` layers of `kv_heads`
     /// heads of `head_dim` values.
     pub fn new(n_layer: usize, kv_heads: usize, head_dim: usize, block_size: usize, num_blocks: usize) -> Self {
-        let kv_dim = kv_heads * head_dim;
-        let per_layer = num_blocks * block_size * kv_dim;
+        let per_layer = num_blocks * block_size * kv_heads * head_dim;
+        let mut cache = Self::empty(n_layer, kv_heads, head_dim, block_size, num_blocks);
+        cache.keys = (0..n_layer).map(|_| vec![f16::ZERO; per_layer]).collect();
+        cache.values = (0..n_layer).map(|_| vec![f16::ZERO; per_layer]).collect();
+        cache
+    }
+
+    /// The same cache with its keys and values in `device`'s memory, for the tensor forward pass.
+    pub fn on_device(
+        n_layer: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        block_size: usize,
+        num_blocks: usize,
+        device: &Device,
+    ) -> Result<Self, EngineError> {
+        let mut cache = Self::empty(n_layer, kv_heads, head_dim, block_size, num_blocks);
+        let shape = (n_layer, num_blocks * block_size, kv_heads * head_dim);
+        let zeros = || Tensor::zeros(shape, DType::F16, device).map_err(device_error);
+        cache.tensors = Some(DeviceKv { keys: zeros()?, values: zeros()? });
+        Ok(cache)
+    }
+
+    fn empty(n_layer: usize, kv_heads: usize, head_dim: usize, block_size: usize, num_blocks: usize) -> Self {
         Self {
             block_size,
             kv_heads,
             head_dim,
-            kv_dim,
-            keys: (0..n_layer).map(|_| vec![f16::ZERO; per_layer]).collect(),
-            values: (0..n_layer).map(|_| vec![f16::ZERO; per_layer]).collect(),
+            kv_dim: kv_heads * head_dim,
+            n_layer,
+            keys: Vec::new(),
+            values: Vec::new(),
+            tensors: None,
             // Pop from the end, so hand out low block numbers first.
             free: (0..num_blocks as u32).rev().collect(),
             refcount: vec![0; num_blocks],
@@ -97,6 +134,11 @@ impl KvCache {
 
     pub fn head_dim(&self) -> usize {
         self.head_dim
+    }
+
+    /// The device storage, when the cache lives on a device.
+    pub fn device_kv(&self) -> Option<&DeviceKv> {
+        self.tensors.as_ref()
     }
 
     pub fn num_blocks(&self) -> usize {
@@ -249,36 +291,55 @@ impl KvCache {
     }
 
     fn crc(&self, block: u32) -> u32 {
-        let range = self.block_range(block);
         let mut h = crc32fast::Hasher::new();
-        for layer in self.keys.iter().chain(&self.values) {
-            h.update(bytemuck::cast_slice(&layer[range.clone()]));
+        match &self.tensors {
+            None => {
+                let range = self.block_range(block);
+                for layer in self.keys.iter().chain(&self.values) {
+                    h.update(bytemuck::cast_slice(&layer[range.clone()]));
+                }
+            }
+            // A block that cannot be read back checks as corrupt (it is recomputed).
+            Some(kv) => match kv.read_block(block, self.block_size) {
+                Ok(data) => h.update(bytemuck::cast_slice(&data)),
+                Err(e) => {
+                    tracing::warn!(block, error = %e, "reading a KV block back from the device");
+                    return h.finalize() ^ 1;
+                }
+            },
         }
         h.finalize()
     }
 
     /// Values one block holds over all layers, keys and values.
     pub fn block_values(&self) -> usize {
-        2 * self.keys.len() * self.block_size * self.kv_dim
+        2 * self.n_layer * self.block_size * self.kv_dim
     }
 
     /// A copy of a block's keys and values (all layers), for swapping it out to host memory.
-    pub fn copy_out(&self, block: u32) -> Vec<f16> {
+    pub fn copy_out(&self, block: u32) -> Result<Vec<f16>, EngineError> {
+        if let Some(kv) = &self.tensors {
+            return kv.read_block(block, self.block_size);
+        }
         let range = self.block_range(block);
         let mut out = Vec::with_capacity(self.block_values());
         for layer in self.keys.iter().chain(&self.values) {
             out.extend_from_slice(&layer[range.clone()]);
         }
-        out
+        Ok(out)
     }
 
     /// Restores a block's keys and values from a [`copy_out`](Self::copy_out) copy.
-    pub fn copy_in(&mut self, block: u32, data: &[f16]) {
+    pub fn copy_in(&mut self, block: u32, data: &[f16]) -> Result<(), EngineError> {
+        if let Some(kv) = &self.tensors {
+            return kv.write_block(block, self.block_size, data);
+        }
         let range = self.block_range(block);
         let n = range.len();
         for (layer, chunk) in self.keys.iter_mut().chain(self.values.iter_mut()).zip(data.chunks_exact(n)) {
             layer[range.clone()].copy_from_slice(chunk);
         }
+        Ok(())
     }
 
     /// Counts a corruption found outside the cache (in swapped-out copies).
@@ -288,9 +349,19 @@ impl KvCache {
 
     /// Fault injection for tests and drills: flips one bit of a cached block's stored keys.
     pub fn flip_bit(&mut self, block: u32, layer: usize) {
+        let flip = |v: &mut f16| *v = f16::from_bits(v.to_bits() ^ 0x0200);
+        if let Some(kv) = &self.tensors {
+            // Keys of `layer` come first in the block's copy, its first value first.
+            let at = layer * self.block_size * self.kv_dim;
+            if let Ok(mut data) = kv.read_block(block, self.block_size) {
+                flip(&mut data[at]);
+                // Fault injection only: a failed write leaves the block intact.
+                let _ = kv.write_block(block, self.block_size, &data);
+            }
+            return;
+        }
         let at = self.block_range(block).start;
-        let v = &mut self.keys[layer][at];
-        *v = f16::from_bits(v.to_bits() ^ 0x0200);
+        flip(&mut self.keys[layer][at]);
     }
 
     /// Registered blocks, for fault injection.
@@ -327,6 +398,53 @@ impl KvCache {
         let range = at..at + self.block_size * self.head_dim;
         (&self.keys[layer][range.clone()], &self.values[layer][range])
     }
+}
+
+/// The keys and values of a cache on a device: `[layer][slot][kv_dim]` f16 tensors.
+pub struct DeviceKv {
+    keys: Tensor,
+    values: Tensor,
+}
+
+impl DeviceKv {
+    /// Layer `layer`'s keys and values, `[slot][kv_dim]` views of the cache (writable in place).
+    pub fn layer(&self, layer: usize) -> Result<(Tensor, Tensor), EngineError> {
+        let view = |t: &Tensor| t.get(layer).map_err(device_error);
+        Ok((view(&self.keys)?, view(&self.values)?))
+    }
+
+    /// A block's rows of every layer, keys then values, layer by layer.
+    fn read_block(&self, block: u32, block_size: usize) -> Result<Vec<f16>, EngineError> {
+        let start = block as usize * block_size;
+        let read = |t: &Tensor| t.narrow(1, start, block_size)?.flatten_all()?.to_vec1::<f16>();
+        let mut out = read(&self.keys).map_err(device_error)?;
+        out.extend(read(&self.values).map_err(device_error)?);
+        Ok(out)
+    }
+
+    /// Writes back what [`read_block`](Self::read_block) read.
+    fn write_block(&self, block: u32, block_size: usize, data: &[f16]) -> Result<(), EngineError> {
+        let start = block as usize * block_size;
+        let (layers, _, width) = self.keys.dims3().map_err(device_error)?;
+        if data.len() != 2 * layers * block_size * width {
+            return Err(EngineError::Device(format!(
+                "a copy of {} values for a block of {}",
+                data.len(),
+                2 * layers * block_size * width
+            )));
+        }
+        let (keys, values) = data.split_at(data.len() / 2);
+        for (t, chunk) in [(&self.keys, keys), (&self.values, values)] {
+            let rows = Tensor::from_slice(chunk, (layers, block_size, width), t.device()).map_err(device_error)?;
+            t.slice_set(&rows, 1, start).map_err(device_error)?;
+        }
+        Ok(())
+    }
+}
+
+/// An error of the device (or of candle's tensor code running on it).
+pub(crate) fn device_error(e: candle_core::Error) -> EngineError {
+    EngineError::Device(e.to_string())
 }
 
 /// The blocks one sequence holds, in position order.

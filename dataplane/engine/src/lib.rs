@@ -11,6 +11,7 @@ pub mod model;
 pub mod quant;
 pub mod sampling;
 pub mod scheduler;
+pub mod tensor_model;
 #[cfg(feature = "test-support")]
 pub mod test_support;
 pub mod tokenizer;
@@ -22,7 +23,7 @@ pub use chat::{ChatMessage, ChatTemplate, TemplateFamily};
 pub use constraint::{Constraint, Grammar, Grammars};
 pub use embedding::{EmbeddingModel, Embeddings};
 pub use gguf::GgufFile;
-pub use model::{LlamaConfig, LlamaModel, Logits, Scratch, Step};
+pub use model::{Backend, LlamaConfig, LlamaModel, Logits, Scratch, Step};
 pub use sampling::{Sampled, Sampler, SamplingParams};
 pub use scheduler::{Event, FinishReason, GenerateRequest, Scheduler, SchedulerConfig, SchedulerStats, Usage};
 pub use tokenizer::{IncrementalDecoder, Tokenizer};
@@ -42,6 +43,8 @@ pub enum EngineError {
     Template(String),
     #[error("grammar: {0}")]
     Grammar(String),
+    #[error("device: {0}")]
+    Device(String),
     #[error("the prompt is empty")]
     EmptyPrompt,
     #[error("the prompt has {prompt_tokens} tokens; the model's context is {context_length}")]
@@ -66,11 +69,26 @@ impl TextModel {
     /// for files without a template; it replaces the file's); `threads` sizes the compute pool
     /// (0: one thread per core).
     pub fn load(path: &Path, family: Option<TemplateFamily>, threads: usize) -> Result<Self, EngineError> {
-        Self::from_gguf(&GgufFile::open(path)?, family, threads)
+        Self::from_gguf(&GgufFile::open(path)?, family, threads, &Backend::Cpu)
     }
 
-    pub fn from_gguf(gguf: &GgufFile, family: Option<TemplateFamily>, threads: usize) -> Result<Self, EngineError> {
-        let model = LlamaModel::load(gguf, threads)?;
+    /// [`load`](Self::load), running the model on `backend`.
+    pub fn load_on(
+        path: &Path,
+        family: Option<TemplateFamily>,
+        threads: usize,
+        backend: &Backend,
+    ) -> Result<Self, EngineError> {
+        Self::from_gguf(&GgufFile::open(path)?, family, threads, backend)
+    }
+
+    pub fn from_gguf(
+        gguf: &GgufFile,
+        family: Option<TemplateFamily>,
+        threads: usize,
+        backend: &Backend,
+    ) -> Result<Self, EngineError> {
+        let model = LlamaModel::load_on(gguf, threads, backend)?;
         let tokenizer = Tokenizer::from_gguf(gguf)?;
         let token_text = |id: Option<u32>| id.and_then(|i| tokenizer.decode_special(i)).unwrap_or_default();
         let (bos, eos) = (token_text(tokenizer.bos()), token_text(Some(tokenizer.eos())));

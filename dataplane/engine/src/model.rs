@@ -20,6 +20,41 @@ use crate::gguf::GgufFile;
 use crate::kv_cache::KvCache;
 use crate::quant::{BLOCK, BlockQ8, QMatrix, quantize_row};
 use crate::sampling::{Sampled, Sampler, TokenScore, score};
+use crate::tensor_model::TensorLlama;
+
+/// Where a model runs.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    /// The engine's own quantized CPU kernels: the default, and the fastest on CPUs.
+    Cpu,
+    /// candle tensors on a device: an NVIDIA GPU (built with the `cuda` feature), or candle's CPU
+    /// device, which tests use as the reference for the GPU code.
+    Candle(candle_core::Device),
+}
+
+impl Backend {
+    /// `cpu`, `cuda` (GPU 0), `cuda:N`, or `candle-cpu`.
+    pub fn parse(name: &str) -> Result<Self, EngineError> {
+        let cuda = |ordinal: usize| {
+            candle_core::Device::new_cuda(ordinal).map(Backend::Candle).map_err(|e| {
+                EngineError::Device(format!(
+                    "CUDA device {ordinal}: {e} (the runner must be built with the cuda feature and see an NVIDIA GPU)"
+                ))
+            })
+        };
+        match name {
+            "cpu" => Ok(Backend::Cpu),
+            "candle-cpu" => Ok(Backend::Candle(candle_core::Device::Cpu)),
+            "cuda" => cuda(0),
+            other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(ordinal)) => cuda(ordinal),
+                _ => Err(EngineError::Device(format!(
+                    "unknown device {other:?}: expected cpu, cuda, cuda:N or candle-cpu"
+                ))),
+            },
+        }
+    }
+}
 
 /// The hyper-parameters read from GGUF metadata.
 #[derive(Debug, Clone, PartialEq)]
@@ -91,9 +126,20 @@ struct Layer {
 
 pub struct LlamaModel {
     pub config: LlamaConfig,
-    /// The threads a forward pass runs on; the pass itself runs inside the pool so that its
-    /// parallel loops split work between workers instead of waking them from outside.
+    /// The threads a forward pass (on the CPU) and sampling run on; the pass itself runs inside
+    /// the pool so that its parallel loops split work between workers instead of waking them
+    /// from outside.
     pool: rayon::ThreadPool,
+    weights: Weights,
+}
+
+enum Weights {
+    Cpu(CpuWeights),
+    Tensors(TensorLlama),
+}
+
+/// The weights laid out for the engine's CPU kernels.
+struct CpuWeights {
     token_embd: QMatrix,
     layers: Vec<Layer>,
     output_norm: Vec<f32>,
@@ -101,6 +147,21 @@ pub struct LlamaModel {
     /// `[position][pair]` cos and sin of the rotary angles.
     rope_cos: Vec<f32>,
     rope_sin: Vec<f32>,
+}
+
+/// `[position][pair]` cos and sin of the rotary angles of every position of the context.
+pub(crate) fn rope_tables(c: &LlamaConfig) -> (Vec<f32>, Vec<f32>) {
+    let pairs = c.head_dim / 2;
+    let mut rope_cos = Vec::with_capacity(c.context_length * pairs);
+    let mut rope_sin = Vec::with_capacity(c.context_length * pairs);
+    for pos in 0..c.context_length {
+        for i in 0..pairs {
+            let theta = pos as f32 * c.rope_base.powf(-2.0 * i as f32 / c.head_dim as f32);
+            rope_cos.push(theta.cos());
+            rope_sin.push(theta.sin());
+        }
+    }
+    (rope_cos, rope_sin)
 }
 
 /// New tokens of one sequence to run.
@@ -186,80 +247,63 @@ struct AttentionBuffers {
 }
 
 impl LlamaModel {
-    /// Loads the weights; `threads` is the size of the compute pool (0: one per core).
+    /// Loads the weights for the CPU kernels; `threads` is the size of the compute pool (0: one
+    /// per core).
     pub fn load(gguf: &GgufFile, threads: usize) -> Result<Self, EngineError> {
+        Self::load_on(gguf, threads, &Backend::Cpu)
+    }
+
+    /// Loads the weights for `backend`.
+    pub fn load_on(gguf: &GgufFile, threads: usize, backend: &Backend) -> Result<Self, EngineError> {
         let config = LlamaConfig::from_gguf(gguf)?;
-        let layers = (0..config.n_layer)
-            .map(|i| {
-                let m = |n: &str| gguf.matrix(&format!("blk.{i}.{n}.weight"));
-                Ok(Layer {
-                    attn_norm: gguf.vector(&format!("blk.{i}.attn_norm.weight"))?,
-                    wq: m("attn_q")?,
-                    wk: m("attn_k")?,
-                    wv: m("attn_v")?,
-                    wo: m("attn_output")?,
-                    ffn_norm: gguf.vector(&format!("blk.{i}.ffn_norm.weight"))?,
-                    gate: m("ffn_gate")?,
-                    up: m("ffn_up")?,
-                    down: m("ffn_down")?,
-                })
-            })
-            .collect::<Result<Vec<_>, EngineError>>()?;
-        let token_embd = gguf.matrix("token_embd.weight")?;
-        // Small models tie the output projection to the token embedding.
-        let output = gguf.matrix("output.weight").unwrap_or_else(|_| token_embd.clone());
-        let c = &config;
-        let shape_ok = token_embd.rows == c.vocab
-            && token_embd.cols == c.n_embd
-            && output.rows == c.vocab
-            && layers.iter().all(|l| {
-                l.wq.rows == c.n_head * c.head_dim
-                    && l.wk.rows == c.kv_dim()
-                    && l.wv.rows == c.kv_dim()
-                    && l.gate.rows == c.n_ff
-                    && l.down.cols == c.n_ff
-                    && l.attn_norm.len() == c.n_embd
-            });
-        if !shape_ok {
-            return Err(EngineError::InvalidModel("tensor shapes do not match the model's metadata".into()));
-        }
-        let pairs = c.head_dim / 2;
-        let mut rope_cos = Vec::with_capacity(c.context_length * pairs);
-        let mut rope_sin = Vec::with_capacity(c.context_length * pairs);
-        for pos in 0..c.context_length {
-            for i in 0..pairs {
-                let theta = pos as f32 * c.rope_base.powf(-2.0 * i as f32 / c.head_dim as f32);
-                rope_cos.push(theta.cos());
-                rope_sin.push(theta.sin());
-            }
-        }
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("mantle-engine-{i}"))
             .build()
             .map_err(|e| EngineError::Io(format!("starting the engine threads: {e}")))?;
-        // Lay the weights out for this CPU's kernels once, now, on the engine's threads.
-        pool.install(|| {
-            let matrices = layers.iter().flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down]);
-            matrices.chain([&output]).collect::<Vec<_>>().into_par_iter().for_each(QMatrix::prepare);
-        });
-        Ok(Self {
-            output_norm: gguf.vector("output_norm.weight")?,
-            config,
-            pool,
-            token_embd,
-            layers,
-            output,
-            rope_cos,
-            rope_sin,
-        })
+        let weights = match backend {
+            Backend::Cpu => Weights::Cpu(CpuWeights::load(gguf, &config, &pool)?),
+            Backend::Candle(device) => Weights::Tensors(TensorLlama::load(gguf, &config, device)?),
+        };
+        Ok(Self { config, pool, weights })
     }
 
-    /// Runs the steps, writing their keys and values into `cache`, and returns their logits
-    /// ([`Step::rows`] each), in step order.
-    pub fn forward<'s>(&self, steps: &[Step<'_>], cache: &mut KvCache, s: &'s mut Scratch) -> Logits<'s> {
-        self.pool.install(|| self.forward_in_pool(steps, cache, s));
-        Logits { values: &s.logits, vocab: self.config.vocab }
+    /// An empty KV cache of `num_blocks` blocks of `block_size` tokens where this model's
+    /// forward pass reads it (host memory, or the device's).
+    pub fn new_cache(&self, block_size: usize, num_blocks: usize) -> Result<KvCache, EngineError> {
+        let c = &self.config;
+        match &self.weights {
+            Weights::Cpu(_) => Ok(KvCache::new(c.n_layer, c.n_head_kv, c.head_dim, block_size, num_blocks)),
+            Weights::Tensors(t) => {
+                KvCache::on_device(c.n_layer, c.n_head_kv, c.head_dim, block_size, num_blocks, t.device())
+            }
+        }
+    }
+
+    /// Runs the steps, writing their keys and values into `cache` (made by
+    /// [`new_cache`](Self::new_cache)), and returns their logits ([`Step::rows`] each), in step
+    /// order. Fails only on a device error.
+    pub fn forward<'s>(
+        &self,
+        steps: &[Step<'_>],
+        cache: &mut KvCache,
+        s: &'s mut Scratch,
+    ) -> Result<Logits<'s>, EngineError> {
+        match &self.weights {
+            Weights::Cpu(w) => {
+                if cache.device_kv().is_some() {
+                    return Err(EngineError::Device("a device KV cache given to the CPU kernels".into()));
+                }
+                self.pool.install(|| w.forward(&self.config, steps, cache, s));
+            }
+            Weights::Tensors(t) => {
+                let kv = cache
+                    .device_kv()
+                    .ok_or_else(|| EngineError::Device("a host KV cache given to the tensor forward pass".into()))?;
+                t.forward(&self.config, steps, kv, cache.block_size(), &mut s.logits)?;
+            }
+        }
+        Ok(Logits { values: &s.logits, vocab: self.config.vocab })
     }
 
     /// Samples the next token of each sequence, `samplers[i]` from row `rows[i]` of `logits`, in
@@ -281,9 +325,65 @@ impl LlamaModel {
         self.pool.current_num_threads()
     }
 
-    /// The forward pass, leaving the logits in `s.logits`.
-    fn forward_in_pool(&self, steps: &[Step<'_>], cache: &mut KvCache, s: &mut Scratch) {
-        let c = &self.config;
+    /// Where the model runs: `cpu`, or candle's name of the device.
+    pub fn device_name(&self) -> String {
+        match &self.weights {
+            Weights::Cpu(_) => "cpu".into(),
+            Weights::Tensors(t) => match t.device() {
+                candle_core::Device::Cpu => "candle-cpu".into(),
+                other => format!("{:?}", other.location()),
+            },
+        }
+    }
+}
+
+impl CpuWeights {
+    fn load(gguf: &GgufFile, config: &LlamaConfig, pool: &rayon::ThreadPool) -> Result<Self, EngineError> {
+        let layers = (0..config.n_layer)
+            .map(|i| {
+                let m = |n: &str| gguf.matrix(&format!("blk.{i}.{n}.weight"));
+                Ok(Layer {
+                    attn_norm: gguf.vector(&format!("blk.{i}.attn_norm.weight"))?,
+                    wq: m("attn_q")?,
+                    wk: m("attn_k")?,
+                    wv: m("attn_v")?,
+                    wo: m("attn_output")?,
+                    ffn_norm: gguf.vector(&format!("blk.{i}.ffn_norm.weight"))?,
+                    gate: m("ffn_gate")?,
+                    up: m("ffn_up")?,
+                    down: m("ffn_down")?,
+                })
+            })
+            .collect::<Result<Vec<_>, EngineError>>()?;
+        let token_embd = gguf.matrix("token_embd.weight")?;
+        // Small models tie the output projection to the token embedding.
+        let output = gguf.matrix("output.weight").unwrap_or_else(|_| token_embd.clone());
+        let c = config;
+        let shape_ok = token_embd.rows == c.vocab
+            && token_embd.cols == c.n_embd
+            && output.rows == c.vocab
+            && layers.iter().all(|l| {
+                l.wq.rows == c.n_head * c.head_dim
+                    && l.wk.rows == c.kv_dim()
+                    && l.wv.rows == c.kv_dim()
+                    && l.gate.rows == c.n_ff
+                    && l.down.cols == c.n_ff
+                    && l.attn_norm.len() == c.n_embd
+            });
+        if !shape_ok {
+            return Err(EngineError::InvalidModel("tensor shapes do not match the model's metadata".into()));
+        }
+        let (rope_cos, rope_sin) = rope_tables(c);
+        // Lay the weights out for this CPU's kernels once, now, on the engine's threads.
+        pool.install(|| {
+            let matrices = layers.iter().flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down]);
+            matrices.chain([&output]).collect::<Vec<_>>().into_par_iter().for_each(QMatrix::prepare);
+        });
+        Ok(Self { output_norm: gguf.vector("output_norm.weight")?, token_embd, layers, output, rope_cos, rope_sin })
+    }
+
+    /// The forward pass (inside the engine's pool), leaving the logits in `s.logits`.
+    fn forward(&self, c: &LlamaConfig, steps: &[Step<'_>], cache: &mut KvCache, s: &mut Scratch) {
         let (e, kv_dim, hd) = (c.n_embd, c.kv_dim(), c.head_dim);
         // (step, position) of every token in the batch.
         let tokens: Vec<(usize, usize)> =
@@ -306,8 +406,8 @@ impl LlamaModel {
             add_norm_quantize(&mut s.x, residual, &layer.attn_norm, c.rms_eps, &mut s.xq);
             QMatrix::matmul_all(&[&layer.wq, &layer.wk, &layer.wv], &s.xq, &mut [&mut s.q, &mut s.k, &mut s.v]);
             for (t, &(si, pos)) in tokens.iter().enumerate() {
-                self.rope(&mut s.q[t * c.n_head * hd..(t + 1) * c.n_head * hd], pos);
-                self.rope(&mut s.k[t * kv_dim..(t + 1) * kv_dim], pos);
+                self.rope(c, &mut s.q[t * c.n_head * hd..(t + 1) * c.n_head * hd], pos);
+                self.rope(c, &mut s.k[t * kv_dim..(t + 1) * kv_dim], pos);
                 let blocks = steps[si].blocks;
                 let bs = cache.block_size();
                 cache.write(
@@ -318,7 +418,7 @@ impl LlamaModel {
                     &s.v[t * kv_dim..(t + 1) * kv_dim],
                 );
             }
-            self.attention(li, steps, &tokens, cache, s);
+            self.attention(c, li, steps, &tokens, cache, s);
             layer.wo.matmul(&s.xq, &mut s.proj);
             add_norm_quantize(&mut s.x, Some(&s.proj), &layer.ffn_norm, c.rms_eps, &mut s.xq);
             QMatrix::matmul_all(&[&layer.gate, &layer.up], &s.xq, &mut [&mut s.gate, &mut s.up]);
@@ -346,11 +446,11 @@ impl LlamaModel {
     }
 
     /// Rotates each head's adjacent pairs by the angles of `pos`.
-    fn rope(&self, heads: &mut [f32], pos: usize) {
-        let pairs = self.config.head_dim / 2;
+    fn rope(&self, c: &LlamaConfig, heads: &mut [f32], pos: usize) {
+        let pairs = c.head_dim / 2;
         let (cos, sin) =
             (&self.rope_cos[pos * pairs..(pos + 1) * pairs], &self.rope_sin[pos * pairs..(pos + 1) * pairs]);
-        for head in heads.chunks_exact_mut(self.config.head_dim) {
+        for head in heads.chunks_exact_mut(c.head_dim) {
             for (i, pair) in head.chunks_exact_mut(2).enumerate() {
                 let (a, b) = (pair[0], pair[1]);
                 pair[0] = a * cos[i] - b * sin[i];
@@ -364,9 +464,16 @@ impl LlamaModel {
     /// per (token, KV head, span of at most [`SPAN`] positions) serves the query heads that share
     /// that KV head, so each cached key and value is read once per task rather than once per
     /// query head; a long context's spans run in parallel and are merged.
-    fn attention(&self, layer: usize, steps: &[Step<'_>], tokens: &[(usize, usize)], cache: &KvCache, s: &mut Scratch) {
+    fn attention(
+        &self,
+        c: &LlamaConfig,
+        layer: usize,
+        steps: &[Step<'_>],
+        tokens: &[(usize, usize)],
+        cache: &KvCache,
+        s: &mut Scratch,
+    ) {
         let Scratch { q, attention: AttentionBuffers { out, spans, stats }, xq, .. } = s;
-        let c = &self.config;
         let (hd, group) = (c.head_dim, c.n_head / c.n_head_kv);
         let width = group * hd;
         let scale = 1.0 / (hd as f32).sqrt();

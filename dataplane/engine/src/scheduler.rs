@@ -120,6 +120,11 @@ pub enum Event {
         stop_sequence: Option<String>,
         usage: Usage,
     },
+    /// The sequence ended without an answer: the device failed under it.
+    Failed {
+        id: u64,
+        error: EngineError,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -221,10 +226,11 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    pub fn new(model: Arc<TextModel>, config: SchedulerConfig) -> Self {
-        let c = &model.model.config;
-        let cache = KvCache::new(c.n_layer, c.n_head_kv, c.head_dim, config.block_size, config.num_blocks);
-        Self {
+    /// A scheduler over `model`, its KV cache allocated where the model runs (which can fail on
+    /// a device without the memory).
+    pub fn new(model: Arc<TextModel>, config: SchedulerConfig) -> Result<Self, EngineError> {
+        let cache = model.model.new_cache(config.block_size, config.num_blocks)?;
+        Ok(Self {
             model,
             cache,
             scratch: Scratch::default(),
@@ -237,7 +243,7 @@ impl Scheduler {
             prefix_hit_tokens: 0,
             swaps_out: 0,
             swap_bytes: 0,
-        }
+        })
     }
 
     pub fn model(&self) -> &Arc<TextModel> {
@@ -408,6 +414,10 @@ impl Scheduler {
             (logits, masks.map(|m| m.join()))
         });
         drop(steps);
+        let logits = match logits {
+            Ok(logits) => logits,
+            Err(error) => return self.fail(&plan, &error),
+        };
         let masks = match masks {
             Some(Ok(masks)) => masks,
             Some(Err(_)) => vec![Err(EngineError::Grammar("the grammar mask panicked".into())); constrained.len()],
@@ -460,6 +470,22 @@ impl Scheduler {
             events.push(event);
         }
         events
+    }
+
+    /// Ends the planned sequences with `error` (the forward pass failed on the device): their
+    /// blocks are freed, and nothing of theirs is retried here.
+    fn fail(&mut self, plan: &[(usize, usize)], error: &EngineError) -> Vec<Event> {
+        tracing::error!(%error, sequences = plan.len(), "the forward pass failed; ending its sequences");
+        let mut failed: Vec<usize> = plan.iter().map(|&(i, _)| i).collect();
+        failed.sort_unstable_by(|a, b| b.cmp(a));
+        failed
+            .into_iter()
+            .map(|i| {
+                let mut seq = self.running.remove(i);
+                seq.table.release(&mut self.cache);
+                Event::Failed { id: seq.req.id, error: error.clone() }
+            })
+            .collect()
     }
 
     /// The prompt scores this step computed: for each prompt-scoring step, the tokens after the
@@ -612,19 +638,27 @@ impl Scheduler {
         let mut seq = self.running.remove(i);
         let bytes = seq.table.blocks().len() * self.cache.block_values() * std::mem::size_of::<f16>();
         if seq.computed > 0 && self.swap_bytes + bytes <= self.config.swap_bytes {
-            let blocks = seq
+            let blocks: Result<Vec<_>, _> = seq
                 .table
                 .blocks()
                 .iter()
                 .map(|&b| {
-                    let data = self.cache.copy_out(b);
-                    let sum = crc(&data);
-                    (data, sum)
+                    self.cache.copy_out(b).map(|data| {
+                        let sum = crc(&data);
+                        (data, sum)
+                    })
                 })
                 .collect();
-            seq.swapped = Some(Swapped { blocks, computed: seq.computed });
-            self.swap_bytes += bytes;
-            self.swaps_out += 1;
+            match blocks {
+                Ok(blocks) => {
+                    seq.swapped = Some(Swapped { blocks, computed: seq.computed });
+                    self.swap_bytes += bytes;
+                    self.swaps_out += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(sequence = seq.req.id, error = %e, "swapping out failed; the sequence will recompute")
+                }
+            }
         }
         seq.table.release(&mut self.cache);
         seq.computed = 0;
@@ -641,14 +675,23 @@ impl Scheduler {
         if seq.table.reserve(&mut self.cache, swapped.blocks.len() * bs).is_ok() {
             let intact = swapped.blocks.iter().all(|(data, sum)| crc(data) == *sum);
             if intact {
-                for (&block, (data, _)) in seq.table.blocks().iter().zip(&swapped.blocks) {
-                    self.cache.copy_in(block, data);
+                let restored = seq
+                    .table
+                    .blocks()
+                    .iter()
+                    .zip(&swapped.blocks)
+                    .try_for_each(|(&block, (data, _))| self.cache.copy_in(block, data));
+                match restored {
+                    Ok(()) => {
+                        seq.computed = swapped.computed;
+                        return;
+                    }
+                    Err(e) => tracing::warn!(sequence = seq.req.id, error = %e, "swapping in failed; recomputing"),
                 }
-                seq.computed = swapped.computed;
-                return;
+            } else {
+                tracing::warn!(sequence = seq.req.id, "a swapped-out KV block failed its checksum; recomputing");
+                self.cache.record_corruption();
             }
-            tracing::warn!(sequence = seq.req.id, "a swapped-out KV block failed its checksum; recomputing");
-            self.cache.record_corruption();
             seq.table.release(&mut self.cache);
         }
         seq.computed = self.reuse_prefix(seq);

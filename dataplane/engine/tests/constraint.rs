@@ -18,7 +18,7 @@ fn request(id: u64, question: &str, max_tokens: usize, grammar: Option<Grammar>)
 
 /// Runs the scheduler until idle: each request's text and finish reason.
 fn run(requests: Vec<GenerateRequest>) -> HashMap<u64, (String, FinishReason)> {
-    let mut scheduler = Scheduler::new(support::smollm2(), SchedulerConfig::default());
+    let mut scheduler = Scheduler::new(support::smollm2(), SchedulerConfig::default()).expect("scheduler");
     for r in requests {
         scheduler.add(r).unwrap();
     }
@@ -32,6 +32,7 @@ fn run(requests: Vec<GenerateRequest>) -> HashMap<u64, (String, FinishReason)> {
                     done.insert(id, (texts.remove(&id).unwrap_or_default(), reason));
                 }
                 Event::PromptLogprobs { .. } => {}
+                Event::Failed { id, error } => panic!("request {id} failed: {error}"),
             }
         }
     }

@@ -14,11 +14,14 @@ fn generate(model: &TextModel, prompt: &[u32], max_tokens: usize) -> Vec<u32> {
     let mut scratch = Scratch::default();
     let mut sampler = Sampler::new(SamplingParams::default());
     table.reserve(&mut cache, prompt.len()).unwrap();
-    let mut logits = model.model.forward(
-        &[Step { tokens: prompt, start: 0, blocks: table.blocks(), logits: true, all_logits: false }],
-        &mut cache,
-        &mut scratch,
-    );
+    let mut logits = model
+        .model
+        .forward(
+            &[Step { tokens: prompt, start: 0, blocks: table.blocks(), logits: true, all_logits: false }],
+            &mut cache,
+            &mut scratch,
+        )
+        .expect("forward");
     let mut out = Vec::new();
     for _ in 0..max_tokens {
         let next = sampler.sample(&logits[0]).token;
@@ -28,11 +31,14 @@ fn generate(model: &TextModel, prompt: &[u32], max_tokens: usize) -> Vec<u32> {
         out.push(next);
         let pos = prompt.len() + out.len() - 1;
         table.reserve(&mut cache, pos + 1).unwrap();
-        logits = model.model.forward(
-            &[Step { tokens: &[next], start: pos, blocks: table.blocks(), logits: true, all_logits: false }],
-            &mut cache,
-            &mut scratch,
-        );
+        logits = model
+            .model
+            .forward(
+                &[Step { tokens: &[next], start: pos, blocks: table.blocks(), logits: true, all_logits: false }],
+                &mut cache,
+                &mut scratch,
+            )
+            .expect("forward");
     }
     out
 }
@@ -108,12 +114,15 @@ fn a_batch_of_sequences_gives_the_same_logits_as_each_alone() {
             let mut cache = KvCache::new(c.n_layer, c.n_head_kv, c.head_dim, 16, 8);
             let mut table = BlockTable::default();
             table.reserve(&mut cache, p.len()).unwrap();
-            model.model.forward(
-                &[Step { tokens: p, start: 0, blocks: table.blocks(), logits: true, all_logits: false }],
-                &mut cache,
-                &mut scratch,
-            )[0]
-            .to_vec()
+            model
+                .model
+                .forward(
+                    &[Step { tokens: p, start: 0, blocks: table.blocks(), logits: true, all_logits: false }],
+                    &mut cache,
+                    &mut scratch,
+                )
+                .expect("forward")[0]
+                .to_vec()
         })
         .collect();
     let mut cache = KvCache::new(c.n_layer, c.n_head_kv, c.head_dim, 16, 8);
@@ -130,7 +139,7 @@ fn a_batch_of_sequences_gives_the_same_logits_as_each_alone() {
         .zip(&tables)
         .map(|(p, t)| Step { tokens: p, start: 0, blocks: t.blocks(), logits: true, all_logits: false })
         .collect();
-    let together = model.model.forward(&steps, &mut cache, &mut scratch);
+    let together = model.model.forward(&steps, &mut cache, &mut scratch).expect("forward");
     for (a, b) in alone.iter().zip(&together) {
         let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
         assert!(worst < 1e-3, "logits differ by {worst}");

@@ -37,7 +37,7 @@ fn run_one(s: &mut Scheduler, req: GenerateRequest) -> (Vec<u32>, Usage) {
 }
 
 fn fresh() -> Scheduler {
-    Scheduler::new(support::smollm2(), SchedulerConfig::default())
+    Scheduler::new(support::smollm2(), SchedulerConfig::default()).expect("scheduler")
 }
 
 #[test]

@@ -45,6 +45,7 @@ fn run(
                     entry.1.push((token, logprob, top));
                 }
                 Event::Finished { .. } => {}
+                Event::Failed { id, error } => panic!("request {id} failed: {error}"),
             }
         }
     }
@@ -56,7 +57,7 @@ fn a_prompt_scores_the_same_in_one_pass_or_in_chunks() {
     let model = support::smollm2();
     let prompt = model.tokenizer.encode(TEXT).unwrap();
     assert!(prompt.len() > 20, "{} tokens", prompt.len());
-    let mut one = Scheduler::new(model.clone(), SchedulerConfig::default());
+    let mut one = Scheduler::new(model.clone(), SchedulerConfig::default()).expect("scheduler");
     one.add(scoring(1, prompt.clone(), 3)).unwrap();
     let (scores, generated) = run(&mut one, &[1]).remove(&1).unwrap();
     assert_eq!(scores.len(), prompt.len(), "one score per prompt token");
@@ -75,7 +76,8 @@ fn a_prompt_scores_the_same_in_one_pass_or_in_chunks() {
 
     // Prefilled 5 tokens a step, beside an unrelated request, with the prefix cache warm from
     // the first run: the same scores.
-    let mut chunked = Scheduler::new(model.clone(), SchedulerConfig { max_batch_tokens: 5, ..Default::default() });
+    let mut chunked = Scheduler::new(model.clone(), SchedulerConfig { max_batch_tokens: 5, ..Default::default() })
+        .expect("scheduler");
     chunked.add(support::ask(7, "Say hi.", 4)).unwrap();
     chunked.add(scoring(2, prompt.clone(), 3)).unwrap();
     chunked.add(scoring(3, prompt.clone(), 3)).unwrap();
@@ -94,7 +96,7 @@ fn a_prompt_scores_the_same_in_one_pass_or_in_chunks() {
 #[test]
 fn scoring_a_greedy_reply_finds_each_token_the_most_likely_with_the_logprob_it_was_drawn_with() {
     let model = support::smollm2();
-    let mut scheduler = Scheduler::new(model.clone(), SchedulerConfig::default());
+    let mut scheduler = Scheduler::new(model.clone(), SchedulerConfig::default()).expect("scheduler");
     let question = support::ask(1, "Name three colours.", 12);
     let asked = question.prompt.clone();
     scheduler

@@ -46,6 +46,7 @@ fn run_with(
                     finished.push(id);
                 }
                 Event::PromptLogprobs { .. } => {}
+                Event::Failed { id, error } => panic!("request {id} failed: {error}"),
             }
         }
         after_step(scheduler);
@@ -62,7 +63,7 @@ const QUESTIONS: [&str; 5] = [
 ];
 
 fn alone(question: &str, max_tokens: usize) -> Outcome {
-    let mut s = Scheduler::new(support::smollm2(), SchedulerConfig::default());
+    let mut s = Scheduler::new(support::smollm2(), SchedulerConfig::default()).expect("scheduler");
     s.add(request(0, question, max_tokens)).unwrap();
     run(&mut s).0.remove(&0).unwrap()
 }
@@ -70,7 +71,7 @@ fn alone(question: &str, max_tokens: usize) -> Outcome {
 #[test]
 fn sequences_batched_together_generate_what_each_would_alone() {
     let expected: Vec<Outcome> = QUESTIONS.iter().map(|q| alone(q, 24)).collect();
-    let mut s = Scheduler::new(support::smollm2(), SchedulerConfig::default());
+    let mut s = Scheduler::new(support::smollm2(), SchedulerConfig::default()).expect("scheduler");
     for (i, q) in QUESTIONS.iter().enumerate() {
         s.add(request(i as u64, q, 24)).unwrap();
     }
@@ -86,7 +87,7 @@ fn sequences_batched_together_generate_what_each_would_alone() {
 #[test]
 fn a_long_prompt_is_prefilled_in_chunks_while_others_keep_decoding() {
     let config = SchedulerConfig { max_batch_tokens: 24, ..Default::default() };
-    let mut s = Scheduler::new(support::smollm2(), config);
+    let mut s = Scheduler::new(support::smollm2(), config).expect("scheduler");
     s.add(request(1, "Count from one to twenty in words.", 40)).unwrap();
     // Let the first request finish its prompt and start decoding.
     while !s.step().iter().any(|e| matches!(e, Event::Token { id: 1, .. })) {}
@@ -115,7 +116,7 @@ const LONG_ANSWERS: [&str; 3] =
 fn run_preempting(config: SchedulerConfig, corrupt_a_swap: bool) -> Scheduler {
     let expected: Vec<Outcome> = LONG_ANSWERS.iter().map(|q| alone(q, 48)).collect();
     assert!(expected.iter().all(|o| o.tokens.len() == 48), "each answer runs to max_tokens");
-    let mut s = Scheduler::new(support::smollm2(), SchedulerConfig { num_blocks: 12, ..config });
+    let mut s = Scheduler::new(support::smollm2(), SchedulerConfig { num_blocks: 12, ..config }).expect("scheduler");
     for (i, q) in LONG_ANSWERS.iter().enumerate() {
         s.add(request(i as u64, q, 48)).unwrap();
     }
@@ -157,7 +158,7 @@ fn a_corrupted_host_copy_is_caught_on_swap_in_and_recomputed() {
 #[test]
 fn higher_priority_requests_run_first() {
     let config = SchedulerConfig { max_running: 1, ..Default::default() };
-    let mut s = Scheduler::new(support::smollm2(), config);
+    let mut s = Scheduler::new(support::smollm2(), config).expect("scheduler");
     let mut low = request(1, QUESTIONS[1], 8);
     low.priority = 0;
     let mut high = request(2, QUESTIONS[3], 8);
@@ -170,7 +171,7 @@ fn higher_priority_requests_run_first() {
 
 #[test]
 fn a_cancelled_request_frees_its_blocks_at_once() {
-    let mut s = Scheduler::new(support::smollm2(), SchedulerConfig::default());
+    let mut s = Scheduler::new(support::smollm2(), SchedulerConfig::default()).expect("scheduler");
     s.add(request(7, QUESTIONS[2], 200)).unwrap();
     for _ in 0..5 {
         s.step();
@@ -191,7 +192,7 @@ fn generation_stops_at_a_stop_sequence_which_is_left_out() {
     let at = full.find(stop).expect("the answer names France");
     let mut req = request(3, QUESTIONS[0], 24);
     req.stop_sequences = vec![stop.to_string()];
-    let mut s = Scheduler::new(support::smollm2(), SchedulerConfig::default());
+    let mut s = Scheduler::new(support::smollm2(), SchedulerConfig::default()).expect("scheduler");
     s.add(req).unwrap();
     let (mut outcomes, _) = run(&mut s);
     let o = outcomes.remove(&3).unwrap();
@@ -208,7 +209,8 @@ fn max_tokens_ends_generation() {
 
 #[test]
 fn bad_requests_are_refused_with_the_numbers() {
-    let mut s = Scheduler::new(support::smollm2(), SchedulerConfig { num_blocks: 8, ..Default::default() });
+    let mut s =
+        Scheduler::new(support::smollm2(), SchedulerConfig { num_blocks: 8, ..Default::default() }).expect("scheduler");
     let mut empty = request(1, "x", 4);
     empty.prompt.clear();
     assert_eq!(s.add(empty), Err(EngineError::EmptyPrompt));

@@ -87,6 +87,11 @@ pub struct ServeArgs {
     /// Compute threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// Where a text model runs: `cpu` (the engine's own kernels), `cuda` or `cuda:N` (an NVIDIA
+    /// GPU; the runner must be built with the `cuda` feature), `candle-cpu` (the GPU code on the
+    /// CPU, for checks).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// KV-cache size in MiB (keys and values are kept in f16).
     #[arg(long, default_value_t = 1024)]
     pub kv_cache_mib: usize,
@@ -157,6 +162,7 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
         grpc_listen: args.listen,
         http_listen: args.http_listen,
         threads: args.threads,
+        device: args.device,
         kv_cache_bytes: args.kv_cache_mib << 20,
         max_batch_tokens: args.max_batch_tokens,
         max_running: args.max_running,

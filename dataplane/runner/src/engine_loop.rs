@@ -214,7 +214,10 @@ fn drop_abandoned(scheduler: &mut Scheduler, active: &mut HashMap<u64, Active>, 
 
 fn route(event: Event, active: &mut HashMap<u64, Active>, metrics: &Metrics) {
     let id = match &event {
-        Event::Token { id, .. } | Event::Finished { id, .. } | Event::PromptLogprobs { id, .. } => *id,
+        Event::Token { id, .. }
+        | Event::Finished { id, .. }
+        | Event::PromptLogprobs { id, .. }
+        | Event::Failed { id, .. } => *id,
     };
     let Some(a) = active.get_mut(&id) else { return };
     match &event {
@@ -234,8 +237,9 @@ fn route(event: Event, active: &mut HashMap<u64, Active>, metrics: &Metrics) {
             metrics.requests.with_label_values(&[outcome]).inc();
         }
         Event::PromptLogprobs { .. } => {}
+        Event::Failed { .. } => metrics.requests.with_label_values(&["failed"]).inc(),
     }
-    let finished = matches!(event, Event::Finished { .. });
+    let finished = matches!(event, Event::Finished { .. } | Event::Failed { .. });
     let _ = a.events.send(Output::Event(event));
     if finished {
         active.remove(&id);

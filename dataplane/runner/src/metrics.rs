@@ -6,7 +6,7 @@ use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, 
 pub struct Metrics {
     pub registry: Registry,
     /// Generate requests by outcome: end_turn, max_tokens, stop_sequence, cancelled,
-    /// deadline_exceeded, rejected.
+    /// deadline_exceeded, rejected, failed.
     pub requests: IntCounterVec,
     pub prompt_tokens: IntCounter,
     pub generated_tokens: IntCounter,

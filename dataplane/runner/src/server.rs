@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use mantle_engine::kv_cache::KvCache;
-use mantle_engine::{EmbeddingModel, EngineError, GgufFile, Scheduler, SchedulerConfig, TemplateFamily, TextModel};
+use mantle_engine::{
+    Backend, EmbeddingModel, EngineError, GgufFile, Scheduler, SchedulerConfig, TemplateFamily, TextModel,
+};
 use mantle_proto::auth::{RequireToken, Token};
 use mantle_proto::runner_server::RunnerServer;
 use mantle_proto::{InfoResponse, TierLoad};
@@ -65,6 +67,8 @@ pub struct RunnerConfig {
     pub http_listen: SocketAddr,
     /// Compute threads (0: one per core).
     pub threads: usize,
+    /// Where a text model runs: `cpu` (the engine's kernels), `cuda`, `cuda:N`, `candle-cpu`.
+    pub device: String,
     /// Bytes of KV cache.
     pub kv_cache_bytes: usize,
     /// Tokens per forward pass.
@@ -96,6 +100,7 @@ impl RunnerConfig {
             grpc_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             http_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             threads: 0,
+            device: "cpu".into(),
             kv_cache_bytes: 256 << 20,
             max_batch_tokens: 256,
             max_running: 64,
@@ -235,12 +240,14 @@ async fn load(
         return Ok((Served::Embedding { model: Arc::new(model), stats }, info));
     }
     let (template, threads, pin) = (config.chat_template, config.threads, config.pin_weights);
+    let device = config.device.clone();
     let model = tokio::task::spawn_blocking(move || {
+        let backend = Backend::parse(&device)?;
         let gguf = GgufFile::open(&path)?;
         if pin {
             gguf.lock_in_memory()?;
         }
-        TextModel::from_gguf(&gguf, template, threads)
+        TextModel::from_gguf(&gguf, template, threads, &backend)
     })
     .await
     .map_err(task_failed)?
@@ -261,7 +268,8 @@ async fn load(
             max_running: config.max_running,
             swap_bytes: config.swap_bytes,
         },
-    );
+    )
+    .map_err(failed)?;
     let info = InfoResponse {
         modality: "TEXT".into(),
         context_length: c.context_length.min(num_blocks * block_size) as u32,
@@ -270,7 +278,7 @@ async fn load(
         ..info
     };
     let engine = EngineHandle::spawn(scheduler, metrics.clone()).map_err(ServerError::SchedulerThread)?;
-    tracing::info!(kv_blocks = num_blocks, "KV cache allocated");
+    tracing::info!(kv_blocks = num_blocks, device = %model.model.device_name(), "KV cache allocated");
     Ok((Served::Text { model, engine }, info))
 }
 

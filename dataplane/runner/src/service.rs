@@ -135,7 +135,8 @@ pub fn status(e: EngineError) -> Status {
         EngineError::InvalidModel(_) | EngineError::UnsupportedTokenizer(_) => {
             Status::failed_precondition(e.to_string())
         }
-        EngineError::Io(_) => Status::unavailable(e.to_string()),
+        // A device fault or an unreadable file: another runner may answer.
+        EngineError::Io(_) | EngineError::Device(_) => Status::unavailable(e.to_string()),
     }
 }
 
@@ -163,6 +164,10 @@ fn response(output: Output, tokenizer: &Tokenizer, logprobs: bool) -> Result<Gen
     let event = match output {
         Output::DeadlineExceeded => {
             return Err(Status::deadline_exceeded("the request's deadline passed before it finished"));
+        }
+        Output::Event(Event::Failed { error, .. }) => {
+            // The device failed under the batch: another runner may well answer.
+            return Err(Status::unavailable(format!("the runner's engine failed: {error}")));
         }
         Output::Event(Event::Token { token, text, logprob, top, .. }) => generate_response::Event::Token(TokenChunk {
             text,
