@@ -6,6 +6,8 @@ Usage: python tests/e2e/dev_live.py ENDPOINT MANIFESTS_DIR MANTLE_DEV_PID
    answers through boto3 within seconds, and the first model keeps answering meanwhile.
 2. The file is deleted: the model is gone (ResourceNotFoundException).
 3. The first model's runner process is killed: it is started again and the model answers again.
+4. A model with `replicas.min: 0` runs no runner until asked: its first request waits in the router
+   while the autoscaler starts one, and is answered (one call, no client retry).
 Prints how long each took. Exits non-zero on the first failed expectation.
 """
 
@@ -21,6 +23,7 @@ import botocore.config
 endpoint, manifests, dev_pid = sys.argv[1], sys.argv[2], int(sys.argv[3])
 BASE = "huggingfacetb.smollm2-135m-instruct-v1:0"
 SECOND = "acme.smollm2-second-v1:0"
+ZERO = "acme.smollm2-from-zero-v1:0"
 config = botocore.config.Config(retries={"max_attempts": 1}, read_timeout=120, connect_timeout=5)
 runtime = boto3.session.Session(aws_access_key_id="e2e", aws_secret_access_key="e2e",
                                 region_name="us-east-1").client("bedrock-runtime", endpoint_url=endpoint,
@@ -105,4 +108,23 @@ os.kill(before[0], signal.SIGKILL)
 took = until("the runner comes back", lambda: runner_pids(BASE) not in ([], before) and converse(BASE) is not None,
              120)
 ok(f"a killed runner is started again and its model answers ({took:.1f}s)")
+
+# 4. Scale from zero: no runner until the first request, which waits for one.
+zero = re.sub(r"name: smollm2-135m-instruct", "name: smollm2-from-zero", source).replace(BASE, ZERO)
+zero = re.sub(r"(replicas:\n\s+)min: 1", r"\1min: 0", zero)
+if "min: 0" not in zero:
+    fail("a min-0 manifest", zero)
+path = os.path.join(manifests, "zero.yaml")
+open(path + ".tmp", "w").write(zero)
+os.rename(path + ".tmp", path)
+time.sleep(3)
+if runner_pids(ZERO):
+    fail("no runner for a min-0 model before it is asked", runner_pids(ZERO))
+start = time.time()
+converse(ZERO)
+ok(f"a min-0 model's first request waited for its runner and was answered ({time.time() - start:.1f}s)")
+if len(runner_pids(ZERO)) != 1:
+    fail("one runner for the min-0 model once asked", runner_pids(ZERO))
+os.remove(path)
+until("the min-0 model's runner stops with its file", lambda: not runner_pids(ZERO), 30)
 print("dev live checks passed", flush=True)

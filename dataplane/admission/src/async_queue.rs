@@ -116,13 +116,20 @@ impl ModelQueue {
     }
 
     /// Sets the slots on the model's ready runners and dispatches into any new ones. With none
-    /// left, every waiter is refused as `Unavailable`.
+    /// left, every waiter is refused as `Unavailable` (or held, with a cold hold).
     pub fn set_capacity(&self, slots: usize) {
         let mut inner = self.lock();
-        for (id, rejected) in inner.state.set_capacity(slots) {
+        let now = now();
+        for (id, rejected) in inner.state.set_capacity(slots, now) {
             inner.notify(id, Err(rejected));
         }
-        inner.dispatch(now());
+        inner.dispatch(now);
+    }
+
+    /// See [`State::set_cold_hold`]; held requests that run out of hold are refused at the next
+    /// [`set_capacity`](Self::set_capacity) or dispatch after it.
+    pub fn set_cold_hold(&self, hold: Option<Duration>) {
+        self.lock().state.set_cold_hold(hold);
     }
 
     pub fn snapshot(&self) -> Snapshot {

@@ -50,6 +50,10 @@ pub enum Rejected {
     /// The deadline passed while the request was queued (HTTP 408 `ModelTimeoutException`).
     #[error("the deadline passed while the request was queued")]
     DeadlineExpired,
+    /// Held for a model scaling from zero, no runner became ready in time (HTTP 429
+    /// `ModelNotReadyException`, which the AWS SDKs retry).
+    #[error("no runner became ready for the model in time; retry after {retry_after:?}")]
+    NotReady { retry_after: Duration },
 }
 
 impl Rejected {
@@ -60,13 +64,16 @@ impl Rejected {
             Rejected::Unavailable { .. } => "unavailable",
             Rejected::DeadlineUnmeetable { .. } => "deadline_unmeetable",
             Rejected::DeadlineExpired => "deadline_expired",
+            Rejected::NotReady { .. } => "not_ready",
         }
     }
 
     /// The retry hint, for `Retry-After`, where retrying makes sense.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            Rejected::Throttled { retry_after } | Rejected::Unavailable { retry_after } => Some(*retry_after),
+            Rejected::Throttled { retry_after }
+            | Rejected::Unavailable { retry_after }
+            | Rejected::NotReady { retry_after } => Some(*retry_after),
             Rejected::DeadlineUnmeetable { .. } | Rejected::DeadlineExpired => None,
         }
     }

@@ -28,7 +28,10 @@
 //! of smaller lanes whose slots are all taken (and all lanes in between too), penalised by one
 //! priority level (1,000 points) per lane climbed. Native requests win ties.
 //!
-//! **Admission** happens at enqueue and never after a timeout: no ready runner → `Unavailable`;
+//! **Admission** happens at enqueue and never after a timeout: no ready runner → `Unavailable`,
+//! unless the model scales from zero ([`State::set_cold_hold`]): then the request is held for up
+//! to the hold while a runner starts (its wait is what the autoscaler sees), and refused as
+//! `NotReady` if none comes up in time;
 //! the lane's queue over `max_queued_requests_per_slot` or `max_queued_tokens_per_slot` (per slot
 //! of the lane) → `Throttled`, unless the tenant itself holds less than those limits and less than
 //! its weighted share of twice them (a heavy tenant's backlog must not lock a light one out);
@@ -283,6 +286,8 @@ struct Queued {
     entry: Entry,
     enqueued: Instant,
     deadline: Option<Instant>,
+    /// When a request held for a runner to start is refused if none has (see `held`).
+    hold_until: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -451,6 +456,10 @@ pub struct State {
     running: HashMap<u64, Running>,
     /// Queued requests with a deadline, soonest first: (deadline, seq, id).
     deadlines: BTreeSet<(Instant, u64, u64)>,
+    /// How long a request may wait for a first runner to start; `None` refuses at once.
+    cold_hold: Option<Duration>,
+    /// Requests waiting for a first runner, by when they give up: (hold end, seq, id).
+    held: BTreeSet<(Instant, u64, u64)>,
     next_seq: u64,
 }
 
@@ -467,8 +476,17 @@ impl State {
             queued: HashMap::new(),
             running: HashMap::new(),
             deadlines: BTreeSet::new(),
+            cold_hold: None,
+            held: BTreeSet::new(),
             next_seq: 0,
         }
+    }
+
+    /// Whether, and how long, requests wait for a runner to start while the model has none ready
+    /// (a model that scales from zero): they queue instead of being refused as `Unavailable`, and
+    /// are refused as `NotReady` when the hold runs out first.
+    pub fn set_cold_hold(&mut self, hold: Option<Duration>) {
+        self.cold_hold = hold;
     }
 
     pub fn config(&self) -> &QueueConfig {
@@ -481,17 +499,28 @@ impl State {
         if self.queued.contains_key(&request.id) || self.running.contains_key(&request.id) {
             return Err(Rejected::Throttled { retry_after: MIN_RETRY_AFTER });
         }
-        if self.capacity == 0 {
-            return Err(Rejected::Unavailable {
-                retry_after: self.config.unavailable_retry_after.max(MIN_RETRY_AFTER),
-            });
-        }
+        // With no runner ready, a model that scales from zero holds the request for one to start.
+        let hold = match (self.capacity, self.cold_hold) {
+            (0, None) => {
+                return Err(Rejected::Unavailable {
+                    retry_after: self.config.unavailable_retry_after.max(MIN_RETRY_AFTER),
+                });
+            }
+            (0, Some(hold)) => Some(hold),
+            _ => None,
+        };
         let expected_output = self.config.expected_output_tokens(request.max_output_tokens);
         let lane = classify(request.input_tokens, expected_output);
         let cost = request.input_tokens.saturating_add(expected_output);
         let weight = weight_thousandths(request.weight);
         if self.sheds(lane, &request.tenant, weight, cost) {
             return Err(Rejected::Throttled { retry_after: self.retry_after(lane) });
+        }
+        if let Some(hold) = hold {
+            // Nothing to estimate a wait from until a runner is up: the deadline decides.
+            let hold_until = now.checked_add(hold).unwrap_or(now);
+            self.insert(request, lane, cost, weight, now, Some(hold_until));
+            return Ok(Admitted { lane, estimated_wait: hold });
         }
         let estimated_wait = self.estimate_wait(lane, request.priority, &request.tenant, weight, now);
         if self.config.max_queue_wait.is_some_and(|max| estimated_wait > max) {
@@ -516,6 +545,20 @@ impl State {
             return Err(Rejected::DeadlineUnmeetable { estimated_wait });
         }
 
+        self.insert(request, lane, cost, weight, now, None);
+        Ok(Admitted { lane, estimated_wait })
+    }
+
+    /// Queues an admitted request.
+    fn insert(
+        &mut self,
+        request: Request,
+        lane: Lane,
+        cost: u64,
+        weight: u64,
+        now: Instant,
+        hold_until: Option<Instant>,
+    ) {
         let seq = self.next_seq;
         self.next_seq += 1;
         let time_to_deadline = request.deadline.map(|d| d.saturating_duration_since(now));
@@ -531,6 +574,9 @@ impl State {
         if let Some(deadline) = request.deadline {
             self.deadlines.insert((deadline, seq, request.id));
         }
+        if let Some(until) = hold_until {
+            self.held.insert((until, seq, request.id));
+        }
         let queued = Queued {
             tenant: request.tenant,
             lane,
@@ -538,9 +584,9 @@ impl State {
             entry,
             enqueued: now,
             deadline: request.deadline,
+            hold_until,
         };
         self.queued.insert(request.id, queued);
-        Ok(Admitted { lane, estimated_wait })
     }
 
     /// Takes the next request onto a free slot, if any request can run now.
@@ -621,6 +667,18 @@ impl State {
                 expired.push((id, Rejected::DeadlineExpired));
             }
         }
+        while let Some(&(until, _, id)) = self.held.first() {
+            if until > now {
+                break;
+            }
+            self.held.pop_first();
+            if self.remove_queued(id).is_some() {
+                expired.push((
+                    id,
+                    Rejected::NotReady { retry_after: self.config.unavailable_retry_after.max(MIN_RETRY_AFTER) },
+                ));
+            }
+        }
         let window = self.config.reserve_window;
         for lane in &mut self.lanes {
             for class in &mut lane.classes {
@@ -635,13 +693,28 @@ impl State {
 
     /// Sets the slots on ready runners. Running requests keep their slots even if that leaves a
     /// lane over its new share; it just dispatches nothing until they finish. With no capacity
-    /// left, every queued request is refused as `Unavailable` (returned) so clients fail fast.
-    pub fn set_capacity(&mut self, slots: usize) -> Vec<(u64, Rejected)> {
+    /// left, every queued request is refused as `Unavailable` (returned) so clients fail fast —
+    /// or, with a cold hold, held for a runner to start, from `now`.
+    pub fn set_capacity(&mut self, slots: usize, now: Instant) -> Vec<(u64, Rejected)> {
         self.capacity = slots;
         for (lane, share) in self.lanes.iter_mut().zip(lane_slots(slots)) {
             lane.slots = share;
         }
         if slots > 0 {
+            // Runners are up: held requests wait like any other now.
+            for (_, _, id) in std::mem::take(&mut self.held) {
+                if let Some(q) = self.queued.get_mut(&id) {
+                    q.hold_until = None;
+                }
+            }
+            return Vec::new();
+        }
+        if let Some(hold) = self.cold_hold {
+            let until = now.checked_add(hold).unwrap_or(now);
+            for q in self.queued.values_mut().filter(|q| q.hold_until.is_none()) {
+                q.hold_until = Some(until);
+                self.held.insert((until, q.entry.seq, q.entry.id));
+            }
             return Vec::new();
         }
         let retry_after = self.config.unavailable_retry_after.max(MIN_RETRY_AFTER);
@@ -821,6 +894,9 @@ impl State {
         if let Some(deadline) = queued.deadline {
             self.deadlines.remove(&(deadline, queued.entry.seq, queued.entry.id));
         }
+        if let Some(until) = queued.hold_until {
+            self.held.remove(&(until, queued.entry.seq, queued.entry.id));
+        }
     }
 
     /// Asserts that every index agrees with the others.
@@ -843,6 +919,11 @@ impl State {
         assert!(self.queued.keys().all(|id| !self.running.contains_key(id)));
         let with_deadline = self.queued.values().filter(|q| q.deadline.is_some()).count();
         assert_eq!(self.deadlines.len(), with_deadline);
+        let held: Vec<(Instant, u64, u64)> =
+            self.queued.values().filter_map(|q| q.hold_until.map(|u| (u, q.entry.seq, q.entry.id))).collect();
+        assert_eq!(self.held.len(), held.len(), "held requests");
+        assert!(held.iter().all(|h| self.held.contains(h)));
+        assert!(self.held.is_empty() || self.capacity == 0, "holds end when runners are up");
     }
 }
 

@@ -30,6 +30,9 @@ pub struct ModelEntry {
     pub fallbacks: Vec<(String, FallbackTrigger)>,
     /// Tokens per minute one provisioned model unit buys.
     pub tokens_per_minute_per_unit: Option<u64>,
+    /// Whether its shared pool may run no replica (`replicas.min: 0`): requests then wait for one
+    /// to start instead of being refused.
+    pub scales_from_zero: bool,
 }
 
 impl ModelEntry {
@@ -48,6 +51,7 @@ impl ModelEntry {
             end_of_life: spec.lifecycle.end_of_life.as_ref().map(|t| (t.0.as_second(), t.0.to_string())),
             fallbacks: spec.fallbacks.iter().map(|f| (f.model_id.clone(), f.on)).collect(),
             tokens_per_minute_per_unit: spec.provisioning.as_ref().map(|p| p.tokens_per_minute_per_unit.max(0) as u64),
+            scales_from_zero: spec.replicas.min == 0,
         }
     }
 
@@ -164,6 +168,7 @@ mod tests {
             end_of_life: None,
             fallbacks: Vec::new(),
             tokens_per_minute_per_unit: None,
+            scales_from_zero: false,
         }
     }
 

@@ -91,6 +91,10 @@ struct Args {
     /// the requests that would only wait in it.
     #[arg(long)]
     no_overload_control: bool,
+    /// How long a request to a model with `replicas.min: 0` and no ready runner waits for one to
+    /// start before ModelNotReadyException (429; the AWS SDKs retry it).
+    #[arg(long, default_value_t = 120)]
+    cold_start_hold_s: u64,
 }
 
 #[tokio::main]
@@ -140,6 +144,7 @@ async fn main() -> anyhow::Result<()> {
             if args.no_overload_control {
                 path.queue.overload = None;
             }
+            path.cold_start_hold = std::time::Duration::from_secs(args.cold_start_hold_s);
             path.runner_token = args
                 .runner_token_file
                 .as_deref()

@@ -24,6 +24,22 @@ pub enum Command {
         #[command(flatten)]
         cache: CacheArgs,
     },
+    /// Keep weights in the node-local cache for good: fetch them now and again every interval
+    /// (fetching them anew should they have been evicted), ready on `/readyz` while a verified
+    /// copy is in place. What the operator's prewarm DaemonSet runs on the nodes a
+    /// FoundationModel's `weightCache.prewarm` selects.
+    KeepCached {
+        #[arg(long)]
+        source: String,
+        #[command(flatten)]
+        cache: CacheArgs,
+        /// HTTP listen address for /healthz and /readyz.
+        #[arg(long, default_value = "0.0.0.0:9090")]
+        http_listen: SocketAddr,
+        /// Seconds between checks.
+        #[arg(long, default_value_t = 60)]
+        interval_s: u64,
+    },
     /// Make the node-local weight cache directory and give it to the runner's user: the runner
     /// pod's first init container, the one step that runs as root (with only CAP_CHOWN).
     PrepareCache {
@@ -64,6 +80,16 @@ pub struct CacheArgs {
     /// Byte budget of the node-local cache, in GiB.
     #[arg(long, default_value_t = 100)]
     pub cache_budget_gib: u64,
+    /// Eviction priority of these weights in the node cache (0-9): a copy of priority p ages
+    /// 1 + p times slower under LRU eviction (a reserved tenant's or prewarmed model's weights).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=9))]
+    pub cache_priority: u8,
+}
+
+impl CacheArgs {
+    fn node_cache(&self) -> crate::weights::NodeCache {
+        crate::weights::NodeCache::new(&self.cache_dir, self.cache_budget_gib << 30).with_priority(self.cache_priority)
+    }
 }
 
 #[derive(clap::Args)]
@@ -140,8 +166,26 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
             println!("{}", cache_dir.display());
             return Ok(());
         }
+        Command::KeepCached { source, cache, http_listen, interval_s } => {
+            let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let state = crate::http::HttpState {
+                metrics: crate::metrics::Metrics::new().context("registering metrics")?,
+                ready: ready.clone(),
+            };
+            let listener =
+                tokio::net::TcpListener::bind(http_listen).await.with_context(|| format!("binding {http_listen}"))?;
+            tokio::spawn(async move { axum::serve(listener, crate::http::router(state)).await });
+            let node = cache.node_cache();
+            let options = crate::weights::store_options_from_env();
+            let interval = std::time::Duration::from_secs(interval_s.max(1));
+            tokio::select! {
+                _ = node.keep(&source, cache.sha256.as_deref(), &options, interval, &ready) => {}
+                _ = shutdown_signal() => {}
+            }
+            return Ok(());
+        }
         Command::Fetch { source, cache } => {
-            let node = crate::weights::NodeCache::new(cache.cache_dir, cache.cache_budget_gib << 30);
+            let node = cache.node_cache();
             let options = crate::weights::store_options_from_env();
             let cached = node
                 .fetch(&source, cache.sha256.as_deref(), &options)
@@ -157,6 +201,7 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
         sha256: args.cache.sha256,
         cache_dir: args.cache.cache_dir,
         cache_budget_bytes: args.cache.cache_budget_gib << 30,
+        cache_priority: args.cache.cache_priority,
         pin_weights: args.pin_weights,
         model_id: args.model_id,
         grpc_listen: args.listen,

@@ -59,6 +59,8 @@ pub struct RunnerConfig {
     /// The node-local weight cache (L3) and its byte budget.
     pub cache_dir: PathBuf,
     pub cache_budget_bytes: u64,
+    /// Eviction priority of the weights in the node cache (see [`NodeCache::with_priority`]).
+    pub cache_priority: u8,
     /// Lock the mapped weights in RAM (a FoundationModel's `weightCache.pinInHostMemory`).
     pub pin_weights: bool,
     /// The Bedrock-style id the model is served under.
@@ -96,6 +98,7 @@ impl RunnerConfig {
             sha256: None,
             cache_dir: std::env::temp_dir().join("mantle-weights"),
             cache_budget_bytes: 8 << 30,
+            cache_priority: 0,
             pin_weights: false,
             grpc_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             http_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -166,7 +169,7 @@ pub async fn start(config: RunnerConfig) -> Result<RunningRunner, ServerError> {
 
     let mut weight_load = Vec::new();
     let model_path = if config.model.contains("://") {
-        let cache = NodeCache::new(&config.cache_dir, config.cache_budget_bytes);
+        let cache = NodeCache::new(&config.cache_dir, config.cache_budget_bytes).with_priority(config.cache_priority);
         let cached = cache
             .fetch(&config.model, config.sha256.as_deref(), &store_options_from_env())
             .await

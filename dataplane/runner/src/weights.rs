@@ -1,8 +1,10 @@
 //! The weight cache tiers a runner loads through:
 //!   L4 object store (s3://, gs://, az://, https://, file://, pvc://) — the source of truth;
 //!   L3 node-local directory, content-addressed by SHA-256 (`blobs/<sha256>`), each copy verified
-//!      before it is published by an atomic rename, least recently used copies evicted to stay
-//!      within a byte budget;
+//!      before it is published by an atomic rename, copies evicted to stay within a byte budget:
+//!      least recently used first, weighted by priority (`meta/<sha256>.priority`: a copy of
+//!      priority p ages 1 + p times slower, so a reserved tenant's or a prewarmed model's weights
+//!      outlast on-demand ones);
 //!   L2 host memory (the engine memory-maps the L3 copy);
 //!   L1 device memory (GPU builds).
 //! `mantle-runner fetch` fills L3 from L4; the operator runs it as the runner pod's init container.
@@ -72,11 +74,53 @@ pub struct Cached {
 pub struct NodeCache {
     root: PathBuf,
     budget_bytes: u64,
+    /// The eviction priority this process gives what it fetches.
+    priority: u8,
+}
+
+/// What eviction knows of one cached blob.
+#[derive(Debug, Clone)]
+pub struct BlobUse {
+    pub name: String,
+    pub bytes: u64,
+    pub used: SystemTime,
+    pub priority: u8,
 }
 
 impl NodeCache {
     pub fn new(root: impl Into<PathBuf>, budget_bytes: u64) -> Self {
-        Self { root: root.into(), budget_bytes }
+        Self { root: root.into(), budget_bytes, priority: 0 }
+    }
+
+    /// Gives what this cache fetches or finds eviction priority `priority` (kept if higher).
+    pub fn with_priority(mut self, priority: u8) -> Self {
+        self.priority = priority;
+        self
+    }
+
+    fn meta(&self) -> PathBuf {
+        self.root.join("meta")
+    }
+
+    /// A blob's eviction priority (0 when none was given).
+    pub fn priority_of(&self, sha256: &str) -> u8 {
+        std::fs::read_to_string(self.meta().join(format!("{sha256}.priority")))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Records this cache's priority for a blob unless it already has a higher one.
+    fn mark_priority(&self, sha256: &str) -> Result<(), WeightError> {
+        if self.priority == 0 || self.priority_of(sha256) >= self.priority {
+            return Ok(());
+        }
+        let meta = self.meta();
+        std::fs::create_dir_all(&meta).map_err(io(&meta))?;
+        let path = meta.join(format!("{sha256}.priority"));
+        let staging = meta.join(format!(".{sha256}.{}-{}", std::process::id(), unique()));
+        std::fs::write(&staging, self.priority.to_string()).map_err(io(&staging))?;
+        std::fs::rename(&staging, &path).map_err(io(&path))
     }
 
     /// The cache's directory.
@@ -103,6 +147,7 @@ impl NodeCache {
         if let Some(sha) = expected_sha256
             && let Some(path) = self.lookup(sha)
         {
+            self.mark_priority(sha)?;
             return Ok(Cached {
                 bytes: size_of_path(&path),
                 path,
@@ -144,6 +189,7 @@ impl NodeCache {
         } else {
             tokio::fs::rename(&staging, &target).await.map_err(io(&target))?;
         }
+        self.mark_priority(&sha256)?;
         self.evict_beyond_budget(&sha256)?;
         Ok(Cached { path: target, sha256, bytes, tier: Tier::ObjectStore, seconds: started.elapsed().as_secs_f64() })
     }
@@ -164,10 +210,12 @@ impl NodeCache {
         let mut entries = Vec::new();
         for entry in std::fs::read_dir(&blobs).map_err(io(&blobs))?.flatten() {
             let path = entry.path();
+            let name = entry.file_name().to_string_lossy().to_string();
             let used = entry.metadata().and_then(|m| m.modified()).unwrap_or(SystemTime::UNIX_EPOCH);
-            entries.push((entry.file_name().to_string_lossy().to_string(), size_of_path(&path), used));
+            let priority = self.priority_of(&name);
+            entries.push(BlobUse { bytes: size_of_path(&path), name, used, priority });
         }
-        let evict = eviction_plan(&entries, self.budget_bytes, keep);
+        let evict = eviction_plan(&entries, self.budget_bytes, keep, SystemTime::now());
         for name in &evict {
             let path = blobs.join(name);
             if path.is_dir() {
@@ -175,24 +223,56 @@ impl NodeCache {
             } else {
                 std::fs::remove_file(&path).map_err(io(&path))?;
             }
+            let _ = std::fs::remove_file(self.meta().join(format!("{name}.priority")));
             tracing::info!(blob = %name, "evicted from the node weight cache");
         }
         Ok(evict)
     }
+
+    /// Keeps `uri` in the cache for good: fetches it now and every `interval` after (which also
+    /// marks it used, and fetches it again should it have been evicted), setting `ready` while a
+    /// verified copy is in place. What the prewarm DaemonSet's pods run; never returns.
+    pub async fn keep(
+        &self,
+        uri: &str,
+        expected_sha256: Option<&str>,
+        options: &[(String, String)],
+        interval: std::time::Duration,
+        ready: &std::sync::atomic::AtomicBool,
+    ) {
+        loop {
+            match self.fetch(uri, expected_sha256, options).await {
+                Ok(cached) => {
+                    if !ready.swap(true, std::sync::atomic::Ordering::AcqRel) {
+                        tracing::info!(tier = cached.tier.name(), seconds = cached.seconds, sha256 = %cached.sha256, "weights cached on this node");
+                    }
+                }
+                Err(e) => {
+                    ready.store(false, std::sync::atomic::Ordering::Release);
+                    tracing::warn!(error = %e, uri, "keeping the weights in the node cache");
+                }
+            }
+            tokio::time::sleep(interval).await;
+        }
+    }
 }
 
-/// Which blobs to remove, oldest use first, so the rest fit `budget`; `keep` is never removed.
-pub fn eviction_plan(entries: &[(String, u64, SystemTime)], budget: u64, keep: &str) -> Vec<String> {
-    let mut total: u64 = entries.iter().map(|e| e.1).sum();
-    let mut by_age: Vec<&(String, u64, SystemTime)> = entries.iter().filter(|e| e.0 != keep).collect();
-    by_age.sort_by_key(|e| e.2);
+/// Which blobs to remove so the rest fit `budget`, `keep` never: least recently used first, a
+/// blob of priority p counting as used p + 1 times more recently than it was (its age at `now`
+/// divided by 1 + p).
+pub fn eviction_plan(entries: &[BlobUse], budget: u64, keep: &str, now: SystemTime) -> Vec<String> {
+    let mut total: u64 = entries.iter().map(|e| e.bytes).sum();
+    let age =
+        |e: &BlobUse| now.duration_since(e.used).unwrap_or_default().as_secs_f64() / (1.0 + f64::from(e.priority));
+    let mut by_age: Vec<&BlobUse> = entries.iter().filter(|e| e.name != keep).collect();
+    by_age.sort_by(|a, b| age(b).total_cmp(&age(a)).then_with(|| a.name.cmp(&b.name)));
     let mut evict = Vec::new();
-    for (name, size, _) in by_age {
+    for e in by_age {
         if total <= budget {
             break;
         }
-        total -= size;
-        evict.push(name.clone());
+        total -= e.bytes;
+        evict.push(e.name.clone());
     }
     evict
 }
@@ -313,17 +393,46 @@ mod tests {
 
     use super::*;
 
+    fn blob(name: &str, used: u64, priority: u8) -> BlobUse {
+        BlobUse { name: name.into(), bytes: 40, used: SystemTime::UNIX_EPOCH + Duration::from_secs(used), priority }
+    }
+
     #[test]
     fn eviction_removes_least_recently_used_blobs_until_within_budget() {
-        let t = |s| SystemTime::UNIX_EPOCH + Duration::from_secs(s);
-        let entries = vec![
-            ("a".to_string(), 40, t(3)),
-            ("b".to_string(), 40, t(1)),
-            ("c".to_string(), 40, t(2)),
-            ("new".to_string(), 40, t(0)),
-        ];
-        assert_eq!(eviction_plan(&entries, 100, "new"), vec!["b", "c"], "oldest first, never the new one");
-        assert!(eviction_plan(&entries, 160, "new").is_empty());
-        assert_eq!(eviction_plan(&entries, 0, "new"), vec!["b", "c", "a"], "the kept blob stays even over budget");
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(10);
+        let entries = vec![blob("a", 3, 0), blob("b", 1, 0), blob("c", 2, 0), blob("new", 0, 0)];
+        assert_eq!(eviction_plan(&entries, 100, "new", now), vec!["b", "c"], "oldest first, never the new one");
+        assert!(eviction_plan(&entries, 160, "new", now).is_empty());
+        assert_eq!(eviction_plan(&entries, 0, "new", now), vec!["b", "c", "a"], "the kept blob stays even over budget");
+    }
+
+    #[test]
+    fn a_higher_priority_blob_outlasts_more_recently_used_ones() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(100);
+        // Age 90 at priority 2 counts as 30: younger than the on-demand blobs aged 40 and 50.
+        let entries = vec![blob("reserved", 10, 2), blob("a", 60, 0), blob("b", 50, 0), blob("new", 100, 0)];
+        assert_eq!(eviction_plan(&entries, 80, "new", now), vec!["b", "a"]);
+        // Older still (age 100, counts as 33), it goes before the on-demand blob aged 20.
+        let entries = vec![blob("reserved", 0, 2), blob("a", 80, 0), blob("new", 100, 0)];
+        assert_eq!(eviction_plan(&entries, 80, "new", now), vec!["reserved"]);
+    }
+
+    #[tokio::test]
+    async fn priorities_are_recorded_kept_at_their_highest_and_removed_with_the_blob() {
+        let root = std::env::temp_dir().join(format!("mantle-priority-{}-{}", std::process::id(), unique()));
+        let source = root.join("w.bin");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::write(&source, b"weights").unwrap();
+        let uri = format!("file://{}", source.display());
+        let cached = NodeCache::new(root.join("cache"), 1 << 20).with_priority(2).fetch(&uri, None, &[]).await.unwrap();
+        let low = NodeCache::new(root.join("cache"), 1 << 20).with_priority(1);
+        low.fetch(&uri, Some(&cached.sha256), &[]).await.unwrap();
+        assert_eq!(low.priority_of(&cached.sha256), 2, "a lower priority does not lower it");
+        // A budget of zero evicts it for the next blob.
+        std::fs::write(&source, b"other weights").unwrap();
+        NodeCache::new(root.join("cache"), 0).fetch(&uri, None, &[]).await.unwrap();
+        assert_eq!(low.priority_of(&cached.sha256), 0);
+        assert!(!root.join("cache/blobs").join(&cached.sha256).exists());
+        std::fs::remove_dir_all(root).ok();
     }
 }

@@ -105,3 +105,38 @@ async fn a_runner_serves_a_model_from_s3_and_reports_each_tier() {
     let tiers: Vec<&str> = info.weight_load.iter().map(|t| t.tier.as_str()).collect();
     assert_eq!(tiers, ["node_disk", "host_memory"], "served from the node cache, then mapped");
 }
+
+/// What the prewarm DaemonSet runs: the weights stay cached, and come back when evicted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kept_weights_are_fetched_again_when_evicted() {
+    let moto = moto().await;
+    create_bucket(&moto, "models").await;
+    let data = b"prewarmed weights".repeat(100);
+    upload(&moto, "models", "kept/model.gguf", data.clone()).await;
+    let dir = scratch("keep");
+    let cache = NodeCache::new(dir.clone(), 1 << 30).with_priority(1);
+    let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (sha, opts, flag) = (sha256(&data), options(&moto), ready.clone());
+    let keeper = tokio::spawn(async move {
+        cache.keep("s3://models/kept/model.gguf", Some(&sha), &opts, Duration::from_millis(100), &flag).await
+    });
+    let blob = dir.join("blobs").join(sha256(&data));
+    let wait = |what: &'static str, cond: Box<dyn Fn() -> bool + Send>| async move {
+        for _ in 0..100 {
+            if cond() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("{what}");
+    };
+    let r = ready.clone();
+    wait("ready once cached", Box::new(move || r.load(std::sync::atomic::Ordering::Acquire))).await;
+    assert_eq!(std::fs::read(&blob).unwrap(), data);
+    assert_eq!(NodeCache::new(dir.clone(), 0).priority_of(&sha256(&data)), 1);
+    std::fs::remove_file(&blob).unwrap();
+    let b = blob.clone();
+    wait("fetched again after eviction", Box::new(move || b.exists())).await;
+    keeper.abort();
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -15,7 +15,7 @@ fn request(id: u64, tenant: &str, priority: Priority, input_tokens: u64) -> Requ
 /// A queue with three slots, one per lane.
 fn state(now: Instant) -> State {
     let mut state = State::new(QueueConfig::default(), now);
-    state.set_capacity(3);
+    state.set_capacity(3, now);
     state
 }
 
@@ -147,7 +147,7 @@ fn simulate(light_per_second: f64, heavy_factor: f64, light_requests: usize, see
     const WARM_UP: Duration = Duration::from_secs(60);
     let t0 = Instant::now();
     let mut q = State::new(QueueConfig { default_slot_tokens_per_second: SLOT_RATE, ..QueueConfig::default() }, t0);
-    q.set_capacity(3);
+    q.set_capacity(3, t0);
     for (id, input) in [(u64::MAX, MEDIUM), (u64::MAX - 1, 40_000)] {
         q.enqueue(request(id, "filler", Priority::Normal, input), t0).unwrap();
         q.next(t0).unwrap();
@@ -223,7 +223,7 @@ fn backlogged_tenants_are_served_in_proportion_to_weight() {
         ..QueueConfig::default()
     };
     let mut q = State::new(config, t0);
-    q.set_capacity(3);
+    q.set_capacity(3, t0);
     for i in 0..400 {
         q.enqueue(Request { weight: 1.0, ..request(2 * i, "one", Priority::Normal, SMALL) }, t0).unwrap();
         q.enqueue(Request { weight: 3.0, ..request(2 * i + 1, "three", Priority::Normal, SMALL) }, t0).unwrap();
@@ -326,7 +326,7 @@ fn a_full_lane_sheds_at_once_with_a_retry_hint_of_at_least_a_second() {
     // The retry hint never goes below a second, even for a nearly empty lane.
     let config = QueueConfig { max_queued_requests_per_slot: 1, ..QueueConfig::default() };
     let mut q = State::new(config, t0);
-    q.set_capacity(3);
+    q.set_capacity(3, t0);
     q.enqueue(request(0, "a", Priority::Normal, 10), t0).unwrap();
     q.next(t0).unwrap();
     q.enqueue(request(1, "a", Priority::Normal, 10), t0).unwrap();
@@ -341,7 +341,7 @@ fn queued_tokens_are_limited_too_but_one_large_request_always_fits() {
     let t0 = Instant::now();
     let config = QueueConfig { max_queued_tokens_per_slot: 1_000, ..QueueConfig::default() };
     let mut q = State::new(config, t0);
-    q.set_capacity(3);
+    q.set_capacity(3, t0);
     q.enqueue(request(0, "a", Priority::Normal, SMALL), t0).unwrap();
     q.next(t0).unwrap();
     q.enqueue(request(1, "a", Priority::Normal, 5_000), t0).unwrap();
@@ -356,18 +356,81 @@ fn no_capacity_means_unavailable_and_losing_it_refuses_the_queue() {
         q.enqueue(request(0, "a", Priority::Normal, SMALL), t0),
         Err(Rejected::Unavailable { retry_after: secs(5.0) })
     );
-    q.set_capacity(3);
+    q.set_capacity(3, t0);
     q.enqueue(request(1, "a", Priority::Normal, SMALL), t0).unwrap();
     q.next(t0).unwrap();
     q.enqueue(request(2, "a", Priority::Normal, SMALL), t0).unwrap();
     q.enqueue(request(3, "b", Priority::Normal, MEDIUM), t0).unwrap();
-    let refused = q.set_capacity(0);
+    let refused = q.set_capacity(0, t0);
     let unavailable = Rejected::Unavailable { retry_after: secs(5.0) };
     assert_eq!(refused, [(2, unavailable), (3, unavailable)]);
     assert_eq!(q.snapshot().queued, 0);
     assert_eq!(q.snapshot().in_flight, 1);
     assert!(q.release(1));
     assert_eq!(q.next(t0), None);
+    q.check_invariants();
+}
+
+#[test]
+fn a_model_scaling_from_zero_holds_requests_until_a_runner_is_ready() {
+    let t0 = Instant::now();
+    let mut q = State::new(QueueConfig::default(), t0);
+    q.set_cold_hold(Some(secs(60.0)));
+    let admitted = q.enqueue(request(0, "a", Priority::Normal, SMALL), t0).unwrap();
+    assert_eq!(admitted.estimated_wait, secs(60.0), "the hold is the wait to expect");
+    q.enqueue(request(1, "b", Priority::High, MEDIUM), t0).unwrap();
+    assert_eq!(q.snapshot().queued, 2, "what the autoscaler sees");
+    assert_eq!(q.next(t0), None, "nothing runs without a runner");
+    assert!(q.expire(t0 + secs(59.0)).is_empty());
+    q.check_invariants();
+    // A runner is up within the hold: both run, and no hold is left to expire.
+    assert!(q.set_capacity(3, t0 + secs(30.0)).is_empty());
+    let mut ran: Vec<u64> = std::iter::from_fn(|| q.next(t0 + secs(30.0)).map(|d| d.id)).collect();
+    ran.sort_unstable();
+    assert_eq!(ran, [0, 1]);
+    assert!(q.expire(t0 + secs(120.0)).is_empty());
+    q.check_invariants();
+}
+
+#[test]
+fn a_held_request_is_refused_as_not_ready_when_no_runner_starts_in_time() {
+    let t0 = Instant::now();
+    let mut q = State::new(QueueConfig::default(), t0);
+    q.set_cold_hold(Some(secs(10.0)));
+    q.enqueue(request(0, "a", Priority::Normal, SMALL), t0).unwrap();
+    q.enqueue(request(1, "a", Priority::Normal, SMALL), t0 + secs(5.0)).unwrap();
+    assert!(q.cancel(1), "a client that goes away leaves no hold behind");
+    q.check_invariants();
+    assert!(q.expire(t0 + secs(9.9)).is_empty());
+    assert_eq!(q.expire(t0 + secs(10.0)), [(0, Rejected::NotReady { retry_after: secs(5.0) })]);
+    assert_eq!(q.snapshot().queued, 0);
+    q.check_invariants();
+}
+
+#[test]
+fn losing_the_last_runner_of_a_model_scaling_from_zero_holds_its_queue() {
+    let t0 = Instant::now();
+    let mut q = State::new(QueueConfig::default(), t0);
+    q.set_cold_hold(Some(secs(10.0)));
+    q.set_capacity(3, t0);
+    q.enqueue(request(1, "a", Priority::Normal, SMALL), t0).unwrap();
+    q.next(t0).unwrap();
+    q.enqueue(request(2, "a", Priority::Normal, SMALL), t0).unwrap();
+    assert!(q.set_capacity(0, t0 + secs(1.0)).is_empty(), "held, not refused");
+    q.check_invariants();
+    assert_eq!(q.expire(t0 + secs(11.0)), [(2, Rejected::NotReady { retry_after: secs(5.0) })]);
+    q.check_invariants();
+}
+
+#[test]
+fn held_requests_are_bounded_like_a_one_slot_queue() {
+    let t0 = Instant::now();
+    let config = QueueConfig { max_queued_requests_per_slot: 2, ..QueueConfig::default() };
+    let mut q = State::new(config, t0);
+    q.set_cold_hold(Some(secs(60.0)));
+    let outcomes: Vec<bool> =
+        (0..10).map(|id| q.enqueue(request(id, "a", Priority::Normal, SMALL), t0).is_ok()).collect();
+    assert_eq!(outcomes.iter().filter(|ok| **ok).count(), 2, "{outcomes:?}");
     q.check_invariants();
 }
 
@@ -471,7 +534,7 @@ fn extreme_inputs_do_not_panic() {
         let far = t0.checked_add(Duration::from_secs(100 * 365 * 24 * 3600));
         let mut id = 0;
         for capacity in [0, 1, 2, usize::MAX] {
-            q.set_capacity(capacity);
+            q.set_capacity(capacity, t0);
             for tokens in [0, 1, u64::MAX] {
                 for weight in [0.0, -1.0, f64::NAN, f64::INFINITY, 1e300, 1.0] {
                     for deadline in [None, Some(t0), far] {
@@ -508,7 +571,7 @@ fn random_operations_never_lose_or_double_count_a_slot() {
         let mut now = t0;
         let overload = (seed % 2 == 0).then(OverloadControl::default);
         let mut q = State::new(QueueConfig { overload, ..QueueConfig::default() }, t0);
-        q.set_capacity(6);
+        q.set_capacity(6, t0);
         let mut queued: HashMap<u64, Lane> = HashMap::new();
         let mut running: HashMap<u64, Lane> = HashMap::new();
         for id in 0..3_000u64 {
@@ -556,7 +619,7 @@ fn random_operations_never_lose_or_double_count_a_slot() {
                 _ => match rng.below(4) {
                     0 => {
                         let slots = [0, 1, 2, 3, 6, 12][rng.below(6) as usize];
-                        for (id, rejected) in q.set_capacity(slots) {
+                        for (id, rejected) in q.set_capacity(slots, now) {
                             assert!(queued.remove(&id).is_some());
                             assert!(matches!(rejected, Rejected::Unavailable { .. }));
                         }
@@ -596,7 +659,7 @@ fn the_last_free_slot_waits_for_a_recently_active_tenant_with_nothing_running() 
     let t0 = Instant::now();
     let config = QueueConfig { reserve_window: Some(secs(10.0)), ..QueueConfig::default() };
     let mut q = State::new(config, t0);
-    q.set_capacity(4); // small 2, medium 1, large 1
+    q.set_capacity(4, t0); // small 2, medium 1, large 1
     for (id, input) in [(900, MEDIUM), (901, 40_000)] {
         q.enqueue(request(id, "other", Priority::Normal, input), t0).unwrap();
         q.next(t0).unwrap();
@@ -640,7 +703,7 @@ fn overload_sim(overload: Option<OverloadControl>, phases: &[(f64, f64)], seed: 
     let t0 = Instant::now();
     let config = QueueConfig { default_slot_tokens_per_second: SLOT_RATE, overload, ..QueueConfig::default() };
     let mut q = State::new(config, t0);
-    q.set_capacity(16);
+    q.set_capacity(16, t0);
     let lanes = q.snapshot().lanes;
     assert_eq!(lanes[0].slots, 8);
     // Fill the medium and large slots for good, so nothing overflows.

@@ -95,7 +95,8 @@ impl Inference {
         let live = self.live();
         for model in live.catalog.iter() {
             let id = &model.model_id;
-            self.queue(&QueueKey::shared(id));
+            let hold = model.scales_from_zero.then_some(self.config.cold_start_hold);
+            self.queue(&QueueKey::shared(id)).set_cold_hold(hold);
             let runners = live.runners.for_model(id);
             for pool in runners.iter().filter_map(|r| r.spec.pool.clone()) {
                 self.queue(&QueueKey { model: id.clone(), pool: Some(pool) });
@@ -249,6 +250,14 @@ impl Inference {
             Rejected::DeadlineExpired => (
                 "deadline",
                 ApiError::ModelTimeout { message: format!("The request's deadline passed while it waited for {id}.") },
+            ),
+            Rejected::NotReady { retry_after } => (
+                "not_ready",
+                ApiError::ModelNotReady(format!(
+                    "{id} scales from zero and no replica became ready within {} s; one is starting. Retry after {} s.",
+                    self.config.cold_start_hold.as_secs(),
+                    retry_after.as_secs().max(1)
+                )),
             ),
         }
     }

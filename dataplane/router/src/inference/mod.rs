@@ -95,6 +95,9 @@ pub struct PathConfig {
     /// The most time a runner may leave a generation without a message (or a unary call
     /// unanswered) before it counts as lost and the request's slot is freed.
     pub runner_idle_timeout: Duration,
+    /// How long a request to a model that scales from zero waits for its first runner to become
+    /// ready (the autoscaler starts one on seeing it wait) before `ModelNotReadyException`.
+    pub cold_start_hold: Duration,
 }
 
 impl Default for PathConfig {
@@ -104,6 +107,7 @@ impl Default for PathConfig {
             slots_per_runner: 16,
             shard_size: 2,
             runner_idle_timeout: Duration::from_secs(120),
+            cold_start_hold: Duration::from_secs(120),
             runner_token: None,
             // A light tenant beside a heavy one finds a slot free instead of waiting for one, and
             // under overload the accepted requests keep their latency.
