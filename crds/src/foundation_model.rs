@@ -27,6 +27,7 @@ use crate::validation::{Invalid, Validate, Violations};
     printcolumn(name = "Modality", type_ = "string", json_path = ".spec.modality"),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas"),
+    printcolumn(name = "Cached", type_ = "string", json_path = ".status.weightsCached"),
     printcolumn(name = "Lifecycle", type_ = "string", json_path = ".spec.lifecycle.status", priority = 1),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
@@ -465,6 +466,10 @@ pub struct FoundationModelStatus {
     /// SHA-256 of the weights the replicas run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weights_sha256: Option<String>,
+    /// With `weightCache.prewarm`: on how many of the selected nodes the weights are cached, as
+    /// `ready/selected nodes`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights_cached: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
 }

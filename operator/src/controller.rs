@@ -13,7 +13,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{DeleteParams, Patch, PatchParams};
@@ -57,6 +57,8 @@ pub struct Context {
     pub cells: Store<Cell>,
     /// The Deployments the operator made (labelled `app.kubernetes.io/managed-by`).
     pub deployments: Store<Deployment>,
+    /// The prewarm DaemonSets the operator made (same label): their status counts warm nodes.
+    pub daemonsets: Store<DaemonSet>,
     /// The cluster's nodes (for the Cells' status).
     pub nodes: Store<Node>,
     pub options: RenderOptions,
@@ -100,6 +102,7 @@ impl Context {
         listed(&self.provisioned).await?;
         listed(&self.cells).await?;
         listed(&self.deployments).await?;
+        listed(&self.daemonsets).await?;
         listed(&self.nodes).await
     }
 
@@ -217,6 +220,7 @@ async fn apply(client: &Client, namespace: &str, object: &Object) -> Result<(), 
         Object::Deployment(d) => patch(Api::namespaced(client.clone(), namespace), &name, &**d).await,
         Object::Service(s) => patch(Api::namespaced(client.clone(), namespace), &name, &**s).await,
         Object::PodDisruptionBudget(p) => patch(Api::namespaced(client.clone(), namespace), &name, &**p).await,
+        Object::DaemonSet(d) => patch(Api::namespaced(client.clone(), namespace), &name, &**d).await,
     };
     result.map_err(|source| Error::Apply { kind: object.kind(), name, source })
 }
@@ -332,7 +336,9 @@ async fn reconcile_model_inner(model: &FoundationModel, ctx: &Context) -> Result
         .iter()
         .find(|p| p.kind == "FoundationModel" && p.name == name && p.namespace.as_deref() == Some(&namespace));
     let (applied, deleted) = realise(ctx, &namespace, "FoundationModel", &name, &rendered, problem.is_some()).await?;
-    let status = model_status(model, &plan, &observed, &now());
+    let prewarm = prewarm(ctx, model, &namespace, &desired, &plan, problem.is_some()).await?;
+    let mut status = model_status(model, &plan, &observed, &now());
+    crate::status::weights_cached(&mut status, model, prewarm.as_ref(), &now());
     let changed =
         model.status.as_ref().is_none_or(|s| s.phase != status.phase || s.ready_replicas != status.ready_replicas);
     write_status(api, &name, "FoundationModel", &status).await?;
@@ -348,6 +354,41 @@ async fn reconcile_model_inner(model: &FoundationModel, ctx: &Context) -> Result
         ctx.event(model, EventType::Normal, "PoolsApplied", note).await;
     }
     Ok(Action::requeue(RESYNC))
+}
+
+/// Applies the model's prewarm DaemonSet when it asks for one, or deletes the one it made (never
+/// while the plan reports a problem with the model); returns the DaemonSet as last seen.
+async fn prewarm(
+    ctx: &Context,
+    model: &FoundationModel,
+    namespace: &str,
+    desired: &crate::plan::Desired,
+    plan: &crate::plan::Plan,
+    problem: bool,
+) -> Result<Option<Arc<DaemonSet>>, Error> {
+    let name = crate::render::prewarm_name(model);
+    let seen = ctx
+        .daemonsets
+        .state()
+        .into_iter()
+        .find(|d| d.namespace().as_deref() == Some(namespace) && d.name_any() == name);
+    match crate::render::render_prewarm(model, desired, plan, &ctx.options) {
+        Some(daemonset) => {
+            apply(&ctx.client, namespace, &Object::DaemonSet(Box::new(daemonset))).await?;
+            Ok(seen)
+        }
+        None => {
+            if let Some(old) = seen.filter(|_| !problem) {
+                let api: Api<DaemonSet> = Api::namespaced(ctx.client.clone(), namespace);
+                match api.delete(&old.name_any(), &DeleteParams::background()).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(e)) if e.code == 404 => {}
+                    Err(source) => return Err(Error::Delete { kind: "DaemonSet", name, source }),
+                }
+            }
+            Ok(None)
+        }
+    }
 }
 
 /// Reconciles one ProvisionedThroughput: its dedicated pools and its status.

@@ -5,8 +5,9 @@
 //!
 //! A runner pod:
 //! - runs on its Cell's nodes (node selector, tolerations; the GPU product when the model asks
-//!   for one), preferring nodes whose weight cache already holds the model (a node label the
-//!   cache reports, weighted node affinity);
+//!   for one), preferring nodes whose weight cache already holds the model: nodes running the
+//!   model's prewarm pod (weighted pod affinity), or labelled `weights.mantle.dev/<digest>`
+//!   (weighted node affinity, for caches filled out of band);
 //! - fills the node-local weight cache before the runner starts: `prepare-cache` makes the cache
 //!   directory the runner's (the one step that runs as root, with only CAP_CHOWN), then `fetch`
 //!   copies the weights from the object store with the sha256 checked, with the source's
@@ -17,6 +18,10 @@
 //! - is ready on `/readyz` (weights loaded), with a startup probe sized for loading them;
 //! - presents the router's token when runner authentication is on (a Secret, mounted as a file).
 //!
+//! A model with `weightCache.prewarm` also gets a DaemonSet ([`render_prewarm`]) whose pods keep
+//! its weights in the node cache of every selected node (`mantle-runner keep-cached`); the
+//! weights of reserved pools, then of prewarmed models, are evicted last (`--cache-priority`).
+//!
 //! Every object carries the labels the router watches (`mantle.dev/foundation-model`,
 //! `mantle.dev/cell`, and `mantle.dev/pool` for a dedicated pool), and an owner reference to the
 //! resource it serves — the FoundationModel, or the ProvisionedThroughput of a dedicated pool —
@@ -24,12 +29,15 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
+use k8s_openapi::api::apps::v1::{
+    DaemonSet, DaemonSetSpec, Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
+};
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, Container, ContainerPort, EnvFromSource, EnvVar, HTTPGetAction, HostPathVolumeSource,
-    NodeAffinity, NodeSelectorRequirement, NodeSelectorTerm, PodSecurityContext, PodSpec, PodTemplateSpec,
-    PreferredSchedulingTerm, Probe, ResourceRequirements, SeccompProfile, SecretEnvSource, SecretVolumeSource,
-    SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, PodAffinity, PodAffinityTerm,
+    PodSecurityContext, PodSpec, PodTemplateSpec, PreferredSchedulingTerm, Probe, ResourceRequirements, SeccompProfile,
+    SecretEnvSource, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Toleration, Volume,
+    VolumeMount, WeightedPodAffinityTerm,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -39,7 +47,7 @@ use mantle_crds::{Cell, EngineType, FoundationModel, ProvisionedThroughput};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::plan::{Desired, Plan, PoolPlan};
+use crate::plan::{Desired, Plan, PoolPlan, object_name};
 use crate::runner_args::{RunnerPlacement, runner_args};
 
 /// The labels the router watches (see `dataplane/router/src/kubernetes.rs`).
@@ -50,6 +58,8 @@ pub const POOL_LABEL: &str = "mantle.dev/pool";
 pub const RUNNER_POOL_LABEL: &str = "mantle.dev/runner-pool";
 /// The prefix of the node labels that say a node's weight cache holds a model's weights.
 pub const WEIGHTS_LABEL_PREFIX: &str = "weights.mantle.dev/";
+/// The label of a model's prewarm pods (the FoundationModel's name).
+pub const PREWARM_LABEL: &str = "mantle.dev/prewarm";
 
 /// The user the runner runs as (distroless's `nonroot`).
 const RUNNER_UID: i64 = 65532;
@@ -93,6 +103,7 @@ pub enum Object {
     Deployment(Box<Deployment>),
     Service(Box<Service>),
     PodDisruptionBudget(Box<PodDisruptionBudget>),
+    DaemonSet(Box<DaemonSet>),
 }
 
 impl Object {
@@ -101,6 +112,7 @@ impl Object {
             Object::Deployment(_) => "Deployment",
             Object::Service(_) => "Service",
             Object::PodDisruptionBudget(_) => "PodDisruptionBudget",
+            Object::DaemonSet(_) => "DaemonSet",
         }
     }
 
@@ -109,13 +121,166 @@ impl Object {
             Object::Deployment(o) => &o.metadata,
             Object::Service(o) => &o.metadata,
             Object::PodDisruptionBudget(o) => &o.metadata,
+            Object::DaemonSet(o) => &o.metadata,
         }
     }
 }
 
-/// Every object of every pool in the plan, pool by pool (Deployment, Service, PodDisruptionBudget).
+/// Every object of every pool in the plan, pool by pool (Deployment, Service, PodDisruptionBudget),
+/// then each prewarmed model's DaemonSet.
 pub fn render(desired: &Desired, plan: &Plan, options: &RenderOptions) -> Vec<Object> {
-    render_pools(desired, plan.pools.iter(), options).into_iter().flat_map(|(_, objects)| objects).collect()
+    let pools = render_pools(desired, plan.pools.iter(), options).into_iter().flat_map(|(_, objects)| objects);
+    let prewarm = desired.models.iter().filter_map(|m| render_prewarm(m, desired, plan, options));
+    pools.chain(prewarm.map(|d| Object::DaemonSet(Box::new(d)))).collect()
+}
+
+/// The name of a model's prewarm DaemonSet.
+pub fn prewarm_name(model: &FoundationModel) -> String {
+    object_name(&[&model.metadata.name.clone().unwrap_or_default(), "prewarm"])
+}
+
+/// For a model with `weightCache.prewarm`: a DaemonSet whose pod keeps the weights in the node
+/// cache (`mantle-runner keep-cached`, ready while they are there) on every node that matches
+/// the prewarm selector within the Cells the plan puts the model in, with those Cells'
+/// tolerations. Its status counts the warm nodes; runner pods prefer the nodes it runs on.
+pub fn render_prewarm(
+    model: &FoundationModel,
+    desired: &Desired,
+    plan: &Plan,
+    options: &RenderOptions,
+) -> Option<DaemonSet> {
+    let prewarm = model.spec.weight_cache.prewarm.as_ref()?;
+    let name = model.metadata.name.clone().unwrap_or_default();
+    let namespace = model.metadata.namespace.clone();
+    let mut cell_names: Vec<&str> = plan
+        .pools_of(namespace.as_deref(), &name)
+        .filter(|p| p.dedicated.is_none())
+        .filter_map(|p| p.cell.as_deref())
+        .collect();
+    cell_names.sort_unstable();
+    cell_names.dedup();
+    let cells: Vec<&Cell> = cell_names
+        .iter()
+        .filter_map(|c| {
+            desired.cells.iter().find(|x| x.metadata.namespace == namespace && x.metadata.name.as_deref() == Some(c))
+        })
+        .collect();
+    // One term per Cell (terms are ORed): its selector and the prewarm selector together.
+    let requirements = |labels: &BTreeMap<String, String>| -> Vec<NodeSelectorRequirement> {
+        labels
+            .iter()
+            .map(|(k, v)| NodeSelectorRequirement {
+                key: k.clone(),
+                operator: "In".into(),
+                values: Some(vec![v.clone()]),
+            })
+            .collect()
+    };
+    // A Cell whose selector contradicts the prewarm selector has no node to prewarm.
+    let selectors: Vec<BTreeMap<String, String>> = if cells.is_empty() {
+        vec![prewarm.node_selector.clone()]
+    } else {
+        cells
+            .iter()
+            .filter(|c| prewarm.node_selector.iter().all(|(k, v)| c.spec.node_selector.get(k).is_none_or(|x| x == v)))
+            .map(|c| {
+                let mut labels = c.spec.node_selector.clone();
+                labels.extend(prewarm.node_selector.clone());
+                labels
+            })
+            .collect()
+    };
+    let mut terms: Vec<NodeSelectorTerm> = Vec::new();
+    for labels in &selectors {
+        let term = NodeSelectorTerm { match_expressions: Some(requirements(labels)), ..NodeSelectorTerm::default() };
+        if !terms.contains(&term) {
+            terms.push(term);
+        }
+    }
+    if terms.is_empty() {
+        return None;
+    }
+    let mut tolerations: Vec<Toleration> = Vec::new();
+    for t in cells.iter().flat_map(|c| c.spec.tolerations.iter()) {
+        if !tolerations.contains(t) {
+            tolerations.push(t.clone());
+        }
+    }
+    let labels = BTreeMap::from([
+        ("app.kubernetes.io/name".to_string(), "mantle-runner".to_string()),
+        ("app.kubernetes.io/component".to_string(), "prewarm".to_string()),
+        ("app.kubernetes.io/managed-by".to_string(), "mantle-operator".to_string()),
+        (MODEL_LABEL.to_string(), name.clone()),
+        (PREWARM_LABEL.to_string(), name.clone()),
+    ]);
+    let cache = options.cache_root.as_str();
+    let image = &options.runner_image;
+    let mut args = cache_args("keep-cached", model, options, PREWARM_CACHE_PRIORITY);
+    args.push(format!("--http-listen=0.0.0.0:{HTTP_PORT}"));
+    let keeper = Container {
+        name: "keep-cached".into(),
+        image: Some(image.clone()),
+        args: Some(args),
+        env_from: credentials(model),
+        ports: Some(vec![port("http", HTTP_PORT)]),
+        readiness_probe: Some(http_probe("/readyz", 10, 3)),
+        liveness_probe: Some(http_probe("/healthz", 10, 6)),
+        resources: Some(ResourceRequirements {
+            requests: Some(BTreeMap::from([
+                ("cpu".to_string(), Quantity("10m".into())),
+                ("memory".to_string(), Quantity("64Mi".into())),
+            ])),
+            limits: Some(BTreeMap::from([("memory".to_string(), Quantity("256Mi".into()))])),
+            ..ResourceRequirements::default()
+        }),
+        security_context: Some(restricted()),
+        volume_mounts: Some(vec![mount("weights", cache, false)]),
+        ..Container::default()
+    };
+    let selector = BTreeMap::from([(PREWARM_LABEL.to_string(), name.clone())]);
+    Some(DaemonSet {
+        metadata: ObjectMeta {
+            name: Some(prewarm_name(model)),
+            namespace,
+            labels: Some(labels.clone()),
+            owner_references: Some(vec![model_owner(model)]),
+            ..ObjectMeta::default()
+        },
+        spec: Some(DaemonSetSpec {
+            selector: LabelSelector { match_labels: Some(selector), ..LabelSelector::default() },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta { labels: Some(labels), ..ObjectMeta::default() }),
+                spec: Some(PodSpec {
+                    affinity: Some(Affinity {
+                        node_affinity: Some(NodeAffinity {
+                            required_during_scheduling_ignored_during_execution: Some(NodeSelector {
+                                node_selector_terms: terms,
+                            }),
+                            ..NodeAffinity::default()
+                        }),
+                        ..Affinity::default()
+                    }),
+                    tolerations: (!tolerations.is_empty()).then_some(tolerations),
+                    security_context: Some(pod_security()),
+                    automount_service_account_token: Some(false),
+                    enable_service_links: Some(false),
+                    init_containers: Some(vec![prepare_cache(image, cache)]),
+                    containers: vec![keeper],
+                    volumes: Some(vec![Volume {
+                        name: "weights".into(),
+                        host_path: Some(HostPathVolumeSource {
+                            path: cache.into(),
+                            type_: Some("DirectoryOrCreate".into()),
+                        }),
+                        ..Volume::default()
+                    }]),
+                    ..PodSpec::default()
+                }),
+            },
+            ..DaemonSetSpec::default()
+        }),
+        ..DaemonSet::default()
+    })
 }
 
 /// The objects of each of `pools`, with the model, Cell and owner each takes from `desired`
@@ -214,6 +379,7 @@ pub fn render_pool(
     owner: OwnerReference,
     options: &RenderOptions,
 ) -> Vec<Object> {
+    let cache_priority = if pool.dedicated.is_some() { RESERVED_CACHE_PRIORITY } else { 0 };
     let deployment = Deployment {
         metadata: meta(pool, &owner),
         spec: Some(DeploymentSpec {
@@ -231,7 +397,7 @@ pub fn render_pool(
             }),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta { labels: Some(pool_labels(pool)), ..ObjectMeta::default() }),
-                spec: Some(pod_spec(model, cell, options)),
+                spec: Some(pod_spec(model, cell, cache_priority, options)),
             },
             ..DeploymentSpec::default()
         }),
@@ -328,7 +494,64 @@ fn credentials(model: &FoundationModel) -> Option<Vec<EnvFromSource>> {
     })
 }
 
-fn pod_spec(model: &FoundationModel, cell: Option<&Cell>, options: &RenderOptions) -> PodSpec {
+/// The init container that makes the node's cache directory the runner user's.
+fn prepare_cache(image: &str, cache: &str) -> Container {
+    Container {
+        name: "prepare-cache".into(),
+        image: Some(image.into()),
+        args: Some(vec![
+            "prepare-cache".into(),
+            format!("--cache-dir={cache}"),
+            format!("--owner={RUNNER_UID}:{RUNNER_UID}"),
+        ]),
+        // The cache directory on the node belongs to root until this makes it the runner's.
+        security_context: Some(SecurityContext {
+            run_as_user: Some(0),
+            run_as_non_root: Some(false),
+            capabilities: Some(Capabilities { add: Some(vec!["CHOWN".into()]), drop: Some(vec!["ALL".into()]) }),
+            ..restricted()
+        }),
+        volume_mounts: Some(vec![mount("weights", cache, false)]),
+        ..Container::default()
+    }
+}
+
+/// `mantle-runner fetch` or `keep-cached` arguments for the model's weights.
+fn cache_args(command: &str, model: &FoundationModel, options: &RenderOptions, priority: u8) -> Vec<String> {
+    let source = &model.spec.source;
+    let mut args = vec![
+        command.into(),
+        format!("--source={}", source.uri),
+        format!("--cache-dir={}", options.cache_root),
+        format!("--cache-budget-gib={}", options.cache_budget_gib),
+    ];
+    if let Some(sha) = &source.sha256 {
+        args.push(format!("--sha256={sha}"));
+    }
+    if priority > 0 {
+        args.push(format!("--cache-priority={priority}"));
+    }
+    args
+}
+
+/// The pod security context every pod the operator makes runs under.
+fn pod_security() -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(RUNNER_UID),
+        run_as_group: Some(RUNNER_UID),
+        fs_group: Some(RUNNER_UID),
+        seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..SeccompProfile::default() }),
+        ..PodSecurityContext::default()
+    }
+}
+
+/// The weights' eviction priority in the node cache: a reserved tenant's pool keeps them longest,
+/// a prewarmed model's next, on-demand pools' least (see `mantle-runner --cache-priority`).
+pub const RESERVED_CACHE_PRIORITY: u8 = 2;
+pub const PREWARM_CACHE_PRIORITY: u8 = 1;
+
+fn pod_spec(model: &FoundationModel, cell: Option<&Cell>, cache_priority: u8, options: &RenderOptions) -> PodSpec {
     let spec = &model.spec;
     let cache = options.cache_root.as_str();
     // A builtin engine on GPUs runs the runner built with CUDA; an external engine brings its
@@ -359,34 +582,11 @@ fn pod_spec(model: &FoundationModel, cell: Option<&Cell>, options: &RenderOption
             ..EnvVar::default()
         });
     }
-    let budget = format!("--cache-budget-gib={}", options.cache_budget_gib);
-    let prepare = Container {
-        name: "prepare-cache".into(),
-        image: Some(runner_image.clone()),
-        args: Some(vec![
-            "prepare-cache".into(),
-            format!("--cache-dir={cache}"),
-            format!("--owner={RUNNER_UID}:{RUNNER_UID}"),
-        ]),
-        // The cache directory on the node belongs to root until this makes it the runner's.
-        security_context: Some(SecurityContext {
-            run_as_user: Some(0),
-            run_as_non_root: Some(false),
-            capabilities: Some(Capabilities { add: Some(vec!["CHOWN".into()]), drop: Some(vec!["ALL".into()]) }),
-            ..restricted()
-        }),
-        volume_mounts: Some(vec![mount("weights", cache, false)]),
-        ..Container::default()
-    };
-    let mut fetch_args =
-        vec!["fetch".into(), format!("--source={}", spec.source.uri), format!("--cache-dir={cache}"), budget];
-    if let Some(sha) = &spec.source.sha256 {
-        fetch_args.push(format!("--sha256={sha}"));
-    }
+    let prepare = prepare_cache(runner_image, cache);
     let fetch = Container {
         name: "fetch-weights".into(),
         image: Some(runner_image.clone()),
-        args: Some(fetch_args),
+        args: Some(cache_args("fetch", model, options, cache_priority)),
         env_from: credentials(model),
         security_context: Some(restricted()),
         volume_mounts: Some(vec![mount("weights", cache, false)]),
@@ -418,6 +618,7 @@ fn pod_spec(model: &FoundationModel, cell: Option<&Cell>, options: &RenderOption
             threads: 0,
             cache_dir: Some(cache.into()),
             device: on_gpu.then(|| "cuda".into()),
+            cache_priority,
         },
     );
     let mut runner_security = restricted();
@@ -484,16 +685,27 @@ fn pod_spec(model: &FoundationModel, cell: Option<&Cell>, options: &RenderOption
                 }]),
                 ..NodeAffinity::default()
             }),
+            // And nodes where the model's prewarm pod keeps the weights cached.
+            pod_affinity: spec.weight_cache.prewarm.as_ref().map(|_| PodAffinity {
+                preferred_during_scheduling_ignored_during_execution: Some(vec![WeightedPodAffinityTerm {
+                    weight: 100,
+                    pod_affinity_term: PodAffinityTerm {
+                        label_selector: Some(LabelSelector {
+                            match_labels: Some(BTreeMap::from([(
+                                PREWARM_LABEL.to_string(),
+                                model.metadata.name.clone().unwrap_or_default(),
+                            )])),
+                            ..LabelSelector::default()
+                        }),
+                        topology_key: "kubernetes.io/hostname".into(),
+                        ..PodAffinityTerm::default()
+                    },
+                }]),
+                ..PodAffinity::default()
+            }),
             ..Affinity::default()
         }),
-        security_context: Some(PodSecurityContext {
-            run_as_non_root: Some(true),
-            run_as_user: Some(RUNNER_UID),
-            run_as_group: Some(RUNNER_UID),
-            fs_group: Some(RUNNER_UID),
-            seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..SeccompProfile::default() }),
-            ..PodSecurityContext::default()
-        }),
+        security_context: Some(pod_security()),
         automount_service_account_token: Some(false),
         enable_service_links: Some(false),
         termination_grace_period_seconds: Some(30),

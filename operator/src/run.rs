@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -158,6 +158,12 @@ async fn controllers_for(
 ) {
     let managed = watcher::Config::default().labels(MANAGED);
     let (deployments, deployments_writer) = reflector::store::<Deployment>();
+    let (daemonsets, daemonsets_writer) = reflector::store::<DaemonSet>();
+    tokio::spawn(
+        reflector::reflector(daemonsets_writer, watcher(api::<DaemonSet>(&client, &scope), managed.clone()))
+            .applied_objects()
+            .for_each(|_| async {}),
+    );
     let (nodes, nodes_writer) = reflector::store::<Node>();
     tokio::spawn(
         reflector::reflector(nodes_writer, watcher(Api::<Node>::all(client.clone()), watcher::Config::default()))
@@ -178,6 +184,7 @@ async fn controllers_for(
         provisioned: provisioned.store(),
         cells: cells.store(),
         deployments,
+        daemonsets,
         nodes,
         options,
         recorder: Recorder::new(

@@ -16,6 +16,8 @@ pub struct RunnerPlacement {
     pub cache_dir: Option<String>,
     /// Where the model runs (`--device`: `cuda` on a GPU node); `None` is the runner's CPU.
     pub device: Option<String>,
+    /// The weights' eviction priority in the node cache (`--cache-priority`; 0 is left out).
+    pub cache_priority: u8,
 }
 
 /// `mantle-runner` arguments (after the binary name) serving `model` at `placement`.
@@ -37,6 +39,9 @@ pub fn runner_args(model: &FoundationModel, placement: &RunnerPlacement) -> Vec<
     }
     if let Some(device) = &placement.device {
         args.push(format!("--device={device}"));
+    }
+    if placement.cache_priority > 0 {
+        args.push(format!("--cache-priority={}", placement.cache_priority));
     }
     if spec.weight_cache.pin_in_host_memory && spec.weight_cache.tiers.contains(&CacheTier::HostMemory) {
         args.push("--pin-weights".into());

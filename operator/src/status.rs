@@ -131,6 +131,7 @@ pub fn model_status(model: &FoundationModel, plan: &Plan, observed: &Observed, n
             })
             .collect(),
         weights_sha256: model.spec.source.sha256.clone(),
+        weights_cached: None,
         observed_generation: generation,
     }
 }
@@ -299,4 +300,37 @@ pub fn cell_status(
         conditions,
         observed_generation: generation,
     }
+}
+
+/// For a prewarmed model: `weightsCached` ("2/3 nodes": prewarm pods ready over the nodes the
+/// prewarm selects) and the `WeightsCached` condition, from its prewarm DaemonSet as last seen
+/// (`None` before the first one is seen). Models without prewarm get neither.
+pub fn weights_cached(
+    status: &mut FoundationModelStatus,
+    model: &FoundationModel,
+    daemonset: Option<&std::sync::Arc<k8s_openapi::api::apps::v1::DaemonSet>>,
+    now: &Time,
+) {
+    if model.spec.weight_cache.prewarm.is_none() {
+        return;
+    }
+    let previous = model.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
+    let counts = daemonset.and_then(|d| d.status.as_ref()).map(|s| (s.number_ready, s.desired_number_scheduled));
+    let (ready, nodes) = counts.unwrap_or((0, 0));
+    status.weights_cached = Some(format!("{ready}/{nodes} nodes"));
+    let (cached, reason, message) = match counts {
+        None => (false, "Prewarming", "the prewarm DaemonSet has not reported yet".to_string()),
+        Some((_, 0)) => (false, "NoNodes", "no node matches weightCache.prewarm within the model's Cells".to_string()),
+        Some((r, n)) if r < n => (false, "Prewarming", format!("the weights are cached on {r} of {n} nodes")),
+        Some((r, n)) => (true, "Cached", format!("the weights are cached on {r} of {n} nodes")),
+    };
+    status.conditions.push(condition(
+        previous,
+        "WeightsCached",
+        cached,
+        reason,
+        message,
+        model.metadata.generation,
+        now,
+    ));
 }

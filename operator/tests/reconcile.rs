@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use axum::body::Body;
 use axum::http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher;
@@ -135,6 +135,17 @@ fn fixture(
     deployments: Vec<Deployment>,
     fail: Option<&'static str>,
 ) -> Fixture {
+    fixture_with(models, provisioned, cells, deployments, Vec::new(), fail)
+}
+
+fn fixture_with(
+    models: Vec<FoundationModel>,
+    provisioned: Vec<ProvisionedThroughput>,
+    cells: Vec<Cell>,
+    deployments: Vec<Deployment>,
+    daemonsets: Vec<DaemonSet>,
+    fail: Option<&'static str>,
+) -> Fixture {
     let calls = Arc::new(Mutex::new(Vec::new()));
     let mut known: Vec<Value> = models.iter().map(|m| serde_json::to_value(m).unwrap()).collect();
     known.extend(provisioned.iter().map(|p| serde_json::to_value(p).unwrap()));
@@ -147,6 +158,7 @@ fn fixture(
         provisioned: store(provisioned),
         cells: store(cells),
         deployments: store(deployments),
+        daemonsets: store(daemonsets),
         nodes: store(Vec::new()),
         options: RenderOptions::default(),
         recorder,
@@ -186,10 +198,15 @@ async fn a_model_is_applied_pool_by_pool_then_its_status_then_an_event() {
             format!("PATCH /apis/apps/v1{ns}/deployments/smollm2-135m-instruct-cell-b"),
             format!("PATCH /api/v1{ns}/services/smollm2-135m-instruct-cell-b"),
             format!("PATCH /apis/policy/v1{ns}/poddisruptionbudgets/smollm2-135m-instruct-cell-b"),
+            // Its weightCache.prewarm: the DaemonSet that keeps the weights on the selected nodes.
+            format!("PATCH /apis/apps/v1{ns}/daemonsets/smollm2-135m-instruct-prewarm"),
             format!("PATCH /apis/mantle.dev/v1alpha1{ns}/foundationmodels/smollm2-135m-instruct/status"),
             format!("POST /apis/events.k8s.io/v1{ns}/events"),
         ]
     );
+    let prewarm = &calls[6].body;
+    assert_eq!(prewarm["kind"], "DaemonSet");
+    assert_eq!(prewarm["spec"]["template"]["spec"]["containers"][0]["args"][0], "keep-cached");
     // Server-side apply, as the operator's field manager, forcing its fields.
     assert!(
         calls[0].uri.contains("fieldManager=mantle-operator") && calls[0].uri.contains("force=true"),
@@ -202,8 +219,11 @@ async fn a_model_is_applied_pool_by_pool_then_its_status_then_an_event() {
     assert_eq!(deployment["spec"]["template"]["metadata"]["labels"]["mantle.dev/cell"], "cell-a");
     // The status: nothing ready yet; in each Cell the model's shared replica and its
     // reservation's dedicated one.
-    let status = &calls[6].body["status"];
+    let status = &calls[7].body["status"];
     assert_eq!(status["phase"], "Pending");
+    assert_eq!(status["weightsCached"], "0/0 nodes");
+    let cached = status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "WeightsCached").unwrap();
+    assert_eq!((cached["status"].as_str(), cached["reason"].as_str()), (Some("False"), Some("Prewarming")));
     assert_eq!(status["observedGeneration"], 3);
     assert_eq!(
         status["cells"],
@@ -213,7 +233,7 @@ async fn a_model_is_applied_pool_by_pool_then_its_status_then_an_event() {
     assert_eq!(status["endpoints"][0], "smollm2-135m-instruct-cell-a.models.svc:50051");
     let available = status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Available").unwrap();
     assert_eq!((available["status"].as_str(), available["reason"].as_str()), (Some("False"), Some("ReplicasNotReady")));
-    let event = &calls[7].body;
+    let event = &calls[8].body;
     assert_eq!((event["reason"].as_str(), event["type"].as_str()), (Some("PoolsApplied"), Some("Normal")));
     assert_eq!(event["regarding"]["name"], "smollm2-135m-instruct");
     assert!(f.ctx.metrics.render().contains("mantle_operator_reconciles_total{kind=\"FoundationModel\"} 1"));
@@ -401,4 +421,54 @@ async fn the_routers_queue_sizes_a_shared_pool_within_its_bounds() {
         replicas,
         [("smollm2-135m-instruct-cell-a".to_string(), 3), ("smollm2-135m-instruct-cell-b".to_string(), 3)]
     );
+}
+
+fn prewarm_daemonset(ready: i32, desired: i32) -> DaemonSet {
+    serde_json::from_value(json!({
+        "apiVersion": "apps/v1", "kind": "DaemonSet",
+        "metadata": {"name": "smollm2-135m-instruct-prewarm", "namespace": "models",
+            "labels": {"app.kubernetes.io/managed-by": "mantle-operator"}},
+        "spec": {"selector": {}, "template": {}},
+        "status": {"numberReady": ready, "desiredNumberScheduled": desired, "currentNumberScheduled": desired,
+            "numberMisscheduled": 0}
+    }))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn the_status_counts_warm_nodes_and_a_model_without_prewarm_loses_its_daemonset() {
+    let (models, provisioned, cells) = resources();
+    let model = smollm2(&models);
+    let f = fixture_with(
+        models.clone(),
+        provisioned.clone(),
+        cells.clone(),
+        Vec::new(),
+        vec![prewarm_daemonset(2, 3)],
+        None,
+    );
+    reconcile_model(model.clone(), f.ctx.clone()).await.unwrap();
+    let calls = f.calls();
+    let status = &calls.iter().find(|c| c.uri.contains("/status")).unwrap().body["status"];
+    assert_eq!(status["weightsCached"], "2/3 nodes");
+    let cached = status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "WeightsCached").unwrap();
+    assert_eq!(cached["status"], "False");
+    assert_eq!(cached["message"], "the weights are cached on 2 of 3 nodes");
+
+    // Prewarm taken out of the spec: the DaemonSet goes, and the status says nothing of caching.
+    let mut plain = (*model).clone();
+    plain.spec.weight_cache.prewarm = None;
+    let models: Vec<FoundationModel> =
+        models.into_iter().map(|m| if m.metadata.name == plain.metadata.name { plain.clone() } else { m }).collect();
+    let f = fixture_with(models, provisioned, cells, Vec::new(), vec![prewarm_daemonset(3, 3)], None);
+    reconcile_model(Arc::new(plain), f.ctx.clone()).await.unwrap();
+    let calls = f.calls();
+    assert!(
+        calls
+            .iter()
+            .any(|c| c.short() == "DELETE /apis/apps/v1/namespaces/models/daemonsets/smollm2-135m-instruct-prewarm")
+    );
+    assert!(!calls.iter().any(|c| c.method == "PATCH" && c.uri.contains("/daemonsets/")));
+    let status = &calls.iter().find(|c| c.uri.contains("/status")).unwrap().body["status"];
+    assert!(status.get("weightsCached").is_none());
 }

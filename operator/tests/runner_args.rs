@@ -26,6 +26,7 @@ fn placement(model: &str) -> RunnerPlacement {
         threads: 0,
         cache_dir: Some("/var/cache/mantle/weights".into()),
         device: None,
+        cache_priority: 0,
     }
 }
 

@@ -74,6 +74,7 @@ pub fn wants(
             cache_dir: Some(launch.cache_dir.display().to_string()),
             // Local runners use this machine's CPU, whatever GPUs the model asks of a cluster.
             device: None,
+            cache_priority: 0,
         };
         let mut args = runner_args(model, &placement);
         // Locking weights in RAM needs a raised memlock limit that a laptop rarely has.
