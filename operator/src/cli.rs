@@ -36,6 +36,11 @@ pub struct PodArgs {
     /// pools; `none` when runners do not authenticate the router.
     #[arg(long, default_value = "mantle-runner-token")]
     pub runner_token_secret: String,
+    /// The inference gateway's endpoint picker Service, `SERVICE:PORT`: External-engine models
+    /// then get an InferencePool (inference.networking.k8s.io/v1) of their runner pods, when that
+    /// CRD is installed.
+    #[arg(long)]
+    pub inference_pool_endpoint_picker: Option<crate::render::EndpointPicker>,
 }
 
 impl PodArgs {
@@ -47,6 +52,7 @@ impl PodArgs {
             cache_root: self.cache_root.clone(),
             cache_budget_gib: self.cache_budget_gib,
             runner_token_secret: (self.runner_token_secret != "none").then(|| self.runner_token_secret.clone()),
+            endpoint_picker: self.inference_pool_endpoint_picker.clone(),
         }
     }
 }

@@ -221,6 +221,11 @@ async fn apply(client: &Client, namespace: &str, object: &Object) -> Result<(), 
         Object::Service(s) => patch(Api::namespaced(client.clone(), namespace), &name, &**s).await,
         Object::PodDisruptionBudget(p) => patch(Api::namespaced(client.clone(), namespace), &name, &**p).await,
         Object::DaemonSet(d) => patch(Api::namespaced(client.clone(), namespace), &name, &**d).await,
+        Object::InferencePool(p) => {
+            let api: Api<kube::api::DynamicObject> =
+                Api::namespaced_with(client.clone(), namespace, &crate::render::inference_pool_resource());
+            patch(api, &name, &**p).await
+        }
     };
     result.map_err(|source| Error::Apply { kind: object.kind(), name, source })
 }
@@ -337,6 +342,7 @@ async fn reconcile_model_inner(model: &FoundationModel, ctx: &Context) -> Result
         .find(|p| p.kind == "FoundationModel" && p.name == name && p.namespace.as_deref() == Some(&namespace));
     let (applied, deleted) = realise(ctx, &namespace, "FoundationModel", &name, &rendered, problem.is_some()).await?;
     let prewarm = prewarm(ctx, model, &namespace, &desired, &plan, problem.is_some()).await?;
+    inference_pool(ctx, model, &namespace).await?;
     let mut status = model_status(model, &plan, &observed, &now());
     crate::status::weights_cached(&mut status, model, prewarm.as_ref(), &now());
     let changed =
@@ -388,6 +394,25 @@ async fn prewarm(
             }
             Ok(None)
         }
+    }
+}
+
+/// With an endpoint picker configured: applies the model's InferencePool, or deletes one it no
+/// longer has (an engine that is no longer External).
+async fn inference_pool(ctx: &Context, model: &FoundationModel, namespace: &str) -> Result<(), Error> {
+    if ctx.options.endpoint_picker.is_none() {
+        return Ok(());
+    }
+    if let Some(pool) = crate::render::render_inference_pool(model, &ctx.options) {
+        return apply(&ctx.client, namespace, &Object::InferencePool(Box::new(pool))).await;
+    }
+    let api: Api<kube::api::DynamicObject> =
+        Api::namespaced_with(ctx.client.clone(), namespace, &crate::render::inference_pool_resource());
+    let name = model.name_any();
+    match api.delete(&name, &DeleteParams::background()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(source) => Err(Error::Delete { kind: "InferencePool", name, source }),
     }
 }
 

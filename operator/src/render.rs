@@ -82,6 +82,29 @@ pub struct RenderOptions {
     /// The Secret (key `token`) holding the token the router presents, when runner
     /// authentication is on.
     pub runner_token_secret: Option<String>,
+    /// The inference gateway's endpoint picker, when InferencePools are to be made for it.
+    pub endpoint_picker: Option<EndpointPicker>,
+}
+
+/// An InferencePool's `endpointPickerRef`: the endpoint picker Service of the gateway.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EndpointPicker {
+    pub service: String,
+    pub port: i32,
+}
+
+impl std::str::FromStr for EndpointPicker {
+    type Err = String;
+
+    /// `SERVICE:PORT`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (service, port) = s.rsplit_once(':').ok_or_else(|| format!("{s:?} is not SERVICE:PORT"))?;
+        let port: i32 = port.parse().map_err(|_| format!("{port:?} in {s:?} is not a port"))?;
+        if service.is_empty() || !(1..=65535).contains(&port) {
+            return Err(format!("{s:?} is not SERVICE:PORT"));
+        }
+        Ok(EndpointPicker { service: service.into(), port })
+    }
 }
 
 impl Default for RenderOptions {
@@ -92,6 +115,7 @@ impl Default for RenderOptions {
             cache_root: "/var/cache/mantle/weights".into(),
             cache_budget_gib: 100,
             runner_token_secret: Some("mantle-runner-token".into()),
+            endpoint_picker: None,
         }
     }
 }
@@ -104,6 +128,8 @@ pub enum Object {
     Service(Box<Service>),
     PodDisruptionBudget(Box<PodDisruptionBudget>),
     DaemonSet(Box<DaemonSet>),
+    /// A Gateway API Inference Extension InferencePool (a CRD, so untyped).
+    InferencePool(Box<kube::api::DynamicObject>),
 }
 
 impl Object {
@@ -113,6 +139,7 @@ impl Object {
             Object::Service(_) => "Service",
             Object::PodDisruptionBudget(_) => "PodDisruptionBudget",
             Object::DaemonSet(_) => "DaemonSet",
+            Object::InferencePool(_) => "InferencePool",
         }
     }
 
@@ -122,6 +149,7 @@ impl Object {
             Object::Service(o) => &o.metadata,
             Object::PodDisruptionBudget(o) => &o.metadata,
             Object::DaemonSet(o) => &o.metadata,
+            Object::InferencePool(o) => &o.metadata,
         }
     }
 }
@@ -131,7 +159,57 @@ impl Object {
 pub fn render(desired: &Desired, plan: &Plan, options: &RenderOptions) -> Vec<Object> {
     let pools = render_pools(desired, plan.pools.iter(), options).into_iter().flat_map(|(_, objects)| objects);
     let prewarm = desired.models.iter().filter_map(|m| render_prewarm(m, desired, plan, options));
-    pools.chain(prewarm.map(|d| Object::DaemonSet(Box::new(d)))).collect()
+    let gateway = desired.models.iter().filter_map(|m| render_inference_pool(m, options));
+    pools
+        .chain(prewarm.map(|d| Object::DaemonSet(Box::new(d))))
+        .chain(gateway.map(|p| Object::InferencePool(Box::new(p))))
+        .collect()
+}
+
+/// The Gateway API Inference Extension's InferencePool kind.
+pub fn inference_pool_resource() -> kube::api::ApiResource {
+    kube::api::ApiResource {
+        group: "inference.networking.k8s.io".into(),
+        version: "v1".into(),
+        api_version: "inference.networking.k8s.io/v1".into(),
+        kind: "InferencePool".into(),
+        plural: "inferencepools".into(),
+    }
+}
+
+/// For an External-engine model, when the operator is given the gateway's endpoint picker: an
+/// InferencePool (named as the model) of its runner pods' engine port, which speaks the OpenAI
+/// API, so an existing inference gateway can route to it. Builtin-engine runners speak Mantle's
+/// gRPC API only; gateways reach those models through the Mantle router.
+pub fn render_inference_pool(model: &FoundationModel, options: &RenderOptions) -> Option<kube::api::DynamicObject> {
+    let picker = options.endpoint_picker.as_ref()?;
+    let external = match (model.spec.engine.type_, &model.spec.engine.external) {
+        (EngineType::External, Some(external)) => external,
+        _ => return None,
+    };
+    let name = model.metadata.name.clone().unwrap_or_default();
+    let mut pool = kube::api::DynamicObject::new(&name, &inference_pool_resource());
+    pool.metadata.namespace = model.metadata.namespace.clone();
+    pool.metadata.labels = Some(BTreeMap::from([
+        ("app.kubernetes.io/managed-by".to_string(), "mantle-operator".to_string()),
+        (MODEL_LABEL.to_string(), name.clone()),
+    ]));
+    pool.metadata.owner_references = Some(vec![model_owner(model)]);
+    pool.data = serde_json::json!({
+        "spec": {
+            "selector": {"matchLabels": {
+                MODEL_LABEL: name,
+                "app.kubernetes.io/component": "runner",
+            }},
+            "targetPorts": [{"number": external.port}],
+            "endpointPickerRef": {
+                "name": picker.service,
+                "port": {"number": picker.port},
+                "failureMode": "FailClose",
+            },
+        }
+    });
+    Some(pool)
 }
 
 /// The name of a model's prewarm DaemonSet.

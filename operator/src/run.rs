@@ -88,7 +88,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     tracing::info!(identity = %args.identity, "leading: reconciling");
     leading.store(true, Ordering::Relaxed);
-    let options = args.render.options();
+    let mut options = args.render.options();
+    if options.endpoint_picker.is_some() && !inference_pools_installed(&client).await {
+        tracing::warn!(
+            "--inference-pool-endpoint-picker is set but the InferencePool CRD (inference.networking.k8s.io/v1) \
+             is not installed: no InferencePools are made (restart the operator after installing it)"
+        );
+        options.endpoint_picker = None;
+    }
     let scopes: Vec<Option<String>> = if args.watch_namespaces.is_empty() {
         vec![None]
     } else {
@@ -321,4 +328,10 @@ async fn serve_http(listen: SocketAddr, metrics: Metrics, leading: Arc<AtomicBoo
         }
         Err(e) => tracing::error!(%listen, error = %e, "cannot listen for /metrics"),
     }
+}
+
+/// Whether the cluster serves the Gateway API Inference Extension's InferencePool (v1).
+async fn inference_pools_installed(client: &Client) -> bool {
+    let gvk = kube::api::GroupVersionKind::gvk("inference.networking.k8s.io", "v1", "InferencePool");
+    kube::discovery::pinned_kind(client, &gvk).await.is_ok()
 }

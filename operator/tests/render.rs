@@ -23,6 +23,7 @@ fn args(path: &Path) -> RenderArgs {
             cache_root: "/var/cache/mantle/weights".into(),
             cache_budget_gib: 100,
             runner_token_secret: "mantle-runner-token".into(),
+            inference_pool_endpoint_picker: None,
         },
     }
 }
@@ -139,4 +140,23 @@ fn an_external_engine_runs_beside_a_runner_that_fronts_it() {
 fn a_model_that_scales_to_zero_has_no_pods_until_asked() {
     let (_, objects) = variants();
     assert_eq!(deployment(&objects, "tiny-batch-gpu-east").spec.as_ref().unwrap().replicas, Some(0));
+}
+
+#[test]
+fn with_an_endpoint_picker_external_models_get_an_inference_pool_of_their_engine_port() {
+    let text = std::fs::read_to_string(here().join("tests/golden/variants.yaml")).unwrap();
+    let desired = Desired::from_manifests(mantle_crds::parse_manifests(&text, "variants.yaml").unwrap());
+    let picker = "gateway-epp:9002".parse().unwrap();
+    let options = RenderOptions { endpoint_picker: Some(picker), ..RenderOptions::default() };
+    let objects = mantle_operator::render(&desired, &plan(&desired, &Observed::default()), &options);
+    let pools: Vec<&Object> = objects.iter().filter(|o| o.kind() == "InferencePool").collect();
+    assert_eq!(pools.len(), 1, "only the External-engine model");
+    let Object::InferencePool(pool) = pools[0] else { unreachable!() };
+    assert_eq!(pool.metadata.name.as_deref(), Some("qwen-vllm"));
+    let spec = &pool.data["spec"];
+    assert_eq!(spec["selector"]["matchLabels"]["mantle.dev/foundation-model"], "qwen-vllm");
+    assert_eq!(spec["endpointPickerRef"]["name"], "gateway-epp");
+    assert_eq!(spec["endpointPickerRef"]["port"]["number"], 9002);
+    assert!(spec["targetPorts"][0]["number"].as_i64().unwrap() > 0);
+    assert!("nocolon".parse::<mantle_operator::render::EndpointPicker>().is_err());
 }
