@@ -2,7 +2,9 @@
 //! in its schema, plus the ranges and patterns the operator relies on. Errors name the field by its
 //! path in the manifest (`spec.replicas.min`), the way the API server does.
 
+use std::collections::HashMap;
 use std::fmt;
+use std::sync::{LazyLock, Mutex};
 
 /// One violated rule: the field's path in the manifest and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,6 +39,17 @@ pub trait Validate {
     fn validate(&self) -> Result<(), Invalid>;
 }
 
+/// The schema's patterns, each compiled once per process: the operator validates every spec of a
+/// namespace on each reconcile, and compiling a regex costs far more than matching it. The keys are
+/// the crate's own `'static` patterns, so the cache is bounded by the source, not by input — which
+/// is why each compiled regex may live for the process (a clone would rebuild its search cache).
+fn compiled(pattern: &'static str) -> Option<&'static regex::Regex> {
+    static CACHE: LazyLock<Mutex<HashMap<&'static str, Option<&'static regex::Regex>>>> =
+        LazyLock::new(Default::default);
+    let mut cache = CACHE.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    *cache.entry(pattern).or_insert_with(|| regex::Regex::new(pattern).ok().map(|re| &*Box::leak(Box::new(re))))
+}
+
 /// Collects violations while a spec is walked.
 #[derive(Default)]
 pub(crate) struct Violations(Vec<FieldError>);
@@ -50,15 +63,17 @@ impl Violations {
     }
 
     /// Checks that `value` matches the anchored `pattern` (one of the schema's patterns).
-    pub(crate) fn pattern(&mut self, value: &str, pattern: &str, field: impl Into<String>) {
-        let ok = regex::Regex::new(pattern).is_ok_and(|re| re.is_match(value));
-        self.check(ok, field, format!("{value:?} does not match {pattern}"));
+    pub(crate) fn pattern(&mut self, value: &str, pattern: &'static str, field: impl Into<String>) {
+        if !compiled(pattern).is_some_and(|re| re.is_match(value)) {
+            self.check(false, field, format!("{value:?} does not match {pattern}"));
+        }
     }
 
     /// Checks `min <= value <= max`.
     pub(crate) fn range<T: PartialOrd + fmt::Display>(&mut self, value: T, min: T, max: T, field: impl Into<String>) {
-        let ok = value >= min && value <= max;
-        self.check(ok, field, format!("{value} is outside {min}..={max}"));
+        if !(value >= min && value <= max) {
+            self.check(false, field, format!("{value} is outside {min}..={max}"));
+        }
     }
 
     pub(crate) fn finish(self) -> Result<(), Invalid> {
