@@ -190,3 +190,64 @@ async fn a_dedicated_pool_admits_its_tenant_while_a_neighbour_fills_the_shared_o
     }
     std::fs::remove_file(keys).ok();
 }
+
+#[tokio::test]
+async fn waiters_for_a_dedicated_pool_that_loses_its_last_runner_move_to_the_shared_pool() {
+    let keys = std::env::temp_dir().join(format!("mantle-pool-gone-keys-{}.yaml", std::process::id()));
+    std::fs::write(&keys, "tenants:\n  - {name: analytics, apiKeys: [mk-analytics-0123456789ab]}\n").unwrap();
+    // The dedicated runner takes 5 s a request, so its one slot stays busy; the shared one
+    // answers at once.
+    let dedicated =
+        stand_in(StandInConfig { tokens: 100, interval: Duration::from_millis(50), ..Default::default() }).await;
+    let shared = stand_in(StandInConfig::default()).await;
+    let mut config = RouterConfig::local("127.0.0.1:0".parse().unwrap());
+    config.auth = AuthConfig::File(keys.clone());
+    config.path.slots_per_runner = 1;
+    let mut platform = Platform {
+        models: vec![support::model(TEXT, "TEXT", PROVISIONING)],
+        provisioned: vec![reservation("team-a", TEXT, "analytics")],
+        runners: vec![
+            RunnerSpec { model: TEXT.into(), address: shared.address(), pool: None, cell: None },
+            RunnerSpec { model: TEXT.into(), address: dedicated.address(), pool: Some("analytics".into()), cell: None },
+        ],
+        cells: Vec::new(),
+    };
+    let (app, inference) = mantle_router::build(&config, platform.clone()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !inference.live().runners.for_model(TEXT).iter().all(|r| r.state().1) || !inference.admits(TEXT) {
+        assert!(Instant::now() < deadline, "stand-ins never ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    // One request holds the reservation's only slot; the next waits in the reservation's queue.
+    let holder = {
+        let app = app.clone();
+        tokio::spawn(async move { call(&app, "mk-analytics-0123456789ab", TEXT).await.0 })
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while dedicated.counters.active.load(Ordering::Relaxed) == 0 {
+        assert!(Instant::now() < deadline, "the first request never reached the dedicated runner");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let waiter = {
+        let app = app.clone();
+        tokio::spawn(async move { call(&app, "mk-analytics-0123456789ab", TEXT).await })
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while inference.queued(TEXT, Some("analytics")) == 0 {
+        assert!(Instant::now() < deadline, "the second request never queued for the dedicated pool");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The reservation's pool goes away (scaled in, its pod evicted): the waiter is served by the
+    // shared pool instead of being refused.
+    platform.runners.retain(|r| r.pool.is_none());
+    inference.update(platform).unwrap();
+    let (status, body) = tokio::time::timeout(Duration::from_secs(3), waiter)
+        .await
+        .expect("the waiter was left in the dedicated pool's queue")
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(shared.counters.generates.load(Ordering::Relaxed), 1, "the shared runner did not serve it");
+    holder.abort();
+    std::fs::remove_file(keys).ok();
+}

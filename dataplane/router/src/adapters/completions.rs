@@ -324,17 +324,18 @@ impl Completion {
     }
 
     /// One streamed chunk: new text (with its tokens' log-probabilities when asked for), or the
-    /// end with its finish reason.
+    /// end with its finish reason. `offset` is the characters streamed before this chunk: a
+    /// token's `text_offset` counts from the start of the whole text, as in a non-streamed answer.
     pub fn chunk(
         &self,
         id: &str,
-        text: &str,
+        (text, offset): (&str, usize),
         tokens: &[TokenLogprob],
         first_scored: bool,
         end: Option<StopReason>,
     ) -> Value {
         let logprobs = self.logprobs.map(|_| {
-            let mut l = Logprobs::default();
+            let mut l = Logprobs { offset, ..Default::default() };
             for (i, t) in tokens.iter().enumerate() {
                 l.push(t, first_scored || i > 0);
             }
@@ -441,6 +442,18 @@ mod tests {
                 .map(|&(t, l)| TokenLogprob { bytes: t.as_bytes().to_vec(), logprob: l, top: Vec::new() })
                 .collect(),
         }
+    }
+
+    #[test]
+    fn streamed_chunks_count_text_offset_from_the_start_of_the_whole_text() {
+        let c = with(json!({"prompt": "Hi there", "echo": true, "logprobs": 0, "stream": true})).unwrap();
+        let prompt_scores = [token(b"Hi", 0.0, &[]), token(b" there", -2.5, &[])];
+        let first = c.chunk("r", ("Hi there", 0), &prompt_scores, false, None);
+        assert_eq!(first["choices"][0]["logprobs"]["text_offset"], json!([0, 2]));
+        let reply = [token(b"!", -0.5, &[]), token(b" \xc3\xa9", -1.0, &[])];
+        let next = c.chunk("r", ("! \u{e9}", 8), &reply, true, None);
+        assert_eq!(next["choices"][0]["logprobs"]["text_offset"], json!([8, 9]));
+        assert_eq!(next["choices"][0]["logprobs"]["token_logprobs"], json!([-0.5, -1.0]));
     }
 
     #[test]

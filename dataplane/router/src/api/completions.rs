@@ -127,6 +127,8 @@ async fn pump(state: Shared, ctx: Ctx, completion: Completion, mut generation: G
     let guards = state.inference.guards();
     let mut so_far = String::new();
     let mut echoed = !completion.echo;
+    // Characters streamed so far (echo included): where the next chunk's text_offset starts.
+    let mut sent = 0;
     let send = |chunk: serde_json::Value| {
         let frames = &frames;
         async move { frames.sse(&chunk.to_string()).await }
@@ -138,9 +140,10 @@ async fn pump(state: Shared, ctx: Ctx, completion: Completion, mut generation: G
             echoed = true;
             let scores = generation.take_prompt_logprobs();
             let text = completion.echoed(&completion.prompts[0], &scores);
-            if !send(completion.chunk(&id, &text, &scores, false, None)).await {
+            if !send(completion.chunk(&id, (&text, sent), &scores, false, None)).await {
                 return;
             }
+            sent += text.chars().count();
         }
         match piece {
             Ok(Some(Piece::Text { text, mut logprobs, .. })) => {
@@ -153,11 +156,13 @@ async fn pump(state: Shared, ctx: Ctx, completion: Completion, mut generation: G
                     logprobs.clear();
                 }
                 so_far.push_str(&text);
-                if !send(completion.chunk(&id, &text, &logprobs, true, None)).await {
+                if !send(completion.chunk(&id, (&text, sent), &logprobs, true, None)).await {
                     return;
                 }
+                sent += text.chars().count();
                 if blocked {
-                    let _ = send(completion.chunk(&id, "", &[], true, Some(StopReason::GuardrailIntervened))).await
+                    let _ = send(completion.chunk(&id, ("", sent), &[], true, Some(StopReason::GuardrailIntervened)))
+                        .await
                         && frames.sse("[DONE]").await;
                     return;
                 }
@@ -180,7 +185,7 @@ async fn pump(state: Shared, ctx: Ctx, completion: Completion, mut generation: G
 async fn finish(frames: &Frames, completion: &Completion, id: &str, output: &TextOutput) -> bool {
     let none: &[TokenLogprob] = &[];
     let stop = if completion.score_only { StopReason::MaxTokens } else { output.stop_reason };
-    frames.sse(&completion.chunk(id, "", none, true, Some(stop)).to_string()).await
+    frames.sse(&completion.chunk(id, ("", 0), none, true, Some(stop)).to_string()).await
         && (!completion.include_usage || frames.sse(&completion.usage_chunk(id, output).to_string()).await)
         && frames.sse("[DONE]").await
 }

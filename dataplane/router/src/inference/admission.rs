@@ -155,7 +155,7 @@ impl Inference {
         prompt: &str,
     ) -> Result<Admission, ApiError> {
         model.check_serving(SystemTime::now())?;
-        let (key, queue) = self.queue_for(&model.model_id, &ctx.tenant.name);
+        let (mut key, queue) = self.queue_for(&model.model_id, &ctx.tenant.name);
         // Provisioned model units weigh in fair queuing and reserve their rate: units × the
         // model's tokens per unit, on top of the tenant's on-demand limits.
         let units = self.live().provisioned.get(&(ctx.tenant.name.clone(), model.model_id.clone())).copied();
@@ -177,7 +177,17 @@ impl Inference {
         };
         let queued = Instant::now();
         let guards = self.guards();
-        let (permit, guard) = tokio::join!(queue.acquire(request), guards.check_input(ctx, prompt));
+        let (permit, guard) = tokio::join!(queue.acquire(request.clone()), guards.check_input(ctx, prompt));
+        let permit = match permit {
+            // The reservation's pool lost its last ready runner while the request waited: the
+            // shared pool serves it instead (as placement does), rather than refusing it.
+            Err(Rejected::Unavailable { .. }) if key.pool.is_some() => {
+                key = QueueKey::shared(&model.model_id);
+                tracing::info!(model = %model.model_id, tenant = %ctx.tenant.name, "dedicated pool gone; request moves to the shared pool");
+                self.queue(&key).acquire(request).await
+            }
+            other => other,
+        };
         let permit = permit.map_err(|rejected| {
             let (reason, error) = self.rejection(model, rejected);
             self.reject(model, reason);
