@@ -1,0 +1,831 @@
+//! Running one job: plan the shards (once; the plan is stored), run the shards not yet
+//! committed, merge the committed parts into Bedrock's output files.
+//!
+//! Layout under `<output>/<jobId>/`:
+//! - `<input file>.out` and `manifest.json.out` — what users read (Bedrock's names);
+//! - `_mantle/plan.json` — the shards; `_mantle/shards/<id>.jsonl` — a shard's output lines,
+//!   `_mantle/shards/<id>.json` — its commit record, written after the lines. A shard without a
+//!   commit record is run again from its start and its lines overwritten, so every record is in
+//!   the output exactly once however often a worker or the process is killed. Paths starting
+//!   with `_` are hidden from Spark's readers, so `spark.read.json(prefix)` sees outputs only.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use mantle_crds::{BatchJobSpec, InvocationType, OverLimitAction};
+use object_store::path::Path;
+use object_store::{ObjectStoreExt, PutPayload, WriteMultipart};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use serde_json::value::RawValue;
+use tokio::sync::{Semaphore, watch};
+
+use crate::client::{CallError, RouterClient};
+use crate::plan::{Cutter, Seen, Shard, TokenEstimate};
+use crate::record::{self, BadLine, PartitionBy};
+use crate::store::{Location, StoreError, Stores};
+
+/// Why a job failed as a whole (a bad record never fails a job).
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("no .jsonl input at {0}")]
+    NoInput(String),
+    #[error("model {0} is not served here")]
+    UnknownModel(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot read the input {uri}: {source}")]
+    Read { uri: String, source: object_store::Error },
+    #[error("cannot write the output {uri} (retried): {source}")]
+    Write { uri: String, source: object_store::Error },
+    #[error("the router cannot be used: {0}")]
+    Router(String),
+}
+
+/// Counts a job reports while it runs, and at its end.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Progress {
+    pub total_records: u64,
+    pub success: u64,
+    pub error: u64,
+    pub skipped: u64,
+    pub reused: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub shards_total: u64,
+    pub shards_done: u64,
+    pub shards_running: u64,
+    /// True once the shards are planned (`total_records` is then final).
+    pub planned: bool,
+}
+
+impl Progress {
+    pub fn processed(&self) -> u64 {
+        self.success + self.error + self.skipped + self.reused
+    }
+
+    fn add(&mut self, c: &ShardCommit) {
+        self.success += c.success;
+        self.error += c.error;
+        self.skipped += c.skipped;
+        self.input_tokens += c.input_tokens;
+        self.output_tokens += c.output_tokens;
+        self.shards_done += 1;
+    }
+}
+
+/// How a job ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every shard committed.
+    Finished,
+    /// Asked to stop: the committed shards' outputs are written, the rest not run.
+    Stopped,
+}
+
+/// What runs jobs: where data lives, the router, how much at once.
+#[derive(Clone)]
+pub struct Runtime {
+    pub stores: Stores,
+    pub router: RouterClient,
+    /// Records in flight at once, over all shards.
+    pub concurrency: usize,
+}
+
+/// A job: its id (the last segment of its ARN, the output folder's name) and what to do.
+#[derive(Clone, Debug)]
+pub struct Job {
+    pub id: String,
+    pub spec: BatchJobSpec,
+}
+
+/// A shard's commit record.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ShardCommit {
+    shard: u32,
+    file: String,
+    records: u64,
+    success: u64,
+    error: u64,
+    skipped: u64,
+    input_tokens: u64,
+    output_tokens: u64,
+    seconds: f64,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StoredPlan {
+    version: u32,
+    estimate: TokenEstimate,
+    total_records: u64,
+    /// Input files (relative to the input prefix) in order.
+    files: Vec<String>,
+    shards: Vec<Shard>,
+}
+
+/// The 12-character job id of a job name (`[a-z0-9]`, as Bedrock's).
+pub fn job_id(namespace: &str, name: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::new().chain_update(namespace).chain_update([0]).chain_update(name).finalize();
+    let mut n = u128::from_le_bytes(digest[..16].try_into().expect("16 bytes"));
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    (0..12)
+        .map(|_| {
+            let c = ALPHABET[(n % 36) as usize] as char;
+            n /= 36;
+            c
+        })
+        .collect()
+}
+
+/// What this pipeline does not do yet; refused at once rather than ignored.
+pub fn unsupported(spec: &BatchJobSpec) -> Option<String> {
+    if spec.reuse_from.is_some() {
+        return Some("reuseFrom is not supported yet: remove it to run every record".into());
+    }
+    if spec.output_schema.is_some() {
+        return Some("outputSchema is not supported yet: remove it, or constrain outputs in the prompt".into());
+    }
+    None
+}
+
+fn shard_name(id: u32) -> String {
+    format!("{id:06}")
+}
+
+/// Writes with retries: an unwritable output is tried again with backoff before the job fails.
+async fn put(loc: &Location, path: &Path, data: Bytes) -> Result<(), JobError> {
+    let mut delay = Duration::from_millis(200);
+    let mut attempt = 0;
+    loop {
+        match loc.store.put(path, PutPayload::from(data.clone())).await {
+            Ok(_) => return Ok(()),
+            Err(source) if attempt >= 5 => {
+                return Err(JobError::Write { uri: format!("{}/{}", loc.uri, loc.relative(path)), source });
+            }
+            Err(e) => {
+                tracing::warn!(path = %path, error = %e, "output write failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
+                attempt += 1;
+            }
+        }
+    }
+}
+
+async fn get_json<T: for<'de> Deserialize<'de>>(loc: &Location, path: &Path) -> Result<Option<T>, JobError> {
+    match loc.store.get(path).await {
+        Ok(got) => {
+            let bytes = got.bytes().await.map_err(|source| JobError::Read { uri: path.to_string(), source })?;
+            Ok(serde_json::from_slice(&bytes).ok())
+        }
+        Err(object_store::Error::NotFound { .. }) => Ok(None),
+        Err(source) => Err(JobError::Read { uri: path.to_string(), source }),
+    }
+}
+
+/// Runs a job to its end (or until `stop` turns true), reporting through `progress`.
+pub async fn run(
+    job: &Job,
+    rt: &Runtime,
+    progress: &watch::Sender<Progress>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<Outcome, JobError> {
+    if let Some(why) = unsupported(&job.spec) {
+        return Err(JobError::Invalid(why));
+    }
+    let input = rt.stores.open(&job.spec.input.uri)?;
+    let out = rt.stores.open(&job.spec.output.uri)?.sub(&job.id);
+    match rt.router.model_exists(&job.spec.model_id).await {
+        Ok(true) => {}
+        Ok(false) => return Err(JobError::UnknownModel(job.spec.model_id.clone())),
+        Err(e) => return Err(JobError::Router(e.to_string())),
+    }
+    let plan_path = out.child("_mantle/plan.json");
+    let plan = match get_json::<StoredPlan>(&out, &plan_path).await? {
+        Some(plan) => plan,
+        None => {
+            let plan = make_plan(job, rt, &input, progress).await?;
+            put(&out, &plan_path, serde_json::to_vec(&plan).expect("the plan serialises").into()).await?;
+            plan
+        }
+    };
+    // What is committed already (a resumed job).
+    let mut done = BTreeMap::new();
+    for shard in &plan.shards {
+        if let Some(commit) =
+            get_json::<ShardCommit>(&out, &out.child(&format!("_mantle/shards/{}.json", shard_name(shard.id)))).await?
+        {
+            done.insert(shard.id, commit);
+        }
+    }
+    progress.send_modify(|p| {
+        *p = Progress {
+            total_records: plan.total_records,
+            shards_total: plan.shards.len() as u64,
+            planned: true,
+            ..Default::default()
+        };
+        for c in done.values() {
+            p.add(c);
+        }
+    });
+    let todo: Vec<&Shard> = plan.shards.iter().filter(|s| !done.contains_key(&s.id)).collect();
+    tracing::info!(job = %job.id, shards = plan.shards.len(), todo = todo.len(), records = plan.total_records, "running shards");
+    let slots = Arc::new(Semaphore::new(rt.concurrency.max(1)));
+    let parallel = rt.concurrency.clamp(1, 4);
+    let results: Vec<Result<Option<ShardCommit>, JobError>> = futures::stream::iter(todo)
+        .map(|shard| {
+            let (input, out, slots, stop) = (input.clone(), out.clone(), slots.clone(), stop.clone());
+            async move {
+                if *stop.borrow() {
+                    return Ok(None);
+                }
+                progress.send_modify(|p| p.shards_running += 1);
+                let result = run_shard(job, rt, &input, &out, shard, &slots, stop).await;
+                progress.send_modify(|p| {
+                    p.shards_running -= 1;
+                    if let Ok(Some(c)) = &result {
+                        p.add(c);
+                    }
+                });
+                result
+            }
+        })
+        .buffer_unordered(parallel)
+        .collect()
+        .await;
+    let mut failure = None;
+    for r in results {
+        match r {
+            Ok(Some(c)) => {
+                done.insert(c.shard, c);
+            }
+            Ok(None) => {}
+            Err(e) => failure = failure.or(Some(e)),
+        }
+    }
+    // The outputs of what committed, even when stopping or failing.
+    let merged = merge(&out, &plan, &done).await;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    merged?;
+    let stopped = *stop.borrow_and_update();
+    Ok(if done.len() == plan.shards.len() && !stopped { Outcome::Finished } else { Outcome::Stopped })
+}
+
+/// Lists the input, calibrates the token estimate on a sample, and cuts the shards, reading
+/// each file once as a stream.
+async fn make_plan(
+    job: &Job,
+    rt: &Runtime,
+    input: &Location,
+    progress: &watch::Sender<Progress>,
+) -> Result<StoredPlan, JobError> {
+    let read = |source| JobError::Read { uri: input.uri.clone(), source };
+    // A single object, or every .jsonl below the prefix.
+    let files: Vec<(Path, String)> = match input.store.head(&input.prefix).await {
+        Ok(meta) if !input.prefix.as_ref().is_empty() => {
+            let name = meta.location.filename().unwrap_or_default().to_string();
+            vec![(meta.location, name)]
+        }
+        _ => {
+            let mut listed: Vec<Path> = input
+                .store
+                .list(Some(&input.prefix))
+                .map_ok(|m| m.location)
+                .try_filter(|p| futures::future::ready(p.as_ref().ends_with(".jsonl")))
+                .try_collect()
+                .await
+                .or_else(|e| match e {
+                    object_store::Error::NotFound { .. } => Ok(Vec::new()),
+                    e => Err(read(e)),
+                })?;
+            listed.sort();
+            listed.into_iter().map(|p| (p.clone(), input.relative(&p))).collect()
+        }
+    };
+    if files.is_empty() {
+        return Err(JobError::NoInput(input.uri.clone()));
+    }
+    let estimate = calibrate(job, rt, input, &files[0].0).await?;
+    let partition = PartitionBy(job.spec.partition_key.clone());
+    let mut cutter = Cutter::new(
+        job.spec.sharding.target_tokens_per_shard.max(1) as u64,
+        job.spec.sharding.max_records_per_shard.max(1) as u64,
+    );
+    let mut ids = HashSet::new();
+    let mut total = 0u64;
+    for (path, rel) in &files {
+        cutter.start_file(rel);
+        let mut stream = input.store.get(path).await.map_err(read)?.into_stream();
+        let mut carry: Vec<u8> = Vec::new();
+        let (mut offset, mut line) = (0u64, 0u64);
+        let mut eof = false;
+        while !eof {
+            match stream.try_next().await.map_err(read)? {
+                Some(chunk) => carry.extend_from_slice(&chunk),
+                None => eof = true,
+            }
+            let mut start = 0;
+            while let Some(nl) = carry[start..].iter().position(|&b| b == b'\n').map(|i| start + i).or_else(|| {
+                // The last line may lack its newline.
+                (eof && start < carry.len()).then_some(carry.len())
+            }) {
+                let end = (nl + 1).min(carry.len());
+                let text = trim(&carry[start..nl]);
+                if !text.is_empty() {
+                    let (prefix, duplicate) = match record::parse(text, rel, line, &partition) {
+                        Ok(r) => (Some(record::prefix_key(r.model_input)), !ids.insert(record::id_hash(&r.record_id))),
+                        Err(_) => (None, false),
+                    };
+                    let len = (end - start) as u64;
+                    cutter.push(Seen {
+                        line,
+                        start: offset,
+                        end: offset + len,
+                        tokens: estimate.tokens(text.len() as u64),
+                        prefix,
+                        duplicate,
+                    });
+                    total += 1;
+                }
+                offset += (end - start) as u64;
+                line += 1;
+                start = end;
+            }
+            carry.drain(..start);
+        }
+        progress.send_modify(|p| p.total_records = total);
+    }
+    let shards = cutter.finish();
+    Ok(StoredPlan {
+        version: 1,
+        estimate,
+        total_records: total,
+        files: files.into_iter().map(|(_, r)| r).collect(),
+        shards,
+    })
+}
+
+fn trim(line: &[u8]) -> &[u8] {
+    let end = line.iter().rposition(|b| !b.is_ascii_whitespace()).map_or(0, |i| i + 1);
+    let start = line[..end].iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(end);
+    &line[start..end]
+}
+
+/// Bytes per token of the job's records, from up to 16 records of the first file counted by
+/// the model's tokenizer.
+async fn calibrate(job: &Job, rt: &Runtime, input: &Location, first: &Path) -> Result<TokenEstimate, JobError> {
+    let read = |source| JobError::Read { uri: input.uri.clone(), source };
+    let size = input.store.head(first).await.map_err(read)?.size;
+    let head = input.store.get_range(first, 0..size.min(1 << 20)).await.map_err(read)?;
+    let mut samples = Vec::new();
+    for text in head.split(|&b| b == b'\n').map(trim).filter(|t| !t.is_empty()).take(16) {
+        let Ok(r) = record::parse(text, "", 0, &PartitionBy::default()) else { continue };
+        match rt.router.count_tokens(&job.spec.model_id, job.spec.invocation_type, r.model_input.get()).await {
+            Ok(tokens) => samples.push((text.len() as u64, tokens)),
+            Err(CallError::Retry(e)) => return Err(JobError::Router(e)),
+            Err(_) => {}
+        }
+    }
+    Ok(TokenEstimate::calibrate(&samples))
+}
+
+/// Runs one shard and commits it; `None` when stopped before it finished.
+async fn run_shard(
+    job: &Job,
+    rt: &Runtime,
+    input: &Location,
+    out: &Location,
+    shard: &Shard,
+    slots: &Arc<Semaphore>,
+    stop: watch::Receiver<bool>,
+) -> Result<Option<ShardCommit>, JobError> {
+    let started = Instant::now();
+    let path = input.child(&shard.file);
+    let read = |source| JobError::Read { uri: format!("{}/{}", input.uri.trim_end_matches('/'), shard.file), source };
+    // The shard's lines, in order, with their line numbers.
+    let mut lines: Vec<(u64, Bytes)> = Vec::with_capacity(shard.records as usize);
+    for run in &shard.lines {
+        let bytes = input.store.get_range(&path, run.start..run.end).await.map_err(read)?;
+        let mut line = run.first_line;
+        for text in bytes.split(|&b| b == b'\n') {
+            let t = trim(text);
+            if !t.is_empty() {
+                lines.push((line, bytes.slice_ref(t)));
+            }
+            line += 1;
+        }
+    }
+    let duplicates: HashSet<u64> = shard.duplicates.iter().copied().collect();
+    let results: Vec<Option<Done>> = futures::stream::iter(lines)
+        .map(|(line, text)| {
+            let stop = stop.clone();
+            let duplicate = duplicates.contains(&line);
+            async move {
+                let _slot = slots.acquire().await.expect("the semaphore stays open");
+                if *stop.borrow() {
+                    return None;
+                }
+                run_record(job, rt, &shard.file, line, &text, duplicate, stop).await
+            }
+        })
+        .buffered(rt.concurrency.max(1))
+        .collect()
+        .await;
+    if results.iter().any(Option::is_none) {
+        return Ok(None);
+    }
+    let mut commit =
+        ShardCommit { shard: shard.id, file: shard.file.clone(), records: shard.records, ..Default::default() };
+    let mut body = String::new();
+    for done in results.into_iter().flatten() {
+        match &done.line {
+            Some(l) if done.ok => {
+                commit.success += 1;
+                body.push_str(l);
+            }
+            Some(l) => {
+                commit.error += 1;
+                body.push_str(l);
+            }
+            None => commit.skipped += 1,
+        }
+        commit.input_tokens += done.input_tokens;
+        commit.output_tokens += done.output_tokens;
+    }
+    commit.seconds = started.elapsed().as_secs_f64();
+    let name = shard_name(shard.id);
+    put(out, &out.child(&format!("_mantle/shards/{name}.jsonl")), Bytes::from(body)).await?;
+    put(
+        out,
+        &out.child(&format!("_mantle/shards/{name}.json")),
+        serde_json::to_vec(&commit).expect("serialises").into(),
+    )
+    .await?;
+    tracing::info!(job = %job.id, shard = shard.id, records = commit.records, errors = commit.error, seconds = commit.seconds, "shard committed");
+    Ok(Some(commit))
+}
+
+/// A record's result: its output line (`None` when skipped).
+struct Done {
+    line: Option<String>,
+    ok: bool,
+    input_tokens: u64,
+    output_tokens: u64,
+}
+
+impl Done {
+    fn error(record_id: &str, input: Option<&RawValue>, code: u16, message: &str) -> Done {
+        Done {
+            line: Some(record::error_line(record_id, input, code, message)),
+            ok: false,
+            input_tokens: 0,
+            output_tokens: 0,
+        }
+    }
+}
+
+/// Runs one record, retrying what capacity refuses until it is served (batch never fails on
+/// quota); `None` when the job is stopped meanwhile.
+async fn run_record(
+    job: &Job,
+    rt: &Runtime,
+    file: &str,
+    line: u64,
+    text: &[u8],
+    duplicate: bool,
+    mut stop: watch::Receiver<bool>,
+) -> Option<Done> {
+    let partition = PartitionBy(job.spec.partition_key.clone());
+    let r = match record::parse(text, file, line, &partition) {
+        Ok(r) => r,
+        Err(e) => {
+            let id = record::derived_id(file, line);
+            let message = match e {
+                BadLine::NotJson(_) => format!("line {} of {file}: {e}", line + 1),
+                _ => e.to_string(),
+            };
+            return Some(Done::error(&id, None, 400, &message));
+        }
+    };
+    if duplicate {
+        let message =
+            format!("recordId {:?} appears earlier in the job's input; each record needs its own id", r.record_id);
+        return Some(Done::error(&r.record_id, Some(r.model_input), 400, &message));
+    }
+    let mut body: Value = match serde_json::from_str(r.model_input.get()) {
+        Ok(v) => v,
+        Err(e) => return Some(Done::error(&r.record_id, Some(r.model_input), 400, &e.to_string())),
+    };
+    apply_defaults(&mut body, &job.spec);
+    // The prompt-length guard.
+    if let Some(limit) = &job.spec.input_token_limit {
+        let max = limit.max_tokens.max(1) as u64;
+        let text = body.to_string();
+        let mut tokens = match with_retries(&mut stop, || {
+            rt.router.count_tokens(&job.spec.model_id, job.spec.invocation_type, &text)
+        })
+        .await?
+        {
+            Ok(t) => t,
+            Err(e) => return Some(refused(&r.record_id, r.model_input, e)),
+        };
+        if tokens > max {
+            match limit.action {
+                OverLimitAction::Skip => {
+                    return Some(Done { line: None, ok: false, input_tokens: 0, output_tokens: 0 });
+                }
+                OverLimitAction::FailRecord => {
+                    let message = format!("the prompt has {tokens} tokens; the job's inputTokenLimit is {max}");
+                    return Some(Done::error(&r.record_id, Some(r.model_input), 400, &message));
+                }
+                OverLimitAction::Truncate => {
+                    for _ in 0..4 {
+                        if tokens <= max || !truncate(&mut body, job.spec.invocation_type, tokens, max) {
+                            break;
+                        }
+                        let text = body.to_string();
+                        tokens = match with_retries(&mut stop, || {
+                            rt.router.count_tokens(&job.spec.model_id, job.spec.invocation_type, &text)
+                        })
+                        .await?
+                        {
+                            Ok(t) => t,
+                            Err(e) => return Some(refused(&r.record_id, r.model_input, e)),
+                        };
+                    }
+                    if tokens > max {
+                        let message = format!(
+                            "the prompt has {tokens} tokens and could not be cut to the job's inputTokenLimit of {max}"
+                        );
+                        return Some(Done::error(&r.record_id, Some(r.model_input), 400, &message));
+                    }
+                }
+            }
+        }
+    }
+    let payload = body.to_string().into_bytes();
+    let mut faults = 0;
+    loop {
+        let answer =
+            with_retries(&mut stop, || rt.router.run(&job.spec.model_id, job.spec.invocation_type, payload.clone()))
+                .await?;
+        match answer {
+            Ok(a) => {
+                let output =
+                    match std::str::from_utf8(&a.body).ok().and_then(|s| RawValue::from_string(s.to_string()).ok()) {
+                        Some(o) => o,
+                        None => {
+                            return Some(Done::error(
+                                &r.record_id,
+                                Some(r.model_input),
+                                500,
+                                "the model's answer is not JSON",
+                            ));
+                        }
+                    };
+                return Some(Done {
+                    line: Some(record::output_line(&r.record_id, Some(r.model_input), &output)),
+                    ok: true,
+                    input_tokens: a.input_tokens,
+                    output_tokens: a.output_tokens,
+                });
+            }
+            Err(CallError::Fault { .. }) if faults < 2 => {
+                faults += 1;
+                tokio::time::sleep(Duration::from_millis(500 << faults)).await;
+            }
+            Err(e) => return Some(refused(&r.record_id, r.model_input, e)),
+        }
+    }
+}
+
+fn refused(record_id: &str, input: &RawValue, e: CallError) -> Done {
+    match e {
+        CallError::Refused { status, message, .. } | CallError::Fault { status, message, .. } => {
+            Done::error(record_id, Some(input), status, &message)
+        }
+        CallError::Retry(message) => Done::error(record_id, Some(input), 503, &message),
+    }
+}
+
+/// Calls `f` until it answers anything but "try later", backing off; `None` if the job is
+/// stopped meanwhile.
+async fn with_retries<T, F, Fut>(stop: &mut watch::Receiver<bool>, mut f: F) -> Option<Result<T, CallError>>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, CallError>>,
+{
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match f().await {
+            Err(CallError::Retry(why)) => {
+                tracing::debug!(%why, "capacity refused a batch request; backing off");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stop.wait_for(|s| *s) => return None,
+                }
+                delay = (delay * 2).min(Duration::from_secs(15));
+            }
+            other => return Some(other),
+        }
+    }
+}
+
+/// The job's inference config as defaults for a record's body (the record's own values win);
+/// temperature 0 when neither sets it, so reruns give the same answers.
+pub fn apply_defaults(body: &mut Value, spec: &BatchJobSpec) {
+    let Some(obj) = body.as_object_mut() else { return };
+    let config = spec.inference_config.clone().unwrap_or(mantle_crds::InferenceConfig {
+        max_tokens: None,
+        temperature: None,
+        top_p: None,
+        stop_sequences: Vec::new(),
+    });
+    let temperature = config.temperature.unwrap_or(0.0);
+    match spec.invocation_type {
+        InvocationType::Converse => {
+            let cfg = obj.entry("inferenceConfig").or_insert_with(|| Value::Object(Default::default()));
+            if let Some(cfg) = cfg.as_object_mut() {
+                let mut set = |k: &str, v: Value| {
+                    cfg.entry(k.to_string()).or_insert(v);
+                };
+                set("temperature", temperature.into());
+                if let Some(m) = config.max_tokens {
+                    set("maxTokens", m.into());
+                }
+                if let Some(p) = config.top_p {
+                    set("topP", p.into());
+                }
+                if !config.stop_sequences.is_empty() {
+                    set("stopSequences", config.stop_sequences.clone().into());
+                }
+            }
+        }
+        InvocationType::InvokeModel => {
+            let anthropic = obj.contains_key("messages") || obj.contains_key("anthropic_version");
+            let mut set = |k: &str, v: Value| {
+                obj.entry(k.to_string()).or_insert(v);
+            };
+            set("temperature", temperature.into());
+            if let Some(p) = config.top_p {
+                set("top_p", p.into());
+            }
+            if anthropic {
+                if let Some(m) = config.max_tokens {
+                    set("max_tokens", m.into());
+                }
+                if !config.stop_sequences.is_empty() {
+                    set("stop_sequences", config.stop_sequences.clone().into());
+                }
+            } else if let Some(m) = config.max_tokens
+                && !obj.contains_key("max_gen_len")
+            {
+                obj.entry("max_tokens".to_string()).or_insert(m.into());
+            }
+        }
+    }
+}
+
+/// Cuts the oldest prompt text (the first message's text, or a `prompt`'s start) by the share
+/// the prompt is over; false when there is nothing left to cut.
+pub fn truncate(body: &mut Value, kind: InvocationType, tokens: u64, max: u64) -> bool {
+    // A little more than the excess, as tokens are not spread evenly.
+    let keep = |len: usize| (len as f64 * (max as f64 / tokens as f64) * 0.95) as usize;
+    fn cut_front(s: &mut String, keep: usize) -> bool {
+        let chars = s.chars().count();
+        if chars == 0 || keep >= chars {
+            return false;
+        }
+        *s = s.chars().skip(chars - keep).collect();
+        true
+    }
+    let text = match (kind, body.get_mut("prompt")) {
+        (InvocationType::InvokeModel, Some(Value::String(p))) => Some(p),
+        _ => body.get_mut("messages").and_then(|m| m.as_array_mut()).and_then(|messages| {
+            messages.iter_mut().find_map(|m| match m.get_mut("content")? {
+                Value::String(s) if !s.is_empty() => Some(s),
+                Value::Array(blocks) => blocks.iter_mut().find_map(|b| match b.get_mut("text") {
+                    Some(Value::String(s)) if !s.is_empty() => Some(s),
+                    _ => None,
+                }),
+                _ => None,
+            })
+        }),
+    };
+    match text {
+        Some(s) => {
+            let k = keep(s.chars().count());
+            cut_front(s, k)
+        }
+        None => false,
+    }
+}
+
+/// Writes `<file>.out` for every input file (its committed shards' lines, in shard order) and
+/// `manifest.json.out`.
+async fn merge(out: &Location, plan: &StoredPlan, done: &BTreeMap<u32, ShardCommit>) -> Result<(), JobError> {
+    let write = |path: &Path, source| JobError::Write { uri: format!("{}/{}", out.uri, out.relative(path)), source };
+    for file in &plan.files {
+        let target = out.child(&format!("{file}.out"));
+        let upload = out.store.put_multipart(&target).await.map_err(|e| write(&target, e))?;
+        let mut writer = WriteMultipart::new(upload);
+        for shard in plan.shards.iter().filter(|s| &s.file == file && done.contains_key(&s.id)) {
+            let part = out.child(&format!("_mantle/shards/{}.jsonl", shard_name(shard.id)));
+            let bytes = out
+                .store
+                .get(&part)
+                .await
+                .map_err(|source| JobError::Read { uri: part.to_string(), source })?
+                .bytes()
+                .await
+                .map_err(|source| JobError::Read { uri: part.to_string(), source })?;
+            writer.wait_for_capacity(4).await.map_err(|e| write(&target, e))?;
+            writer.write(&bytes);
+        }
+        writer.finish().await.map_err(|e| write(&target, e))?;
+    }
+    let mut total = Progress::default();
+    for c in done.values() {
+        total.add(c);
+    }
+    let manifest = serde_json::json!({
+        "totalRecordCount": plan.total_records,
+        "processedRecordCount": total.success + total.error,
+        "successRecordCount": total.success,
+        "errorRecordCount": total.error,
+        "skippedRecordCount": total.skipped,
+        "inputTokenCount": total.input_tokens,
+        "outputTokenCount": total.output_tokens,
+    });
+    put(out, &out.child("manifest.json.out"), manifest.to_string().into()).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn spec(kind: InvocationType) -> BatchJobSpec {
+        serde_json::from_value(json!({
+            "modelId": "m", "input": {"uri": "s3://b/in/"}, "output": {"uri": "s3://b/out/"},
+            "invocationType": kind, "inferenceConfig": {"maxTokens": 64}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn job_ids_look_like_bedrocks_and_are_stable() {
+        let id = job_id("default", "summaries");
+        assert_eq!(id.len(), 12);
+        assert!(id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()));
+        assert_eq!(id, job_id("default", "summaries"));
+        assert_ne!(id, job_id("other", "summaries"));
+    }
+
+    #[test]
+    fn the_jobs_config_fills_what_a_record_leaves_out_and_greedy_is_the_default() {
+        let mut body = json!({"anthropic_version": "bedrock-2023-05-31", "messages": [], "temperature": 0.7});
+        apply_defaults(&mut body, &spec(InvocationType::InvokeModel));
+        assert_eq!(body["temperature"], 0.7);
+        assert_eq!(body["max_tokens"], 64);
+        let mut body = json!({"prompt": "x", "max_gen_len": 9});
+        apply_defaults(&mut body, &spec(InvocationType::InvokeModel));
+        assert_eq!(body, json!({"prompt": "x", "max_gen_len": 9, "temperature": 0.0}));
+        let mut body = json!({"messages": [], "inferenceConfig": {"maxTokens": 5}});
+        apply_defaults(&mut body, &spec(InvocationType::Converse));
+        assert_eq!(body["inferenceConfig"], json!({"maxTokens": 5, "temperature": 0.0}));
+    }
+
+    #[test]
+    fn truncation_cuts_the_oldest_text_from_its_start() {
+        let mut body =
+            json!({"messages": [{"role": "user", "content": [{"type": "text", "text": "abcdefghij".repeat(10)}]}]});
+        assert!(truncate(&mut body, InvocationType::InvokeModel, 200, 100));
+        let text = body["messages"][0]["content"][0]["text"].as_str().unwrap();
+        assert_eq!(text.len(), 47);
+        assert!(text.ends_with("ghij"));
+        let mut body = json!({"prompt": "0123456789"});
+        assert!(truncate(&mut body, InvocationType::InvokeModel, 10, 5));
+        assert_eq!(body["prompt"], "6789");
+        let mut body = json!({"messages": []});
+        assert!(!truncate(&mut body, InvocationType::Converse, 10, 5));
+    }
+
+    #[test]
+    fn lines_are_trimmed_of_whitespace_and_carriage_returns() {
+        assert_eq!(trim(b"  {\"a\":1}\r"), b"{\"a\":1}");
+        assert_eq!(trim(b" \r"), b"");
+    }
+}
