@@ -64,6 +64,10 @@ fn start_dev(extra: &[&std::ffi::OsStr], stdout: Stdio) -> (Dev, SocketAddr) {
         .args(extra)
         .current_dir(repo_root())
         .env("RUST_LOG", "warn")
+        // For batch jobs' S3 (moto accepts any).
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_REGION", "us-east-1")
         .stdout(stdout)
         .spawn()
         .expect("mantle dev starts"));
@@ -157,5 +161,83 @@ fn mantle_dev_follows_its_manifests_restarts_dead_runners_and_takes_them_along_w
         assert!(Instant::now() < deadline, "runners {runners:?} outlived a killed mantle dev");
         std::thread::sleep(Duration::from_millis(100));
     }
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// moto's S3 server on a free loopback port, stopped on drop.
+struct Moto(Child, String);
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn moto() -> Moto {
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let child = Command::new(cache().join("venv/bin/moto_server"))
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("moto_server starts (scripts/python-env.sh installs it)");
+    let moto = Moto(child, format!("http://127.0.0.1:{port}"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "moto_server did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    moto
+}
+
+/// Runs a phase of tests/e2e/batch_flow.py; its report on success.
+fn batch_flow(addr: SocketAddr, moto: &Moto, args: &[&str]) -> String {
+    let out = Command::new(cache().join("venv/bin/python"))
+        .arg(repo_root().join("tests/e2e/batch_flow.py"))
+        .arg(format!("http://{addr}"))
+        .arg(&moto.1)
+        .args(args)
+        .output()
+        .expect("python runs");
+    let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    println!("{report}");
+    assert!(out.status.success(), "batch_flow.py {args:?} failed:\n{report}");
+    report
+}
+
+#[test]
+fn boto3_batch_jobs_run_on_mantle_dev_with_s3_and_survive_its_restart() {
+    let moto = moto();
+    // One model, in no Cell: one runner.
+    let dir = std::env::temp_dir().join(format!("mantle-dev-batch-{}", std::process::id()));
+    let state = dir.join("state");
+    let manifests = dir.join("manifests");
+    std::fs::create_dir_all(&manifests).unwrap();
+    let model = std::fs::read_to_string(repo_root().join("examples/foundationmodel-smollm2.yaml")).unwrap();
+    let model: String =
+        model.lines().filter(|l| !l.trim_start().starts_with("cells:")).map(|l| format!("{l}\n")).collect();
+    std::fs::write(manifests.join("smollm2.yaml"), model).unwrap();
+    let args = [
+        "--manifests".as_ref(),
+        manifests.as_os_str(),
+        "--s3-endpoint".as_ref(),
+        moto.1.as_ref(),
+        "--batch-state".as_ref(),
+        state.as_os_str(),
+    ];
+    let (mut dev, addr) = start_dev(&args, Stdio::null());
+    batch_flow(addr, &moto, &["flow"]);
+
+    // Killed mid-job (no chance to clean up), started again: the job resumes and every record
+    // is written exactly once.
+    let report = batch_flow(addr, &moto, &["start"]);
+    let line = report.lines().find(|l| l.starts_with("ARN ")).expect("the job's ARN");
+    let parts: Vec<&str> = line.split_whitespace().collect();
+    let (arn, out) = (parts[1].to_string(), parts[3].to_string());
+    dev.0.kill().unwrap();
+    dev.0.wait().unwrap();
+    let (_dev, addr) = start_dev(&args, Stdio::null());
+    batch_flow(addr, &moto, &["finish", &arn, &out]);
     std::fs::remove_dir_all(dir).ok();
 }

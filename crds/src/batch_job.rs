@@ -120,7 +120,7 @@ pub enum InputFormat {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BatchOutput {
-    /// A prefix; the job writes under `<uri>/<job name>/`.
+    /// A prefix; the job writes under `<uri>/<job id>/` (the last segment of `status.jobArn`).
     #[schemars(regex(pattern = DATA_URI_PATTERN), length(max = 2048))]
     pub uri: String,
 }
@@ -224,7 +224,8 @@ pub struct ReuseFrom {
 pub struct BatchJobStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<BatchJobPhase>,
-    /// `arn:mantle:bedrock:<cell>:<namespace>:model-invocation-job/<id>`.
+    /// `arn:aws:bedrock:<region>:000000000000:model-invocation-job/<id>` (Bedrock's form, so SDKs
+    /// accept it); `<id>` is [`batch_job_id`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job_arn: Option<String>,
     /// Why the job failed or stopped.
@@ -347,7 +348,36 @@ impl Validate for BatchJobSpec {
     }
 }
 
+/// The 12-character id of a job (`[a-z0-9]`, as Bedrock's): the last segment of its ARN and
+/// the name of its output folder (`<output uri>/<id>/`).
+pub fn batch_job_id(namespace: &str, name: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::new().chain_update(namespace).chain_update([0]).chain_update(name).finalize();
+    let mut n = u128::from_le_bytes(digest[..16].try_into().expect("16 bytes"));
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    (0..12)
+        .map(|_| {
+            let c = ALPHABET[(n % 36) as usize] as char;
+            n /= 36;
+            c
+        })
+        .collect()
+}
+
+/// A job's ARN, in Bedrock's form (the account is all zeros: Mantle has none).
+pub fn batch_job_arn(region: &str, id: &str) -> String {
+    format!("arn:aws:bedrock:{region}:000000000000:model-invocation-job/{id}")
+}
+
 impl BatchJob {
+    /// The job's id (see [`batch_job_id`]).
+    pub fn job_id(&self) -> String {
+        batch_job_id(
+            self.metadata.namespace.as_deref().unwrap_or("default"),
+            self.metadata.name.as_deref().unwrap_or(""),
+        )
+    }
+
     /// The spec's own rules plus those that need the object's name.
     pub fn validate(&self) -> Result<(), Invalid> {
         let mut errors = self.spec.validate().err().map(|e| e.0).unwrap_or_default();
@@ -360,5 +390,24 @@ impl BatchJob {
             });
         }
         if errors.is_empty() { Ok(()) } else { Err(Invalid(errors)) }
+    }
+}
+
+#[cfg(test)]
+mod id_tests {
+    use super::*;
+
+    #[test]
+    fn job_ids_and_arns_have_bedrocks_shape() {
+        let id = batch_job_id("default", "summaries");
+        assert_eq!(id.len(), 12);
+        assert!(id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()));
+        assert_eq!(id, batch_job_id("default", "summaries"));
+        assert_ne!(id, batch_job_id("team-a", "summaries"));
+        assert_ne!(id, batch_job_id("default", "summaries-2"));
+        assert_eq!(
+            batch_job_arn("us-east-1", "abc"),
+            "arn:aws:bedrock:us-east-1:000000000000:model-invocation-job/abc"
+        );
     }
 }

@@ -65,6 +65,18 @@ impl ManifestDir {
         Ok((changed, problems))
     }
 
+    /// The BatchJobs of the files that parsed.
+    pub fn batch_jobs(&self) -> Vec<mantle_crds::BatchJob> {
+        self.files
+            .values()
+            .flat_map(|f| f.good.iter())
+            .filter_map(|m| match m {
+                Manifest::BatchJob(j) => Some(j.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// What the files that parsed hold.
     pub fn desired(&self) -> Desired {
         Desired::from_manifests(self.files.values().flat_map(|f| f.good.iter().cloned()))

@@ -6,6 +6,7 @@
 //! changed or deleted starts, restarts or stops runners and updates the router within seconds,
 //! without restarting the router or touching models that did not change. Ctrl-C stops it all.
 
+mod batch;
 mod manifests;
 mod runners;
 
@@ -13,6 +14,7 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -22,6 +24,7 @@ use mantle_operator::plan::PoolObservation;
 use mantle_operator::{Desired, Observed, PoolPlan, plan};
 use mantle_router::{AuthConfig, Platform, RouterConfig, RunningRouter, TlsFiles};
 
+use batch::DevBatch;
 use manifests::ManifestDir;
 use runners::{Launch, Runners};
 
@@ -59,6 +62,21 @@ pub struct DevArgs {
     /// The certificate's PEM private key.
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Batch jobs: an S3-compatible endpoint (MinIO, moto, LocalStack) for every `s3://` URI,
+    /// with credentials from the usual AWS_* variables.
+    #[arg(long)]
+    s3_endpoint: Option<String>,
+    /// Batch jobs: serve bucket NAME from the local directory DIR (`--bucket lake=/data/lake`;
+    /// repeatable). Without it or --s3-endpoint, `s3://` URIs are refused.
+    #[arg(long = "bucket", value_name = "NAME=DIR", value_parser = mantle_batch::Stores::parse_bucket)]
+    buckets: Vec<(String, PathBuf)>,
+    /// Batch jobs: where their objects are kept across restarts (default:
+    /// $MANTLE_CACHE/dev/batch).
+    #[arg(long)]
+    batch_state: Option<PathBuf>,
+    /// Batch jobs: records in flight at once per job.
+    #[arg(long, default_value_t = 8)]
+    batch_concurrency: usize,
 }
 
 fn cache_dir() -> PathBuf {
@@ -170,6 +188,8 @@ struct Dev {
     /// The pools of the last plan, and the autoscaler that sizes the shared ones.
     pools: Vec<PoolPlan>,
     autoscaler: Autoscaler,
+    /// The batch jobs, once the router runs.
+    batch: Option<DevBatch>,
 }
 
 impl Dev {
@@ -259,6 +279,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         problems: Vec::new(),
         pools: Vec::new(),
         autoscaler: Autoscaler::default(),
+        batch: None,
     };
     dev.reconcile(&Observed::default()).await?;
     let metering = args.metering.clone().unwrap_or_else(|| cache_dir().join("dev/metering.jsonl"));
@@ -266,6 +287,12 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         std::fs::create_dir_all(parent).ok();
     }
     let mut config = RouterConfig::local(args.listen);
+    // Batch jobs run in this process, through the router, with a credential made for this run.
+    let state = args.batch_state.clone().unwrap_or_else(|| cache_dir().join("dev/batch"));
+    let batch = DevBatch::new(state, config.path.region.clone())?;
+    let batch_token = random_secret()?;
+    config.batch_jobs = Some(Arc::new(batch.clone()));
+    config.batch_token = Some(batch_token.clone());
     config.metering = Some(metering.clone());
     config.admin_listen = Some(args.admin_listen);
     config.path.runner_token = Some(token);
@@ -279,6 +306,18 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     };
     let router = mantle_router::start(config, platform(&dev.dir.desired(), &dev.runners)).await?;
     let inference = router.inference();
+    let scheme = if args.tls_cert.is_some() { "https" } else { "http" };
+    batch.sync(dev.dir.batch_jobs(), pricing(&dev.dir.desired()));
+    batch.begin(mantle_batch::Runtime {
+        stores: mantle_batch::Stores {
+            s3_endpoint: args.s3_endpoint.clone(),
+            buckets: args.buckets.iter().cloned().collect(),
+            mapped_only: true,
+        },
+        router: mantle_batch::RouterClient::new(&format!("{scheme}://{}", router.addr), &batch_token),
+        concurrency: args.batch_concurrency,
+    });
+    dev.batch = Some(batch);
     let ready = tokio::select! {
         r = wait_ready(&dev.runners, &inference) => r,
         _ = mantle_router::server::shutdown_signal() => Err(anyhow::anyhow!("interrupted before the runners were ready")),
@@ -288,7 +327,6 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         router.shutdown().await;
         return Err(e);
     }
-    let scheme = if args.tls_cert.is_some() { "https" } else { "http" };
     print_ready(router.addr, scheme, &dev, started.elapsed(), &metering, args.auth_file.is_some());
     let result = tokio::select! {
         _ = mantle_router::server::shutdown_signal() => { tracing::info!("stopping"); Ok(()) }
@@ -316,6 +354,9 @@ async fn follow(dev: &mut Dev, router: &RunningRouter) -> anyhow::Result<()> {
         for problem in &problems {
             tracing::error!("ignored: {problem}");
         }
+        if let Some(batch) = &dev.batch {
+            batch.sync(dev.dir.batch_jobs(), pricing(&dev.dir.desired()));
+        }
         let mut observed = observe(&dev.runners).await;
         dev.autoscale(&mut observed, &inference);
         let moved = dev.reconcile(&observed).await?;
@@ -328,13 +369,25 @@ async fn follow(dev: &mut Dev, router: &RunningRouter) -> anyhow::Result<()> {
     }
 }
 
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A random secret of 32 bytes, as hex.
+fn random_secret() -> anyhow::Result<String> {
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes)).context("reading /dev/urandom")?;
+    Ok(hex(&bytes))
+}
+
+/// The models' prices by modelId (batch cost estimates).
+fn pricing(desired: &Desired) -> BTreeMap<String, mantle_crds::Pricing> {
+    desired.models.iter().filter_map(|m| Some((m.spec.model_id.clone(), m.spec.pricing.clone()?))).collect()
+}
+
 /// Makes a random runner token and writes it where only this user can read it.
 fn write_runner_token(path: &Path) -> anyhow::Result<mantle_proto::auth::Token> {
-    let mut bytes = [0u8; 32];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut bytes))
-        .context("reading /dev/urandom for the runner token")?;
-    let text: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let text = random_secret()?;
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     }

@@ -131,21 +131,6 @@ struct StoredPlan {
     shards: Vec<Shard>,
 }
 
-/// The 12-character job id of a job name (`[a-z0-9]`, as Bedrock's).
-pub fn job_id(namespace: &str, name: &str) -> String {
-    use sha2::{Digest, Sha256};
-    let digest = Sha256::new().chain_update(namespace).chain_update([0]).chain_update(name).finalize();
-    let mut n = u128::from_le_bytes(digest[..16].try_into().expect("16 bytes"));
-    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-    (0..12)
-        .map(|_| {
-            let c = ALPHABET[(n % 36) as usize] as char;
-            n /= 36;
-            c
-        })
-        .collect()
-}
-
 /// What this pipeline does not do yet; refused at once rather than ignored.
 pub fn unsupported(spec: &BatchJobSpec) -> Option<String> {
     if spec.reuse_from.is_some() {
@@ -238,31 +223,29 @@ pub async fn run(
             p.add(c);
         }
     });
-    let todo: Vec<&Shard> = plan.shards.iter().filter(|s| !done.contains_key(&s.id)).collect();
+    let todo: Vec<Shard> = plan.shards.iter().filter(|s| !done.contains_key(&s.id)).cloned().collect();
     tracing::info!(job = %job.id, shards = plan.shards.len(), todo = todo.len(), records = plan.total_records, "running shards");
     let slots = Arc::new(Semaphore::new(rt.concurrency.max(1)));
     let parallel = rt.concurrency.clamp(1, 4);
-    let results: Vec<Result<Option<ShardCommit>, JobError>> = futures::stream::iter(todo)
-        .map(|shard| {
-            let (input, out, slots, stop) = (input.clone(), out.clone(), slots.clone(), stop.clone());
-            async move {
-                if *stop.borrow() {
-                    return Ok(None);
-                }
-                progress.send_modify(|p| p.shards_running += 1);
-                let result = run_shard(job, rt, &input, &out, shard, &slots, stop).await;
-                progress.send_modify(|p| {
-                    p.shards_running -= 1;
-                    if let Ok(Some(c)) = &result {
-                        p.add(c);
-                    }
-                });
-                result
+    let shards = todo.into_iter().map(|shard| {
+        let (input, out, slots, stop) = (input.clone(), out.clone(), slots.clone(), stop.clone());
+        async move {
+            if *stop.borrow() {
+                return Ok(None);
             }
-        })
-        .buffer_unordered(parallel)
-        .collect()
-        .await;
+            progress.send_modify(|p| p.shards_running += 1);
+            let result = run_shard(job, rt, &input, &out, &shard, &slots, stop).await;
+            progress.send_modify(|p| {
+                p.shards_running -= 1;
+                if let Ok(Some(c)) = &result {
+                    p.add(c);
+                }
+            });
+            result
+        }
+    });
+    let results: Vec<Result<Option<ShardCommit>, JobError>> =
+        futures::stream::iter(shards).buffer_unordered(parallel).collect().await;
     let mut failure = None;
     for r in results {
         match r {
@@ -418,31 +401,26 @@ async fn run_shard(
     let mut lines: Vec<(u64, Bytes)> = Vec::with_capacity(shard.records as usize);
     for run in &shard.lines {
         let bytes = input.store.get_range(&path, run.start..run.end).await.map_err(read)?;
-        let mut line = run.first_line;
-        for text in bytes.split(|&b| b == b'\n') {
+        for (line, text) in (run.first_line..).zip(bytes.split(|&b| b == b'\n')) {
             let t = trim(text);
             if !t.is_empty() {
                 lines.push((line, bytes.slice_ref(t)));
             }
-            line += 1;
         }
     }
     let duplicates: HashSet<u64> = shard.duplicates.iter().copied().collect();
-    let results: Vec<Option<Done>> = futures::stream::iter(lines)
-        .map(|(line, text)| {
-            let stop = stop.clone();
-            let duplicate = duplicates.contains(&line);
-            async move {
-                let _slot = slots.acquire().await.expect("the semaphore stays open");
-                if *stop.borrow() {
-                    return None;
-                }
-                run_record(job, rt, &shard.file, line, &text, duplicate, stop).await
+    let records = lines.into_iter().map(|(line, text)| {
+        let stop = stop.clone();
+        let duplicate = duplicates.contains(&line);
+        async move {
+            let _slot = slots.acquire().await.expect("the semaphore stays open");
+            if *stop.borrow() {
+                return None;
             }
-        })
-        .buffered(rt.concurrency.max(1))
-        .collect()
-        .await;
+            run_record(job, rt, &shard.file, line, &text, duplicate, stop).await
+        }
+    });
+    let results: Vec<Option<Done>> = futures::stream::iter(records).buffered(rt.concurrency.max(1)).collect().await;
     if results.iter().any(Option::is_none) {
         return Ok(None);
     }
@@ -783,15 +761,6 @@ mod tests {
             "invocationType": kind, "inferenceConfig": {"maxTokens": 64}
         }))
         .unwrap()
-    }
-
-    #[test]
-    fn job_ids_look_like_bedrocks_and_are_stable() {
-        let id = job_id("default", "summaries");
-        assert_eq!(id.len(), 12);
-        assert!(id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()));
-        assert_eq!(id, job_id("default", "summaries"));
-        assert_ne!(id, job_id("other", "summaries"));
     }
 
     #[test]

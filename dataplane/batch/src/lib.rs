@@ -7,8 +7,9 @@ pub mod client;
 pub mod job;
 pub mod plan;
 pub mod record;
+pub mod status;
 pub mod store;
 
 pub use client::{BATCH_TOKEN_HEADER, RouterClient};
-pub use job::{Job, JobError, Outcome, Progress, Runtime, job_id, run};
+pub use job::{Job, JobError, Outcome, Progress, Runtime, run};
 pub use store::Stores;

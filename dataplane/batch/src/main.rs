@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use mantle_batch::{Job, Outcome, RouterClient, Runtime, Stores, job_id};
+use mantle_batch::{Job, Outcome, RouterClient, Runtime, Stores};
 use mantle_crds::{BatchJob, Manifest};
 
 #[derive(Parser)]
@@ -47,11 +47,9 @@ async fn main() -> anyhow::Result<()> {
     };
     let object: BatchJob = object;
     object.validate().map_err(|e| anyhow::anyhow!("{}: {e}", job.display()))?;
-    let name = object.metadata.name.clone().unwrap_or_default();
-    let namespace = object.metadata.namespace.clone().unwrap_or_else(|| "default".into());
-    let job = Job { id: job_id(&namespace, &name), spec: object.spec };
+    let job = Job { id: object.job_id(), spec: object.spec };
     let rt = Runtime {
-        stores: Stores { s3_endpoint, buckets: buckets.into_iter().collect() },
+        stores: Stores { s3_endpoint, buckets: buckets.into_iter().collect(), mapped_only: false },
         router: RouterClient::new(&router, &token),
         concurrency,
     };

@@ -28,6 +28,9 @@ pub struct Stores {
     pub s3_endpoint: Option<String>,
     /// Buckets served from local directories instead.
     pub buckets: BTreeMap<String, PathBuf>,
+    /// Refuse `s3://` buckets that neither map to a directory nor go to `s3_endpoint` (under
+    /// `mantle dev`, which never reaches for real AWS by surprise).
+    pub mapped_only: bool,
 }
 
 /// A store and a prefix in it.
@@ -96,6 +99,11 @@ impl Stores {
                     let store = LocalFileSystem::new_with_prefix(dir).map_err(open)?;
                     return Ok(Location { store: Arc::new(store), prefix, uri: uri.to_string() });
                 }
+                if self.mapped_only && self.s3_endpoint.is_none() {
+                    return Err(bad(&format!(
+                        "bucket {bucket:?} is not mapped: give --bucket {bucket}=DIR or --s3-endpoint URL"
+                    )));
+                }
                 let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
                 if let Some(endpoint) = &self.s3_endpoint {
                     builder = builder
@@ -140,6 +148,9 @@ mod tests {
             let err = stores.open(uri).unwrap_err().to_string();
             assert!(err.contains(want), "{uri}: {err}");
         }
+        let dev = Stores { mapped_only: true, ..Default::default() };
+        let err = dev.open("s3://lake/x/").unwrap_err().to_string();
+        assert!(err.contains("--bucket lake=DIR"), "{err}");
         assert!(Stores::parse_bucket("lake=/tmp/x").is_ok());
         assert!(Stores::parse_bucket("lake").is_err());
         assert!(Stores::parse_bucket("=/tmp").is_err());

@@ -51,6 +51,10 @@ pub enum ApiError {
     AccessDenied(String),
     #[error("{0}")]
     NotFound(String),
+    /// The resource exists already, or is not in a state that allows the request (400, as the
+    /// bedrock control plane models ConflictException).
+    #[error("{0}")]
+    Conflict(String),
     #[error("{message}")]
     ModelTimeout { message: String },
     #[error("{message}")]
@@ -96,6 +100,7 @@ impl ApiError {
             ApiError::AccessDenied(_) => "AccessDeniedException",
             ApiError::Unauthenticated { code, .. } => code,
             ApiError::NotFound(_) => "ResourceNotFoundException",
+            ApiError::Conflict(_) => "ConflictException",
             ApiError::ModelTimeout { .. } => "ModelTimeoutException",
             ApiError::Throttling { .. } => "ThrottlingException",
             ApiError::ModelNotReady(_) => "ModelNotReadyException",
@@ -116,6 +121,7 @@ impl ApiError {
             ApiError::AccessDenied(_) => StatusCode::FORBIDDEN,
             ApiError::Unauthenticated { status, .. } => *status,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::BAD_REQUEST,
             ApiError::ModelTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ApiError::Throttling { .. } | ApiError::ModelNotReady(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::ModelError { .. } => StatusCode::FAILED_DEPENDENCY,
@@ -155,6 +161,7 @@ impl ApiError {
             ApiError::AccessDenied(_)
             | ApiError::Unauthenticated { .. }
             | ApiError::NotFound(_)
+            | ApiError::Conflict(_)
             | ApiError::Internal(_) => "internalServerException",
         };
         (member, self.bedrock_body())

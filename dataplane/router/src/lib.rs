@@ -4,6 +4,7 @@
 pub mod adapters;
 pub mod api;
 pub mod auth;
+pub mod batch;
 pub mod catalog;
 pub mod error;
 pub mod guard;

@@ -48,6 +48,10 @@ struct Args {
     /// same Secret the runners read with --auth-token-file.
     #[arg(long, env = "MANTLE_RUNNER_TOKEN_FILE")]
     runner_token_file: Option<PathBuf>,
+    /// A file holding the batch workers' credential (`x-mantle-batch-token`): requests that
+    /// present it are batch work (lowest priority, no tenant token buckets).
+    #[arg(long, env = "MANTLE_BATCH_TOKEN_FILE")]
+    batch_token_file: Option<PathBuf>,
     /// Open client connections at once.
     #[arg(long, default_value_t = 4096)]
     max_connections: usize,
@@ -112,7 +116,18 @@ async fn main() -> anyhow::Result<()> {
         // Filled from the cluster once the caches are warm.
         _ => Platform::default(),
     };
+    let batch_token = match &args.batch_token_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("reading the batch token {}: {e}", path.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => None,
+    };
     let config = RouterConfig {
+        batch_jobs: None,
+        batch_token,
         listen: args.listen,
         admin_listen: Some(args.admin_listen),
         tls: match (args.tls_cert, args.tls_key) {

@@ -12,6 +12,7 @@ use tokio::task::JoinHandle;
 
 use crate::api::{self, AppState, Limits};
 use crate::auth::Auth;
+use crate::batch::BatchJobs;
 use crate::error::SetupError;
 use crate::inference::{Inference, PathConfig};
 use crate::listener::{self, ConnectionLimits, TlsFiles};
@@ -45,6 +46,10 @@ pub struct RouterConfig {
     /// The size at which the metering file is rotated (to `<file>.1`).
     pub metering_max_bytes: u64,
     pub path: PathConfig,
+    /// Where batch jobs live (the bedrock batch API); `None` serves none.
+    pub batch_jobs: Option<Arc<dyn BatchJobs>>,
+    /// The credential batch workers present (`x-mantle-batch-token`).
+    pub batch_token: Option<String>,
 }
 
 impl RouterConfig {
@@ -59,6 +64,8 @@ impl RouterConfig {
             metering: None,
             metering_max_bytes: 256 << 20,
             path: PathConfig::default(),
+            batch_jobs: None,
+            batch_token: None,
         }
     }
 }
@@ -147,7 +154,13 @@ pub fn build_apps(
         AuthConfig::File(path) => Auth::from_file(path.clone())?,
     };
     let inference = Inference::new(platform, metrics, meter, config.path.clone())?;
-    let state = Arc::new(AppState { inference: inference.clone(), auth, limits: config.limits.clone() });
+    let state = Arc::new(AppState {
+        inference: inference.clone(),
+        auth,
+        limits: config.limits.clone(),
+        batch_jobs: config.batch_jobs.clone(),
+        batch_token: config.batch_token.clone(),
+    });
     Ok((api::router(state.clone()), api::admin_router(state), inference))
 }
 

@@ -923,3 +923,38 @@ async fn cells_steer_traffic_disabled_cells_get_none_and_tenants_keep_to_their_s
     let after = served();
     assert!(before.iter().zip(&after).all(|(b, a)| a > b), "{before:?} then {after:?}");
 }
+
+/// Batch workers present the batch token: their requests never draw on the tenant's token
+/// buckets (a batch job is never throttled by quotas) and need no signature; a wrong token, or
+/// any token when the router has none, is refused.
+#[tokio::test]
+async fn batch_work_skips_the_tenants_token_buckets_and_needs_the_batch_token() {
+    let mut options = Options::default();
+    options.config.auth = AuthConfig::File(keys_file());
+    options.config.batch_token = Some("batch-0123456789".into());
+    let f = fixture(options).await;
+    let path = "/model/acme.text-v1%3A0/converse";
+    let batch = |token: &str| {
+        Request::post(path)
+            .header("content-type", "application/json")
+            .header("x-mantle-batch-token", token)
+            .header("x-mantle-batch-tenant", "tiny")
+            .body(Body::from(converse_body("x")))
+            .unwrap()
+    };
+    // The tiny tenant's bucket holds one such request a minute; its batch work is not limited.
+    for i in 0..4 {
+        let (status, _, body) = send(&f.app, batch("batch-0123456789")).await;
+        assert_eq!(status, StatusCode::OK, "batch request {i}: {}", String::from_utf8_lossy(&body));
+    }
+    let (status, headers, _) = send(&f.app, batch("batch-guess")).await;
+    assert_eq!(
+        (status, &headers["x-amzn-ErrorType"]),
+        (StatusCode::FORBIDDEN, &"AccessDeniedException".parse().unwrap())
+    );
+
+    let mut options = Options::default();
+    options.config.auth = AuthConfig::File(keys_file());
+    let f = fixture(options).await;
+    assert_eq!(send(&f.app, batch("batch-0123456789")).await.0, StatusCode::FORBIDDEN, "no batch token configured");
+}

@@ -26,7 +26,9 @@ use tower_http::timeout::TimeoutLayer;
 
 use super::{Caller, Shared, error_response};
 use crate::auth::Signed;
+use crate::batch::{BATCH_TENANT_HEADER, BATCH_TOKEN_HEADER};
 use crate::error::ApiError;
+use crate::tenants::Tenant;
 
 /// What a client may send, and how long it may take.
 #[derive(Clone, Debug)]
@@ -166,7 +168,13 @@ async fn authenticate(state: &Shared, request: Request, request_id: &str) -> Res
         headers.push(("host", authority));
     }
     let (method, path, query) = (parts.method.as_str(), parts.uri.path(), parts.uri.query().unwrap_or(""));
-    let pending = state.auth.precheck(&Signed { method, path, query, headers: headers.clone(), body: &[] })?;
+    // A batch worker is known by its token; anyone else signs or presents a key.
+    let door = match batch_worker(state, &parts.headers)? {
+        Some(tenant) => Door::Batch(tenant),
+        None => {
+            Door::Signed(state.auth.precheck(&Signed { method, path, query, headers: headers.clone(), body: &[] })?)
+        }
+    };
     let limit = limits.max_request_bytes;
     let body: Bytes = match tokio::time::timeout(limits.body_timeout, axum::body::to_bytes(body, limit)).await {
         Err(_) => {
@@ -181,9 +189,45 @@ async fn authenticate(state: &Shared, request: Request, request_id: &str) -> Res
         Ok(Err(e)) => return Err(ApiError::validation(format!("The request body could not be read: {e}"))),
         Ok(Ok(body)) => body,
     };
-    let tenant = pending.finish(&Signed { method, path, query, headers, body: &body })?;
-    parts.extensions.insert(Caller { request_id: request_id.to_string(), tenant, received });
+    let (tenant, batch) = match door {
+        Door::Batch(tenant) => (tenant, true),
+        Door::Signed(pending) => (pending.finish(&Signed { method, path, query, headers, body: &body })?, false),
+    };
+    parts.extensions.insert(Caller { request_id: request_id.to_string(), tenant, received, batch });
     Ok(Request::from_parts(parts, Body::from(body)))
+}
+
+/// How a caller came in.
+enum Door {
+    /// With the batch token, working for this tenant.
+    Batch(Tenant),
+    /// Through authentication, to be finished once the body is read.
+    Signed(crate::auth::Pending),
+}
+
+/// A batch worker's tenant, when the request carries the batch token (`x-mantle-batch-token`);
+/// a token that does not match is refused.
+fn batch_worker(state: &Shared, headers: &axum::http::HeaderMap) -> Result<Option<Tenant>, ApiError> {
+    let Some(presented) = headers.get(BATCH_TOKEN_HEADER) else { return Ok(None) };
+    let denied = || ApiError::Unauthenticated {
+        code: "AccessDeniedException",
+        status: axum::http::StatusCode::FORBIDDEN,
+        message: "The batch token is not valid.".into(),
+    };
+    let expected = state.batch_token.as_deref().ok_or_else(denied)?;
+    // Compared in constant time: the token is a secret.
+    let presented = presented.as_bytes();
+    let same = presented.len() == expected.len()
+        && presented.iter().zip(expected.as_bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
+    if !same {
+        return Err(denied());
+    }
+    let name = headers
+        .get(BATCH_TENANT_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|n| !n.is_empty() && n.len() <= 128)
+        .unwrap_or("batch");
+    Ok(Some(Tenant::unbounded(name)))
 }
 
 fn is_length_limit(error: &axum::Error) -> bool {

@@ -1,6 +1,7 @@
 //! The HTTP API: routes, behind the front door (`front`: request id, limits, timeouts,
 //! authentication, the error dialect — Bedrock or OpenAI).
 
+mod batch;
 mod bedrock;
 mod completions;
 mod control;
@@ -21,6 +22,7 @@ use axum::routing::{get, post};
 use mantle_admission::Priority;
 
 use crate::auth::Auth;
+use crate::batch::BatchJobs;
 use crate::error::ApiError;
 use crate::inference::{Ctx, Inference};
 use crate::tenants::Tenant;
@@ -30,6 +32,10 @@ pub struct AppState {
     pub inference: Arc<Inference>,
     pub auth: Auth,
     pub limits: Limits,
+    /// Where batch jobs live; `None` serves no batch API.
+    pub batch_jobs: Option<Arc<dyn BatchJobs>>,
+    /// The credential batch workers present; `None` admits no batch work.
+    pub batch_token: Option<String>,
 }
 
 pub type Shared = Arc<AppState>;
@@ -57,6 +63,8 @@ pub struct Caller {
     pub request_id: String,
     pub tenant: Tenant,
     pub received: Instant,
+    /// A batch worker (it presented the batch token): lowest priority, no token buckets.
+    pub batch: bool,
 }
 
 impl Caller {
@@ -64,7 +72,7 @@ impl Caller {
     /// (`x-amz-bedrock-deadline-ms`, milliseconds from now) and cache salt
     /// (`x-mantle-cache-salt`).
     pub fn ctx(&self, api: &'static str, headers: &HeaderMap) -> Result<Ctx, ApiError> {
-        let mut priority = self.tenant.priority;
+        let mut priority = if self.batch { Priority::Low } else { self.tenant.priority };
         if let Some(value) = headers.get("x-mantle-priority") {
             let asked = match value.to_str().unwrap_or_default().to_ascii_uppercase().as_str() {
                 "CRITICAL" => Priority::Critical,
@@ -112,6 +120,7 @@ impl Caller {
             deadline,
             received: self.received,
             cache_salt,
+            batch: self.batch,
             settled: Default::default(),
         })
     }
@@ -128,6 +137,10 @@ pub fn router(state: Shared) -> Router {
         .route("/model/{model_id}/count-tokens", post(bedrock::count_tokens))
         .route("/foundation-models", get(control::list_foundation_models))
         .route("/foundation-models/{model_id}", get(control::get_foundation_model))
+        .route("/model-invocation-job", post(batch::create))
+        .route("/model-invocation-job/{job}", get(batch::get))
+        .route("/model-invocation-job/{job}/stop", post(batch::stop))
+        .route("/model-invocation-jobs", get(batch::list))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(completions::completions))
         .route("/v1/embeddings", post(openai::embeddings))

@@ -165,7 +165,9 @@ impl Inference {
         // Buckets count input plus the output a request is expected to generate, one bucket per
         // tenant and model.
         let tokens = input_tokens + self.config.queue.expected_output_tokens(output_tokens);
-        self.spend(ctx, model, "", &limits, tokens)?;
+        if !ctx.batch {
+            self.spend(ctx, model, "", &limits, tokens)?;
+        }
         let request = mantle_admission::Request {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             tenant: ctx.tenant.name.clone(),

@@ -62,6 +62,9 @@ pub struct Ctx {
     /// The caller's own prefix-cache salt (`x-mantle-cache-salt`, OpenAI `cache_salt`), for
     /// isolation within the tenant; empty for none.
     pub cache_salt: String,
+    /// Batch work: admitted at the lowest priority and never against the tenant's token buckets
+    /// (a batch job is not throttled by quotas; it takes what capacity real-time traffic leaves).
+    pub batch: bool,
     /// Whether the request has been counted and metered (see [`Ledger`]).
     pub settled: Settled,
 }
@@ -387,7 +390,9 @@ impl Inference {
     /// counting never spends inference quota and cannot keep runners tokenizing without end.
     pub async fn count_tokens(&self, ctx: &Ctx, model: &ModelEntry, req: &TextRequest) -> Result<u32, ApiError> {
         check_input_length(model, req)?;
-        self.spend(ctx, model, "CountTokens", &ctx.tenant.limits(1.0, 0), req.estimated_input_tokens())?;
+        if !ctx.batch {
+            self.spend(ctx, model, "CountTokens", &ctx.tenant.limits(1.0, 0), req.estimated_input_tokens())?;
+        }
         let runner = self.place(ctx, model, "")?;
         let _in_flight = runner.begin();
         let mut client = runner.client.clone();
@@ -463,6 +468,7 @@ mod tests {
             deadline: None,
             received: Instant::now(),
             cache_salt: salt.into(),
+            batch: false,
             settled: Settled::default(),
         }
     }

@@ -1,0 +1,268 @@
+"""Batch inference through boto3's `bedrock` client against `mantle dev`, with S3 on moto.
+
+Usage: python tests/e2e/batch_flow.py ENDPOINT S3_ENDPOINT PHASE [JOB_ARN]
+
+PHASE
+  flow     a job of ~200 records (two input files, three bad lines) runs to PartiallyCompleted;
+           its outputs are Bedrock's: every record exactly once, error records for the bad lines,
+           manifest.json.out with the counts; List filters it; Create is idempotent with the
+           same clientRequestToken and a conflict without; an unknown model, an unsupported field
+           and an empty input are refused or fail clearly; a stopped job ends Stopped with the
+           outputs of its finished shards.
+  start    uploads 300 records in 3 files and creates a job; returns once a shard has committed
+           (the caller then kills `mantle dev` mid-job); prints the job's ARN.
+  finish   waits for JOB_ARN (after `mantle dev` restarted) and checks that every record is in
+           the output exactly once.
+Exits non-zero on the first failed expectation.
+"""
+
+import json
+import sys
+import time
+import uuid
+
+import boto3
+import botocore.config
+import botocore.exceptions
+
+endpoint, s3_endpoint, phase = sys.argv[1], sys.argv[2], sys.argv[3]
+MODEL = "huggingfacetb.smollm2-135m-instruct-v1:0"
+ROLE = "arn:aws:iam::123456789012:role/mantle-batch"
+BUCKET = "lake"
+session = boto3.session.Session(aws_access_key_id="test", aws_secret_access_key="test", region_name="us-east-1")
+config = botocore.config.Config(retries={"max_attempts": 1}, read_timeout=60, connect_timeout=5)
+bedrock = session.client("bedrock", endpoint_url=endpoint, config=config)
+s3 = session.client("s3", endpoint_url=s3_endpoint)
+ENDED = {"Completed", "PartiallyCompleted", "Failed", "Stopped", "Expired"}
+
+
+def fail(what, detail):
+    print(f"FAIL {what}: {detail}", flush=True)
+    sys.exit(1)
+
+
+def ok(what):
+    print(f"ok   {what}", flush=True)
+
+
+def record(i, tokens=6):
+    return {
+        "recordId": f"R{i:05d}",
+        "customerId": f"C{i % 7}",
+        "modelInput": {
+            "anthropic_version": "bedrock-2023-05-31",
+            "max_tokens": tokens,
+            "messages": [{"role": "user", "content": [{"type": "text", "text": f"Count to {i % 10}."}]}],
+        },
+    }
+
+
+def upload(prefix, files):
+    try:
+        s3.create_bucket(Bucket=BUCKET)
+    except botocore.exceptions.ClientError:
+        pass
+    for name, lines in files.items():
+        s3.put_object(Bucket=BUCKET, Key=f"{prefix}/{name}", Body=("\n".join(lines) + "\n").encode())
+
+
+def create(name, prefix, out, **extra):
+    return bedrock.create_model_invocation_job(
+        jobName=name, roleArn=ROLE, modelId=MODEL,
+        inputDataConfig={"s3InputDataConfig": {"s3Uri": f"s3://{BUCKET}/{prefix}/"}},
+        outputDataConfig={"s3OutputDataConfig": {"s3Uri": f"s3://{BUCKET}/{out}/"}}, **extra)["jobArn"]
+
+
+def wait(arn, until=ENDED, timeout=420):
+    start = time.time()
+    while time.time() - start < timeout:
+        job = bedrock.get_model_invocation_job(jobIdentifier=arn)
+        if job["status"] in until:
+            return job
+        time.sleep(1)
+    fail("wait", f"{arn} still {job['status']} after {timeout}s")
+
+
+def outputs(out, job_id):
+    """Every output line under the job's folder, by file (what spark.read.json of the folder
+    reads, less manifest.json.out), and the manifest."""
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=f"{out}/{job_id}/").get("Contents", [])]
+    visible = [k for k in keys if not any(part.startswith("_") for part in k.split("/"))]
+    lines = {}
+    manifest = None
+    for key in visible:
+        body = s3.get_object(Bucket=BUCKET, Key=key)["Body"].read().decode()
+        if key.endswith("manifest.json.out"):
+            manifest = json.loads(body)
+        else:
+            lines[key.rsplit("/", 1)[1]] = [json.loads(l) for l in body.splitlines() if l.strip()]
+    return lines, manifest
+
+
+def exactly_once(lines, want_ids):
+    seen = [r["recordId"] for rs in lines.values() for r in rs]
+    dupes = {i for i in seen if seen.count(i) > 1}
+    if dupes:
+        fail("exactly once", f"duplicated records: {sorted(dupes)[:5]}")
+    missing = set(want_ids) - set(seen)
+    if missing:
+        fail("exactly once", f"missing records: {sorted(missing)[:5]}")
+
+
+def flow():
+    run = uuid.uuid4().hex[:6]
+    good = [json.dumps(record(i)) for i in range(200)]
+    # Not JSON; no modelInput; a recordId seen before (R00005).
+    bad = ["{not json", json.dumps({"recordId": "NOINPUT"}), json.dumps(record(5))]
+    upload(f"in-{run}", {"part-0000.jsonl": good[:120] + bad[:2], "part-0001.jsonl": good[120:] + ["", bad[2]],
+                         "notes.txt": ["not an input file"]})
+    name = f"e2e-flow-{run}"
+    token = f"tok-{run}"
+    started = time.time()
+    arn = create(name, f"in-{run}", f"out-{run}", clientRequestToken=token, timeoutDurationInHours=24)
+    job_id = arn.rsplit("/", 1)[1]
+    if not (arn.startswith("arn:aws:bedrock:") and ":model-invocation-job/" in arn and len(job_id) == 12):
+        fail("create", f"jobArn {arn!r} is not Bedrock's shape")
+    ok(f"create_model_invocation_job → {arn}")
+    # The same request again (an SDK retry) is the same job; another job of that name is a conflict.
+    again = create(name, f"in-{run}", f"out-{run}", clientRequestToken=token, timeoutDurationInHours=24)
+    if again != arn:
+        fail("idempotent create", f"{again} != {arn}")
+    try:
+        create(name, f"in-{run}", f"out-{run}")
+        fail("conflict", "a second job of the same name was accepted")
+    except botocore.exceptions.ClientError as e:
+        if e.response["Error"]["Code"] != "ConflictException":
+            fail("conflict", e.response["Error"])
+    ok("create is idempotent with its clientRequestToken, a conflict without")
+
+    job = wait(arn)
+    took = time.time() - started
+    if job["status"] != "PartiallyCompleted":
+        fail("status", f"{job['status']}: {job.get('message')}")
+    counts = {k: job[k] for k in ("totalRecordCount", "processedRecordCount", "successRecordCount", "errorRecordCount")}
+    if counts != {"totalRecordCount": 203, "processedRecordCount": 203, "successRecordCount": 200, "errorRecordCount": 3}:
+        fail("counts", counts)
+    for key in ("submitTime", "endTime", "lastModifiedTime", "jobExpirationTime"):
+        if not hasattr(job.get(key), "year"):
+            fail("times", f"{key} = {job.get(key)!r}")
+    if job["clientRequestToken"] != token or job["roleArn"] != ROLE or job["modelInvocationType"] != "InvokeModel":
+        fail("get", job)
+    ok(f"200 records + 3 bad lines → PartiallyCompleted in {took:.1f}s ({200 / took:.1f} records/s), {counts}")
+
+    lines, manifest = outputs(f"out-{run}", job_id)
+    if sorted(lines) != ["part-0000.jsonl.out", "part-0001.jsonl.out"]:
+        fail("output files", sorted(lines))
+    exactly_once({k: [r for r in v if "modelOutput" in r] for k, v in lines.items()}, [f"R{i:05d}" for i in range(200)])
+    answered = [r for rs in lines.values() for r in rs if "modelOutput" in r]
+    for r in answered:
+        out = r["modelOutput"]
+        if out.get("type") != "message" or not out["content"][0]["text"] or out["usage"]["output_tokens"] < 1:
+            fail("modelOutput", r)
+        if r["modelInput"]["messages"][0]["content"][0]["text"] != f"Count to {int(r['recordId'][1:]) % 10}.":
+            fail("modelInput echoed", r)
+    errors = [r for rs in lines.values() for r in rs if "error" in r]
+    if len(errors) != 3 or any(e["error"]["errorCode"] != 400 or not e["error"]["errorMessage"] for e in errors):
+        fail("error records", errors)
+    messages = " | ".join(e["error"]["errorMessage"] for e in errors)
+    for want in ("not a JSON object", "modelInput", "appears earlier"):
+        if want not in messages:
+            fail("error messages", f"{want!r} not in {messages}")
+    want_manifest = {"totalRecordCount": 203, "processedRecordCount": 203, "successRecordCount": 200,
+                     "errorRecordCount": 3}
+    if {k: manifest.get(k) for k in want_manifest} != want_manifest or manifest["inputTokenCount"] < 200 * 5 \
+            or manifest["outputTokenCount"] < 200:
+        fail("manifest.json.out", manifest)
+    ok(f"outputs: 2 .out files, each record once, 3 error records ({messages[:80]}…), manifest {manifest}")
+
+    listed = bedrock.list_model_invocation_jobs(nameContains=f"flow-{run}")["invocationJobSummaries"]
+    if [j["jobArn"] for j in listed] != [arn]:
+        fail("list nameContains", listed)
+    listed = bedrock.list_model_invocation_jobs(statusEquals="Completed", nameContains=run)["invocationJobSummaries"]
+    if listed:
+        fail("list statusEquals", listed)
+    by_id = bedrock.get_model_invocation_job(jobIdentifier=job_id)
+    if by_id["jobArn"] != arn:
+        fail("get by id", by_id)
+    ok("list filters by name and status; get takes the ARN or the id")
+
+    # Refusals: an unknown model, an unsupported field, a stop of an ended job.
+    for kwargs, code in [
+        ({"modelId": "acme.nope-v1:0"}, "ResourceNotFoundException"),
+        ({"vpcConfig": {"subnetIds": ["s"], "securityGroupIds": ["g"]}}, "ValidationException"),
+    ]:
+        try:
+            args = dict(jobName=f"e2e-bad-{run}", roleArn=ROLE, modelId=MODEL,
+                        inputDataConfig={"s3InputDataConfig": {"s3Uri": f"s3://{BUCKET}/in-{run}/"}},
+                        outputDataConfig={"s3OutputDataConfig": {"s3Uri": f"s3://{BUCKET}/x-{run}/"}})
+            args.update(kwargs)
+            bedrock.create_model_invocation_job(**args)
+            fail("refusal", f"{kwargs} was accepted")
+        except botocore.exceptions.ClientError as e:
+            if e.response["Error"]["Code"] != code:
+                fail("refusal", f"{kwargs}: {e.response['Error']}")
+    try:
+        bedrock.stop_model_invocation_job(jobIdentifier=arn)
+        fail("stop ended job", "accepted")
+    except botocore.exceptions.ClientError as e:
+        if e.response["Error"]["Code"] != "ValidationException":
+            fail("stop ended job", e.response["Error"])
+    empty = create(f"e2e-empty-{run}", f"nothing-{run}", f"out-empty-{run}")
+    job = wait(empty, timeout=60)
+    if job["status"] != "Failed" or "no .jsonl input" not in job.get("message", ""):
+        fail("empty input", job)
+    ok(f"refused: unknown model, vpcConfig, stopping an ended job; empty input fails: {job['message']}")
+
+    # Stop: Stopping → Stopped, with the finished shards' outputs and nothing twice.
+    upload(f"long-{run}", {f"part-{f}.jsonl": [json.dumps(record(1000 * f + i, tokens=48)) for i in range(60)]
+                           for f in range(4)})
+    arn = create(f"e2e-stop-{run}", f"long-{run}", f"out-stop-{run}")
+    wait(arn, until={"InProgress"}, timeout=120)
+    bedrock.stop_model_invocation_job(jobIdentifier=arn)
+    job = wait(arn, timeout=300)
+    if job["status"] != "Stopped":
+        fail("stop", job)
+    lines, manifest = outputs(f"out-stop-{run}", arn.rsplit("/", 1)[1])
+    seen = [r["recordId"] for rs in lines.values() for r in rs]
+    if len(seen) != len(set(seen)) or manifest is None or manifest["processedRecordCount"] != len(seen) \
+            or len(seen) >= 240:
+        fail("stopped outputs", f"{len(seen)} lines, manifest {manifest}")
+    ok(f"stopped mid-job: Stopped with {len(seen)} of 240 records written once")
+
+
+def start():
+    run = uuid.uuid4().hex[:6]
+    upload(f"restart-{run}", {f"part-{f}.jsonl": [json.dumps(record(1000 * f + i, tokens=24)) for i in range(100)]
+                              for f in range(3)})
+    arn = create(f"e2e-restart-{run}", f"restart-{run}", f"out-restart-{run}")
+    start = time.time()
+    while time.time() - start < 300:
+        job = bedrock.get_model_invocation_job(jobIdentifier=arn)
+        if job["status"] in ENDED:
+            fail("start", f"the job ended before it could be interrupted: {job['status']}")
+        if job["processedRecordCount"] > 0:
+            break
+        time.sleep(0.5)
+    ok(f"job running, {job['processedRecordCount']} of {job['totalRecordCount']} records committed")
+    print(f"ARN {arn} OUT out-restart-{run}", flush=True)
+
+
+def finish(arn, out):
+    job = wait(arn)
+    if job["status"] != "Completed" or job["successRecordCount"] != 300:
+        fail("resumed job", job)
+    lines, manifest = outputs(out, arn.rsplit("/", 1)[1])
+    exactly_once(lines, [f"R{1000 * f + i:05d}" for f in range(3) for i in range(100)])
+    if sum(len(v) for v in lines.values()) != 300 or manifest["successRecordCount"] != 300:
+        fail("resumed outputs", manifest)
+    ok(f"after the restart the job completed: 300 records, each exactly once, manifest {manifest}")
+
+
+if phase == "flow":
+    flow()
+elif phase == "start":
+    start()
+elif phase == "finish":
+    finish(sys.argv[4], sys.argv[5])
+else:
+    fail("usage", phase)
