@@ -218,16 +218,21 @@ fn boto3_batch_jobs_run_on_mantle_dev_with_s3_and_survive_its_restart() {
     let model: String =
         model.lines().filter(|l| !l.trim_start().starts_with("cells:")).map(|l| format!("{l}\n")).collect();
     std::fs::write(manifests.join("smollm2.yaml"), model).unwrap();
+    let lake = dir.join("lake");
+    let bucket = format!("locallake={}", lake.display());
     let args = [
         "--manifests".as_ref(),
         manifests.as_os_str(),
         "--s3-endpoint".as_ref(),
         moto.1.as_ref(),
+        "--bucket".as_ref(),
+        bucket.as_ref(),
         "--batch-state".as_ref(),
         state.as_os_str(),
     ];
     let (mut dev, addr) = start_dev(&args, Stdio::null());
     batch_flow(addr, &moto, &["flow"]);
+    batch_flow(addr, &moto, &["manifests", manifests.to_str().unwrap(), lake.to_str().unwrap()]);
 
     // Killed mid-job (no chance to clean up), started again: the job resumes and every record
     // is written exactly once.

@@ -86,6 +86,31 @@ pub struct BatchJobSpec {
     /// records and the job ends Stopped.
     #[serde(default)]
     pub stop: bool,
+    /// Run part of a finished job again, as a new run: the records it selects are inferred
+    /// again, every other record keeps its output. Setting a new `id` starts the run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rerun: Option<Rerun>,
+}
+
+/// Which records a rerun infers again (any that one of the set selectors matches).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Rerun {
+    /// The run's id (recorded in the control table and status); a new id is a new run.
+    #[schemars(regex(pattern = NAME_PATTERN), length(min = 1, max = 63))]
+    pub id: String,
+    /// The records whose last output is an error record.
+    #[serde(default)]
+    pub failed: bool,
+    /// The records whose `partitionKey` field has this value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub partition: Option<String>,
+    /// The records whose recordId's SHA-256 starts with these hex digits (`0`–`f`, 1 to 8: a
+    /// sixteenth, a 256th… of the records).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9a-f]{1,8}$"))]
+    pub record_id_hash_prefix: Option<String>,
 }
 
 fn default_timeout_hours() -> i32 {
@@ -260,6 +285,9 @@ pub struct BatchJobStatus {
     pub conditions: Vec<Condition>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// The run the status describes (`spec.rerun.id`, or `initial`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<String>,
 }
 
 /// Bedrock's ModelInvocationJobStatus.
@@ -340,6 +368,26 @@ impl Validate for BatchJobSpec {
         }
         if let Some(r) = &self.reuse_from {
             v.pattern(&r.job_name, NAME_PATTERN, "spec.reuseFrom.jobName");
+        }
+        if let Some(r) = &self.rerun {
+            v.pattern(&r.id, NAME_PATTERN, "spec.rerun.id");
+            v.check(
+                r.failed || r.partition.is_some() || r.record_id_hash_prefix.is_some(),
+                "spec.rerun",
+                "select what to run again: failed, partition or recordIdHashPrefix",
+            );
+            v.check(
+                r.partition.is_none() || self.partition_key.is_some(),
+                "spec.rerun.partition",
+                "a partition needs spec.partitionKey",
+            );
+            if let Some(p) = &r.record_id_hash_prefix {
+                v.check(
+                    (1..=8).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
+                    "spec.rerun.recordIdHashPrefix",
+                    "must be 1 to 8 lowercase hex digits",
+                );
+            }
         }
         if let Some(schema) = &self.output_schema {
             v.check(schema.is_object(), "spec.outputSchema", "must be a JSON Schema object");

@@ -13,6 +13,10 @@ PHASE
            (the caller then kills `mantle dev` mid-job); prints the job's ARN.
   finish   waits for JOB_ARN (after `mantle dev` restarted) and checks that every record is in
            the output exactly once.
+  manifests MANIFESTS_DIR LAKE_DIR   BatchJob files in the manifests directory, on a bucket
+           served from a local directory (`--bucket locallake=LAKE_DIR`): inputTokenLimit's three
+           actions; a month-over-month job with reuseFrom where 10 of 60 records changed
+           infers exactly those; a rerun of one partition infers exactly its records again.
 Exits non-zero on the first failed expectation.
 """
 
@@ -258,10 +262,131 @@ def finish(arn, out):
     ok(f"after the restart the job completed: 300 records, each exactly once, manifest {manifest}")
 
 
+def manifest_job(directory, name, spec):
+    text = json.dumps({"apiVersion": "mantle.dev/v1alpha1", "kind": "BatchJob", "metadata": {"name": name},
+                       "spec": {"modelId": MODEL, **spec}}, indent=1)
+    with open(f"{directory}/{name}.yaml", "w") as f:
+        f.write(text)  # JSON is YAML
+
+
+def by_name(name, until=ENDED, timeout=300, ended_after=None):
+    start = time.time()
+    while time.time() - start < timeout:
+        jobs = bedrock.list_model_invocation_jobs(nameContains=name)["invocationJobSummaries"]
+        job = next((j for j in jobs if j["jobName"] == name), None)
+        if job and job["status"] in until and (ended_after is None or job["endTime"] > ended_after):
+            return job
+        time.sleep(0.5)
+    fail("wait", f"{name}: {job}")
+
+
+def local_outputs(lake, prefix, job_id):
+    import glob
+    import os
+    lines, manifest = {}, None
+    for path in glob.glob(f"{lake}/{prefix}/{job_id}/*"):
+        if not os.path.isfile(path):
+            continue
+        with open(path) as f:
+            text = f.read()
+        if path.endswith("manifest.json.out"):
+            manifest = json.loads(text)
+        else:
+            lines[os.path.basename(path)] = [json.loads(l) for l in text.splitlines() if l.strip()]
+    return lines, manifest
+
+
+def manifests(directory, lake):
+    import os
+    run = uuid.uuid4().hex[:6]
+    long_text = " ".join(["The customer called about the invoice again."] * 30)
+
+    def write_input(prefix, records):
+        os.makedirs(f"{lake}/{prefix}", exist_ok=True)
+        with open(f"{lake}/{prefix}/records.jsonl", "w") as f:
+            f.write("\n".join(json.dumps(r) for r in records) + "\n")
+
+    # inputTokenLimit: 4 short records and one far over 60 tokens, under each action.
+    guard = [record(i) for i in range(4)]
+    guard.append({"recordId": "LONG", "modelInput": {"anthropic_version": "bedrock-2023-05-31", "max_tokens": 6,
+                  "messages": [{"role": "user", "content": [{"type": "text", "text": long_text}]}]}})
+    write_input(f"guard-{run}", guard)
+    for action in ("FAIL_RECORD", "TRUNCATE", "SKIP"):
+        manifest_job(directory, f"e2e-guard-{action.lower().replace('_', '-')}-{run}", {
+            "input": {"uri": f"s3://locallake/guard-{run}/"}, "output": {"uri": f"s3://locallake/guard-out-{run}/"},
+            "inputTokenLimit": {"maxTokens": 60, "action": action}})
+    results = {}
+    for action in ("FAIL_RECORD", "TRUNCATE", "SKIP"):
+        name = f"e2e-guard-{action.lower().replace('_', '-')}-{run}"
+        job = by_name(name)
+        lines, manifest = local_outputs(lake, f"guard-out-{run}", job["jobArn"].rsplit("/", 1)[1])
+        rows = {r["recordId"]: r for r in lines.get("records.jsonl.out", [])}
+        results[action] = (job["status"], manifest, rows.get("LONG"))
+    status, manifest, long = results["FAIL_RECORD"]
+    if status != "PartiallyCompleted" or not long or "inputTokenLimit" not in long["error"]["errorMessage"]:
+        fail("FAIL_RECORD", results["FAIL_RECORD"])
+    status, manifest, long = results["TRUNCATE"]
+    if status != "Completed" or not long or "modelOutput" not in long or manifest["successRecordCount"] != 5:
+        fail("TRUNCATE", results["TRUNCATE"])
+    status, manifest, long = results["SKIP"]
+    if status != "Completed" or long is not None or manifest["skippedRecordCount"] != 1 \
+            or manifest["successRecordCount"] != 4:
+        fail("SKIP", results["SKIP"])
+    ok("inputTokenLimit: FAIL_RECORD writes an error record, TRUNCATE runs a cut prompt, SKIP leaves it out")
+
+    # Month over month: 60 records in 6 partitions; next month 10 changed.
+    month1 = [record(i) for i in range(60)]
+    month2 = [dict(r) for r in month1]
+    for i in range(0, 60, 6):
+        month2[i] = record(i, tokens=7)  # changed input: max_tokens differs
+    write_input(f"m1-{run}", month1)
+    write_input(f"m2-{run}", month2)
+    manifest_job(directory, f"e2e-m1-{run}", {"input": {"uri": f"s3://locallake/m1-{run}/"},
+                                              "output": {"uri": f"s3://locallake/m1-out-{run}/"},
+                                              "partitionKey": "customerId"})
+    m1 = by_name(f"e2e-m1-{run}")
+    m2_spec = {"input": {"uri": f"s3://locallake/m2-{run}/"}, "output": {"uri": f"s3://locallake/m2-out-{run}/"},
+               "partitionKey": "customerId", "reuseFrom": {"jobName": f"e2e-m1-{run}"}}
+    started = time.time()
+    manifest_job(directory, f"e2e-m2-{run}", m2_spec)
+    m2 = by_name(f"e2e-m2-{run}")
+    took = time.time() - started
+    ids = lambda lines: {r["recordId"]: r["modelOutput"]["id"] for r in lines["records.jsonl.out"]}
+    out1, _ = local_outputs(lake, f"m1-out-{run}", m1["jobArn"].rsplit("/", 1)[1])
+    out2, manifest2 = local_outputs(lake, f"m2-out-{run}", m2["jobArn"].rsplit("/", 1)[1])
+    ids1, ids2 = ids(out1), ids(out2)
+    changed = {f"R{i:05d}" for i in range(0, 60, 6)}
+    reinferred = {r for r in ids2 if ids2[r] != ids1[r]}
+    if m2["status"] != "Completed" or reinferred != changed or manifest2["reusedRecordCount"] != 50 \
+            or len(ids2) != 60:
+        fail("reuseFrom", f"{m2['status']} re-inferred {sorted(reinferred)} manifest {manifest2}")
+    ok(f"reuseFrom: 10 changed of 60 records inferred again, 50 copied ({took:.1f}s), manifest {manifest2}")
+
+    # A rerun of partition C3 infers exactly its records again.
+    m2_spec["rerun"] = {"id": "r2", "partition": "C3"}
+    asked = m2["endTime"]
+    time.sleep(0.01)
+    manifest_job(directory, f"e2e-m2-{run}", m2_spec)
+    m2 = by_name(f"e2e-m2-{run}", ended_after=asked)
+    out3, manifest3 = local_outputs(lake, f"m2-out-{run}", m2["jobArn"].rsplit("/", 1)[1])
+    ids3 = ids(out3)
+    again = {r for r in ids3 if ids3[r] != ids2[r]}
+    c3 = {r["recordId"] for r in month2 if r["customerId"] == "C3"}
+    if again != c3 or len(ids3) != 60:
+        fail("rerun partition", f"re-inferred {sorted(again)}, want {sorted(c3)}")
+    listed = {j["jobName"] for j in bedrock.list_model_invocation_jobs(nameContains=run)["invocationJobSummaries"]}
+    if not {f"e2e-m1-{run}", f"e2e-m2-{run}"} <= listed:
+        fail("list manifest jobs", listed)
+    ok(f"rerun of partition C3: its {len(c3)} records inferred again, the other {60 - len(c3)} kept; "
+       "manifest jobs are listed by ListModelInvocationJobs")
+
+
 if phase == "flow":
     flow()
 elif phase == "start":
     start()
+elif phase == "manifests":
+    manifests(sys.argv[4], sys.argv[5])
 elif phase == "finish":
     finish(sys.argv[4], sys.argv[5])
 else:

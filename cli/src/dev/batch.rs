@@ -131,6 +131,17 @@ impl DevBatch {
                         if job.spec.stop && !*e.stop.borrow() {
                             e.stop.send_replace(true);
                         }
+                        // A new rerun id is a new run of the job, once the last one ended.
+                        let phase = e.job.status.as_ref().and_then(|s| s.phase);
+                        if job.spec.rerun != e.job.spec.rerun && !e.running && !job.spec.stop && terminal(phase) {
+                            let e = jobs.get_mut(&name).expect("present");
+                            e.job.spec.rerun = job.spec.rerun.clone();
+                            let status = e.job.status.get_or_insert_with(Default::default);
+                            status.phase = Some(BatchJobPhase::Submitted);
+                            status.end_time = None;
+                            status.message = None;
+                            to_start.push(name.clone());
+                        }
                     }
                     None => {
                         // A job seen before (this run or an earlier one) keeps its status.
@@ -150,11 +161,10 @@ impl DevBatch {
     }
 }
 
-/// Whether two objects are the same job (the spec, `stop` aside).
+/// Whether two objects are the same job (the spec, `stop` and `rerun` aside).
 fn same_job(a: &BatchJob, b: &BatchJob) -> bool {
     let (mut x, mut y) = (a.spec.clone(), b.spec.clone());
-    x.stop = false;
-    y.stop = false;
+    (x.stop, y.stop, x.rerun, y.rerun) = (false, false, None, None);
     x == y
 }
 
@@ -241,8 +251,38 @@ impl Inner {
         tokio::spawn(async move { this.run(name, job, runtime, stop).await });
     }
 
+    /// The output folder of the job `reuseFrom` names, once it has ended with outputs.
+    fn reuse_source(&self, object: &BatchJob) -> Result<Option<String>, String> {
+        let Some(reuse) = &object.spec.reuse_from else { return Ok(None) };
+        let jobs = self.jobs.lock().expect("not poisoned");
+        let old = jobs
+            .get(&reuse.job_name)
+            .ok_or_else(|| format!("reuseFrom names job {}, which does not exist", reuse.job_name))?;
+        let phase = old.job.status.as_ref().and_then(|s| s.phase);
+        if !matches!(phase, Some(BatchJobPhase::Completed | BatchJobPhase::PartiallyCompleted)) {
+            return Err(format!("reuseFrom names job {}, which has not completed", reuse.job_name));
+        }
+        Ok(Some(format!("{}/{}", old.job.spec.output.uri.trim_end_matches('/'), old.job.job_id())))
+    }
+
     async fn run(self: Arc<Self>, name: String, object: BatchJob, runtime: Runtime, stop: watch::Receiver<bool>) {
-        let job = Job { id: object.job_id(), spec: object.spec.clone() };
+        let reuse_from = match self.reuse_source(&object) {
+            Ok(source) => source,
+            Err(message) => {
+                tracing::error!(job = %name, "{message}");
+                self.update(&name, true, |s| {
+                    s.phase = Some(BatchJobPhase::Failed);
+                    s.message = Some(message);
+                    s.end_time = Some(now());
+                });
+                if let Some(entry) = self.jobs.lock().expect("not poisoned").get_mut(&name) {
+                    entry.running = false;
+                }
+                return;
+            }
+        };
+        let job = Job { id: object.job_id(), spec: object.spec.clone(), reuse_from };
+        self.update(&name, false, |s| s.run_id = Some(job.run_id().to_string()));
         let expires = object.status.as_ref().and_then(|s| s.job_expiration_time.clone());
         let pricing = self.pricing.lock().expect("not poisoned").get(&job.spec.model_id).cloned();
         let (progress, watched) = watch::channel(Progress::default());

@@ -9,7 +9,7 @@
 //!   the output exactly once however often a worker or the process is killed. Paths starting
 //!   with `_` are hidden from Spark's readers, so `spark.read.json(prefix)` sees outputs only.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,6 +26,7 @@ use tokio::sync::{Semaphore, watch};
 use crate::client::{CallError, RouterClient};
 use crate::plan::{Cutter, Seen, Shard, TokenEstimate};
 use crate::record::{self, BadLine, PartitionBy};
+use crate::reuse::{self, IndexEntry};
 use crate::store::{Location, StoreError, Stores};
 
 /// Why a job failed as a whole (a bad record never fails a job).
@@ -71,6 +72,7 @@ impl Progress {
     }
 
     fn add(&mut self, c: &ShardCommit) {
+        self.reused += c.reused;
         self.success += c.success;
         self.error += c.error;
         self.skipped += c.skipped;
@@ -103,6 +105,15 @@ pub struct Runtime {
 pub struct Job {
     pub id: String,
     pub spec: BatchJobSpec,
+    /// The output folder (`<output uri>/<id>`) of the job named by `reuseFrom`.
+    pub reuse_from: Option<String>,
+}
+
+impl Job {
+    /// The run this is: `spec.rerun.id`, or `initial`.
+    pub fn run_id(&self) -> &str {
+        self.spec.rerun.as_ref().map_or("initial", |r| r.id.as_str())
+    }
 }
 
 /// A shard's commit record.
@@ -110,11 +121,17 @@ pub struct Job {
 #[serde(rename_all = "camelCase")]
 struct ShardCommit {
     shard: u32,
+    /// The run that wrote the shard's lines.
+    #[serde(default)]
+    run: String,
     file: String,
     records: u64,
     success: u64,
     error: u64,
     skipped: u64,
+    /// Lines copied from `reuseFrom`'s outputs.
+    #[serde(default)]
+    reused: u64,
     input_tokens: u64,
     output_tokens: u64,
     seconds: f64,
@@ -122,32 +139,29 @@ struct ShardCommit {
 
 #[derive(Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct StoredPlan {
+pub(crate) struct StoredPlan {
     version: u32,
     estimate: TokenEstimate,
     total_records: u64,
     /// Input files (relative to the input prefix) in order.
     files: Vec<String>,
-    shards: Vec<Shard>,
+    pub(crate) shards: Vec<Shard>,
 }
 
 /// What this pipeline does not do yet; refused at once rather than ignored.
 pub fn unsupported(spec: &BatchJobSpec) -> Option<String> {
-    if spec.reuse_from.is_some() {
-        return Some("reuseFrom is not supported yet: remove it to run every record".into());
-    }
     if spec.output_schema.is_some() {
         return Some("outputSchema is not supported yet: remove it, or constrain outputs in the prompt".into());
     }
     None
 }
 
-fn shard_name(id: u32) -> String {
+pub(crate) fn shard_name(id: u32) -> String {
     format!("{id:06}")
 }
 
 /// Writes with retries: an unwritable output is tried again with backoff before the job fails.
-async fn put(loc: &Location, path: &Path, data: Bytes) -> Result<(), JobError> {
+pub(crate) async fn put(loc: &Location, path: &Path, data: Bytes) -> Result<(), JobError> {
     let mut delay = Duration::from_millis(200);
     let mut attempt = 0;
     loop {
@@ -203,7 +217,7 @@ pub async fn run(
             plan
         }
     };
-    // What is committed already (a resumed job).
+    // What is committed already (a resumed job, or the runs before a rerun).
     let mut done = BTreeMap::new();
     for shard in &plan.shards {
         if let Some(commit) =
@@ -212,6 +226,25 @@ pub async fn run(
             done.insert(shard.id, commit);
         }
     }
+    // A rerun takes up the committed shards of earlier runs that hold records it selects; until
+    // it commits them again, their earlier lines stand.
+    let mut own = BTreeMap::new();
+    if let Some(rerun) = &job.spec.rerun {
+        for (id, commit) in &done {
+            if commit.run == rerun.id {
+                continue;
+            }
+            let index = reuse::read_index(&out, *id).await?.unwrap_or_default();
+            if index.iter().any(|e| reuse::selected(rerun, e)) {
+                own.insert(*id, index);
+            }
+        }
+        tracing::info!(job = %job.id, run = %rerun.id, shards = own.len(), "rerun");
+    }
+    let previous = match &job.reuse_from {
+        Some(uri) => Some(reuse::Previous::load(rt.stores.open(uri)?).await?),
+        None => None,
+    };
     progress.send_modify(|p| {
         *p = Progress {
             total_records: plan.total_records,
@@ -219,22 +252,24 @@ pub async fn run(
             planned: true,
             ..Default::default()
         };
-        for c in done.values() {
+        for c in done.values().filter(|c| !own.contains_key(&c.shard)) {
             p.add(c);
         }
     });
-    let todo: Vec<Shard> = plan.shards.iter().filter(|s| !done.contains_key(&s.id)).cloned().collect();
+    let todo: Vec<Shard> =
+        plan.shards.iter().filter(|s| !done.contains_key(&s.id) || own.contains_key(&s.id)).cloned().collect();
     tracing::info!(job = %job.id, shards = plan.shards.len(), todo = todo.len(), records = plan.total_records, "running shards");
     let slots = Arc::new(Semaphore::new(rt.concurrency.max(1)));
     let parallel = rt.concurrency.clamp(1, 4);
     let shards = todo.into_iter().map(|shard| {
         let (input, out, slots, stop) = (input.clone(), out.clone(), slots.clone(), stop.clone());
+        let sources = Sources { own: own.get(&shard.id).cloned(), previous: previous.as_ref() };
         async move {
             if *stop.borrow() {
                 return Ok(None);
             }
             progress.send_modify(|p| p.shards_running += 1);
-            let result = run_shard(job, rt, &input, &out, &shard, &slots, stop).await;
+            let result = run_shard(job, rt, &input, &out, &shard, &sources, &slots, stop).await;
             progress.send_modify(|p| {
                 p.shards_running -= 1;
                 if let Ok(Some(c)) = &result {
@@ -384,13 +419,32 @@ async fn calibrate(job: &Job, rt: &Runtime, input: &Location, first: &Path) -> R
     Ok(TokenEstimate::calibrate(&samples))
 }
 
+/// Where a shard's records may find lines that stand for them.
+struct Sources<'a> {
+    /// The shard's own index, when a rerun takes it up (its unselected records keep their lines).
+    own: Option<Vec<IndexEntry>>,
+    /// `reuseFrom`'s outputs.
+    previous: Option<&'a reuse::Previous>,
+}
+
+/// What becomes of one record of a shard.
+enum Action {
+    Run,
+    /// Its line from the shard's last run (line number, index entry).
+    Keep(usize, IndexEntry),
+    /// Its line from `reuseFrom` (shard, line).
+    Reuse(u32, u32),
+}
+
 /// Runs one shard and commits it; `None` when stopped before it finished.
+#[allow(clippy::too_many_arguments)]
 async fn run_shard(
     job: &Job,
     rt: &Runtime,
     input: &Location,
     out: &Location,
     shard: &Shard,
+    sources: &Sources<'_>,
     slots: &Arc<Semaphore>,
     stop: watch::Receiver<bool>,
 ) -> Result<Option<ShardCommit>, JobError> {
@@ -408,11 +462,77 @@ async fn run_shard(
             }
         }
     }
+    // Each record's identity, and whether a line stands for it already.
+    let salt = reuse::job_salt(&job.spec);
+    let partition = PartitionBy(job.spec.partition_key.clone());
+    let own: HashMap<&str, (usize, &IndexEntry)> = sources
+        .own
+        .iter()
+        .flatten()
+        .enumerate()
+        .filter(|(_, e)| !e.hash.is_empty())
+        .map(|(i, e)| (e.hash.as_str(), (i, e)))
+        .collect();
+    let rerun = job.spec.rerun.as_ref();
     let duplicates: HashSet<u64> = shard.duplicates.iter().copied().collect();
-    let records = lines.into_iter().map(|(line, text)| {
+    let mut identities = Vec::with_capacity(lines.len());
+    let mut actions = Vec::with_capacity(lines.len());
+    for (line, text) in &lines {
+        let identity = record::parse(text, &shard.file, *line, &partition)
+            .ok()
+            .filter(|_| !duplicates.contains(line))
+            .map(|r| (reuse::content_hash(&salt, &r.record_id, r.model_input), r.record_id, r.partition));
+        let action = match &identity {
+            Some((hash, ..)) => match (own.get(hash.as_str()), sources.previous.and_then(|p| p.find(hash))) {
+                (Some((i, e)), _) if !rerun.is_some_and(|r| reuse::selected(r, e)) => Action::Keep(*i, (*e).clone()),
+                (Some(_), _) => Action::Run,
+                (None, Some((s, l))) => Action::Reuse(s, l),
+                (None, None) => Action::Run,
+            },
+            None => Action::Run,
+        };
+        identities.push(identity);
+        actions.push(action);
+    }
+    // The earlier lines needed, read once per part.
+    let mut parts: HashMap<Option<u32>, Vec<Bytes>> = HashMap::new();
+    for action in &actions {
+        let (key, loc, id) = match action {
+            Action::Keep(..) => (None, out, shard.id),
+            Action::Reuse(s, _) => (Some(*s), &sources.previous.expect("reuse has a source").loc, *s),
+            Action::Run => continue,
+        };
+        if let std::collections::hash_map::Entry::Vacant(slot) = parts.entry(key) {
+            slot.insert(reuse::read_lines(loc, id).await?);
+        }
+    }
+    let records = lines.into_iter().zip(actions).map(|((line, text), action)| {
         let stop = stop.clone();
         let duplicate = duplicates.contains(&line);
+        let copied = |key: Option<u32>, at: usize| {
+            parts.get(&key).and_then(|p| p.get(at)).map(|b| String::from_utf8_lossy(b).into_owned())
+        };
+        let kept = match &action {
+            Action::Keep(i, e) => copied(None, *i).map(|l| Done {
+                line: Some(l),
+                ok: e.ok,
+                reused: false,
+                input_tokens: e.input_tokens,
+                output_tokens: e.output_tokens,
+            }),
+            Action::Reuse(s, l) => copied(Some(*s), *l as usize).map(|l| Done {
+                line: Some(l),
+                ok: true,
+                reused: true,
+                input_tokens: 0,
+                output_tokens: 0,
+            }),
+            Action::Run => None,
+        };
         async move {
+            if kept.is_some() {
+                return kept;
+            }
             let _slot = slots.acquire().await.expect("the semaphore stays open");
             if *stop.borrow() {
                 return None;
@@ -424,34 +544,50 @@ async fn run_shard(
     if results.iter().any(Option::is_none) {
         return Ok(None);
     }
-    let mut commit =
-        ShardCommit { shard: shard.id, file: shard.file.clone(), records: shard.records, ..Default::default() };
+    let mut commit = ShardCommit {
+        shard: shard.id,
+        run: job.run_id().to_string(),
+        file: shard.file.clone(),
+        records: shard.records,
+        ..Default::default()
+    };
     let mut body = String::new();
-    for done in results.into_iter().flatten() {
-        match &done.line {
-            Some(l) if done.ok => {
-                commit.success += 1;
-                body.push_str(l);
-            }
-            Some(l) => {
-                commit.error += 1;
-                body.push_str(l);
-            }
-            None => commit.skipped += 1,
+    let mut index = Vec::new();
+    for (done, identity) in results.into_iter().flatten().zip(identities) {
+        let Some(line) = &done.line else {
+            commit.skipped += 1;
+            continue;
+        };
+        match (done.ok, done.reused) {
+            (true, true) => commit.reused += 1,
+            (true, false) => commit.success += 1,
+            (false, _) => commit.error += 1,
         }
+        body.push_str(line);
+        let (hash, record_id, partition) = identity.unwrap_or_default();
+        index.push(IndexEntry {
+            hash,
+            ok: done.ok,
+            partition,
+            record_id,
+            input_tokens: done.input_tokens,
+            output_tokens: done.output_tokens,
+        });
         commit.input_tokens += done.input_tokens;
         commit.output_tokens += done.output_tokens;
     }
     commit.seconds = started.elapsed().as_secs_f64();
     let name = shard_name(shard.id);
     put(out, &out.child(&format!("_mantle/shards/{name}.jsonl")), Bytes::from(body)).await?;
+    reuse::write_index(out, shard.id, &index).await?;
+    // The commit record last: a shard without it is run again.
     put(
         out,
         &out.child(&format!("_mantle/shards/{name}.json")),
         serde_json::to_vec(&commit).expect("serialises").into(),
     )
     .await?;
-    tracing::info!(job = %job.id, shard = shard.id, records = commit.records, errors = commit.error, seconds = commit.seconds, "shard committed");
+    tracing::info!(job = %job.id, shard = shard.id, records = commit.records, errors = commit.error, reused = commit.reused, seconds = commit.seconds, "shard committed");
     Ok(Some(commit))
 }
 
@@ -459,6 +595,8 @@ async fn run_shard(
 struct Done {
     line: Option<String>,
     ok: bool,
+    /// Copied from `reuseFrom`.
+    reused: bool,
     input_tokens: u64,
     output_tokens: u64,
 }
@@ -468,6 +606,7 @@ impl Done {
         Done {
             line: Some(record::error_line(record_id, input, code, message)),
             ok: false,
+            reused: false,
             input_tokens: 0,
             output_tokens: 0,
         }
@@ -522,7 +661,7 @@ async fn run_record(
         if tokens > max {
             match limit.action {
                 OverLimitAction::Skip => {
-                    return Some(Done { line: None, ok: false, input_tokens: 0, output_tokens: 0 });
+                    return Some(Done { line: None, ok: false, reused: false, input_tokens: 0, output_tokens: 0 });
                 }
                 OverLimitAction::FailRecord => {
                     let message = format!("the prompt has {tokens} tokens; the job's inputTokenLimit is {max}");
@@ -576,6 +715,7 @@ async fn run_record(
                 return Some(Done {
                     line: Some(record::output_line(&r.record_id, Some(r.model_input), &output)),
                     ok: true,
+                    reused: false,
                     input_tokens: a.input_tokens,
                     output_tokens: a.output_tokens,
                 });
@@ -738,11 +878,13 @@ async fn merge(out: &Location, plan: &StoredPlan, done: &BTreeMap<u32, ShardComm
     for c in done.values() {
         total.add(c);
     }
+    // Reused records are successes whose output was copied.
     let manifest = serde_json::json!({
         "totalRecordCount": plan.total_records,
-        "processedRecordCount": total.success + total.error,
-        "successRecordCount": total.success,
+        "processedRecordCount": total.success + total.reused + total.error,
+        "successRecordCount": total.success + total.reused,
         "errorRecordCount": total.error,
+        "reusedRecordCount": total.reused,
         "skippedRecordCount": total.skipped,
         "inputTokenCount": total.input_tokens,
         "outputTokenCount": total.output_tokens,

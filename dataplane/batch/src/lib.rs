@@ -7,6 +7,7 @@ pub mod client;
 pub mod job;
 pub mod plan;
 pub mod record;
+pub mod reuse;
 pub mod status;
 pub mod store;
 

@@ -28,6 +28,9 @@ enum Command {
         /// An S3-compatible endpoint for s3:// URIs.
         #[arg(long, env = "MANTLE_S3_ENDPOINT")]
         s3_endpoint: Option<String>,
+        /// The output folder (`<output uri>/<job id>`) of the job `spec.reuseFrom` names.
+        #[arg(long)]
+        reuse_from: Option<String>,
         /// Serve a bucket from a local directory (NAME=DIR; repeatable).
         #[arg(long = "bucket", value_parser = Stores::parse_bucket)]
         buckets: Vec<(String, PathBuf)>,
@@ -39,7 +42,7 @@ async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
-    let Command::Run { job, router, token, concurrency, s3_endpoint, buckets } = Command::parse();
+    let Command::Run { job, router, token, concurrency, s3_endpoint, reuse_from, buckets } = Command::parse();
     let text = std::fs::read_to_string(&job).with_context(|| format!("reading {}", job.display()))?;
     let manifests = mantle_crds::parse_manifests(&text, &job.display().to_string())?;
     let [Manifest::BatchJob(object)] = <[Manifest; 1]>::try_from(manifests).map_err(|_| anyhow::anyhow!("x"))? else {
@@ -47,7 +50,10 @@ async fn main() -> anyhow::Result<()> {
     };
     let object: BatchJob = object;
     object.validate().map_err(|e| anyhow::anyhow!("{}: {e}", job.display()))?;
-    let job = Job { id: object.job_id(), spec: object.spec };
+    if object.spec.reuse_from.is_some() && reuse_from.is_none() {
+        bail!("the job reuses another job's outputs: give --reuse-from with that job's output folder");
+    }
+    let job = Job { id: object.job_id(), spec: object.spec, reuse_from };
     let rt = Runtime {
         stores: Stores { s3_endpoint, buckets: buckets.into_iter().collect(), mapped_only: false },
         router: RouterClient::new(&router, &token),

@@ -11,10 +11,11 @@ use crate::job::Progress;
 /// ETA); `pricing` the model's prices.
 pub fn apply(status: &mut BatchJobStatus, progress: &Progress, rate: Option<f64>, pricing: Option<&Pricing>) {
     let processed = progress.processed();
+    // Reused records count as successes (their outputs are there), and apart.
     status.records = RecordCounts {
         total: progress.total_records as i64,
-        processed: (progress.success + progress.error) as i64,
-        success: progress.success as i64,
+        processed: (progress.success + progress.reused + progress.error) as i64,
+        success: (progress.success + progress.reused) as i64,
         error: progress.error as i64,
         reused: progress.reused as i64,
         skipped: progress.skipped as i64,

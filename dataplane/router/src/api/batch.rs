@@ -151,6 +151,7 @@ fn job_of(body: CreateBody, caller: &Caller, state: &Shared) -> Result<BatchJob,
         output_schema: None,
         partition_key: None,
         stop: false,
+        rerun: None,
     };
     let mut job = BatchJob::new(&name, spec);
     job.metadata.namespace = Some(NAMESPACE.into());
