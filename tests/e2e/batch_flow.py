@@ -334,6 +334,39 @@ def manifests(directory, lake):
         fail("SKIP", results["SKIP"])
     ok("inputTokenLimit: FAIL_RECORD writes an error record, TRUNCATE runs a cut prompt, SKIP leaves it out")
 
+    # outputSchema: Converse outputs are constrained to it; InvokeModel outputs are checked (and
+    # asked for once more), so each line is matching JSON or an error record saying why.
+    schema = {"type": "object", "required": ["n"], "properties": {"n": {"type": "integer"}},
+              "additionalProperties": False}
+    converse = [{"recordId": f"J{i}", "modelInput": {"messages": [{"role": "user", "content": [
+        {"text": f"Reply with a JSON object whose field n is {i}."}]}], "inferenceConfig": {"maxTokens": 24}}}
+        for i in range(5)]
+    write_input(f"schema-c-{run}", converse)
+    write_input(f"schema-i-{run}", [record(i, tokens=24) for i in range(3)])
+    manifest_job(directory, f"e2e-schema-c-{run}", {
+        "input": {"uri": f"s3://locallake/schema-c-{run}/"}, "output": {"uri": f"s3://locallake/schema-out-{run}/"},
+        "invocationType": "Converse", "outputSchema": schema})
+    manifest_job(directory, f"e2e-schema-i-{run}", {
+        "input": {"uri": f"s3://locallake/schema-i-{run}/"}, "output": {"uri": f"s3://locallake/schema-out-{run}/"},
+        "outputSchema": schema})
+    job = by_name(f"e2e-schema-c-{run}")
+    lines, _ = local_outputs(lake, f"schema-out-{run}", job["jobArn"].rsplit("/", 1)[1])
+    texts = [r["modelOutput"]["output"]["message"]["content"][0]["text"] for r in lines["records.jsonl.out"]
+             if "modelOutput" in r]
+    if job["status"] != "Completed" or len(texts) != 5 or \
+            not all(set(json.loads(t)) == {"n"} and isinstance(json.loads(t)["n"], int) for t in texts):
+        fail("outputSchema Converse", f"{job['status']} {texts} {lines}")
+    job = by_name(f"e2e-schema-i-{run}")
+    lines, _ = local_outputs(lake, f"schema-out-{run}", job["jobArn"].rsplit("/", 1)[1])
+    for r in lines["records.jsonl.out"]:
+        if "error" in r:
+            if "outputSchema" not in r["error"]["errorMessage"] and "not JSON" not in r["error"]["errorMessage"]:
+                fail("outputSchema InvokeModel", r)
+        elif not isinstance(json.loads(r["modelOutput"]["content"][0]["text"].strip("` \n").removeprefix("json")), dict):
+            fail("outputSchema InvokeModel", r)
+    ok(f"outputSchema: Converse outputs constrained ({texts[0]}, …); InvokeModel outputs checked: "
+       f"{sum('error' in r for r in lines['records.jsonl.out'])} of 3 error records after a repair turn")
+
     # Month over month: 60 records in 6 partitions; next month 10 changed.
     month1 = [record(i) for i in range(60)]
     month2 = [dict(r) for r in month1]

@@ -27,6 +27,7 @@ use crate::client::{CallError, RouterClient};
 use crate::plan::{Cutter, Seen, Shard, TokenEstimate};
 use crate::record::{self, BadLine, PartitionBy};
 use crate::reuse::{self, IndexEntry};
+use crate::schema::OutputSchema;
 use crate::store::{Location, StoreError, Stores};
 
 /// Why a job failed as a whole (a bad record never fails a job).
@@ -148,14 +149,6 @@ pub(crate) struct StoredPlan {
     pub(crate) shards: Vec<Shard>,
 }
 
-/// What this pipeline does not do yet; refused at once rather than ignored.
-pub fn unsupported(spec: &BatchJobSpec) -> Option<String> {
-    if spec.output_schema.is_some() {
-        return Some("outputSchema is not supported yet: remove it, or constrain outputs in the prompt".into());
-    }
-    None
-}
-
 pub(crate) fn shard_name(id: u32) -> String {
     format!("{id:06}")
 }
@@ -198,9 +191,7 @@ pub async fn run(
     progress: &watch::Sender<Progress>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<Outcome, JobError> {
-    if let Some(why) = unsupported(&job.spec) {
-        return Err(JobError::Invalid(why));
-    }
+    let schema = job.spec.output_schema.as_ref().map(OutputSchema::new).transpose().map_err(JobError::Invalid)?;
     let input = rt.stores.open(&job.spec.input.uri)?;
     let out = rt.stores.open(&job.spec.output.uri)?.sub(&job.id);
     match rt.router.model_exists(&job.spec.model_id).await {
@@ -263,7 +254,8 @@ pub async fn run(
     let parallel = rt.concurrency.clamp(1, 4);
     let shards = todo.into_iter().map(|shard| {
         let (input, out, slots, stop) = (input.clone(), out.clone(), slots.clone(), stop.clone());
-        let sources = Sources { own: own.get(&shard.id).cloned(), previous: previous.as_ref() };
+        let sources =
+            Sources { schema: schema.as_ref(), own: own.get(&shard.id).cloned(), previous: previous.as_ref() };
         async move {
             if *stop.borrow() {
                 return Ok(None);
@@ -419,8 +411,9 @@ async fn calibrate(job: &Job, rt: &Runtime, input: &Location, first: &Path) -> R
     Ok(TokenEstimate::calibrate(&samples))
 }
 
-/// Where a shard's records may find lines that stand for them.
+/// What a shard's records draw on: lines that may stand for them, the output schema.
 struct Sources<'a> {
+    schema: Option<&'a OutputSchema>,
     /// The shard's own index, when a rerun takes it up (its unselected records keep their lines).
     own: Option<Vec<IndexEntry>>,
     /// `reuseFrom`'s outputs.
@@ -537,7 +530,7 @@ async fn run_shard(
             if *stop.borrow() {
                 return None;
             }
-            run_record(job, rt, &shard.file, line, &text, duplicate, stop).await
+            run_record(job, rt, sources.schema, (&shard.file, line, &text), duplicate, stop).await
         }
     });
     let results: Vec<Option<Done>> = futures::stream::iter(records).buffered(rt.concurrency.max(1)).collect().await;
@@ -618,9 +611,8 @@ impl Done {
 async fn run_record(
     job: &Job,
     rt: &Runtime,
-    file: &str,
-    line: u64,
-    text: &[u8],
+    schema: Option<&OutputSchema>,
+    (file, line, text): (&str, u64, &[u8]),
     duplicate: bool,
     mut stop: watch::Receiver<bool>,
 ) -> Option<Done> {
@@ -646,6 +638,9 @@ async fn run_record(
         Err(e) => return Some(Done::error(&r.record_id, Some(r.model_input), 400, &e.to_string())),
     };
     apply_defaults(&mut body, &job.spec);
+    if let Some(schema) = schema {
+        schema.constrain(&mut body, job.spec.invocation_type);
+    }
     // The prompt-length guard.
     if let Some(limit) = &job.spec.input_token_limit {
         let max = limit.max_tokens.max(1) as u64;
@@ -692,8 +687,9 @@ async fn run_record(
             }
         }
     }
-    let payload = body.to_string().into_bytes();
+    let mut payload = body.to_string().into_bytes();
     let mut faults = 0;
+    let (mut spent_in, mut spent_out, mut repaired) = (0, 0, false);
     loop {
         let answer =
             with_retries(&mut stop, || rt.router.run(&job.spec.model_id, job.spec.invocation_type, payload.clone()))
@@ -712,12 +708,32 @@ async fn run_record(
                             ));
                         }
                     };
+                spent_in += a.input_tokens;
+                spent_out += a.output_tokens;
+                if let Some(schema) = schema {
+                    let value: Value = serde_json::from_str(output.get()).unwrap_or_default();
+                    if let Err(reason) = schema.check(&value) {
+                        // Once more, told what was wrong; then an error record.
+                        match schema.repair(&body, &value, &reason).filter(|_| !repaired) {
+                            Some(again) => {
+                                repaired = true;
+                                payload = again.to_string().into_bytes();
+                                continue;
+                            }
+                            None => {
+                                let mut done = Done::error(&r.record_id, Some(r.model_input), 400, &reason);
+                                (done.input_tokens, done.output_tokens) = (spent_in, spent_out);
+                                return Some(done);
+                            }
+                        }
+                    }
+                }
                 return Some(Done {
                     line: Some(record::output_line(&r.record_id, Some(r.model_input), &output)),
                     ok: true,
                     reused: false,
-                    input_tokens: a.input_tokens,
-                    output_tokens: a.output_tokens,
+                    input_tokens: spent_in,
+                    output_tokens: spent_out,
                 });
             }
             Err(CallError::Fault { .. }) if faults < 2 => {

@@ -8,6 +8,7 @@ pub mod job;
 pub mod plan;
 pub mod record;
 pub mod reuse;
+pub mod schema;
 pub mod status;
 pub mod store;
 
