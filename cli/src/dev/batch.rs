@@ -288,6 +288,10 @@ impl Inner {
         let (progress, watched) = watch::channel(Progress::default());
         let stop_tx = self.jobs.lock().expect("not poisoned").get(&name).map(|e| e.stop.clone());
         tracing::info!(job = %name, id = %job.id, model = %job.spec.model_id, "batch job running");
+        let running = runtime.metrics.as_ref().map(|m| m.jobs_running.clone());
+        if let Some(g) = &running {
+            g.inc();
+        }
         let started = Instant::now();
         let mut first_processed = None;
         let mut expired = false;
@@ -345,6 +349,9 @@ impl Inner {
         });
         if let Some(entry) = self.jobs.lock().expect("not poisoned").get_mut(&name) {
             entry.running = false;
+        }
+        if let Some(g) = &running {
+            g.dec();
         }
         match &result {
             Ok(o) => {

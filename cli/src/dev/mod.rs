@@ -316,6 +316,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         },
         router: mantle_batch::RouterClient::new(&format!("{scheme}://{}", router.addr), &batch_token),
         concurrency: args.batch_concurrency,
+        metrics: Some(mantle_batch::metrics::BatchMetrics::new(&inference.metrics.registry)?),
     });
     dev.batch = Some(batch);
     let ready = tokio::select! {

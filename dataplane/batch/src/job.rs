@@ -24,6 +24,7 @@ use serde_json::value::RawValue;
 use tokio::sync::{Semaphore, watch};
 
 use crate::client::{CallError, RouterClient};
+use crate::metrics::BatchMetrics;
 use crate::plan::{Cutter, Seen, Shard, TokenEstimate};
 use crate::record::{self, BadLine, PartitionBy};
 use crate::reuse::{self, IndexEntry};
@@ -99,6 +100,7 @@ pub struct Runtime {
     pub router: RouterClient,
     /// Records in flight at once, over all shards.
     pub concurrency: usize,
+    pub metrics: Option<BatchMetrics>,
 }
 
 /// A job: its id (the last segment of its ARN, the output folder's name) and what to do.
@@ -580,6 +582,10 @@ async fn run_shard(
         serde_json::to_vec(&commit).expect("serialises").into(),
     )
     .await?;
+    if let Some(m) = &rt.metrics {
+        let tokens = (commit.input_tokens, commit.output_tokens);
+        m.shard(commit.success, commit.error, commit.reused, commit.skipped, tokens, commit.seconds);
+    }
     tracing::info!(job = %job.id, shard = shard.id, records = commit.records, errors = commit.error, reused = commit.reused, seconds = commit.seconds, "shard committed");
     Ok(Some(commit))
 }

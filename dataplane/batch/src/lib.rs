@@ -5,6 +5,7 @@
 
 pub mod client;
 pub mod job;
+pub mod metrics;
 pub mod plan;
 pub mod record;
 pub mod reuse;

@@ -58,6 +58,7 @@ async fn main() -> anyhow::Result<()> {
         stores: Stores { s3_endpoint, buckets: buckets.into_iter().collect(), mapped_only: false },
         router: RouterClient::new(&router, &token),
         concurrency,
+        metrics: None,
     };
     let (progress, _) = tokio::sync::watch::channel(Default::default());
     let (_stop, stopped) = tokio::sync::watch::channel(false);
