@@ -142,13 +142,13 @@ struct ShardCommit {
 
 #[derive(Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub(crate) struct StoredPlan {
-    version: u32,
-    estimate: TokenEstimate,
-    total_records: u64,
+pub struct StoredPlan {
+    pub version: u32,
+    pub estimate: TokenEstimate,
+    pub total_records: u64,
     /// Input files (relative to the input prefix) in order.
-    files: Vec<String>,
-    pub(crate) shards: Vec<Shard>,
+    pub files: Vec<String>,
+    pub shards: Vec<Shard>,
 }
 
 pub(crate) fn shard_name(id: u32) -> String {
@@ -295,14 +295,21 @@ pub async fn run(
     Ok(if done.len() == plan.shards.len() && !stopped { Outcome::Finished } else { Outcome::Stopped })
 }
 
-/// Lists the input, calibrates the token estimate on a sample, and cuts the shards, reading
-/// each file once as a stream.
+/// Lists the input, calibrates the token estimate on a sample, and cuts the shards.
 async fn make_plan(
     job: &Job,
     rt: &Runtime,
     input: &Location,
     progress: &watch::Sender<Progress>,
 ) -> Result<StoredPlan, JobError> {
+    let files = list_input(input).await?;
+    let estimate = calibrate(job, rt, input, &files[0].0).await?;
+    cut(&job.spec, input, files, estimate, |total| progress.send_modify(|p| p.total_records = total)).await
+}
+
+/// The input's `.jsonl` objects (path, name relative to the input URI), in order: the object the
+/// URI names, or every one below it. None is an error.
+pub async fn list_input(input: &Location) -> Result<Vec<(Path, String)>, JobError> {
     let read = |source| JobError::Read { uri: input.uri.clone(), source };
     // A single object, or every .jsonl below the prefix.
     let files: Vec<(Path, String)> = match input.store.head(&input.prefix).await {
@@ -329,64 +336,187 @@ async fn make_plan(
     if files.is_empty() {
         return Err(JobError::NoInput(input.uri.clone()));
     }
-    let estimate = calibrate(job, rt, input, &files[0].0).await?;
-    let partition = PartitionBy(job.spec.partition_key.clone());
-    let mut cutter = Cutter::new(
-        job.spec.sharding.target_tokens_per_shard.max(1) as u64,
-        job.spec.sharding.max_records_per_shard.max(1) as u64,
-    );
+    Ok(files)
+}
+
+/// Cuts the shards, reading each file once, in ranges of [`READ_RANGE`] bytes (memory: a range
+/// per file being read, the shard list and 16 bytes per record); files are read and parsed in
+/// parallel, one per core. `counted` hears the records seen so far after each file.
+pub async fn cut(
+    spec: &BatchJobSpec,
+    input: &Location,
+    files: Vec<(Path, String)>,
+    estimate: TokenEstimate,
+    counted: impl FnMut(u64),
+) -> Result<StoredPlan, JobError> {
+    cut_in_ranges(spec, input, files, estimate, counted, READ_RANGE).await
+}
+
+async fn cut_in_ranges(
+    spec: &BatchJobSpec,
+    input: &Location,
+    files: Vec<(Path, String)>,
+    estimate: TokenEstimate,
+    mut counted: impl FnMut(u64),
+    range: u64,
+) -> Result<StoredPlan, JobError> {
+    let partition = PartitionBy(spec.partition_key.clone());
+    let limits =
+        (spec.sharding.target_tokens_per_shard.max(1) as u64, spec.sharding.max_records_per_shard.max(1) as u64);
+    let parallel = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let scans = files.iter().map(|(path, rel)| scan_file(input, path, rel, estimate, &partition, limits, range));
+    let mut scans = futures::stream::iter(scans).buffered(parallel);
+    // Shards numbered in file order; a record id seen before (in this file or an earlier one)
+    // makes its line an error record.
+    let mut shards = Vec::new();
     let mut ids = HashSet::new();
     let mut total = 0u64;
-    for (path, rel) in &files {
-        cutter.start_file(rel);
-        let mut stream = input.store.get(path).await.map_err(read)?.into_stream();
-        let mut carry: Vec<u8> = Vec::new();
-        let (mut offset, mut line) = (0u64, 0u64);
-        let mut eof = false;
-        while !eof {
-            match stream.try_next().await.map_err(read)? {
-                Some(chunk) => carry.extend_from_slice(&chunk),
-                None => eof = true,
-            }
-            let mut start = 0;
-            while let Some(nl) = carry[start..].iter().position(|&b| b == b'\n').map(|i| start + i).or_else(|| {
-                // The last line may lack its newline.
-                (eof && start < carry.len()).then_some(carry.len())
-            }) {
-                let end = (nl + 1).min(carry.len());
-                let text = trim(&carry[start..nl]);
-                if !text.is_empty() {
-                    let (prefix, duplicate) = match record::parse(text, rel, line, &partition) {
-                        Ok(r) => (Some(record::prefix_key(r.model_input)), !ids.insert(record::id_hash(&r.record_id))),
-                        Err(_) => (None, false),
-                    };
-                    let len = (end - start) as u64;
-                    cutter.push(Seen {
-                        line,
-                        start: offset,
-                        end: offset + len,
-                        tokens: estimate.tokens(text.len() as u64),
-                        prefix,
-                        duplicate,
-                    });
-                    total += 1;
-                }
-                offset += (end - start) as u64;
-                line += 1;
-                start = end;
-            }
-            carry.drain(..start);
+    while let Some(scan) = scans.try_next().await? {
+        let first = shards.len() as u32;
+        let mut file_shards = scan.shards;
+        for shard in &mut file_shards {
+            shard.id += first;
         }
-        progress.send_modify(|p| p.total_records = total);
+        for (line, id) in scan.ids {
+            if !ids.insert(id)
+                && let Some(shard) = file_shards
+                    .iter_mut()
+                    .find(|s| s.lines.iter().any(|r| (r.first_line..r.first_line + r.count).contains(&line)))
+            {
+                shard.duplicates.push(line);
+            }
+        }
+        total += scan.records;
+        shards.extend(file_shards);
+        counted(total);
     }
-    let shards = cutter.finish();
     Ok(StoredPlan {
         version: 1,
         estimate,
         total_records: total,
-        files: files.into_iter().map(|(_, r)| r).collect(),
+        files: files.iter().map(|(_, r)| r.clone()).collect(),
         shards,
     })
+}
+
+/// How much of a file the planner reads at once.
+const READ_RANGE: u64 = 8 << 20;
+
+/// One file, as the planner saw it.
+struct FileScan {
+    /// Its shards, numbered from 0.
+    shards: Vec<Shard>,
+    /// Each record's line and id hash, in order.
+    ids: Vec<(u64, u64)>,
+    records: u64,
+}
+
+/// A line the planner found (`prefix` and `id` are `None` for a line that is not a record).
+struct Found {
+    line: u64,
+    start: u64,
+    end: u64,
+    bytes: u64,
+    prefix: Option<u64>,
+    id: Option<u64>,
+}
+
+/// Reads and cuts one file: ranges are fetched in turn and parsed on a blocking thread.
+async fn scan_file(
+    input: &Location,
+    path: &Path,
+    rel: &str,
+    estimate: TokenEstimate,
+    partition: &PartitionBy,
+    (target, max): (u64, u64),
+    range: u64,
+) -> Result<FileScan, JobError> {
+    let read = |source| JobError::Read { uri: format!("{}/{rel}", input.uri.trim_end_matches('/')), source };
+    let size = input.store.head(path).await.map_err(read)?.size;
+    let mut cutter = Cutter::new(target, max);
+    cutter.start_file(rel);
+    let mut scan = FileScan { shards: Vec::new(), ids: Vec::new(), records: 0 };
+    // Bytes not yet parsed (a line's start), where they begin, and that line's number.
+    let (mut carry, mut offset, mut line) = (Vec::new(), 0u64, 0u64);
+    let mut pos = 0;
+    loop {
+        let eof = pos >= size;
+        if !eof {
+            let end = (pos + range).min(size);
+            carry.extend_from_slice(&input.store.get_range(path, pos..end).await.map_err(read)?);
+            pos = end;
+        }
+        let (file, partition) = (rel.to_string(), partition.clone());
+        let (rest, found, used, lines) = tokio::task::spawn_blocking(move || {
+            let (found, used, lines) = find_lines(&carry, offset, line, eof, &file, &partition);
+            carry.drain(..used);
+            (carry, found, used, lines)
+        })
+        .await
+        .map_err(|e| JobError::Invalid(format!("planning {rel} failed: {e}")))?;
+        carry = rest;
+        for f in found {
+            cutter.push(Seen {
+                line: f.line,
+                start: f.start,
+                end: f.end,
+                tokens: estimate.tokens(f.bytes),
+                prefix: f.prefix,
+                duplicate: false,
+            });
+            if let Some(id) = f.id {
+                scan.ids.push((f.line, id));
+            }
+            scan.records += 1;
+        }
+        offset += used as u64;
+        line += lines;
+        if eof {
+            break;
+        }
+    }
+    scan.shards = cutter.finish();
+    Ok(scan)
+}
+
+/// The complete lines of `text` (which starts at byte `offset`, line `first`, of the file), how
+/// many bytes and lines they take; at the end of the file the last line needs no newline. Blank
+/// lines count as lines but are not records.
+fn find_lines(
+    text: &[u8],
+    offset: u64,
+    first: u64,
+    eof: bool,
+    file: &str,
+    partition: &PartitionBy,
+) -> (Vec<Found>, usize, u64) {
+    let mut found = Vec::new();
+    let (mut start, mut line) = (0usize, first);
+    while start < text.len() {
+        let end = match text[start..].iter().position(|&b| b == b'\n') {
+            Some(i) => start + i + 1,
+            None if eof => text.len(),
+            None => break,
+        };
+        let body = trim(&text[start..end]);
+        if !body.is_empty() {
+            let (prefix, id) = match record::parse(body, file, line, partition) {
+                Ok(r) => (Some(record::prefix_key(r.model_input)), Some(record::id_hash(&r.record_id))),
+                Err(_) => (None, None),
+            };
+            found.push(Found {
+                line,
+                start: offset + start as u64,
+                end: offset + end as u64,
+                bytes: body.len() as u64,
+                prefix,
+                id,
+            });
+        }
+        line += 1;
+        start = end;
+    }
+    (found, start, line - first)
 }
 
 fn trim(line: &[u8]) -> &[u8] {
@@ -919,6 +1049,8 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    use crate::store::Stores;
+
     fn spec(kind: InvocationType) -> BatchJobSpec {
         serde_json::from_value(json!({
             "modelId": "m", "input": {"uri": "s3://b/in/"}, "output": {"uri": "s3://b/out/"},
@@ -954,6 +1086,62 @@ mod tests {
         assert_eq!(body["prompt"], "6789");
         let mut body = json!({"messages": []});
         assert!(!truncate(&mut body, InvocationType::Converse, 10, 5));
+    }
+
+    /// The planner reads files in ranges: lines longer than a range, CRLF, blank
+    /// lines, a last line without its newline, bad lines and repeated ids all land in exactly one
+    /// shard, at the right byte ranges.
+    #[tokio::test]
+    async fn planning_streams_every_line_into_exactly_one_shard() {
+        let dir = tempfile::tempdir().unwrap();
+        let long = "x".repeat(300_000);
+        let mut text = String::new();
+        let mut want = Vec::new();
+        for i in 0..40 {
+            let line = match i {
+                7 => "{not json".to_string(),
+                9 => format!(r#"{{"recordId":"R3","modelInput":{{"prompt":"again"}}}}"#),
+                _ if i % 10 == 5 => format!(r#"{{"recordId":"R{i}","modelInput":{{"prompt":"{long}"}}}}"#),
+                _ => format!(r#"{{"recordId":"R{i}","modelInput":{{"prompt":"p{i}"}}}}"#),
+            };
+            want.push((text.len(), line.clone()));
+            text.push_str(&line);
+            text.push_str(if i % 3 == 0 { "\r\n" } else { "\n" });
+            if i == 20 {
+                text.push_str("   \n");
+            }
+        }
+        text.truncate(text.len() - 1); // no newline after the last line
+        std::fs::create_dir_all(dir.path().join("in")).unwrap();
+        std::fs::write(dir.path().join("in/a.jsonl"), &text).unwrap();
+        let stores = Stores::default();
+        let input = stores.open(&format!("file://{}/in/", dir.path().display())).unwrap();
+        let files = list_input(&input).await.unwrap();
+        let mut spec = spec(InvocationType::InvokeModel);
+        spec.sharding.target_tokens_per_shard = 100_000;
+        spec.sharding.max_records_per_shard = 6;
+        // Ranges shorter than the long lines: lines span reads.
+        let estimate = TokenEstimate { bytes_per_token: 4.0 };
+        let plan = cut_in_ranges(&spec, &input, files, estimate, |_| {}, 100_000).await.unwrap();
+        assert_eq!(plan.total_records, 40);
+        let mut seen: Vec<(u64, String)> = Vec::new();
+        for shard in &plan.shards {
+            assert!(shard.records <= 6 && shard.records > 0);
+            for run in &shard.lines {
+                let bytes = &text.as_bytes()[run.start as usize..run.end as usize];
+                let lines: Vec<&[u8]> = bytes.split(|&b| b == b'\n').map(trim).filter(|l| !l.is_empty()).collect();
+                assert_eq!(lines.len() as u64, run.count);
+                seen.extend(lines.iter().map(|l| (run.start, String::from_utf8_lossy(l).into_owned())));
+            }
+        }
+        seen.sort();
+        let mut lines: Vec<String> = seen.into_iter().map(|(_, l)| l).collect();
+        lines.sort();
+        let mut expected: Vec<String> = want.into_iter().map(|(_, l)| l).collect();
+        expected.sort();
+        assert_eq!(lines, expected);
+        let duplicates: Vec<u64> = plan.shards.iter().flat_map(|s| s.duplicates.clone()).collect();
+        assert_eq!(duplicates, [9], "line 9 repeats R3 (the blank line comes later)");
     }
 
     #[test]
