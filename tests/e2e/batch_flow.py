@@ -17,6 +17,8 @@ PHASE
            served from a local directory (`--bucket locallake=LAKE_DIR`): inputTokenLimit's three
            actions; a month-over-month job with reuseFrom where 10 of 60 records changed
            infers exactly those; a rerun of one partition infers exactly its records again.
+  bench-reuse MANIFESTS_DIR LAKE_DIR N   (a benchmark, not a test) N records, then a month-over-
+           month job with 5% changed records and reuseFrom; prints both wall times and the ratio.
 Exits non-zero on the first failed expectation.
 """
 
@@ -414,12 +416,40 @@ def manifests(directory, lake):
        "manifest jobs are listed by ListModelInvocationJobs")
 
 
+def bench_reuse(directory, lake, n):
+    import os
+    run = uuid.uuid4().hex[:6]
+
+    def write_input(prefix, records):
+        os.makedirs(f"{lake}/{prefix}", exist_ok=True)
+        with open(f"{lake}/{prefix}/records.jsonl", "w") as f:
+            f.write("\n".join(json.dumps(r) for r in records) + "\n")
+
+    month1 = [record(i, tokens=32) for i in range(n)]
+    month2 = [record(i, tokens=33) if i % 20 == 0 else r for i, r in enumerate(month1)]
+    write_input(f"b1-{run}", month1)
+    write_input(f"b2-{run}", month2)
+    spec = lambda m: {"input": {"uri": f"s3://locallake/b{m}-{run}/"}, "output": {"uri": f"s3://locallake/bo{m}-{run}/"}}
+    times = []
+    for m, extra in ((1, {}), (2, {"reuseFrom": {"jobName": f"bench-1-{run}"}})):
+        start = time.time()
+        manifest_job(directory, f"bench-{m}-{run}", {**spec(m), **extra})
+        job = by_name(f"bench-{m}-{run}", timeout=3600)
+        times.append(time.time() - start)
+        if job["status"] != "Completed":
+            fail("bench", job)
+    print(f"first run {times[0]:.1f}s ({n / times[0]:.1f} records/s); with 5% changed and reuseFrom "
+          f"{times[1]:.1f}s; ratio {times[1] / times[0]:.3f}", flush=True)
+
+
 if phase == "flow":
     flow()
 elif phase == "start":
     start()
 elif phase == "manifests":
     manifests(sys.argv[4], sys.argv[5])
+elif phase == "bench-reuse":
+    bench_reuse(sys.argv[4], sys.argv[5], int(sys.argv[6]))
 elif phase == "finish":
     finish(sys.argv[4], sys.argv[5])
 else:

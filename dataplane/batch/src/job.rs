@@ -364,7 +364,10 @@ async fn cut_in_ranges(
     let limits =
         (spec.sharding.target_tokens_per_shard.max(1) as u64, spec.sharding.max_records_per_shard.max(1) as u64);
     let parallel = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let scans = files.iter().map(|(path, rel)| scan_file(input, path, rel, estimate, &partition, limits, range));
+    // The futures made up front (not lazily by a closure the stream holds), so the job's future
+    // stays `Send` for any lifetime.
+    let scans: Vec<_> =
+        files.iter().map(|(path, rel)| scan_file(input, path, rel, estimate, &partition, limits, range)).collect();
     let mut scans = futures::stream::iter(scans).buffered(parallel);
     // Shards numbered in file order; a record id seen before (in this file or an earlier one)
     // makes its line an error record.
@@ -1100,7 +1103,7 @@ mod tests {
         for i in 0..40 {
             let line = match i {
                 7 => "{not json".to_string(),
-                9 => format!(r#"{{"recordId":"R3","modelInput":{{"prompt":"again"}}}}"#),
+                9 => r#"{"recordId":"R3","modelInput":{"prompt":"again"}}"#.to_string(),
                 _ if i % 10 == 5 => format!(r#"{{"recordId":"R{i}","modelInput":{{"prompt":"{long}"}}}}"#),
                 _ => format!(r#"{{"recordId":"R{i}","modelInput":{{"prompt":"p{i}"}}}}"#),
             };
