@@ -376,14 +376,15 @@ def manifests(directory, lake):
         month2[i] = record(i, tokens=7)  # changed input: max_tokens differs
     write_input(f"m1-{run}", month1)
     write_input(f"m2-{run}", month2)
+    # Both applied at once (as GitOps does): the second waits, Scheduled, for the first.
+    m2_spec = {"input": {"uri": f"s3://locallake/m2-{run}/"}, "output": {"uri": f"s3://locallake/m2-out-{run}/"},
+               "partitionKey": "customerId", "reuseFrom": {"jobName": f"e2e-m1-{run}"}}
+    manifest_job(directory, f"e2e-m2-{run}", m2_spec)
     manifest_job(directory, f"e2e-m1-{run}", {"input": {"uri": f"s3://locallake/m1-{run}/"},
                                               "output": {"uri": f"s3://locallake/m1-out-{run}/"},
                                               "partitionKey": "customerId"})
     m1 = by_name(f"e2e-m1-{run}")
-    m2_spec = {"input": {"uri": f"s3://locallake/m2-{run}/"}, "output": {"uri": f"s3://locallake/m2-out-{run}/"},
-               "partitionKey": "customerId", "reuseFrom": {"jobName": f"e2e-m1-{run}"}}
     started = time.time()
-    manifest_job(directory, f"e2e-m2-{run}", m2_spec)
     m2 = by_name(f"e2e-m2-{run}")
     took = time.time() - started
     ids = lambda lines: {r["recordId"]: r["modelOutput"]["id"] for r in lines["records.jsonl.out"]}
@@ -395,7 +396,8 @@ def manifests(directory, lake):
     if m2["status"] != "Completed" or reinferred != changed or manifest2["reusedRecordCount"] != 50 \
             or len(ids2) != 60:
         fail("reuseFrom", f"{m2['status']} re-inferred {sorted(reinferred)} manifest {manifest2}")
-    ok(f"reuseFrom: 10 changed of 60 records inferred again, 50 copied ({took:.1f}s), manifest {manifest2}")
+    ok(f"reuseFrom (applied with the job it reuses, waited for it): 10 changed of 60 records inferred again, "
+       f"50 copied ({took:.1f}s after the first ended), manifest {manifest2}")
 
     # A rerun of partition C3 infers exactly its records again.
     m2_spec["rerun"] = {"id": "r2", "partition": "C3"}

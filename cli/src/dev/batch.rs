@@ -131,6 +131,11 @@ impl DevBatch {
                         if job.spec.stop && !*e.stop.borrow() {
                             e.stop.send_replace(true);
                         }
+                        // A job waiting for the job it reuses tries again.
+                        let scheduled = e.job.status.as_ref().and_then(|s| s.phase) == Some(BatchJobPhase::Scheduled);
+                        if scheduled && !e.running {
+                            to_start.push(name.clone());
+                        }
                         // A new rerun id is a new run of the job, once the last one ended.
                         let phase = e.job.status.as_ref().and_then(|s| s.phase);
                         if job.spec.rerun != e.job.spec.rerun && !e.running && !job.spec.stop && terminal(phase) {
@@ -252,15 +257,23 @@ impl Inner {
     }
 
     /// The output folder of the job `reuseFrom` names, once it has ended with outputs.
-    fn reuse_source(&self, object: &BatchJob) -> Result<Option<String>, String> {
+    /// `Err((message, wait))`: the job cannot start now — it waits (`Scheduled`) while the job
+    /// it reuses runs, and fails when that job does not exist or ended without outputs.
+    fn reuse_source(&self, object: &BatchJob) -> Result<Option<String>, (String, bool)> {
         let Some(reuse) = &object.spec.reuse_from else { return Ok(None) };
         let jobs = self.jobs.lock().expect("not poisoned");
         let old = jobs
             .get(&reuse.job_name)
-            .ok_or_else(|| format!("reuseFrom names job {}, which does not exist", reuse.job_name))?;
+            .ok_or_else(|| (format!("reuseFrom names job {}, which does not exist", reuse.job_name), false))?;
         let phase = old.job.status.as_ref().and_then(|s| s.phase);
-        if !matches!(phase, Some(BatchJobPhase::Completed | BatchJobPhase::PartiallyCompleted)) {
-            return Err(format!("reuseFrom names job {}, which has not completed", reuse.job_name));
+        match phase {
+            Some(BatchJobPhase::Completed | BatchJobPhase::PartiallyCompleted) => {}
+            p if !terminal(p) => {
+                return Err((format!("waiting for job {} (reuseFrom) to complete", reuse.job_name), true));
+            }
+            _ => {
+                return Err((format!("reuseFrom names job {}, which ended without completing", reuse.job_name), false));
+            }
         }
         Ok(Some(format!("{}/{}", old.job.spec.output.uri.trim_end_matches('/'), old.job.job_id())))
     }
@@ -268,12 +281,19 @@ impl Inner {
     async fn run(self: Arc<Self>, name: String, object: BatchJob, runtime: Runtime, stop: watch::Receiver<bool>) {
         let reuse_from = match self.reuse_source(&object) {
             Ok(source) => source,
-            Err(message) => {
-                tracing::error!(job = %name, "{message}");
+            Err((message, wait)) => {
+                if !wait {
+                    tracing::error!(job = %name, "{message}");
+                }
                 self.update(&name, true, |s| {
-                    s.phase = Some(BatchJobPhase::Failed);
                     s.message = Some(message);
-                    s.end_time = Some(now());
+                    if wait {
+                        // Started again by `sync` once the other job has ended.
+                        s.phase = Some(BatchJobPhase::Scheduled);
+                    } else {
+                        s.phase = Some(BatchJobPhase::Failed);
+                        s.end_time = Some(now());
+                    }
                 });
                 if let Some(entry) = self.jobs.lock().expect("not poisoned").get_mut(&name) {
                     entry.running = false;
