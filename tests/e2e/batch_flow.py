@@ -105,6 +105,27 @@ def outputs(out, job_id):
     return lines, manifest
 
 
+def control_rows(uri, job_id, local=False):
+    """The job's rows in the Delta control table below an output URI, read with the `deltalake`
+    package as a lakehouse reads them."""
+    from deltalake import DeltaTable
+    options = {} if local else {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "test",
+                                "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1", "AWS_ALLOW_HTTP": "true"}
+    table = DeltaTable(f"{uri.rstrip('/')}/_control", storage_options=options)
+    rows = [r for r in table.to_pyarrow_table().to_pylist() if r["job_id"] == job_id]
+    keys = [(r["run_id"], r["shard_id"], r["status"]) for r in rows]
+    if len(keys) != len(set(keys)):
+        fail("control table", f"a shard recorded twice: {sorted(keys)}")
+    return rows
+
+
+def spark_view(paths):
+    """What `spark.read.json` of the output files gives, through pyarrow's JSON reader."""
+    import pyarrow as pa
+    import pyarrow.json as pj
+    return pa.concat_tables([pj.read_json(p) for p in paths], promote_options="permissive")
+
+
 def exactly_once(lines, want_ids):
     seen = [r["recordId"] for rs in lines.values() for r in rs]
     dupes = {i for i in seen if seen.count(i) > 1}
@@ -180,6 +201,23 @@ def flow():
             or manifest["outputTokenCount"] < 200:
         fail("manifest.json.out", manifest)
     ok(f"outputs: 2 .out files, each record once, 3 error records ({messages[:80]}…), manifest {manifest}")
+    rows = control_rows(f"s3://{BUCKET}/out-{run}/", job_id)
+    if sum(r["records"] for r in rows) != 203 or sum(r["records_ok"] for r in rows) != 200 \
+            or sum(r["records_error"] for r in rows) != 3 or {r["status"] for r in rows} - {"SUCCEEDED", "PARTIAL"} \
+            or any(r["output_file"] not in (f"{job_id}/part-0000.jsonl.out", f"{job_id}/part-0001.jsonl.out") for r in rows) \
+            or sum(r["tokens_out"] for r in rows) != manifest["outputTokenCount"]:
+        fail("control table", rows)
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for name in lines:
+            paths.append(f"{tmp}/{name}")
+            s3.download_file(BUCKET, f"out-{run}/{job_id}/{name}", paths[-1])
+        view = spark_view(paths)
+    if view.num_rows != 203 or "modelOutput" not in view.column_names or "error" not in view.column_names:
+        fail("spark view", view.schema)
+    ok(f"control table (Delta, read with the deltalake package): {len(rows)} shard rows, one each; "
+       f"a Spark-style JSON read of the outputs: {view.num_rows} rows, columns {view.column_names}")
 
     listed = bedrock.list_model_invocation_jobs(nameContains=f"flow-{run}")["invocationJobSummaries"]
     if [j["jobArn"] for j in listed] != [arn]:
@@ -261,7 +299,12 @@ def finish(arn, out):
     exactly_once(lines, [f"R{1000 * f + i:05d}" for f in range(3) for i in range(100)])
     if sum(len(v) for v in lines.values()) != 300 or manifest["successRecordCount"] != 300:
         fail("resumed outputs", manifest)
-    ok(f"after the restart the job completed: 300 records, each exactly once, manifest {manifest}")
+    rows = control_rows(f"s3://{BUCKET}/{out}/", arn.rsplit("/", 1)[1])
+    if sum(r["records_ok"] for r in rows) != 300 or any(r["status"] != "SUCCEEDED" for r in rows):
+        fail("control table after a restart", rows)
+    retried = [r["shard_id"] for r in rows if r["attempts"] > 1]
+    ok(f"after the restart the job completed: 300 records, each exactly once, manifest {manifest}; "
+       f"control table: {len(rows)} shard rows, one each (shards tried twice: {retried})")
 
 
 def manifest_job(directory, name, spec):
@@ -411,6 +454,10 @@ def manifests(directory, lake):
     c3 = {r["recordId"] for r in month2 if r["customerId"] == "C3"}
     if again != c3 or len(ids3) != 60:
         fail("rerun partition", f"re-inferred {sorted(again)}, want {sorted(c3)}")
+    rows = control_rows(f"{lake}/m2-out-{run}", m2["jobArn"].rsplit("/", 1)[1], local=True)
+    runs = {r["run_id"] for r in rows}
+    if runs != {"initial", "r2"} or sum(r["records_reused"] for r in rows if r["run_id"] == "initial") != 50:
+        fail("control table runs", rows)
     listed = {j["jobName"] for j in bedrock.list_model_invocation_jobs(nameContains=run)["invocationJobSummaries"]}
     if not {f"e2e-m1-{run}", f"e2e-m2-{run}"} <= listed:
         fail("list manifest jobs", listed)

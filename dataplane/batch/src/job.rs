@@ -24,6 +24,7 @@ use serde_json::value::RawValue;
 use tokio::sync::{Semaphore, watch};
 
 use crate::client::{CallError, RouterClient};
+use crate::control::{self, ControlTable};
 use crate::metrics::BatchMetrics;
 use crate::plan::{Cutter, Seen, Shard, TokenEstimate};
 use crate::record::{self, BadLine, PartitionBy};
@@ -48,6 +49,8 @@ pub enum JobError {
     Write { uri: String, source: object_store::Error },
     #[error("the router cannot be used: {0}")]
     Router(String),
+    #[error("the control table could not be written: {0}")]
+    Control(String),
 }
 
 /// Counts a job reports while it runs, and at its end.
@@ -138,6 +141,16 @@ struct ShardCommit {
     input_tokens: u64,
     output_tokens: u64,
     seconds: f64,
+    /// When it started and committed (microseconds since the epoch), and its attempts so far.
+    #[serde(default)]
+    started_us: i64,
+    #[serde(default)]
+    finished_us: i64,
+    #[serde(default)]
+    attempts: u32,
+    /// The partition all its records share, if they do.
+    #[serde(default)]
+    partition: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -254,13 +267,15 @@ pub async fn run(
     tracing::info!(job = %job.id, shards = plan.shards.len(), todo = todo.len(), records = plan.total_records, "running shards");
     let slots = Arc::new(Semaphore::new(rt.concurrency.max(1)));
     let parallel = rt.concurrency.clamp(1, 4);
+    // The control table, and the rows it holds already (a resumed job wrote some).
+    let control = Control::open(job, rt, &done, &plan).await;
     let shards = todo.into_iter().map(|shard| {
         let (input, out, slots, stop) = (input.clone(), out.clone(), slots.clone(), stop.clone());
         let sources =
             Sources { schema: schema.as_ref(), own: own.get(&shard.id).cloned(), previous: previous.as_ref() };
         async move {
             if *stop.borrow() {
-                return Ok(None);
+                return (shard, Ok(None));
             }
             progress.send_modify(|p| p.shards_running += 1);
             let result = run_shard(job, rt, &input, &out, &shard, &sources, &slots, stop).await;
@@ -270,29 +285,153 @@ pub async fn run(
                     p.add(c);
                 }
             });
-            result
+            (shard, result)
         }
     });
-    let results: Vec<Result<Option<ShardCommit>, JobError>> =
-        futures::stream::iter(shards).buffer_unordered(parallel).collect().await;
+    let mut results = futures::stream::iter(shards).buffer_unordered(parallel);
+    let mut control = control;
+    let mut flush = tokio::time::interval(CONTROL_EVERY);
+    flush.tick().await;
     let mut failure = None;
-    for r in results {
-        match r {
-            Ok(Some(c)) => {
-                done.insert(c.shard, c);
-            }
-            Ok(None) => {}
-            Err(e) => failure = failure.or(Some(e)),
+    loop {
+        tokio::select! {
+            next = results.next() => match next {
+                None => break,
+                Some((shard, Ok(Some(c)))) => {
+                    control.committed(job, &shard, &c);
+                    done.insert(c.shard, c);
+                }
+                Some((_, Ok(None))) => {}
+                Some((shard, Err(e))) => {
+                    control.failed(job, &shard, &e);
+                    failure = failure.or(Some(e));
+                }
+            },
+            _ = flush.tick() => control.flush().await,
         }
     }
-    // The outputs of what committed, even when stopping or failing.
+    drop(results);
+    // The outputs of what committed, and their rows, even when stopping or failing.
     let merged = merge(&out, &plan, &done).await;
+    control.flush().await;
     if let Some(e) = failure {
         return Err(e);
     }
     merged?;
+    control.finish()?;
     let stopped = *stop.borrow_and_update();
     Ok(if done.len() == plan.shards.len() && !stopped { Outcome::Finished } else { Outcome::Stopped })
+}
+
+/// How often the control table gets the rows of the shards committed meanwhile.
+const CONTROL_EVERY: Duration = Duration::from_secs(30);
+
+fn micros_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
+}
+
+/// The job's side of the control table: rows waiting to be appended, and what it holds.
+struct Control {
+    table: Option<ControlTable>,
+    recorded: HashSet<String>,
+    pending: Vec<control::Row>,
+    /// The last append's error, if the rows are still waiting.
+    error: Option<String>,
+}
+
+impl Control {
+    /// Opens the table below the job's output and queues the rows of committed shards it does
+    /// not hold yet (a job that stopped before its last append).
+    async fn open(job: &Job, rt: &Runtime, done: &BTreeMap<u32, ShardCommit>, plan: &StoredPlan) -> Control {
+        let mut control = Control { table: None, recorded: HashSet::new(), pending: Vec::new(), error: None };
+        let table = match ControlTable::for_output(&rt.stores, &job.spec.output.uri) {
+            Ok(t) => t,
+            Err(e) => {
+                control.error = Some(e.to_string());
+                tracing::warn!(job = %job.id, error = %e, "no control table for this job");
+                return control;
+            }
+        };
+        match table.recorded().await {
+            Ok(keys) => control.recorded = keys,
+            Err(e) => control.error = Some(e.to_string()),
+        }
+        control.table = Some(table);
+        for c in done.values() {
+            if let Some(shard) = plan.shards.iter().find(|s| s.id == c.shard) {
+                control.committed(job, shard, c);
+            }
+        }
+        control
+    }
+
+    fn queue(&mut self, row: control::Row) {
+        if !self.recorded.contains(&row.key()) {
+            self.pending.push(row);
+        }
+    }
+
+    fn row(job: &Job, shard: &Shard, status: &str) -> control::Row {
+        control::Row {
+            job_id: job.id.clone(),
+            run_id: job.run_id().to_string(),
+            shard_id: shard.id as i32,
+            input_file: shard.file.clone(),
+            byte_start: shard.lines.first().map_or(0, |r| r.start) as i64,
+            byte_end: shard.lines.last().map_or(0, |r| r.end) as i64,
+            first_line: shard.lines.first().map_or(0, |r| r.first_line) as i64,
+            records: shard.records as i64,
+            output_file: format!("{}/{}.out", job.id, shard.file),
+            status: status.to_string(),
+            ..Default::default()
+        }
+    }
+
+    fn committed(&mut self, job: &Job, shard: &Shard, c: &ShardCommit) {
+        let status = if c.error > 0 { "PARTIAL" } else { "SUCCEEDED" };
+        let mut row = Self::row(job, shard, status);
+        row.run_id = if c.run.is_empty() { "initial".into() } else { c.run.clone() };
+        row.partition = c.partition.clone();
+        (row.records_ok, row.records_error, row.records_reused, row.records_skipped) =
+            (c.success as i64, c.error as i64, c.reused as i64, c.skipped as i64);
+        (row.tokens_in, row.tokens_out) = (c.input_tokens as i64, c.output_tokens as i64);
+        (row.attempts, row.started, row.finished, row.duration_s) =
+            (c.attempts.max(1) as i32, c.started_us, c.finished_us, c.seconds);
+        self.queue(row);
+    }
+
+    fn failed(&mut self, job: &Job, shard: &Shard, e: &JobError) {
+        let mut row = Self::row(job, shard, "FAILED");
+        (row.started, row.finished, row.attempts) = (micros_now(), micros_now(), 1);
+        row.last_error = Some(e.to_string());
+        self.queue(row);
+    }
+
+    /// Appends the waiting rows in one transaction; on failure they wait for the next flush.
+    async fn flush(&mut self) {
+        let Some(table) = &self.table else { return };
+        if self.pending.is_empty() {
+            return;
+        }
+        match table.append(&self.pending).await {
+            Ok(()) => {
+                self.recorded.extend(self.pending.drain(..).map(|r| r.key()));
+                self.error = None;
+            }
+            Err(e) => {
+                tracing::warn!(table = %table.url(), error = %e, rows = self.pending.len(), "control table append failed; retrying later");
+                self.error = Some(e.to_string());
+            }
+        }
+    }
+
+    /// An error when rows could not be appended in the end.
+    fn finish(&self) -> Result<(), JobError> {
+        match (&self.error, self.pending.is_empty()) {
+            (Some(e), false) => Err(JobError::Control(e.clone())),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Lists the input, calibrates the token estimate on a sample, and cuts the shards.
@@ -577,6 +716,11 @@ async fn run_shard(
     stop: watch::Receiver<bool>,
 ) -> Result<Option<ShardCommit>, JobError> {
     let started = Instant::now();
+    let started_at = micros_now();
+    // Attempts, counted across restarts (a shard that never commits shows how often it tried).
+    let attempts_path = out.child(&format!("_mantle/shards/{}.attempts", shard_name(shard.id)));
+    let attempts = get_json::<u32>(out, &attempts_path).await?.unwrap_or(0) + 1;
+    put(out, &attempts_path, attempts.to_string().into()).await?;
     let path = input.child(&shard.file);
     let read = |source| JobError::Read { uri: format!("{}/{}", input.uri.trim_end_matches('/'), shard.file), source };
     // The shard's lines, in order, with their line numbers.
@@ -705,6 +849,12 @@ async fn run_shard(
         commit.output_tokens += done.output_tokens;
     }
     commit.seconds = started.elapsed().as_secs_f64();
+    (commit.started_us, commit.finished_us, commit.attempts) = (started_at, micros_now(), attempts);
+    commit.partition = {
+        let mut partitions = index.iter().map(|e| e.partition.as_deref());
+        let first = partitions.next().flatten();
+        partitions.all(|p| p == first).then(|| first.map(str::to_string)).flatten()
+    };
     let name = shard_name(shard.id);
     put(out, &out.child(&format!("_mantle/shards/{name}.jsonl")), Bytes::from(body)).await?;
     reuse::write_index(out, shard.id, &index).await?;

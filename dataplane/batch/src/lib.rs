@@ -4,6 +4,7 @@
 //! files (`job`). The same pipeline runs in a `mantle-batch` worker pod and inside `mantle dev`.
 
 pub mod client;
+pub mod control;
 pub mod job;
 pub mod metrics;
 pub mod plan;
