@@ -305,6 +305,20 @@ pub enum BatchJobPhase {
     Expired,
 }
 
+impl BatchJobPhase {
+    /// Whether a job in this phase has ended (nothing of it runs any more).
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            BatchJobPhase::Completed
+                | BatchJobPhase::PartiallyCompleted
+                | BatchJobPhase::Failed
+                | BatchJobPhase::Stopped
+                | BatchJobPhase::Expired
+        )
+    }
+}
+
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RecordCounts {

@@ -50,16 +50,7 @@ struct Entry {
 }
 
 fn terminal(phase: Option<BatchJobPhase>) -> bool {
-    matches!(
-        phase,
-        Some(
-            BatchJobPhase::Completed
-                | BatchJobPhase::PartiallyCompleted
-                | BatchJobPhase::Failed
-                | BatchJobPhase::Stopped
-                | BatchJobPhase::Expired
-        )
-    )
+    phase.is_some_and(BatchJobPhase::is_terminal)
 }
 
 fn now() -> Time {

@@ -232,16 +232,7 @@ pub async fn stop(
     let result = async {
         let job = find(&state, &job).await?;
         let phase = job.status.as_ref().and_then(|s| s.phase);
-        if matches!(
-            phase,
-            Some(
-                BatchJobPhase::Completed
-                    | BatchJobPhase::PartiallyCompleted
-                    | BatchJobPhase::Failed
-                    | BatchJobPhase::Stopped
-                    | BatchJobPhase::Expired
-            )
-        ) {
+        if phase.is_some_and(BatchJobPhase::is_terminal) {
             return Err(ApiError::validation(format!(
                 "The job is {}; only a job that has not ended can be stopped.",
                 phase_name(phase)
