@@ -17,6 +17,10 @@ PHASE
            served from a local directory (`--bucket locallake=LAKE_DIR`): inputTokenLimit's three
            actions; a month-over-month job with reuseFrom where 10 of 60 records changed
            infers exactly those; a rerun of one partition infers exactly its records again.
+  bench-throughput MANIFESTS_DIR LAKE_DIR N   (a benchmark) N records as a batch job against the
+           same requests sent straight to InvokeModel by 8 client threads (the batch's concurrency),
+           interleaved twice, with a real-time ConverseStream probe's time to first token measured
+           alone and beside the batch job.
   bench-reuse MANIFESTS_DIR LAKE_DIR N   (a benchmark, not a test) N records, then a month-over-
            month job with 5% changed records and reuseFrom; prints both wall times and the ratio.
 Exits non-zero on the first failed expectation.
@@ -465,6 +469,83 @@ def manifests(directory, lake):
        "manifest jobs are listed by ListModelInvocationJobs")
 
 
+def bench_throughput(directory, lake, n):
+    import os
+    import statistics
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+    runtime = session.client("bedrock-runtime", endpoint_url=endpoint,
+                             config=botocore.config.Config(retries={"max_attempts": 1}, read_timeout=300,
+                                                           max_pool_connections=16))
+
+    def probe(samples, stop=None):
+        """Times to first token of short ConverseStream calls, one after another."""
+        out = []
+        while (stop is None and len(out) < samples) or (stop is not None and not stop.is_set()):
+            t = time.time()
+            stream = runtime.converse_stream(modelId=MODEL, messages=[{"role": "user", "content": [{"text": "Hi."}]}],
+                                             inferenceConfig={"maxTokens": 4, "temperature": 0})["stream"]
+            for event in stream:
+                if "contentBlockDelta" in event:
+                    out.append(time.time() - t)
+                    break
+            for _ in stream:
+                pass
+            time.sleep(0.2)
+        return out
+
+    def p(xs, q):
+        xs = sorted(xs)
+        return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+    records = [record(i, tokens=32) for i in range(n)]
+
+    def direct():
+        def one(r):
+            reply = runtime.invoke_model(modelId=MODEL, body=json.dumps({**r["modelInput"], "temperature": 0}))
+            return int(reply["ResponseMetadata"]["HTTPHeaders"]["x-amzn-bedrock-output-token-count"])
+        start = time.time()
+        with ThreadPoolExecutor(8) as pool:
+            tokens = sum(pool.map(one, records))
+        return tokens / (time.time() - start)
+
+    def batch(k):
+        os.makedirs(f"{lake}/tp-{k}", exist_ok=True)
+        with open(f"{lake}/tp-{k}/records.jsonl", "w") as f:
+            f.write("\n".join(json.dumps(r) for r in records) + "\n")
+        stop = threading.Event()
+        ttft = []
+        prober = threading.Thread(target=lambda: ttft.extend(probe(0, stop)))
+        start = time.time()
+        name = f"bench-tp-{k}"
+        manifest_job(directory, name, {"input": {"uri": f"s3://locallake/tp-{k}/"},
+                                       "output": {"uri": f"s3://locallake/tpo-{k}/"}})
+        prober.start()
+        job = by_name(name, timeout=3600)
+        took = time.time() - start
+        stop.set()
+        prober.join()
+        lines, manifest = local_outputs(lake, f"tpo-{k}", job["jobArn"].rsplit("/", 1)[1])
+        return manifest["outputTokenCount"] / took, ttft
+
+    probe(3)  # warm-up
+    solo = probe(40)
+    run = uuid.uuid4().hex[:6]
+    direct_rates, batch_rates, beside = [], [], []
+    for i in range(2):
+        direct_rates.append(direct())
+        rate, ttft = batch(f"{run}-{i}")
+        batch_rates.append(rate)
+        beside.extend(ttft)
+    d, b = statistics.median(direct_rates), statistics.median(batch_rates)
+    print(f"direct InvokeModel, 8 threads: {d:.0f} output tokens/s (runs {[round(x) for x in direct_rates]})")
+    print(f"batch job, 8 in flight:        {b:.0f} output tokens/s (runs {[round(x) for x in batch_rates]}); "
+          f"ratio {b / d:.2f}")
+    print(f"probe TTFT solo: p50 {p(solo, 0.5) * 1000:.0f} ms, p99 {p(solo, 0.99) * 1000:.0f} ms ({len(solo)} calls); "
+          f"beside the batch job: p50 {p(beside, 0.5) * 1000:.0f} ms, p99 {p(beside, 0.99) * 1000:.0f} ms "
+          f"({len(beside)} calls)", flush=True)
+
+
 def bench_reuse(directory, lake, n):
     import os
     run = uuid.uuid4().hex[:6]
@@ -497,6 +578,8 @@ elif phase == "start":
     start()
 elif phase == "manifests":
     manifests(sys.argv[4], sys.argv[5])
+elif phase == "bench-throughput":
+    bench_throughput(sys.argv[4], sys.argv[5], int(sys.argv[6]))
 elif phase == "bench-reuse":
     bench_reuse(sys.argv[4], sys.argv[5], int(sys.argv[6]))
 elif phase == "finish":
