@@ -415,11 +415,19 @@ impl Validate for BatchJobSpec {
 pub fn batch_job_id(namespace: &str, name: &str) -> String {
     use sha2::{Digest, Sha256};
     let digest = Sha256::new().chain_update(namespace).chain_update([0]).chain_update(name).finalize();
-    let mut n = u128::from_le_bytes(digest[..16].try_into().expect("16 bytes"));
-    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-    (0..12)
+    base36(u128::from_le_bytes(digest[..16].try_into().expect("16 bytes")), 12, BASE36_LOWER)
+}
+
+/// Lowercase letters and digits, for [`base36`].
+pub const BASE36_LOWER: &[u8; 36] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+/// Capital letters and digits, for [`base36`].
+pub const BASE36_UPPER: &[u8; 36] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+
+/// `len` base-36 digits of `n`, least significant first (short ids made from a hash).
+pub fn base36(mut n: u128, len: usize, alphabet: &[u8; 36]) -> String {
+    (0..len)
         .map(|_| {
-            let c = ALPHABET[(n % 36) as usize] as char;
+            let c = alphabet[(n % 36) as usize] as char;
             n /= 36;
             c
         })

@@ -197,14 +197,9 @@ impl ControlTable {
                 url = Url::from_directory_path(&path).map_err(|_| bad("not an absolute directory".into()))?;
             } else {
                 let mut builder = object_store_013::aws::AmazonS3Builder::from_env().with_bucket_name(&bucket);
-                if let Some(endpoint) = &stores.s3_endpoint {
+                for (key, value) in stores.s3_settings() {
                     builder = builder
-                        .with_endpoint(endpoint)
-                        .with_allow_http(endpoint.starts_with("http://"))
-                        .with_virtual_hosted_style_request(false);
-                    if std::env::var_os("AWS_REGION").is_none() && std::env::var_os("AWS_DEFAULT_REGION").is_none() {
-                        builder = builder.with_region("us-east-1");
-                    }
+                        .with_config(key.parse().map_err(|e: object_store_013::Error| bad(e.to_string()))?, value);
                 }
                 backend = Some(Arc::new(builder.build().map_err(|e| bad(e.to_string()))?)
                     as Arc<dyn object_store_013::ObjectStore>);

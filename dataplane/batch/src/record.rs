@@ -41,15 +41,8 @@ pub struct PartitionBy(pub Option<String>);
 /// The id of a record without one: 11 characters derived from its file and line.
 pub fn derived_id(file: &str, line: u64) -> String {
     let digest = Sha256::new().chain_update(file.as_bytes()).chain_update(line.to_le_bytes()).finalize();
-    let mut n = u64::from_le_bytes(digest[..8].try_into().expect("8 bytes"));
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
-    (0..11)
-        .map(|_| {
-            let c = ALPHABET[(n % 36) as usize] as char;
-            n /= 36;
-            c
-        })
-        .collect()
+    let n = u64::from_le_bytes(digest[..8].try_into().expect("8 bytes"));
+    mantle_crds::base36(u128::from(n), 11, mantle_crds::BASE36_UPPER)
 }
 
 /// Parses one line (without its newline). `file` and `line` name a record that has no id.

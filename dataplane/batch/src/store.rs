@@ -80,6 +80,21 @@ impl Stores {
         Ok((name.to_string(), PathBuf::from(dir)))
     }
 
+    /// What `--s3-endpoint` sets on an S3 client, as object_store configuration keys (shared
+    /// with the control table's client, which is of delta-rs's object_store release).
+    pub fn s3_settings(&self) -> Vec<(&'static str, String)> {
+        let Some(endpoint) = &self.s3_endpoint else { return Vec::new() };
+        let mut settings = vec![
+            ("aws_endpoint", endpoint.clone()),
+            ("aws_allow_http", endpoint.starts_with("http://").to_string()),
+            ("aws_virtual_hosted_style_request", "false".to_string()),
+        ];
+        if std::env::var_os("AWS_REGION").is_none() && std::env::var_os("AWS_DEFAULT_REGION").is_none() {
+            settings.push(("aws_region", "us-east-1".to_string()));
+        }
+        settings
+    }
+
     pub fn open(&self, uri: &str) -> Result<Location, StoreError> {
         let bad = |reason: &str| StoreError::BadUri { uri: uri.to_string(), reason: reason.to_string() };
         let url = Url::parse(uri).map_err(|e| bad(&e.to_string()))?;
@@ -105,14 +120,8 @@ impl Stores {
                     )));
                 }
                 let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
-                if let Some(endpoint) = &self.s3_endpoint {
-                    builder = builder
-                        .with_endpoint(endpoint)
-                        .with_allow_http(endpoint.starts_with("http://"))
-                        .with_virtual_hosted_style_request(false);
-                    if std::env::var_os("AWS_REGION").is_none() && std::env::var_os("AWS_DEFAULT_REGION").is_none() {
-                        builder = builder.with_region("us-east-1");
-                    }
+                for (key, value) in self.s3_settings() {
+                    builder = builder.with_config(key.parse().map_err(open)?, value);
                 }
                 let store = builder.build().map_err(open)?;
                 Ok(Location { store: Arc::new(store), prefix, uri: uri.to_string() })
@@ -139,6 +148,18 @@ mod tests {
         assert_eq!(loc.child("job1/a.jsonl.out").as_ref(), "batch/2026/out/job1/a.jsonl.out");
         assert_eq!(loc.relative(&loc.child("x/y.jsonl")), "x/y.jsonl");
         assert_eq!(loc.sub("job1").uri, "s3://lake/batch/2026/out/job1");
+    }
+
+    #[test]
+    fn an_s3_endpoint_becomes_client_settings_that_object_store_knows() {
+        assert!(Stores::default().s3_settings().is_empty());
+        let stores = Stores { s3_endpoint: Some("http://127.0.0.1:9000".into()), ..Default::default() };
+        let settings = stores.s3_settings();
+        assert!(settings.contains(&("aws_endpoint", "http://127.0.0.1:9000".into())));
+        assert!(settings.contains(&("aws_allow_http", "true".into())));
+        for (key, _) in settings {
+            assert!(key.parse::<object_store::aws::AmazonS3ConfigKey>().is_ok(), "{key}");
+        }
     }
 
     #[test]
