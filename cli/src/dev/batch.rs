@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use mantle_batch::{Job, Outcome, Progress, Runtime};
+use mantle_batch::lifecycle::{ReuseSource, ended, reuse_source};
+use mantle_batch::{Job, Progress, Runtime};
 use mantle_crds::{BatchJob, BatchJobPhase, BatchJobStatus, Pricing, Time, batch_job_arn};
 use mantle_router::ApiError;
 use mantle_router::batch::{BatchJobs, BoxFuture, CLIENT_TOKEN_ANNOTATION, CREATED_BY_API_ANNOTATION};
@@ -247,48 +248,40 @@ impl Inner {
         tokio::spawn(async move { this.run(name, job, runtime, stop).await });
     }
 
-    /// The output folder of the job `reuseFrom` names, once it has ended with outputs.
-    /// `Err((message, wait))`: the job cannot start now — it waits (`Scheduled`) while the job
-    /// it reuses runs, and fails when that job does not exist or ended without outputs.
-    fn reuse_source(&self, object: &BatchJob) -> Result<Option<String>, (String, bool)> {
-        let Some(reuse) = &object.spec.reuse_from else { return Ok(None) };
-        let jobs = self.jobs.lock().expect("not poisoned");
-        let old = jobs
-            .get(&reuse.job_name)
-            .ok_or_else(|| (format!("reuseFrom names job {}, which does not exist", reuse.job_name), false))?;
-        let phase = old.job.status.as_ref().and_then(|s| s.phase);
-        match phase {
-            Some(BatchJobPhase::Completed | BatchJobPhase::PartiallyCompleted) => {}
-            p if !terminal(p) => {
-                return Err((format!("waiting for job {} (reuseFrom) to complete", reuse.job_name), true));
-            }
-            _ => {
-                return Err((format!("reuseFrom names job {}, which ended without completing", reuse.job_name), false));
-            }
+    fn stopped_running(&self, name: &str) {
+        if let Some(entry) = self.jobs.lock().expect("not poisoned").get_mut(name) {
+            entry.running = false;
         }
-        Ok(Some(format!("{}/{}", old.job.spec.output.uri.trim_end_matches('/'), old.job.job_id())))
+    }
+
+    /// Where the job's `reuseFrom` stands (see [`reuse_source`]).
+    fn reuse_source(&self, object: &BatchJob) -> ReuseSource {
+        let jobs = self.jobs.lock().expect("not poisoned");
+        let named = object.spec.reuse_from.as_ref().and_then(|r| jobs.get(&r.job_name)).map(|e| &e.job);
+        reuse_source(object, named)
     }
 
     async fn run(self: Arc<Self>, name: String, object: BatchJob, runtime: Runtime, stop: watch::Receiver<bool>) {
         let reuse_from = match self.reuse_source(&object) {
-            Ok(source) => source,
-            Err((message, wait)) => {
-                if !wait {
-                    tracing::error!(job = %name, "{message}");
-                }
+            ReuseSource::None => None,
+            ReuseSource::Ready(folder) => Some(folder),
+            ReuseSource::Wait(message) => {
+                // Started again by `sync` once the other job has ended.
                 self.update(&name, true, |s| {
+                    s.phase = Some(BatchJobPhase::Scheduled);
                     s.message = Some(message);
-                    if wait {
-                        // Started again by `sync` once the other job has ended.
-                        s.phase = Some(BatchJobPhase::Scheduled);
-                    } else {
-                        s.phase = Some(BatchJobPhase::Failed);
-                        s.end_time = Some(now());
-                    }
                 });
-                if let Some(entry) = self.jobs.lock().expect("not poisoned").get_mut(&name) {
-                    entry.running = false;
-                }
+                self.stopped_running(&name);
+                return;
+            }
+            ReuseSource::Fail(message) => {
+                tracing::error!(job = %name, "{message}");
+                self.update(&name, true, |s| {
+                    s.phase = Some(BatchJobPhase::Failed);
+                    s.message = Some(message);
+                    s.end_time = Some(now());
+                });
+                self.stopped_running(&name);
                 return;
             }
         };
@@ -335,32 +328,11 @@ impl Inner {
             mantle_batch::status::apply(s, &p, None, pricing.as_ref());
             s.end_time = Some(now());
             s.eta = None;
-            match &result {
-                Ok(Outcome::Finished) if p.error > 0 => {
-                    s.phase = Some(BatchJobPhase::PartiallyCompleted);
-                    s.message = Some(format!(
-                        "{} of {} records failed; see the error records in the output",
-                        p.error, p.total_records
-                    ));
-                }
-                Ok(Outcome::Finished) => s.phase = Some(BatchJobPhase::Completed),
-                Ok(Outcome::Stopped) if expired => {
-                    s.phase = Some(BatchJobPhase::Expired);
-                    s.message = Some("the job ran past its timeoutDurationInHours; committed outputs are kept".into());
-                }
-                Ok(Outcome::Stopped) => {
-                    s.phase = Some(BatchJobPhase::Stopped);
-                    s.message = Some("stopped; the outputs of the shards that finished are kept".into());
-                }
-                Err(e) => {
-                    s.phase = Some(BatchJobPhase::Failed);
-                    s.message = Some(e.to_string());
-                }
-            }
+            let (phase, message) = ended(&result, &p, expired);
+            s.phase = Some(phase);
+            s.message = message;
         });
-        if let Some(entry) = self.jobs.lock().expect("not poisoned").get_mut(&name) {
-            entry.running = false;
-        }
+        self.stopped_running(&name);
         if let Some(g) = &running {
             g.dec();
         }

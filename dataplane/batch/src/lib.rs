@@ -6,6 +6,7 @@
 pub mod client;
 pub mod control;
 pub mod job;
+pub mod lifecycle;
 pub mod metrics;
 pub mod plan;
 pub mod record;

@@ -1,0 +1,110 @@
+//! A job's lifecycle decisions (pure), the same for every executor (`mantle dev`'s in-process
+//! runner, and the cluster's BatchJob controller): whether the job it reuses is ready, and which
+//! phase and message a run ends in.
+
+use mantle_crds::{BatchJob, BatchJobPhase};
+
+use crate::job::{JobError, Outcome, Progress};
+
+/// Where a job's `reuseFrom` stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReuseSource {
+    /// The job reuses nothing.
+    None,
+    /// The output folder (`<output uri>/<job id>`) of the job it reuses.
+    Ready(String),
+    /// That job has not ended: this one waits (`Scheduled`).
+    Wait(String),
+    /// That job does not exist or ended without outputs: this one fails.
+    Fail(String),
+}
+
+/// `named` is the job `spec.reuseFrom.jobName` names, if it exists.
+pub fn reuse_source(job: &BatchJob, named: Option<&BatchJob>) -> ReuseSource {
+    let Some(reuse) = &job.spec.reuse_from else { return ReuseSource::None };
+    let Some(old) = named else {
+        return ReuseSource::Fail(format!("reuseFrom names job {}, which does not exist", reuse.job_name));
+    };
+    match old.status.as_ref().and_then(|s| s.phase) {
+        Some(BatchJobPhase::Completed | BatchJobPhase::PartiallyCompleted) => {
+            ReuseSource::Ready(format!("{}/{}", old.spec.output.uri.trim_end_matches('/'), old.job_id()))
+        }
+        Some(p) if p.is_terminal() => {
+            ReuseSource::Fail(format!("reuseFrom names job {}, which ended without completing", reuse.job_name))
+        }
+        _ => ReuseSource::Wait(format!("waiting for job {} (reuseFrom) to complete", reuse.job_name)),
+    }
+}
+
+/// The phase a run ends in, and what status says about it.
+pub fn ended(
+    result: &Result<Outcome, JobError>,
+    progress: &Progress,
+    expired: bool,
+) -> (BatchJobPhase, Option<String>) {
+    match result {
+        Ok(Outcome::Finished) if progress.error > 0 => (
+            BatchJobPhase::PartiallyCompleted,
+            Some(format!(
+                "{} of {} records failed; see the error records in the output",
+                progress.error, progress.total_records
+            )),
+        ),
+        Ok(Outcome::Finished) => (BatchJobPhase::Completed, None),
+        Ok(Outcome::Stopped) if expired => (
+            BatchJobPhase::Expired,
+            Some("the job ran past its timeoutDurationInHours; committed outputs are kept".into()),
+        ),
+        Ok(Outcome::Stopped) => {
+            (BatchJobPhase::Stopped, Some("stopped; the outputs of the shards that finished are kept".into()))
+        }
+        Err(e) => (BatchJobPhase::Failed, Some(e.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use mantle_crds::{BatchJobStatus, ReuseFrom};
+
+    use super::*;
+
+    fn job(name: &str, reuse: Option<&str>, phase: Option<BatchJobPhase>) -> BatchJob {
+        let mut j: BatchJob = serde_json::from_value(serde_json::json!({
+            "apiVersion": "mantle.dev/v1alpha1", "kind": "BatchJob", "metadata": {"name": name},
+            "spec": {"modelId": "m", "input": {"uri": "s3://b/in/"}, "output": {"uri": "s3://b/out/"}}
+        }))
+        .unwrap();
+        j.spec.reuse_from = reuse.map(|n| ReuseFrom { job_name: n.into() });
+        j.status = phase.map(|p| BatchJobStatus { phase: Some(p), ..Default::default() });
+        j
+    }
+
+    #[test]
+    fn a_job_waits_for_the_job_it_reuses_and_fails_without_one() {
+        let new = job("m2", Some("m1"), None);
+        assert_eq!(reuse_source(&job("x", None, None), None), ReuseSource::None);
+        assert!(matches!(reuse_source(&new, None), ReuseSource::Fail(m) if m.contains("does not exist")));
+        let running = job("m1", None, Some(BatchJobPhase::InProgress));
+        assert!(matches!(reuse_source(&new, Some(&running)), ReuseSource::Wait(_)));
+        assert!(matches!(reuse_source(&new, Some(&job("m1", None, None))), ReuseSource::Wait(_)));
+        let failed = job("m1", None, Some(BatchJobPhase::Failed));
+        assert!(matches!(reuse_source(&new, Some(&failed)), ReuseSource::Fail(m) if m.contains("without completing")));
+        let done = job("m1", None, Some(BatchJobPhase::PartiallyCompleted));
+        let id = done.job_id();
+        assert_eq!(reuse_source(&new, Some(&done)), ReuseSource::Ready(format!("s3://b/out/{id}")));
+    }
+
+    #[test]
+    fn a_run_ends_in_the_phase_its_outcome_and_errors_say() {
+        let clean = Progress { total_records: 10, success: 10, ..Default::default() };
+        let errors = Progress { total_records: 10, success: 8, error: 2, ..Default::default() };
+        assert_eq!(ended(&Ok(Outcome::Finished), &clean, false).0, BatchJobPhase::Completed);
+        let (phase, message) = ended(&Ok(Outcome::Finished), &errors, false);
+        assert_eq!(phase, BatchJobPhase::PartiallyCompleted);
+        assert!(message.unwrap().starts_with("2 of 10 records failed"));
+        assert_eq!(ended(&Ok(Outcome::Stopped), &clean, true).0, BatchJobPhase::Expired);
+        assert_eq!(ended(&Ok(Outcome::Stopped), &clean, false).0, BatchJobPhase::Stopped);
+        let failed = ended(&Err(JobError::NoInput("s3://b/in/".into())), &clean, false);
+        assert_eq!(failed, (BatchJobPhase::Failed, Some("no .jsonl input at s3://b/in/".into())));
+    }
+}
