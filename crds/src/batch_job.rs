@@ -434,6 +434,11 @@ pub fn base36(mut n: u128, len: usize, alphabet: &[u8; 36]) -> String {
         .collect()
 }
 
+/// The exit status of a batch worker pod whose job cannot go on (a bad input, an unknown model,
+/// an unwritable output): its Job's pod failure policy fails the index instead of retrying it.
+/// Any other failure (a crash, a preempted node) is retried and the worker resumes.
+pub const BATCH_WORKER_FATAL_EXIT: i32 = 2;
+
 /// A job's ARN, in Bedrock's form (the account is all zeros: Mantle has none).
 pub fn batch_job_arn(region: &str, id: &str) -> String {
     format!("arn:aws:bedrock:{region}:000000000000:model-invocation-job/{id}")

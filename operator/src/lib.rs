@@ -9,6 +9,7 @@
 //! breaks an invariant is reported as a `SpecValid=False` condition instead of being acted on.
 
 pub mod autoscale;
+pub mod batch;
 pub mod cli;
 pub mod controller;
 pub mod demand;

@@ -404,6 +404,10 @@ pub fn provisioned_owner(pt: &ProvisionedThroughput) -> OwnerReference {
     owner_reference("ProvisionedThroughput", &pt.metadata)
 }
 
+pub fn batch_job_owner(job: &mantle_crds::BatchJob) -> OwnerReference {
+    owner_reference("BatchJob", &job.metadata)
+}
+
 /// The labels of every object of a pool.
 pub fn pool_labels(pool: &PoolPlan) -> BTreeMap<String, String> {
     let mut labels = BTreeMap::from([

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use mantle_batch::lifecycle::{ReuseSource, ended, reuse_source};
+use mantle_batch::lifecycle::{ReuseSource, Tracker, reuse_source};
 use mantle_batch::{Job, Progress, Runtime};
 use mantle_crds::{BatchJob, BatchJobPhase, BatchJobStatus, Pricing, Time, batch_job_arn};
 use mantle_router::ApiError;
@@ -285,10 +285,11 @@ impl Inner {
                 return;
             }
         };
-        let job = Job { id: object.job_id(), spec: object.spec.clone(), reuse_from };
+        let job = Job { id: object.job_id(), spec: object.spec.clone(), reuse_from, worker: Default::default() };
         self.update(&name, false, |s| s.run_id = Some(job.run_id().to_string()));
         let expires = object.status.as_ref().and_then(|s| s.job_expiration_time.clone());
         let pricing = self.pricing.lock().expect("not poisoned").get(&job.spec.model_id).cloned();
+        let mut tracker = Tracker::new(expires.as_ref(), pricing);
         let (progress, watched) = watch::channel(Progress::default());
         let stop_tx = self.jobs.lock().expect("not poisoned").get(&name).map(|e| e.stop.clone());
         tracing::info!(job = %name, id = %job.id, model = %job.spec.model_id, "batch job running");
@@ -297,8 +298,6 @@ impl Inner {
             g.inc();
         }
         let started = Instant::now();
-        let mut first_processed = None;
-        let mut expired = false;
         let run = mantle_batch::run(&job, &runtime, &progress, stop.clone());
         tokio::pin!(run);
         let mut ticks = 0u32;
@@ -308,30 +307,17 @@ impl Inner {
                 _ = tokio::time::sleep(STATUS_EVERY) => {
                     ticks += 1;
                     let p = watched.borrow().clone();
-                    let base = *first_processed.get_or_insert(p.processed());
-                    let elapsed = started.elapsed().as_secs_f64();
-                    let rate = (p.processed().saturating_sub(base)) as f64 / elapsed.max(1e-3);
                     let stopping = *stop.borrow();
-                    if !expired && expires.as_ref().is_some_and(|e| mantle_router::batch::Timestamp::now() > e.0) {
-                        expired = true;
-                        if let Some(tx) = &stop_tx { tx.send_replace(true); }
-                    }
                     self.update(&name, ticks.is_multiple_of(5), |s| {
-                        mantle_batch::status::apply(s, &p, (rate > 0.0).then_some(rate), pricing.as_ref());
-                        s.phase = Some(if stopping { BatchJobPhase::Stopping } else if p.planned { BatchJobPhase::InProgress } else { BatchJobPhase::Validating });
+                        if tracker.tick(s, &p, stopping) && let Some(tx) = &stop_tx {
+                            tx.send_replace(true);
+                        }
                     });
                 }
             }
         };
         let p = watched.borrow().clone();
-        self.update(&name, true, |s| {
-            mantle_batch::status::apply(s, &p, None, pricing.as_ref());
-            s.end_time = Some(now());
-            s.eta = None;
-            let (phase, message) = ended(&result, &p, expired);
-            s.phase = Some(phase);
-            s.message = message;
-        });
+        self.update(&name, true, |s| tracker.end(s, &result, &p));
         self.stopped_running(&name);
         if let Some(g) = &running {
             g.dec();

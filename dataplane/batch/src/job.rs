@@ -9,7 +9,7 @@
 //!   the output exactly once however often a worker or the process is killed. Paths starting
 //!   with `_` are hidden from Spark's readers, so `spark.read.json(prefix)` sees outputs only.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -51,6 +51,8 @@ pub enum JobError {
     Router(String),
     #[error("the control table could not be written: {0}")]
     Control(String),
+    #[error("worker {worker} failed: {error}")]
+    Worker { worker: u32, error: String },
 }
 
 /// Counts a job reports while it runs, and at its end.
@@ -113,6 +115,47 @@ pub struct Job {
     pub spec: BatchJobSpec,
     /// The output folder (`<output uri>/<id>`) of the job named by `reuseFrom`.
     pub reuse_from: Option<String>,
+    /// Which of the job's workers runs this (one, in-process, under `mantle dev`; the pods of an
+    /// Indexed Job in a cluster).
+    pub worker: Worker,
+}
+
+/// Worker `index` of `count` runs the shards whose id is `index` modulo `count` (the shards are
+/// cut to even token loads, so this spreads the work evenly). Worker 0 coordinates: it plans
+/// (the others wait for the stored plan), appends every worker's shards to the control table as
+/// their commits appear, and merges the outputs once all shards are committed. The workers share
+/// nothing but the output folder.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Worker {
+    pub index: u32,
+    pub count: u32,
+}
+
+impl Default for Worker {
+    fn default() -> Self {
+        Worker { index: 0, count: 1 }
+    }
+}
+
+impl Worker {
+    pub fn coordinates(&self) -> bool {
+        self.index == 0
+    }
+
+    pub fn owns(&self, shard: u32) -> bool {
+        shard % self.count.max(1) == self.index
+    }
+}
+
+/// What a worker that failed leaves for the coordinator (`_mantle/failed/<run>/<worker>.json`):
+/// the error, and the shards it could not run.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WorkerFailure {
+    worker: u32,
+    error: String,
+    #[serde(default)]
+    shards: Vec<u32>,
 }
 
 impl Job {
@@ -199,12 +242,36 @@ async fn get_json<T: for<'de> Deserialize<'de>>(loc: &Location, path: &Path) -> 
     }
 }
 
-/// Runs a job to its end (or until `stop` turns true), reporting through `progress`.
+/// Runs a job to its end (or until `stop` turns true), reporting through `progress`. A worker
+/// that fails, one of several, leaves its error for the coordinator (and for workers still
+/// waiting for the plan) before returning it.
 pub async fn run(
     job: &Job,
     rt: &Runtime,
     progress: &watch::Sender<Progress>,
+    stop: watch::Receiver<bool>,
+) -> Result<Outcome, JobError> {
+    let mut failed_shards = Vec::new();
+    let result = run_worker(job, rt, progress, stop, &mut failed_shards).await;
+    if let Err(e) = &result
+        && job.worker.count > 1
+        && let Ok(out) = rt.stores.open(&job.spec.output.uri).map(|o| o.sub(&job.id))
+    {
+        let failure = WorkerFailure { worker: job.worker.index, error: e.to_string(), shards: failed_shards };
+        let path = out.child(&format!("_mantle/failed/{}/{}.json", job.run_id(), job.worker.index));
+        if let Err(e) = put(&out, &path, serde_json::to_vec(&failure).expect("serialises").into()).await {
+            tracing::error!(job = %job.id, error = %e, "could not leave this worker's failure for the others");
+        }
+    }
+    result
+}
+
+async fn run_worker(
+    job: &Job,
+    rt: &Runtime,
+    progress: &watch::Sender<Progress>,
     mut stop: watch::Receiver<bool>,
+    failed_shards: &mut Vec<u32>,
 ) -> Result<Outcome, JobError> {
     let schema = job.spec.output_schema.as_ref().map(OutputSchema::new).transpose().map_err(JobError::Invalid)?;
     let input = rt.stores.open(&job.spec.input.uri)?;
@@ -217,18 +284,20 @@ pub async fn run(
     let plan_path = out.child("_mantle/plan.json");
     let plan = match get_json::<StoredPlan>(&out, &plan_path).await? {
         Some(plan) => plan,
-        None => {
+        None if job.worker.coordinates() => {
             let plan = make_plan(job, rt, &input, progress).await?;
             put(&out, &plan_path, serde_json::to_vec(&plan).expect("the plan serialises").into()).await?;
             plan
         }
+        None => match wait_for_plan(job, &out, &plan_path, &mut stop).await? {
+            Some(plan) => plan,
+            None => return Ok(Outcome::Stopped),
+        },
     };
     // What is committed already (a resumed job, or the runs before a rerun).
     let mut done = BTreeMap::new();
     for shard in &plan.shards {
-        if let Some(commit) =
-            get_json::<ShardCommit>(&out, &out.child(&format!("_mantle/shards/{}.json", shard_name(shard.id)))).await?
-        {
+        if let Some(commit) = get_json::<ShardCommit>(&out, &commit_path(&out, shard.id)).await? {
             done.insert(shard.id, commit);
         }
     }
@@ -262,13 +331,18 @@ pub async fn run(
             p.add(c);
         }
     });
-    let todo: Vec<Shard> =
-        plan.shards.iter().filter(|s| !done.contains_key(&s.id) || own.contains_key(&s.id)).cloned().collect();
-    tracing::info!(job = %job.id, shards = plan.shards.len(), todo = todo.len(), records = plan.total_records, "running shards");
+    // Every worker's shards still to run in this run, and this worker's share of them.
+    let all_todo: Vec<&Shard> =
+        plan.shards.iter().filter(|s| !done.contains_key(&s.id) || own.contains_key(&s.id)).collect();
+    let todo: Vec<Shard> = all_todo.iter().filter(|s| job.worker.owns(s.id)).map(|s| (*s).clone()).collect();
+    let mut others: BTreeSet<u32> = all_todo.iter().map(|s| s.id).filter(|id| !job.worker.owns(*id)).collect();
+    tracing::info!(job = %job.id, worker = job.worker.index, workers = job.worker.count, shards = plan.shards.len(), todo = todo.len(), records = plan.total_records, "running shards");
     let slots = Arc::new(Semaphore::new(rt.concurrency.max(1)));
     let parallel = rt.concurrency.clamp(1, 4);
-    // The control table, and the rows it holds already (a resumed job wrote some).
-    let control = Control::open(job, rt, &done, &plan).await;
+    // The control table (the coordinator's), and the rows it holds already (a resumed job wrote
+    // some).
+    let mut control =
+        if job.worker.coordinates() { Control::open(job, rt, &done, &plan).await } else { Control::none() };
     let shards = todo.into_iter().map(|shard| {
         let (input, out, slots, stop) = (input.clone(), out.clone(), slots.clone(), stop.clone());
         let sources =
@@ -289,7 +363,6 @@ pub async fn run(
         }
     });
     let mut results = futures::stream::iter(shards).buffer_unordered(parallel);
-    let mut control = control;
     let mut flush = tokio::time::interval(CONTROL_EVERY);
     flush.tick().await;
     let mut failure = None;
@@ -304,6 +377,7 @@ pub async fn run(
                 Some((_, Ok(None))) => {}
                 Some((shard, Err(e))) => {
                     control.failed(job, &shard, &e);
+                    failed_shards.push(shard.id);
                     failure = failure.or(Some(e));
                 }
             },
@@ -311,6 +385,54 @@ pub async fn run(
         }
     }
     drop(results);
+    if !job.worker.coordinates() {
+        return match failure {
+            Some(e) => Err(e),
+            None if *stop.borrow_and_update() => Ok(Outcome::Stopped),
+            None => Ok(Outcome::Finished),
+        };
+    }
+    // The coordinator follows the other workers' commits until every shard is in, or is a
+    // failed worker's.
+    if failure.is_none() && !others.is_empty() {
+        let mut poll = tokio::time::interval(OTHERS_EVERY);
+        let mut failed: Vec<WorkerFailure> = Vec::new();
+        while !others.is_empty() && !*stop.borrow() {
+            tokio::select! {
+                _ = poll.tick() => {}
+                _ = flush.tick() => { control.flush().await; continue; }
+                _ = stop.changed() => continue,
+            }
+            // Failures first: a worker's commits precede its failure, so the commits read
+            // next hold all it committed.
+            for f in worker_failures(job, &out).await? {
+                if f.worker != job.worker.index && !failed.iter().any(|g| g.worker == f.worker) {
+                    tracing::error!(job = %job.id, worker = f.worker, error = %f.error, "a worker failed");
+                    for shard in plan.shards.iter().filter(|s| f.shards.contains(&s.id)) {
+                        control.failed(job, shard, &JobError::Worker { worker: f.worker, error: f.error.clone() });
+                    }
+                    failed.push(f);
+                }
+            }
+            for id in others.clone() {
+                let Some(c) = get_json::<ShardCommit>(&out, &commit_path(&out, id)).await? else { continue };
+                // A shard the rerun takes up is in once this run has committed it again.
+                if own.contains_key(&id) && c.run != job.run_id() {
+                    continue;
+                }
+                if let Some(shard) = plan.shards.iter().find(|s| s.id == id) {
+                    control.committed(job, shard, &c);
+                }
+                progress.send_modify(|p| p.add(&c));
+                done.insert(id, c);
+                others.remove(&id);
+            }
+            others.retain(|id| !failed.iter().any(|f| Worker { index: f.worker, count: job.worker.count }.owns(*id)));
+        }
+        if let Some(f) = failed.into_iter().next() {
+            failure = Some(JobError::Worker { worker: f.worker, error: f.error });
+        }
+    }
     // The outputs of what committed, and their rows, even when stopping or failing.
     let merged = merge(&out, &plan, &done).await;
     control.flush().await;
@@ -320,8 +442,65 @@ pub async fn run(
     merged?;
     control.finish()?;
     let stopped = *stop.borrow_and_update();
-    Ok(if done.len() == plan.shards.len() && !stopped { Outcome::Finished } else { Outcome::Stopped })
+    Ok(if done.len() == plan.shards.len() && !stopped {
+        Outcome::Finished
+    } else {
+        Outcome::Stopped
+    })
 }
+
+fn commit_path(out: &Location, shard: u32) -> Path {
+    out.child(&format!("_mantle/shards/{}.json", shard_name(shard)))
+}
+
+/// A worker that is not the coordinator waits for the coordinator's plan; `None` when stopped
+/// first, the coordinator's error when it failed.
+async fn wait_for_plan(
+    job: &Job,
+    out: &Location,
+    plan_path: &Path,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<Option<StoredPlan>, JobError> {
+    tracing::info!(job = %job.id, worker = job.worker.index, "waiting for the coordinator's plan");
+    let mut poll = tokio::time::interval(OTHERS_EVERY);
+    loop {
+        if *stop.borrow() {
+            return Ok(None);
+        }
+        if let Some(plan) = get_json::<StoredPlan>(out, plan_path).await? {
+            return Ok(Some(plan));
+        }
+        if let Some(f) = worker_failures(job, out).await?.into_iter().find(|f| f.worker == 0) {
+            return Err(JobError::Worker { worker: f.worker, error: f.error });
+        }
+        tokio::select! {
+            _ = poll.tick() => {}
+            _ = stop.changed() => {}
+        }
+    }
+}
+
+/// The failures workers of this run left.
+async fn worker_failures(job: &Job, out: &Location) -> Result<Vec<WorkerFailure>, JobError> {
+    let prefix = out.child(&format!("_mantle/failed/{}", job.run_id()));
+    let listed: Vec<_> = out
+        .store
+        .list(Some(&prefix))
+        .try_collect()
+        .await
+        .map_err(|source| JobError::Read { uri: prefix.to_string(), source })?;
+    let mut failures = Vec::new();
+    for meta in listed {
+        if let Some(f) = get_json::<WorkerFailure>(out, &meta.location).await? {
+            failures.push(f);
+        }
+    }
+    failures.sort_by_key(|f| f.worker);
+    Ok(failures)
+}
+
+/// How often workers look for the plan, and the coordinator for the others' commits.
+const OTHERS_EVERY: Duration = Duration::from_secs(2);
 
 /// How often the control table gets the rows of the shards committed meanwhile.
 const CONTROL_EVERY: Duration = Duration::from_secs(30);
@@ -340,6 +519,11 @@ struct Control {
 }
 
 impl Control {
+    /// A worker's that is not the coordinator: it writes no rows.
+    fn none() -> Control {
+        Control { table: None, recorded: HashSet::new(), pending: Vec::new(), error: None }
+    }
+
     /// Opens the table below the job's output and queues the rows of committed shards it does
     /// not hold yet (a job that stopped before its last append).
     async fn open(job: &Job, rt: &Runtime, done: &BTreeMap<u32, ShardCommit>, plan: &StoredPlan) -> Control {
@@ -643,7 +827,7 @@ fn find_lines(
         let body = trim(&text[start..end]);
         if !body.is_empty() {
             let (prefix, id) = match record::parse(body, file, line, partition) {
-                Ok(r) => (Some(record::prefix_key(r.model_input)), Some(record::id_hash(&r.record_id))),
+                Ok(r) => (record::prefix_key(r.model_input), Some(record::id_hash(&r.record_id))),
                 Err(_) => (None, None),
             };
             found.push(Found {
@@ -861,7 +1045,7 @@ async fn run_shard(
     // The commit record last: a shard without it is run again.
     put(
         out,
-        &out.child(&format!("_mantle/shards/{name}.json")),
+        &commit_path(out, shard.id),
         serde_json::to_vec(&commit).expect("serialises").into(),
     )
     .await?;

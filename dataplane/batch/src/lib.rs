@@ -4,6 +4,7 @@
 //! files (`job`). The same pipeline runs in a `mantle-batch` worker pod and inside `mantle dev`.
 
 pub mod client;
+pub mod cluster;
 pub mod control;
 pub mod job;
 pub mod lifecycle;
@@ -16,5 +17,5 @@ pub mod status;
 pub mod store;
 
 pub use client::{BATCH_TOKEN_HEADER, RouterClient};
-pub use job::{Job, JobError, Outcome, Progress, Runtime, run};
+pub use job::{Job, JobError, Outcome, Progress, Runtime, Worker, run};
 pub use store::Stores;

@@ -1,10 +1,65 @@
-//! A job's lifecycle decisions (pure), the same for every executor (`mantle dev`'s in-process
-//! runner, and the cluster's BatchJob controller): whether the job it reuses is ready, and which
-//! phase and message a run ends in.
+//! A job's lifecycle decisions, the same for every executor (`mantle dev`'s in-process runner,
+//! and the cluster's BatchJob controller and coordinating worker): whether the job it reuses is
+//! ready, what status says while a run goes on ([`Tracker`]), and which phase and message a run
+//! ends in.
 
-use mantle_crds::{BatchJob, BatchJobPhase};
+use std::time::Instant;
+
+use k8s_openapi::jiff::Timestamp;
+use mantle_crds::{BatchJob, BatchJobPhase, BatchJobStatus, Pricing, Time};
 
 use crate::job::{JobError, Outcome, Progress};
+
+/// What status says while a run goes on: counts, rate and ETA, the phase (Validating until the
+/// shards are planned, then InProgress, Stopping once asked to stop); and when the job is past
+/// its expiration time, that it must stop (it then ends Expired).
+pub struct Tracker {
+    started: Instant,
+    /// Records processed when the first tick saw the run (a resumed run's rate counts its own).
+    base: Option<u64>,
+    expires: Option<Timestamp>,
+    pricing: Option<Pricing>,
+    /// Whether the run went past its expiration time.
+    pub expired: bool,
+}
+
+impl Tracker {
+    pub fn new(expires: Option<&Time>, pricing: Option<Pricing>) -> Self {
+        Tracker { started: Instant::now(), base: None, expires: expires.map(|t| t.0), pricing, expired: false }
+    }
+
+    /// Updates `status` from `progress`. True the first time the job is past its expiration
+    /// time: the caller stops the run.
+    pub fn tick(&mut self, status: &mut BatchJobStatus, progress: &Progress, stopping: bool) -> bool {
+        self.tick_at(status, progress, stopping, Timestamp::now())
+    }
+
+    fn tick_at(&mut self, status: &mut BatchJobStatus, p: &Progress, stopping: bool, now: Timestamp) -> bool {
+        let base = *self.base.get_or_insert(p.processed());
+        let rate = p.processed().saturating_sub(base) as f64 / self.started.elapsed().as_secs_f64().max(1e-3);
+        crate::status::apply(status, p, (rate > 0.0).then_some(rate), self.pricing.as_ref());
+        status.phase = Some(if stopping || self.expired {
+            BatchJobPhase::Stopping
+        } else if p.planned {
+            BatchJobPhase::InProgress
+        } else {
+            BatchJobPhase::Validating
+        });
+        let expires_now = !self.expired && self.expires.is_some_and(|e| now > e);
+        self.expired |= expires_now;
+        expires_now
+    }
+
+    /// The status a run ends with.
+    pub fn end(&self, status: &mut BatchJobStatus, result: &Result<Outcome, JobError>, progress: &Progress) {
+        crate::status::apply(status, progress, None, self.pricing.as_ref());
+        status.end_time = Some(Time(Timestamp::now()));
+        status.eta = None;
+        let (phase, message) = ended(result, progress, self.expired);
+        status.phase = Some(phase);
+        status.message = message;
+    }
+}
 
 /// Where a job's `reuseFrom` stands.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -92,6 +147,27 @@ mod tests {
         let done = job("m1", None, Some(BatchJobPhase::PartiallyCompleted));
         let id = done.job_id();
         assert_eq!(reuse_source(&new, Some(&done)), ReuseSource::Ready(format!("s3://b/out/{id}")));
+    }
+
+    #[test]
+    fn a_run_is_validating_then_in_progress_and_stops_once_past_its_expiry() {
+        let expires = Timestamp::now();
+        let mut t = Tracker::new(Some(&Time(expires)), None);
+        let mut s = BatchJobStatus::default();
+        let planning = Progress::default();
+        assert!(!t.tick_at(&mut s, &planning, false, expires));
+        assert_eq!(s.phase, Some(BatchJobPhase::Validating));
+        let running = Progress { planned: true, total_records: 10, success: 4, ..Default::default() };
+        assert!(!t.tick_at(&mut s, &running, false, expires));
+        assert_eq!(s.phase, Some(BatchJobPhase::InProgress));
+        assert_eq!(s.progress.as_deref(), Some("4/10 (40%)"));
+        let later = expires + std::time::Duration::from_secs(1);
+        assert!(t.tick_at(&mut s, &running, false, later), "past the expiry: stop the run");
+        assert!(!t.tick_at(&mut s, &running, false, later), "said once");
+        assert_eq!(s.phase, Some(BatchJobPhase::Stopping));
+        t.end(&mut s, &Ok(Outcome::Stopped), &running);
+        assert_eq!(s.phase, Some(BatchJobPhase::Expired));
+        assert!(s.end_time.is_some() && s.eta.is_none());
     }
 
     #[test]

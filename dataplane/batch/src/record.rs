@@ -73,14 +73,15 @@ pub fn parse<'a>(text: &'a [u8], file: &str, line: u64, partition: &PartitionBy)
     Ok(Record { record_id, model_input, partition })
 }
 
-/// What `modelInput` looks like to the planner: its length in bytes and a key for its leading
-/// bytes (records whose prompts start alike share a key, so a shard keeps them together and the
-/// runners' prefix cache serves them).
-pub fn prefix_key(model_input: &RawValue) -> u64 {
+/// A key for the leading bytes of `modelInput`: records whose prompts start alike share it, so a
+/// shard keeps them together and the runners' prefix cache serves them. A short input has none
+/// (there is no long prefix to share; as the router's placement does): grouping such records
+/// would only cut many small shards.
+pub fn prefix_key(model_input: &RawValue) -> Option<u64> {
     const PREFIX: usize = 256;
     let text = model_input.get().as_bytes();
-    let digest = Sha256::digest(&text[..text.len().min(PREFIX)]);
-    u64::from_le_bytes(digest[..8].try_into().expect("8 bytes"))
+    let digest = Sha256::digest(text.get(..PREFIX)?);
+    Some(u64::from_le_bytes(digest[..8].try_into().expect("8 bytes")))
 }
 
 /// A 64-bit hash of a record id (duplicate detection without keeping the ids).
@@ -187,6 +188,7 @@ mod tests {
         let b = RawValue::from_string(format!(r#"{{"system":"{long}","messages":[2]}}"#)).unwrap();
         let c = RawValue::from_string(r#"{"system":"other"}"#.into()).unwrap();
         assert_eq!(prefix_key(&a), prefix_key(&b));
-        assert_ne!(prefix_key(&a), prefix_key(&c));
+        assert!(prefix_key(&a).is_some());
+        assert_eq!(prefix_key(&c), None, "a short input has no prefix to share");
     }
 }
