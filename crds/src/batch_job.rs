@@ -434,6 +434,37 @@ pub fn base36(mut n: u128, len: usize, alphabet: &[u8; 36]) -> String {
         .collect()
 }
 
+/// Where a job's `reuseFrom` stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReuseSource {
+    /// The job reuses nothing.
+    None,
+    /// The output folder (`<output uri>/<job id>`) of the job it reuses.
+    Ready(String),
+    /// That job has not ended: this one waits (`Scheduled`).
+    Wait(String),
+    /// That job does not exist or ended without outputs: this one fails.
+    Fail(String),
+}
+
+/// `named` is the job `spec.reuseFrom.jobName` names, if it exists.
+/// (Both executors decide with this: `mantle dev` and the operator's BatchJob controller.)
+pub fn reuse_source(job: &BatchJob, named: Option<&BatchJob>) -> ReuseSource {
+    let Some(reuse) = &job.spec.reuse_from else { return ReuseSource::None };
+    let Some(old) = named else {
+        return ReuseSource::Fail(format!("reuseFrom names job {}, which does not exist", reuse.job_name));
+    };
+    match old.status.as_ref().and_then(|s| s.phase) {
+        Some(BatchJobPhase::Completed | BatchJobPhase::PartiallyCompleted) => {
+            ReuseSource::Ready(format!("{}/{}", old.spec.output.uri.trim_end_matches('/'), old.job_id()))
+        }
+        Some(p) if p.is_terminal() => {
+            ReuseSource::Fail(format!("reuseFrom names job {}, which ended without completing", reuse.job_name))
+        }
+        _ => ReuseSource::Wait(format!("waiting for job {} (reuseFrom) to complete", reuse.job_name)),
+    }
+}
+
 /// The exit status of a batch worker pod whose job cannot go on (a bad input, an unknown model,
 /// an unwritable output): its Job's pod failure policy fails the index instead of retrying it.
 /// Any other failure (a crash, a preempted node) is retried and the worker resumes.

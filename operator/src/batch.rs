@@ -1,5 +1,5 @@
 //! BatchJobs in a cluster (pure): how many workers a job gets, the Indexed Job that runs them
-//! (`mantle-batch run --batch-job NAMESPACE/NAME`, worker `$JOB_COMPLETION_INDEX`), and what the
+//! (`mantle-batch run --batch-job NAME` in the job's namespace, worker `$JOB_COMPLETION_INDEX`), and what the
 //! Job's own status means for a BatchJob whose workers could not say it themselves.
 //!
 //! The workers are the same pipeline `mantle dev` runs in-process (`mantle_batch`): worker 0
@@ -13,7 +13,7 @@ use k8s_openapi::api::batch::v1::{
     PodFailurePolicyRule,
 };
 use k8s_openapi::api::core::v1::{
-    Container, EnvFromSource, EnvVar, EnvVarSource, PodSecurityContext, PodSpec, PodTemplateSpec,
+    Container, EnvFromSource, EnvVar, EnvVarSource, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec,
     ResourceRequirements, SecretEnvSource, SecretKeySelector, SecurityContext,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -104,7 +104,6 @@ pub fn job_name(job: &BatchJob) -> String {
 /// The Indexed Job of a BatchJob's run.
 pub fn render_batch_job(job: &BatchJob, workers: i32, options: &BatchOptions) -> Job {
     let name = job.metadata.name.clone().unwrap_or_default();
-    let namespace = job.metadata.namespace.clone().unwrap_or_else(|| "default".into());
     let labels = BTreeMap::from([
         ("app.kubernetes.io/name".to_string(), "mantle-batch".to_string()),
         ("app.kubernetes.io/component".to_string(), "batch-worker".to_string()),
@@ -114,6 +113,15 @@ pub fn render_batch_job(job: &BatchJob, workers: i32, options: &BatchOptions) ->
     ]);
     let env = |name: &str, value: String| EnvVar { name: name.into(), value: Some(value), ..Default::default() };
     let mut envs = vec![
+        // The BatchJob is in the pod's namespace.
+        EnvVar {
+            name: "POD_NAMESPACE".into(),
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector { field_path: "metadata.namespace".into(), api_version: None }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
         env("MANTLE_ROUTER_URL", options.router_url.clone()),
         EnvVar {
             name: "MANTLE_BATCH_TOKEN".into(),
@@ -144,13 +152,7 @@ pub fn render_batch_job(job: &BatchJob, workers: i32, options: &BatchOptions) ->
     let container = Container {
         name: WORKER_CONTAINER.into(),
         image: Some(options.image.clone()),
-        args: Some(vec![
-            "run".into(),
-            "--batch-job".into(),
-            format!("{namespace}/{name}"),
-            "--workers".into(),
-            workers.to_string(),
-        ]),
+        args: Some(vec!["run".into(), "--batch-job".into(), name.clone(), "--workers".into(), workers.to_string()]),
         env: Some(envs),
         env_from,
         resources: Some(ResourceRequirements {
@@ -192,7 +194,7 @@ pub fn render_batch_job(job: &BatchJob, workers: i32, options: &BatchOptions) ->
     Job {
         metadata: ObjectMeta {
             name: Some(job_name(job)),
-            namespace: Some(namespace),
+            namespace: job.metadata.namespace.clone(),
             labels: Some(labels.clone()),
             owner_references: Some(vec![crate::render::batch_job_owner(job)]),
             ..Default::default()
@@ -241,10 +243,9 @@ pub fn job_ended(batch: &BatchJob, job: &Job) -> Option<(BatchJobPhase, String)>
         _ if batch.spec.stop => {
             (BatchJobPhase::Stopped, "stopped; the outputs of the shards that finished are kept".into())
         }
-        Some("DeadlineExceeded") => (
-            BatchJobPhase::Expired,
-            "the job ran past its timeoutDurationInHours; committed outputs are kept".into(),
-        ),
+        Some("DeadlineExceeded") => {
+            (BatchJobPhase::Expired, "the job ran past its timeoutDurationInHours; committed outputs are kept".into())
+        }
         _ if ended.type_ == "Complete" => {
             (BatchJobPhase::Failed, "the workers ended without the coordinator recording the job's end".into())
         }
@@ -276,8 +277,7 @@ mod tests {
             model: "m".into(),
             model_id: "m:0".into(),
             cell: None,
-            dedicated: dedicated
-                .then(|| crate::plan::Dedicated { tenant: "t".into(), provisioned: "pt".into() }),
+            dedicated: dedicated.then(|| crate::plan::Dedicated { tenant: "t".into(), provisioned: "pt".into() }),
             replicas,
             min: 0,
             max: 10,

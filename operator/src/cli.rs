@@ -15,6 +15,8 @@ pub struct RenderArgs {
     pub paths: Vec<PathBuf>,
     #[command(flatten)]
     pub pods: PodArgs,
+    #[command(flatten)]
+    pub batch: BatchArgs,
 }
 
 /// How runner pods are built: the operator's own settings (the same for `render` and `run`).
@@ -57,6 +59,48 @@ impl PodArgs {
     }
 }
 
+/// How BatchJobs' worker pods are built.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BatchArgs {
+    /// The image with `mantle-batch`.
+    #[arg(long, env = "MANTLE_BATCH_IMAGE")]
+    pub batch_image: Option<String>,
+    /// The router's URL as worker pods reach it.
+    #[arg(long, default_value = "http://mantle-router:8080")]
+    pub batch_router_url: String,
+    /// The Secret (key `token`) with the router's batch credential, in each BatchJob's namespace.
+    #[arg(long, default_value = "mantle-batch-token")]
+    pub batch_token_secret: String,
+    /// The ServiceAccount worker pods run as, in each BatchJob's namespace.
+    #[arg(long, default_value = "mantle-batch")]
+    pub batch_service_account: String,
+    /// An S3-compatible endpoint for the workers' s3:// URIs (MinIO, Ceph); none for AWS S3.
+    #[arg(long)]
+    pub batch_s3_endpoint: Option<String>,
+    /// The most workers one job gets.
+    #[arg(long, default_value_t = 16)]
+    pub batch_max_workers: i32,
+    /// The region in job ARNs (the router's `--region`).
+    #[arg(long, env = "AWS_REGION", default_value = "us-east-1")]
+    pub region: String,
+}
+
+impl BatchArgs {
+    pub fn options(&self) -> crate::batch::BatchOptions {
+        let defaults = crate::batch::BatchOptions::default();
+        crate::batch::BatchOptions {
+            image: self.batch_image.clone().unwrap_or(defaults.image),
+            router_url: self.batch_router_url.clone(),
+            token_secret: self.batch_token_secret.clone(),
+            service_account: self.batch_service_account.clone(),
+            s3_endpoint: self.batch_s3_endpoint.clone(),
+            max_workers: self.batch_max_workers,
+            concurrency: defaults.concurrency,
+            region: self.region.clone(),
+        }
+    }
+}
+
 /// Reads the manifests, checks each (the operator acts on none that breaks an invariant), plans
 /// and writes every object as YAML to `out`. `Ok(false)`: something could not be planned (each
 /// problem goes to stderr; the rest is still rendered).
@@ -76,9 +120,22 @@ pub fn render(args: &RenderArgs, out: &mut impl Write) -> anyhow::Result<bool> {
             manifests.push(manifest);
         }
     }
+    let batch_jobs: Vec<mantle_crds::BatchJob> = manifests
+        .iter()
+        .filter_map(|m| match m {
+            mantle_crds::Manifest::BatchJob(j) => Some(j.clone()),
+            _ => None,
+        })
+        .collect();
     let desired = Desired::from_manifests(manifests);
     let plan = plan(&desired, &Observed::default());
-    let objects = render_objects(&desired, &plan, &args.pods.options());
+    let mut objects = render_objects(&desired, &plan, &args.pods.options());
+    // Each BatchJob's workers, as the operator starts them (once the job it reuses completed).
+    let batch = args.batch.options();
+    for job in &batch_jobs {
+        let workers = crate::batch::workers(job, &plan, &batch);
+        objects.push(crate::render::Object::Job(Box::new(crate::batch::render_batch_job(job, workers, &batch))));
+    }
     out.write_all(to_yaml(&objects)?.as_bytes())?;
     for p in &plan.problems {
         eprintln!("{} {}: {} — {}", p.kind, p.name, p.reason, p.message);

@@ -10,6 +10,8 @@
 //! subresource) and an Event when something changed or went wrong. Errors requeue with
 //! exponential backoff. Cells get their status the same way.
 
+mod batch;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,6 +26,8 @@ use kube::{Api, Client, Resource, ResourceExt};
 use mantle_crds::{Cell, FoundationModel, ProvisionedThroughput, Time, Validate};
 use serde::Serialize;
 use serde_json::json;
+
+pub use batch::reconcile_batch_job;
 
 use crate::plan::{Desired, Observed, Plan, PoolObservation, plan};
 use crate::render::{Object, RenderOptions, render_pools};
@@ -61,7 +65,12 @@ pub struct Context {
     pub daemonsets: Store<DaemonSet>,
     /// The cluster's nodes (for the Cells' status).
     pub nodes: Store<Node>,
+    /// The BatchJobs (a job waits for the one it reuses) and the worker Jobs the operator made.
+    pub batch_jobs: Store<mantle_crds::BatchJob>,
+    pub jobs: Store<k8s_openapi::api::batch::v1::Job>,
     pub options: RenderOptions,
+    /// How batch worker pods are built.
+    pub batch: crate::batch::BatchOptions,
     pub recorder: Recorder,
     pub metrics: crate::metrics::Metrics,
     /// Failed reconciles in a row, by object, for the retry backoff.
@@ -221,6 +230,7 @@ async fn apply(client: &Client, namespace: &str, object: &Object) -> Result<(), 
         Object::Service(s) => patch(Api::namespaced(client.clone(), namespace), &name, &**s).await,
         Object::PodDisruptionBudget(p) => patch(Api::namespaced(client.clone(), namespace), &name, &**p).await,
         Object::DaemonSet(d) => patch(Api::namespaced(client.clone(), namespace), &name, &**d).await,
+        Object::Job(j) => patch(Api::namespaced(client.clone(), namespace), &name, &**j).await,
         Object::InferencePool(p) => {
             let api: Api<kube::api::DynamicObject> =
                 Api::namespaced_with(client.clone(), namespace, &crate::render::inference_pool_resource());

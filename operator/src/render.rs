@@ -128,6 +128,8 @@ pub enum Object {
     Service(Box<Service>),
     PodDisruptionBudget(Box<PodDisruptionBudget>),
     DaemonSet(Box<DaemonSet>),
+    /// A BatchJob run's workers.
+    Job(Box<k8s_openapi::api::batch::v1::Job>),
     /// A Gateway API Inference Extension InferencePool (a CRD, so untyped).
     InferencePool(Box<kube::api::DynamicObject>),
 }
@@ -139,6 +141,7 @@ impl Object {
             Object::Service(_) => "Service",
             Object::PodDisruptionBudget(_) => "PodDisruptionBudget",
             Object::DaemonSet(_) => "DaemonSet",
+            Object::Job(_) => "Job",
             Object::InferencePool(_) => "InferencePool",
         }
     }
@@ -149,6 +152,7 @@ impl Object {
             Object::Service(o) => &o.metadata,
             Object::PodDisruptionBudget(o) => &o.metadata,
             Object::DaemonSet(o) => &o.metadata,
+            Object::Job(o) => &o.metadata,
             Object::InferencePool(o) => &o.metadata,
         }
     }

@@ -1,6 +1,6 @@
 //! `mantle-operator` running in a cluster: checks that its CRDs are installed, serves
 //! `/metrics`, `/healthz` and `/readyz`, waits to lead (a Lease, when leader election is on), then
-//! runs the FoundationModel, ProvisionedThroughput and Cell controllers until SIGTERM — or until
+//! runs the FoundationModel, ProvisionedThroughput, Cell and BatchJob controllers until SIGTERM — or until
 //! it loses the Lease (or cannot renew it), when it exits so that it never reconciles beside
 //! another leader.
 
@@ -12,6 +12,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -19,9 +20,12 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
-use mantle_crds::{Cell, FoundationModel, ProvisionedThroughput};
+use mantle_crds::{BatchJob, Cell, FoundationModel, ProvisionedThroughput};
 
-use crate::controller::{Context, error_policy, reconcile_cell, reconcile_model, reconcile_provisioned};
+use crate::batch::BatchOptions;
+use crate::controller::{
+    Context, error_policy, reconcile_batch_job, reconcile_cell, reconcile_model, reconcile_provisioned,
+};
 use crate::leader::Elector;
 use crate::metrics::Metrics;
 use crate::render::RenderOptions;
@@ -55,10 +59,13 @@ pub struct RunArgs {
     pub router_service: Option<String>,
     #[command(flatten)]
     pub render: crate::cli::PodArgs,
+    #[command(flatten)]
+    pub batch: crate::cli::BatchArgs,
 }
 
 /// The CRDs the controllers need.
-const CRDS: [&str; 3] = ["foundationmodels.mantle.dev", "provisionedthroughputs.mantle.dev", "cells.mantle.dev"];
+const CRDS: [&str; 4] =
+    ["foundationmodels.mantle.dev", "provisionedthroughputs.mantle.dev", "cells.mantle.dev", "batchjobs.mantle.dev"];
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let client = Client::try_default().await.context("connecting to the Kubernetes API")?;
@@ -109,6 +116,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             client.clone(),
             scope,
             options.clone(),
+            args.batch.options(),
             metrics.clone(),
             args.identity.clone(),
             router.clone(),
@@ -159,6 +167,7 @@ async fn controllers_for(
     client: Client,
     scope: Option<String>,
     options: RenderOptions,
+    batch: BatchOptions,
     metrics: Metrics,
     identity: String,
     router: Option<(String, String)>,
@@ -182,6 +191,13 @@ async fn controllers_for(
             .applied_objects()
             .for_each(|_| async {}),
     );
+    let (jobs, jobs_writer) = reflector::store::<Job>();
+    tokio::spawn(
+        reflector::reflector(jobs_writer, watcher(api::<Job>(&client, &scope), managed.clone()))
+            .applied_objects()
+            .for_each(|_| async {}),
+    );
+    let batch_jobs = Controller::new(api::<BatchJob>(&client, &scope), watcher::Config::default());
     let cells = Controller::new(api::<Cell>(&client, &scope), watcher::Config::default());
     let models = Controller::new(api::<FoundationModel>(&client, &scope), watcher::Config::default());
     let provisioned = Controller::new(api::<ProvisionedThroughput>(&client, &scope), watcher::Config::default());
@@ -193,7 +209,10 @@ async fn controllers_for(
         deployments,
         daemonsets,
         nodes,
+        batch_jobs: batch_jobs.store(),
+        jobs,
         options,
+        batch,
         recorder: Recorder::new(
             client.clone(),
             Reporter { controller: "mantle-operator".into(), instance: Some(identity) },
@@ -258,7 +277,7 @@ async fn controllers_for(
     };
     let store = ctx.provisioned.clone();
     let provisioned = provisioned
-        .owns(api::<Deployment>(&client, &scope), managed)
+        .owns(api::<Deployment>(&client, &scope), managed.clone())
         .watches(api::<Cell>(&client, &scope), watcher::Config::default(), in_namespace)
         .watches(api::<FoundationModel>(&client, &scope), watcher::Config::default(), move |model: FoundationModel| {
             let (ns, id) = (model.namespace(), model.spec.model_id.clone());
@@ -289,9 +308,15 @@ async fn controllers_for(
         .watches(api::<Deployment>(&client, &scope), watcher::Config::default().labels(MANAGED), by_label)
         .watches(Api::<Node>::all(client.clone()), watcher::Config::default(), every_cell)
         .shutdown_on_signal()
-        .run(reconcile_cell, error_policy, ctx)
+        .run(reconcile_cell, error_policy, ctx.clone())
         .for_each(|result| async move { log(result.map(|(o, _)| o.name)) });
-    tokio::join!(models, provisioned, cells);
+    // A BatchJob follows its worker Jobs.
+    let batch_jobs = batch_jobs
+        .owns(api::<Job>(&client, &scope), managed)
+        .shutdown_on_signal()
+        .run(reconcile_batch_job, error_policy, ctx)
+        .for_each(|result| async move { log(result.map(|(o, _)| o.name)) });
+    tokio::join!(models, provisioned, cells, batch_jobs);
 }
 
 fn log<E: std::fmt::Display>(result: Result<String, E>) {

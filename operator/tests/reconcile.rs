@@ -9,12 +9,16 @@ use axum::body::Body;
 use axum::http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::batch::v1::{Job, JobCondition, JobSpec, JobStatus};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher;
-use mantle_crds::{Cell, FoundationModel, Manifest, ProvisionedThroughput};
+use mantle_crds::{
+    BatchJob, BatchJobPhase, BatchJobStatus, Cell, FoundationModel, Manifest, ProvisionedThroughput, Rerun,
+};
+use mantle_operator::batch::BatchOptions;
 use mantle_operator::controller::{
-    Context, Error, error_policy, reconcile_cell, reconcile_model, reconcile_provisioned,
+    Context, Error, error_policy, reconcile_batch_job, reconcile_cell, reconcile_model, reconcile_provisioned,
 };
 use mantle_operator::metrics::Metrics;
 use mantle_operator::render::RenderOptions;
@@ -63,9 +67,12 @@ fn api_server(
                 _ if uri.split('?').next().unwrap_or_default().ends_with("/status") => {
                     let path = uri.split('?').next().unwrap_or_default();
                     let name = path.trim_end_matches("/status").rsplit('/').next().unwrap_or_default();
+                    // An apply names the kind; a merge patch does not.
                     let mut object = known
                         .iter()
-                        .find(|o| o["kind"] == body["kind"] && o["metadata"]["name"] == name)
+                        .find(|o| {
+                            (body["kind"].is_null() || o["kind"] == body["kind"]) && o["metadata"]["name"] == name
+                        })
                         .cloned()
                         .unwrap_or(Value::Null);
                     object["status"] = body["status"].clone();
@@ -146,10 +153,23 @@ fn fixture_with(
     daemonsets: Vec<DaemonSet>,
     fail: Option<&'static str>,
 ) -> Fixture {
+    fixture_all(models, provisioned, cells, deployments, daemonsets, (Vec::new(), Vec::new()), fail)
+}
+
+fn fixture_all(
+    models: Vec<FoundationModel>,
+    provisioned: Vec<ProvisionedThroughput>,
+    cells: Vec<Cell>,
+    deployments: Vec<Deployment>,
+    daemonsets: Vec<DaemonSet>,
+    (batch_jobs, jobs): (Vec<BatchJob>, Vec<Job>),
+    fail: Option<&'static str>,
+) -> Fixture {
     let calls = Arc::new(Mutex::new(Vec::new()));
     let mut known: Vec<Value> = models.iter().map(|m| serde_json::to_value(m).unwrap()).collect();
     known.extend(provisioned.iter().map(|p| serde_json::to_value(p).unwrap()));
     known.extend(cells.iter().map(|c| serde_json::to_value(c).unwrap()));
+    known.extend(batch_jobs.iter().map(|b| serde_json::to_value(b).unwrap()));
     let client = kube::Client::new(api_server(calls.clone(), Arc::new(known), fail), "default");
     let recorder = Recorder::new(client.clone(), Reporter { controller: "mantle-operator".into(), instance: None });
     let ctx = Context {
@@ -160,7 +180,10 @@ fn fixture_with(
         deployments: store(deployments),
         daemonsets: store(daemonsets),
         nodes: store(Vec::new()),
+        batch_jobs: store(batch_jobs),
+        jobs: store(jobs),
         options: RenderOptions::default(),
+        batch: BatchOptions::default(),
         recorder,
         metrics: Metrics::new(),
         failures: Default::default(),
@@ -471,4 +494,165 @@ async fn the_status_counts_warm_nodes_and_a_model_without_prewarm_loses_its_daem
     assert!(!calls.iter().any(|c| c.method == "PATCH" && c.uri.contains("/daemonsets/")));
     let status = &calls.iter().find(|c| c.uri.contains("/status")).unwrap().body["status"];
     assert!(status.get("weightsCached").is_none());
+}
+
+fn batch_job(name: &str, reuse: Option<&str>, phase: Option<BatchJobPhase>) -> BatchJob {
+    let mut job: BatchJob = serde_json::from_value(json!({
+        "apiVersion": "mantle.dev/v1alpha1", "kind": "BatchJob",
+        "metadata": {"name": name, "namespace": "models", "uid": format!("uid-{name}"), "generation": 1,
+                     "creationTimestamp": "2026-12-01T00:00:00Z"},
+        "spec": {"modelId": "huggingfacetb.smollm2-135m-instruct-v1:0",
+                 "input": {"uri": "s3://lake/in/"}, "output": {"uri": "s3://lake/out/"},
+                 "credentialsSecretRef": {"name": "lake-keys"}}
+    }))
+    .unwrap();
+    job.spec.reuse_from = reuse.map(|n| mantle_crds::ReuseFrom { job_name: n.into() });
+    job.status = phase.map(|p| BatchJobStatus { phase: Some(p), ..Default::default() });
+    job
+}
+
+/// A worker Job as the operator made it, with the status Kubernetes gave it.
+fn worker_job(name: &str, suspend: bool, active: i32, condition: Option<(&str, &str)>) -> Job {
+    Job {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some("models".into()),
+            ..Default::default()
+        },
+        spec: Some(JobSpec { suspend: Some(suspend), ..Default::default() }),
+        status: Some(JobStatus {
+            active: Some(active),
+            conditions: condition.map(|(type_, reason)| {
+                vec![JobCondition {
+                    type_: type_.into(),
+                    status: "True".into(),
+                    reason: Some(reason.into()),
+                    message: Some("Job has reached the specified backoff limit".into()),
+                    ..Default::default()
+                }]
+            }),
+            ..Default::default()
+        }),
+    }
+}
+
+fn batch_fixture(batch_jobs: Vec<BatchJob>, jobs: Vec<Job>) -> Fixture {
+    let (models, provisioned, cells) = resources();
+    fixture_all(models, provisioned, cells, Vec::new(), Vec::new(), (batch_jobs, jobs), None)
+}
+
+const BATCH: &str = "/apis/mantle.dev/v1alpha1/namespaces/models/batchjobs";
+
+#[tokio::test]
+async fn a_batch_job_gets_its_arn_and_an_indexed_job_of_workers_sized_by_the_serving_replicas() {
+    let job = batch_job("summaries", None, None);
+    let f = batch_fixture(vec![job.clone()], Vec::new());
+    reconcile_batch_job(Arc::new(job), f.ctx.clone()).await.unwrap();
+    let calls = f.calls();
+    let shorts: Vec<String> = calls.iter().map(Call::short).collect();
+    assert_eq!(
+        shorts,
+        [
+            "PATCH /apis/batch/v1/namespaces/models/jobs/summaries-initial".to_string(),
+            format!("PATCH {BATCH}/summaries/status"),
+            "POST /apis/events.k8s.io/v1/namespaces/models/events".to_string(),
+        ]
+    );
+    let worker = &calls[0].body;
+    assert!(calls[0].uri.contains("fieldManager=mantle-operator"), "server-side apply");
+    assert_eq!(worker["spec"]["completionMode"], "Indexed");
+    // The examples serve the model with one shared replica in each of two Cells (the third is
+    // the reservation's, which batch does not use).
+    assert_eq!((worker["spec"]["completions"].as_i64(), worker["spec"]["parallelism"].as_i64()), (Some(2), Some(2)));
+    assert_eq!(worker["metadata"]["ownerReferences"][0]["uid"], "uid-summaries");
+    let pod = &worker["spec"]["template"]["spec"];
+    assert_eq!(pod["containers"][0]["args"], json!(["run", "--batch-job", "summaries", "--workers", "2"]));
+    assert_eq!(pod["containers"][0]["envFrom"][0]["secretRef"]["name"], "lake-keys");
+    assert_eq!(worker["spec"]["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"], json!([2]));
+    let status = &calls[1].body["status"];
+    assert_eq!(status["phase"], "Scheduled");
+    assert_eq!(status["runId"], "initial");
+    assert!(
+        status["jobArn"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("model-invocation-job/{}", batch_job("summaries", None, None).job_id()))
+    );
+    assert_eq!(status["jobExpirationTime"], "2026-12-02T00:00:00Z", "24 hours after its submission");
+    assert_eq!(calls[2].body["reason"], "WorkersStarted");
+}
+
+#[tokio::test]
+async fn a_job_waits_for_the_job_it_reuses_and_fails_when_that_one_failed() {
+    let waiting = batch_job("m2", Some("m1"), None);
+    let f = batch_fixture(vec![waiting.clone(), batch_job("m1", None, Some(BatchJobPhase::InProgress))], Vec::new());
+    reconcile_batch_job(Arc::new(waiting.clone()), f.ctx.clone()).await.unwrap();
+    let calls = f.calls();
+    assert_eq!(
+        calls.iter().map(Call::short).collect::<Vec<_>>(),
+        [format!("PATCH {BATCH}/m2/status")],
+        "no workers yet"
+    );
+    assert_eq!(calls[0].body["status"]["phase"], "Scheduled");
+    assert!(calls[0].body["status"]["message"].as_str().unwrap().contains("waiting for job m1"));
+    let f = batch_fixture(vec![waiting.clone(), batch_job("m1", None, Some(BatchJobPhase::Failed))], Vec::new());
+    reconcile_batch_job(Arc::new(waiting), f.ctx.clone()).await.unwrap();
+    let calls = f.calls();
+    assert_eq!(calls[0].body["status"]["phase"], "Failed");
+    assert!(calls[0].body["status"]["endTime"].is_string());
+    assert_eq!(calls[1].body["reason"], "ReuseFailed");
+}
+
+#[tokio::test]
+async fn a_worker_job_that_failed_ends_the_batch_job_failed_with_its_reason() {
+    let job = batch_job("summaries", None, Some(BatchJobPhase::InProgress));
+    let failed = worker_job("summaries-initial", false, 0, Some(("Failed", "FailedIndexes")));
+    let f = batch_fixture(vec![job.clone()], vec![failed]);
+    reconcile_batch_job(Arc::new(job), f.ctx.clone()).await.unwrap();
+    let calls = f.calls();
+    let status = &calls[0].body["status"];
+    assert_eq!(status["phase"], "Failed");
+    assert!(status["message"].as_str().unwrap().contains("backoff limit"), "{status}");
+    assert_eq!((calls[1].body["reason"].as_str(), calls[1].body["type"].as_str()), (Some("Failed"), Some("Warning")));
+}
+
+#[tokio::test]
+async fn stop_suspends_the_workers_and_a_suspended_job_without_workers_ends_stopped() {
+    let mut job = batch_job("summaries", None, Some(BatchJobPhase::InProgress));
+    job.spec.stop = true;
+    let running = worker_job("summaries-initial", false, 2, None);
+    let f = batch_fixture(vec![job.clone()], vec![running]);
+    reconcile_batch_job(Arc::new(job.clone()), f.ctx.clone()).await.unwrap();
+    let calls = f.calls();
+    assert_eq!(calls[0].short(), "PATCH /apis/batch/v1/namespaces/models/jobs/summaries-initial");
+    assert_eq!(calls[0].body, json!({"spec": {"suspend": true}}));
+    assert_eq!(calls[1].body["status"]["phase"], "Stopping");
+    // The workers are gone without writing an end (they never started): Stopped.
+    let suspended = worker_job("summaries-initial", true, 0, None);
+    let f = batch_fixture(vec![job.clone()], vec![suspended]);
+    reconcile_batch_job(Arc::new(job), f.ctx.clone()).await.unwrap();
+    assert_eq!(f.calls()[0].body["status"]["phase"], "Stopped");
+}
+
+#[tokio::test]
+async fn a_new_rerun_id_on_an_ended_job_starts_a_new_run_and_an_ended_run_rests() {
+    let mut job = batch_job("summaries", None, Some(BatchJobPhase::Completed));
+    job.status.as_mut().unwrap().run_id = Some("initial".into());
+    job.status.as_mut().unwrap().job_arn = Some("arn".into());
+    job.status.as_mut().unwrap().observed_generation = Some(1);
+    let f = batch_fixture(vec![job.clone()], Vec::new());
+    reconcile_batch_job(Arc::new(job.clone()), f.ctx.clone()).await.unwrap();
+    assert!(f.calls().is_empty(), "an ended run rests: {:?}", f.calls());
+    job.spec.partition_key = Some("customerId".into());
+    job.spec.rerun =
+        Some(Rerun { id: "fix-c3".into(), failed: false, partition: Some("C3".into()), record_id_hash_prefix: None });
+    let f = batch_fixture(vec![job.clone()], Vec::new());
+    reconcile_batch_job(Arc::new(job), f.ctx.clone()).await.unwrap();
+    let calls = f.calls();
+    assert_eq!(calls[0].short(), "POST /apis/events.k8s.io/v1/namespaces/models/events");
+    assert_eq!(calls[0].body["reason"], "Rerun");
+    assert_eq!(calls[1].short(), "PATCH /apis/batch/v1/namespaces/models/jobs/summaries-fix-c3");
+    let status = &calls[2].body["status"];
+    assert_eq!((status["phase"].as_str(), status["runId"].as_str()), (Some("Scheduled"), Some("fix-c3")));
+    assert_eq!(status["endTime"], Value::Null, "the last run's end is cleared");
 }

@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use mantle_operator::cli::{PodArgs, RenderArgs, render};
+use mantle_operator::cli::{BatchArgs, PodArgs, RenderArgs, render};
 use mantle_operator::render::{Object, RenderOptions};
 use mantle_operator::{Desired, Observed, plan};
 
@@ -24,6 +24,15 @@ fn args(path: &Path) -> RenderArgs {
             cache_budget_gib: 100,
             runner_token_secret: "mantle-runner-token".into(),
             inference_pool_endpoint_picker: None,
+        },
+        batch: BatchArgs {
+            batch_image: Some("ghcr.io/mantle-dev/mantle-batch:test".into()),
+            batch_router_url: "http://mantle-router.mantle-system:8080".into(),
+            batch_token_secret: "mantle-batch-token".into(),
+            batch_service_account: "mantle-batch".into(),
+            batch_s3_endpoint: None,
+            batch_max_workers: 16,
+            region: "us-east-1".into(),
         },
     }
 }

@@ -442,11 +442,7 @@ async fn run_worker(
     merged?;
     control.finish()?;
     let stopped = *stop.borrow_and_update();
-    Ok(if done.len() == plan.shards.len() && !stopped {
-        Outcome::Finished
-    } else {
-        Outcome::Stopped
-    })
+    Ok(if done.len() == plan.shards.len() && !stopped { Outcome::Finished } else { Outcome::Stopped })
 }
 
 fn commit_path(out: &Location, shard: u32) -> Path {
@@ -1043,12 +1039,7 @@ async fn run_shard(
     put(out, &out.child(&format!("_mantle/shards/{name}.jsonl")), Bytes::from(body)).await?;
     reuse::write_index(out, shard.id, &index).await?;
     // The commit record last: a shard without it is run again.
-    put(
-        out,
-        &commit_path(out, shard.id),
-        serde_json::to_vec(&commit).expect("serialises").into(),
-    )
-    .await?;
+    put(out, &commit_path(out, shard.id), serde_json::to_vec(&commit).expect("serialises").into()).await?;
     if let Some(m) = &rt.metrics {
         let tokens = (commit.input_tokens, commit.output_tokens);
         m.shard(commit.success, commit.error, commit.reused, commit.skipped, tokens, commit.seconds);

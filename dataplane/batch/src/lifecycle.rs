@@ -6,7 +6,8 @@
 use std::time::Instant;
 
 use k8s_openapi::jiff::Timestamp;
-use mantle_crds::{BatchJob, BatchJobPhase, BatchJobStatus, Pricing, Time};
+use mantle_crds::{BatchJobPhase, BatchJobStatus, Pricing, Time};
+pub use mantle_crds::{ReuseSource, reuse_source};
 
 use crate::job::{JobError, Outcome, Progress};
 
@@ -61,36 +62,6 @@ impl Tracker {
     }
 }
 
-/// Where a job's `reuseFrom` stands.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ReuseSource {
-    /// The job reuses nothing.
-    None,
-    /// The output folder (`<output uri>/<job id>`) of the job it reuses.
-    Ready(String),
-    /// That job has not ended: this one waits (`Scheduled`).
-    Wait(String),
-    /// That job does not exist or ended without outputs: this one fails.
-    Fail(String),
-}
-
-/// `named` is the job `spec.reuseFrom.jobName` names, if it exists.
-pub fn reuse_source(job: &BatchJob, named: Option<&BatchJob>) -> ReuseSource {
-    let Some(reuse) = &job.spec.reuse_from else { return ReuseSource::None };
-    let Some(old) = named else {
-        return ReuseSource::Fail(format!("reuseFrom names job {}, which does not exist", reuse.job_name));
-    };
-    match old.status.as_ref().and_then(|s| s.phase) {
-        Some(BatchJobPhase::Completed | BatchJobPhase::PartiallyCompleted) => {
-            ReuseSource::Ready(format!("{}/{}", old.spec.output.uri.trim_end_matches('/'), old.job_id()))
-        }
-        Some(p) if p.is_terminal() => {
-            ReuseSource::Fail(format!("reuseFrom names job {}, which ended without completing", reuse.job_name))
-        }
-        _ => ReuseSource::Wait(format!("waiting for job {} (reuseFrom) to complete", reuse.job_name)),
-    }
-}
-
 /// The phase a run ends in, and what status says about it.
 pub fn ended(
     result: &Result<Outcome, JobError>,
@@ -119,7 +90,7 @@ pub fn ended(
 
 #[cfg(test)]
 mod tests {
-    use mantle_crds::{BatchJobStatus, ReuseFrom};
+    use mantle_crds::{BatchJob, ReuseFrom};
 
     use super::*;
 

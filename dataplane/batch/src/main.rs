@@ -1,7 +1,7 @@
 //! `mantle-batch run`: runs one BatchJob through a router, resuming from what an earlier run of
 //! it committed. The pipeline `mantle dev` runs in-process, as a process of its own: from a
 //! manifest file, or — a worker pod of the Indexed Job the operator runs — from the BatchJob
-//! object in the API server (`--batch-job NAMESPACE/NAME`), whose status worker 0 writes.
+//! object in the API server (`--batch-job NAME`, in the pod's namespace), whose status worker 0 writes.
 
 use std::path::PathBuf;
 
@@ -21,8 +21,8 @@ enum Command {
         /// The BatchJob manifest (YAML).
         #[arg(required_unless_present = "batch_job", conflicts_with = "batch_job")]
         job: Option<PathBuf>,
-        /// Read the BatchJob from the Kubernetes API instead (NAMESPACE/NAME), follow its
-        /// `spec.stop` and, as worker 0, write its status.
+        /// Read the BatchJob from the Kubernetes API instead (NAME in $POD_NAMESPACE, or
+        /// NAMESPACE/NAME), follow its `spec.stop` and, as worker 0, write its status.
         #[arg(long, env = "MANTLE_BATCH_JOB")]
         batch_job: Option<String>,
         /// This worker's index among the job's workers (an Indexed Job's completion index).
@@ -58,18 +58,8 @@ async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
-    let Command::Run {
-        job,
-        batch_job,
-        worker,
-        workers,
-        router,
-        token,
-        concurrency,
-        s3_endpoint,
-        reuse_from,
-        buckets,
-    } = Command::parse();
+    let Command::Run { job, batch_job, worker, workers, router, token, concurrency, s3_endpoint, reuse_from, buckets } =
+        Command::parse();
     if worker >= workers.max(1) {
         bail!("worker {worker} of {workers}: the index must be below the number of workers");
     }
@@ -114,7 +104,8 @@ async fn from_file(path: &PathBuf, reuse_from: Option<String>, worker: Worker, r
 /// worker terminated by its pod's deletion (a preempted node, a drained one) ends with a failing
 /// status without writing an end, so the Job runs it again and it resumes.
 async fn from_cluster(name: &str, worker: Worker, rt: &Runtime) -> anyhow::Result<i32> {
-    let (namespace, name) = name.split_once('/').context("--batch-job takes NAMESPACE/NAME")?;
+    let pod_namespace = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "default".into());
+    let (namespace, name) = name.split_once('/').unwrap_or((pod_namespace.as_str(), name));
     let client = Client::try_default().await.context("connecting to the Kubernetes API")?;
     let api: Api<BatchJob> = Api::namespaced(client.clone(), namespace);
     let (object, source) = mantle_batch::cluster::load(&api, name).await.context("reading the BatchJob")?;
@@ -169,7 +160,8 @@ async fn from_cluster(name: &str, worker: Worker, rt: &Runtime) -> anyhow::Resul
         }
     };
     report(&job, &result, &watched.borrow());
-    if *terminated.borrow() && !object.spec.stop && !tracker.expired && api.get(name).await.is_ok_and(|j| !j.spec.stop) {
+    if *terminated.borrow() && !object.spec.stop && !tracker.expired && api.get(name).await.is_ok_and(|j| !j.spec.stop)
+    {
         tracing::info!(job = name, "terminated: the Job runs this worker again and it resumes");
         return Ok(143);
     }

@@ -52,7 +52,9 @@ fn write_input(dir: &Path, files: usize, per_file: usize) {
     std::fs::create_dir_all(dir.join("in")).unwrap();
     for f in 0..files {
         let lines: String = (0..per_file)
-            .map(|i| format!("{}\n", json!({"recordId": format!("R{f}-{i}"), "modelInput": {"prompt": format!("p{f}-{i}")}})))
+            .map(|i| {
+                format!("{}\n", json!({"recordId": format!("R{f}-{i}"), "modelInput": {"prompt": format!("p{f}-{i}")}}))
+            })
             .collect();
         std::fs::write(dir.join(format!("in/part-{f}.jsonl")), lines).unwrap();
     }
