@@ -2,6 +2,7 @@
 #   docker build --target operator -t mantle/operator:dev .
 #   docker build --target router   -t mantle/router:dev .
 #   docker build --target runner   -t mantle/runner:dev .
+#   docker build --target batch    -t mantle/batch:dev .
 #   docker build --target runner-cuda --build-arg CUDA_COMPUTE_CAP=90 -t mantle/runner-cuda:dev .
 # Each final image is distroless (glibc, CA certificates, no shell) and runs as the non-root
 # user 65532 — the UID the chart's pod security contexts and the runner pods' cache expect.
@@ -11,9 +12,9 @@ WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bin mantle-operator --bin mantle-router --bin mantle-runner \
+    cargo build --release --locked --bin mantle-operator --bin mantle-router --bin mantle-runner --bin mantle-batch \
  && mkdir -p /out \
- && cp target/release/mantle-operator target/release/mantle-router target/release/mantle-runner /out/
+ && cp target/release/mantle-operator target/release/mantle-router target/release/mantle-runner target/release/mantle-batch /out/
 
 FROM gcr.io/distroless/cc-debian12:nonroot AS operator
 COPY --from=build /out/mantle-operator /usr/local/bin/mantle-operator
@@ -24,6 +25,12 @@ FROM gcr.io/distroless/cc-debian12:nonroot AS router
 COPY --from=build /out/mantle-router /usr/local/bin/mantle-router
 USER 65532:65532
 ENTRYPOINT ["/usr/local/bin/mantle-router"]
+
+# BatchJob worker pods: `mantle-batch run --batch-job NAME --workers N` (the operator's Job).
+FROM gcr.io/distroless/cc-debian12:nonroot AS batch
+COPY --from=build /out/mantle-batch /usr/local/bin/mantle-batch
+USER 65532:65532
+ENTRYPOINT ["/usr/local/bin/mantle-batch"]
 
 # The runner pods' containers run `mantle-runner prepare-cache | fetch | serve …` (the operator
 # passes the subcommand as the arguments).

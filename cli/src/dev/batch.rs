@@ -13,7 +13,7 @@ use mantle_batch::lifecycle::{ReuseSource, Tracker, reuse_source};
 use mantle_batch::{Job, Progress, Runtime};
 use mantle_crds::{BatchJob, BatchJobPhase, BatchJobStatus, Pricing, Time, batch_job_arn};
 use mantle_router::ApiError;
-use mantle_router::batch::{BatchJobs, BoxFuture, CLIENT_TOKEN_ANNOTATION, CREATED_BY_API_ANNOTATION};
+use mantle_router::batch::{BatchJobs, BoxFuture, CLIENT_TOKEN_ANNOTATION, CREATED_BY_API_ANNOTATION, same_job};
 use tokio::sync::watch;
 
 /// How often a running job's status is refreshed (and written to disk every few times).
@@ -156,13 +156,6 @@ impl DevBatch {
             Inner::start(&self.inner, &name);
         }
     }
-}
-
-/// Whether two objects are the same job (the spec, `stop` and `rerun` aside).
-fn same_job(a: &BatchJob, b: &BatchJob) -> bool {
-    let (mut x, mut y) = (a.spec.clone(), b.spec.clone());
-    (x.stop, y.stop, x.rerun, y.rerun) = (false, false, None, None);
-    x == y
 }
 
 impl Inner {

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -69,6 +70,10 @@ struct Args {
     /// With --kubernetes: watch this namespace only (default: all namespaces).
     #[arg(long, requires = "kubernetes")]
     namespace: Option<String>,
+    /// With --kubernetes: the namespace of BatchJobs created through CreateModelInvocationJob
+    /// (default: --namespace, else the namespace of the FoundationModel the job names).
+    #[arg(long, requires = "kubernetes")]
+    batch_namespace: Option<String>,
     /// A directory of Mantle manifests: the FoundationModels served and ProvisionedThroughputs.
     #[arg(long, required_unless_present = "kubernetes", requires = "runners")]
     manifests: Option<PathBuf>,
@@ -125,8 +130,19 @@ async fn main() -> anyhow::Result<()> {
         ),
         None => None,
     };
+    // In a cluster the jobs are BatchJob objects, run by the operator.
+    let client = match args.kubernetes {
+        true => Some(kube::Client::try_default().await.context("connecting to the Kubernetes API")?),
+        false => None,
+    };
+    let batch_jobs = client.clone().map(|c| {
+        Arc::new(mantle_router::batch::KubernetesBatchJobs::new(
+            c,
+            args.batch_namespace.clone().or(args.namespace.clone()),
+        )) as Arc<dyn mantle_router::batch::BatchJobs>
+    });
     let config = RouterConfig {
-        batch_jobs: None,
+        batch_jobs,
         batch_token,
         listen: args.listen,
         admin_listen: Some(args.admin_listen),
@@ -170,8 +186,7 @@ async fn main() -> anyhow::Result<()> {
         },
     };
     let router = mantle_router::start(config, platform).await.context("starting the router")?;
-    let discovery = if args.kubernetes {
-        let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
+    let discovery = if let Some(client) = client {
         let inference = router.inference();
         Some(tokio::spawn(mantle_router::kubernetes::follow(client, args.namespace, inference)))
     } else {
