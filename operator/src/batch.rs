@@ -136,7 +136,8 @@ pub fn render_batch_job(job: &BatchJob, workers: i32, options: &BatchOptions) ->
             ..Default::default()
         },
         env("MANTLE_BATCH_CONCURRENCY", options.concurrency.to_string()),
-        env("RUST_LOG", "info".into()),
+        // The Delta Lake libraries log every commit at info.
+        env("RUST_LOG", "info,deltalake_core=warn,buoyant_kernel=warn".into()),
     ];
     if let Some(endpoint) = &options.s3_endpoint {
         envs.push(env("MANTLE_S3_ENDPOINT", endpoint.clone()));

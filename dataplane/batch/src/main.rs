@@ -56,7 +56,10 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,deltalake_core=warn,buoyant_kernel=warn".into()),
+        )
         .init();
     let Command::Run { job, batch_job, worker, workers, router, token, concurrency, s3_endpoint, reuse_from, buckets } =
         Command::parse();
@@ -144,11 +147,13 @@ async fn from_cluster(name: &str, worker: Worker, rt: &Runtime) -> anyhow::Resul
     let mut status = status;
     status.run_id = Some(job.run_id().to_string());
     let mut terminated_rx = terminated.clone();
+    // Status at once (the job is running), then every STATUS_EVERY.
+    let mut ticks = tokio::time::interval(cluster::STATUS_EVERY);
     let result = loop {
         tokio::select! {
             result = &mut running => break result,
             _ = terminated_rx.changed(), if !*terminated.borrow() => { stop.send_replace(true); }
-            _ = tokio::time::sleep(cluster::STATUS_EVERY), if coordinator => {
+            _ = ticks.tick(), if coordinator => {
                 let stopping = *asked.borrow() && !*terminated.borrow();
                 if tracker.tick(&mut status, &watched.borrow(), stopping) {
                     stop.send_replace(true);
