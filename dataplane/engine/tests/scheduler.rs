@@ -169,6 +169,52 @@ fn higher_priority_requests_run_first() {
     assert_eq!(finished, vec![2, 1]);
 }
 
+/// Batch work yields to real-time work: while a normal-priority prompt is prefilled, the
+/// low-priority sequences sit the step out (the step holds the prompt alone), then go on; and
+/// each still says exactly what it says alone.
+#[test]
+fn low_priority_sequences_sit_out_the_steps_that_prefill_a_higher_priority_prompt() {
+    let mut s = Scheduler::new(support::smollm2(), SchedulerConfig::default()).expect("scheduler");
+    let mut outcomes: HashMap<u64, Outcome> = HashMap::new();
+    let record = |events: Vec<Event>, outcomes: &mut HashMap<u64, Outcome>| {
+        let mut stepped = Vec::new();
+        for event in events {
+            if let Event::Token { id, token, text, .. } = event {
+                let o = outcomes.entry(id).or_default();
+                o.tokens.push(token);
+                o.text.push_str(&text);
+                stepped.push(id);
+            }
+        }
+        stepped
+    };
+    for id in [1, 2] {
+        let mut low = request(id, QUESTIONS[id as usize], 12);
+        low.priority = 0;
+        s.add(low).unwrap();
+    }
+    // The batch sequences prefill and decode a few tokens.
+    for _ in 0..4 {
+        let events = s.step();
+        record(events, &mut outcomes);
+    }
+    assert!(outcomes[&1].tokens.len() >= 2 && outcomes[&2].tokens.len() >= 2, "the batch decodes: {outcomes:?}");
+    s.add(request(3, QUESTIONS[3], 12)).unwrap();
+    // The real-time prompt's step: its first token, and no batch token.
+    let stepped = record(s.step(), &mut outcomes);
+    assert_eq!(stepped, vec![3], "only the real-time prompt ran in its prefill step");
+    // Then all three decode together again.
+    let mut stepped = record(s.step(), &mut outcomes);
+    stepped.sort();
+    assert_eq!(stepped, vec![1, 2, 3]);
+    while s.has_work() {
+        record(s.step(), &mut outcomes);
+    }
+    for (id, question) in [(1, QUESTIONS[1]), (2, QUESTIONS[2]), (3, QUESTIONS[3])] {
+        assert_eq!(outcomes[&id].text, alone(question, 12).text, "request {id} says what it says alone");
+    }
+}
+
 #[test]
 fn a_cancelled_request_frees_its_blocks_at_once() {
     let mut s = Scheduler::new(support::smollm2(), SchedulerConfig::default()).expect("scheduler");
