@@ -19,8 +19,8 @@ PHASE
            infers exactly those; a rerun of one partition infers exactly its records again.
   bench-throughput MANIFESTS_DIR LAKE_DIR N   (a benchmark) N records as a batch job against the
            same requests sent straight to InvokeModel by 8 client threads (the batch's concurrency),
-           interleaved twice, with a real-time ConverseStream probe's time to first token measured
-           alone and beside the batch job.
+           three rounds interleaved, with a real-time ConverseStream probe's time to first token
+           measured alone (before each round) and beside each batch job.
   bench-reuse MANIFESTS_DIR LAKE_DIR N   (a benchmark, not a test) N records, then a month-over-
            month job with 5% changed records and reuseFrom; prints both wall times and the ratio.
 Exits non-zero on the first failed expectation.
@@ -469,7 +469,7 @@ def manifests(directory, lake):
        "manifest jobs are listed by ListModelInvocationJobs")
 
 
-def bench_throughput(directory, lake, n):
+def bench_throughput(directory, lake, n, rounds=3):
     import os
     import statistics
     import threading
@@ -529,10 +529,11 @@ def bench_throughput(directory, lake, n):
         return manifest["outputTokenCount"] / took, ttft
 
     probe(3)  # warm-up
-    solo = probe(40)
     run = uuid.uuid4().hex[:6]
-    direct_rates, batch_rates, beside = [], [], []
-    for i in range(2):
+    # Interleaved: a solo probe window, the direct run, the batch job (with the probe beside it).
+    solo, direct_rates, batch_rates, beside = [], [], [], []
+    for i in range(rounds):
+        solo.extend(probe(40))
         direct_rates.append(direct())
         rate, ttft = batch(f"{run}-{i}")
         batch_rates.append(rate)
@@ -543,7 +544,7 @@ def bench_throughput(directory, lake, n):
           f"ratio {b / d:.2f}")
     print(f"probe TTFT solo: p50 {p(solo, 0.5) * 1000:.0f} ms, p99 {p(solo, 0.99) * 1000:.0f} ms ({len(solo)} calls); "
           f"beside the batch job: p50 {p(beside, 0.5) * 1000:.0f} ms, p99 {p(beside, 0.99) * 1000:.0f} ms "
-          f"({len(beside)} calls)", flush=True)
+          f"({len(beside)} calls); p99 ratio {p(beside, 0.99) / p(solo, 0.99):.2f}", flush=True)
 
 
 def bench_reuse(directory, lake, n):

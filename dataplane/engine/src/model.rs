@@ -12,6 +12,8 @@
 //! per step that asks for them (only from its last token).
 //! RoPE rotates adjacent pairs `(2i, 2i+1)`; GGUF conversion permuted the Q and K weights for that.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use rayon::prelude::*;
 
 use crate::EngineError;
@@ -289,12 +291,29 @@ impl LlamaModel {
         cache: &mut KvCache,
         s: &'s mut Scratch,
     ) -> Result<Logits<'s>, EngineError> {
+        let logits = self.forward_unless(steps, cache, s, None)?;
+        Ok(logits.expect("a forward pass without an interrupt runs to its end"))
+    }
+
+    /// [`forward`](Self::forward), except that on the CPU kernels it gives up between two layers
+    /// of its first half once `interrupt` is set, and returns `None`: the keys and values it wrote
+    /// are at positions the steps compute again when they are run next. (The tensor backend runs to its end: its
+    /// launches are asynchronous, and a GPU's step is short.)
+    pub fn forward_unless<'s>(
+        &self,
+        steps: &[Step<'_>],
+        cache: &mut KvCache,
+        s: &'s mut Scratch,
+        interrupt: Option<&AtomicBool>,
+    ) -> Result<Option<Logits<'s>>, EngineError> {
         match &self.weights {
             Weights::Cpu(w) => {
                 if cache.device_kv().is_some() {
                     return Err(EngineError::Device("a device KV cache given to the CPU kernels".into()));
                 }
-                self.pool.install(|| w.forward(&self.config, steps, cache, s));
+                if !self.pool.install(|| w.forward(&self.config, steps, cache, s, interrupt)) {
+                    return Ok(None);
+                }
             }
             Weights::Tensors(t) => {
                 let kv = cache
@@ -303,7 +322,7 @@ impl LlamaModel {
                 t.forward(&self.config, steps, kv, cache.block_size(), &mut s.logits)?;
             }
         }
-        Ok(Logits { values: &s.logits, vocab: self.config.vocab })
+        Ok(Some(Logits { values: &s.logits, vocab: self.config.vocab }))
     }
 
     /// Samples the next token of each sequence, `samplers[i]` from row `rows[i]` of `logits`, in
@@ -383,7 +402,15 @@ impl CpuWeights {
     }
 
     /// The forward pass (inside the engine's pool), leaving the logits in `s.logits`.
-    fn forward(&self, c: &LlamaConfig, steps: &[Step<'_>], cache: &mut KvCache, s: &mut Scratch) {
+    /// False when `interrupt` stopped it between two layers.
+    fn forward(
+        &self,
+        c: &LlamaConfig,
+        steps: &[Step<'_>],
+        cache: &mut KvCache,
+        s: &mut Scratch,
+        interrupt: Option<&AtomicBool>,
+    ) -> bool {
         let (e, kv_dim, hd) = (c.n_embd, c.kv_dim(), c.head_dim);
         // (step, position) of every token in the batch.
         let tokens: Vec<(usize, usize)> =
@@ -401,6 +428,10 @@ impl CpuWeights {
         // quantization; attention's merge and its quantization), so the worker threads are not
         // left idle, and put to sleep, by serial work between products.
         for (li, layer) in self.layers.iter().enumerate() {
+            // Past half way, finishing is cheaper for everyone than starting again.
+            if li < self.layers.len() / 2 && interrupt.is_some_and(|i| i.load(Ordering::Relaxed)) {
+                return false;
+            }
             // The previous layer's feed-forward output joins the residual stream here.
             let residual = (li > 0).then_some(&s.proj[..]);
             add_norm_quantize(&mut s.x, residual, &layer.attn_norm, c.rms_eps, &mut s.xq);
@@ -439,10 +470,12 @@ impl CpuWeights {
             }
         }
         if last.is_empty() {
-            return s.logits.clear();
+            s.logits.clear();
+            return true;
         }
         add_norm_quantize(&mut last, None, &self.output_norm, c.rms_eps, &mut s.xq);
         self.output.matmul(&s.xq, &mut s.logits);
+        true
     }
 
     /// Rotates each head's adjacent pairs by the angles of `pos`.

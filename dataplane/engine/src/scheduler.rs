@@ -7,9 +7,9 @@
 //!    one may preempt it.
 //! 2. Batch. Every decoding sequence contributes its one new token; prefilling sequences
 //!    contribute prompt chunks up to `max_batch_tokens`, so a long prompt is spread over several
-//!    steps and running decodes never stall behind it. Lowest-priority (batch) sequences sit out
-//!    the steps in which a higher-priority prompt is prefilled: real-time requests' first tokens
-//!    do not wait on them.
+//!    steps and running decodes never stall behind it. Lowest-priority (batch) prompt chunks sit
+//!    out the steps in which a higher-priority prompt is prefilled: real-time requests' first
+//!    tokens do not wait on them.
 //! 3. Blocks. Each step first reserves the KV blocks it will write. When blocks run out, the
 //!    lowest-priority running sequence (youngest among equals) is preempted: its blocks are
 //!    copied to host memory (with a CRC32 each) and freed, and it goes back to the waiting queue.
@@ -19,11 +19,18 @@
 //!    emits its text (held back while it could still be the start of a stop sequence) and ends
 //!    the sequence on a stop token, a stop sequence, `max_tokens`, or a full context.
 //!
+//! 5. Interruption. A step made only of lowest-priority (batch) sequences stops between two
+//!    layers when a higher-priority request arrives in its first half
+//!    ([`Scheduler::set_interrupt`]); nothing of it advances, and the next step prefills the
+//!    arrival. Past half way, finishing costs the arrival less than starting again costs the
+//!    batch.
+//!
 //! Tunables: `block_size` (KV slots per block), `num_blocks` (cache size), `max_batch_tokens`
 //! (tokens per forward pass, bounds step latency), `max_running` (sequences decoding at once),
 //! `swap_bytes` (host memory for preempted sequences' blocks).
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use half::f16;
 use llguidance::toktrie::SimpleVob;
@@ -210,6 +217,8 @@ pub struct SchedulerStats {
     pub swaps_out: u64,
     /// Host-memory bytes held by preempted sequences.
     pub swap_bytes: usize,
+    /// Steps of lowest-priority sequences given up half way for a higher-priority arrival.
+    pub interrupted_steps: u64,
 }
 
 pub struct Scheduler {
@@ -225,6 +234,11 @@ pub struct Scheduler {
     prefix_hit_tokens: u64,
     swaps_out: u64,
     swap_bytes: usize,
+    /// Set (by whoever queues requests) when a request above the lowest priority arrives: a step
+    /// of lowest-priority sequences only then stops between two layers, so the arrival need not
+    /// wait for it.
+    interrupt: Option<Arc<AtomicBool>>,
+    interrupted_steps: u64,
 }
 
 impl Scheduler {
@@ -245,7 +259,16 @@ impl Scheduler {
             prefix_hit_tokens: 0,
             swaps_out: 0,
             swap_bytes: 0,
+            interrupt: None,
+            interrupted_steps: 0,
         })
+    }
+
+    /// The flag that interrupts a step of lowest-priority sequences (see [`Self::step`]). The
+    /// setter raises it when it queues a higher-priority request; the flag is lowered when such
+    /// a request is added.
+    pub fn set_interrupt(&mut self, flag: Arc<AtomicBool>) {
+        self.interrupt = Some(flag);
     }
 
     pub fn model(&self) -> &Arc<TextModel> {
@@ -254,6 +277,11 @@ impl Scheduler {
 
     /// Checks a request against the model's context and queues it.
     pub fn add(&mut self, mut req: GenerateRequest) -> Result<(), EngineError> {
+        if req.priority > 0
+            && let Some(flag) = &self.interrupt
+        {
+            flag.store(false, std::sync::atomic::Ordering::Relaxed);
+        }
         let context_length =
             self.model.model.config.context_length.min(self.config.num_blocks * self.config.block_size);
         let prompt_tokens = req.prompt.len();
@@ -329,6 +357,7 @@ impl Scheduler {
             kv_corruptions: self.cache.corruptions(),
             swaps_out: self.swaps_out,
             swap_bytes: self.swap_bytes,
+            interrupted_steps: self.interrupted_steps,
         }
     }
 
@@ -408,16 +437,27 @@ impl Scheduler {
                 Some(at)
             })
             .collect();
+        // A step of lowest-priority sequences only gives way to a higher-priority arrival.
+        let background = plan.iter().all(|&(i, _)| self.running[i].req.priority == 0);
+        let interrupt = self.interrupt.as_deref().filter(|_| background);
         let (model, cache, scratch) = (&self.model, &mut self.cache, &mut self.scratch);
         let (logits, masks) = std::thread::scope(|scope| {
             let masks = (!constrained.is_empty())
                 .then(|| scope.spawn(|| constrained.iter_mut().map(|(_, c)| c.mask()).collect::<Vec<_>>()));
-            let logits = model.model.forward(&steps, cache, scratch);
+            let logits = model.model.forward_unless(&steps, cache, scratch, interrupt);
             (logits, masks.map(|m| m.join()))
         });
         drop(steps);
         let logits = match logits {
-            Ok(logits) => logits,
+            Ok(Some(logits)) => logits,
+            Ok(None) => {
+                // Given up for an arrival: nothing advanced; the grammars wait as they were.
+                for (i, constraint) in constrained {
+                    self.running[i].constraint = Some(constraint);
+                }
+                self.interrupted_steps += 1;
+                return Vec::new();
+            }
             Err(error) => return self.fail(&plan, &error),
         };
         let masks = match masks {
@@ -713,9 +753,8 @@ impl Scheduler {
     /// the cache is full. Decodes come first, then prompt chunks in priority order.
     ///
     /// Background work yields: while a sequence above the lowest priority prefills, the
-    /// lowest-priority sequences (batch jobs) sit the step out, so that prompt's step is as short
-    /// as it would be alone and its first token is not delayed by them. They go on in the next
-    /// step without its prompt.
+    /// lowest-priority sequences' (batch jobs') prompt chunks sit the step out, so that prompt's
+    /// step is not lengthened by them; their decodes, one token each, ride along.
     fn plan_batch(&mut self) -> Vec<(usize, usize)> {
         self.running.sort_by_key(|s| (std::cmp::Reverse(s.req.priority), s.arrival));
         loop {
@@ -723,7 +762,7 @@ impl Scheduler {
             let mut plan = Vec::new();
             let decoding = |s: &Sequence| s.tokens.len() - s.computed == 1;
             let urgent = self.running.iter().any(|s| !decoding(s) && s.req.priority > 0);
-            let sits_out = |s: &Sequence| urgent && s.req.priority == 0;
+            let sits_out = |s: &Sequence| urgent && s.req.priority == 0 && !decoding(s);
             let order: Vec<usize> = (0..self.running.len())
                 .filter(|&i| decoding(&self.running[i]))
                 .chain((0..self.running.len()).filter(|&i| !decoding(&self.running[i])))

@@ -169,11 +169,11 @@ fn higher_priority_requests_run_first() {
     assert_eq!(finished, vec![2, 1]);
 }
 
-/// Batch work yields to real-time work: while a normal-priority prompt is prefilled, the
-/// low-priority sequences sit the step out (the step holds the prompt alone), then go on; and
-/// each still says exactly what it says alone.
+/// Batch work yields to real-time work: while a normal-priority prompt is prefilled, a
+/// low-priority prompt sits the step out (its decodes, one token each, ride along); and each
+/// still says exactly what it says alone.
 #[test]
-fn low_priority_sequences_sit_out_the_steps_that_prefill_a_higher_priority_prompt() {
+fn low_priority_prompts_sit_out_the_steps_that_prefill_a_higher_priority_prompt() {
     let mut s = Scheduler::new(support::smollm2(), SchedulerConfig::default()).expect("scheduler");
     let mut outcomes: HashMap<u64, Outcome> = HashMap::new();
     let record = |events: Vec<Event>, outcomes: &mut HashMap<u64, Outcome>| {
@@ -199,19 +199,72 @@ fn low_priority_sequences_sit_out_the_steps_that_prefill_a_higher_priority_promp
         record(events, &mut outcomes);
     }
     assert!(outcomes[&1].tokens.len() >= 2 && outcomes[&2].tokens.len() >= 2, "the batch decodes: {outcomes:?}");
+    // A batch prompt and a real-time prompt arrive together.
+    let mut late = request(4, QUESTIONS[4], 12);
+    late.priority = 0;
+    s.add(late).unwrap();
     s.add(request(3, QUESTIONS[3], 12)).unwrap();
-    // The real-time prompt's step: its first token, and no batch token.
-    let stepped = record(s.step(), &mut outcomes);
-    assert_eq!(stepped, vec![3], "only the real-time prompt ran in its prefill step");
-    // Then all three decode together again.
+    // The real-time prompt's step: its first token and the batch's decodes; the batch prompt waits.
     let mut stepped = record(s.step(), &mut outcomes);
     stepped.sort();
-    assert_eq!(stepped, vec![1, 2, 3]);
+    assert_eq!(stepped, vec![1, 2, 3], "the batch prompt sat out the real-time prefill step");
+    // Then the batch prompt is prefilled.
+    let mut stepped = record(s.step(), &mut outcomes);
+    stepped.sort();
+    assert_eq!(stepped, vec![1, 2, 3, 4]);
     while s.has_work() {
         record(s.step(), &mut outcomes);
     }
-    for (id, question) in [(1, QUESTIONS[1]), (2, QUESTIONS[2]), (3, QUESTIONS[3])] {
+    for (id, question) in [(1, QUESTIONS[1]), (2, QUESTIONS[2]), (3, QUESTIONS[3]), (4, QUESTIONS[4])] {
         assert_eq!(outcomes[&id].text, alone(question, 12).text, "request {id} says what it says alone");
+    }
+}
+
+/// A step of batch sequences gives way to a real-time arrival (the flag its queuer raises): it
+/// stops, nothing of it advances, the arrival is prefilled next, and every reply is still what it
+/// is alone. A step with real-time work in it is never given up.
+#[test]
+fn a_batch_step_gives_way_to_a_real_time_arrival_and_loses_nothing() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut s = Scheduler::new(support::smollm2(), SchedulerConfig::default()).expect("scheduler");
+    let flag = Arc::new(AtomicBool::new(false));
+    s.set_interrupt(flag.clone());
+    let mut texts: HashMap<u64, String> = HashMap::new();
+    let mut step = |s: &mut Scheduler| {
+        let mut stepped = Vec::new();
+        for event in s.step() {
+            if let Event::Token { id, text, .. } = event {
+                texts.entry(id).or_default().push_str(&text);
+                stepped.push(id);
+            }
+        }
+        stepped.sort();
+        stepped
+    };
+    for id in [1, 2] {
+        let mut low = request(id, QUESTIONS[id as usize], 12);
+        low.priority = 0;
+        s.add(low).unwrap();
+    }
+    for _ in 0..3 {
+        step(&mut s);
+    }
+    flag.store(true, Ordering::Relaxed); // a real-time request is on its way
+    assert_eq!(step(&mut s), Vec::<u64>::new(), "the batch step gave way");
+    assert_eq!(s.stats().interrupted_steps, 1);
+    s.add(request(3, QUESTIONS[3], 12)).unwrap();
+    assert!(!flag.load(Ordering::Relaxed), "taking the arrival lowers the flag");
+    assert_eq!(step(&mut s), vec![1, 2, 3], "the arrival's prompt runs, the batch's decodes with it");
+    flag.store(true, Ordering::Relaxed);
+    assert_eq!(step(&mut s), vec![1, 2, 3], "a step with real-time work runs to its end");
+    assert_eq!(s.stats().interrupted_steps, 1);
+    flag.store(false, Ordering::Relaxed);
+    while s.has_work() {
+        step(&mut s);
+    }
+    for (id, question) in [(1, QUESTIONS[1]), (2, QUESTIONS[2]), (3, QUESTIONS[3])] {
+        assert_eq!(texts[&id], alone(question, 12).text, "request {id} says what it says alone");
     }
 }
 

@@ -7,6 +7,8 @@
 //! prompt, one more per prefill step).
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant};
 
@@ -45,6 +47,9 @@ pub struct LoopStats {
 pub struct EngineHandle {
     submit: std_mpsc::Sender<Submit>,
     stats: watch::Receiver<LoopStats>,
+    /// Raised with each request above the lowest priority: a step of batch sequences then stops
+    /// between two layers, so the request is taken up at once (see the scheduler).
+    interrupt: Arc<AtomicBool>,
 }
 
 struct Active {
@@ -56,13 +61,15 @@ struct Active {
 
 impl EngineHandle {
     /// Starts the scheduler thread.
-    pub fn spawn(scheduler: Scheduler, metrics: Metrics) -> std::io::Result<Self> {
+    pub fn spawn(mut scheduler: Scheduler, metrics: Metrics) -> std::io::Result<Self> {
+        let interrupt = Arc::new(AtomicBool::new(false));
+        scheduler.set_interrupt(interrupt.clone());
         let (submit, requests) = std_mpsc::channel();
         let (stats_tx, stats) = watch::channel(LoopStats { scheduler: scheduler.stats(), ..Default::default() });
         std::thread::Builder::new()
             .name("mantle-scheduler".into())
             .spawn(move || run(scheduler, requests, stats_tx, metrics))?;
-        Ok(Self { submit, stats })
+        Ok(Self { submit, stats, interrupt })
     }
 
     /// Queues a request; its events arrive on the returned channel. Dropping the receiver
@@ -74,9 +81,13 @@ impl EngineHandle {
     ) -> Result<mpsc::UnboundedReceiver<Output>, EngineError> {
         let (events, receiver) = mpsc::unbounded_channel();
         let (accepted, verdict) = oneshot::channel();
+        let urgent = request.priority > 0;
         self.submit
             .send(Submit { request, deadline, events, accepted })
             .map_err(|_| EngineError::Io("the scheduler thread has stopped".into()))?;
+        if urgent {
+            self.interrupt.store(true, Ordering::Relaxed);
+        }
         verdict.await.map_err(|_| EngineError::Io("the scheduler thread has stopped".into()))??;
         Ok(receiver)
     }
@@ -153,6 +164,7 @@ fn publish(
     metrics.kv_cached_blocks.set(s.cached_blocks as i64);
     // The scheduler keeps running totals; the counters catch up to them.
     metrics.preemptions.inc_by(s.preemptions.saturating_sub(metrics.preemptions.get()));
+    metrics.interrupted_steps.inc_by(s.interrupted_steps.saturating_sub(metrics.interrupted_steps.get()));
     metrics.prefix_hit_tokens.inc_by(s.prefix_hit_tokens.saturating_sub(metrics.prefix_hit_tokens.get()));
     metrics.kv_corruptions.inc_by(s.kv_corruptions.saturating_sub(metrics.kv_corruptions.get()));
     metrics.swaps_out.inc_by(s.swaps_out.saturating_sub(metrics.swaps_out.get()));

@@ -16,6 +16,7 @@ pub struct Metrics {
     pub kv_blocks_free: IntGauge,
     pub kv_blocks_total: IntGauge,
     pub preemptions: IntCounter,
+    pub interrupted_steps: IntCounter,
     pub prefix_hit_tokens: IntCounter,
     pub kv_corruptions: IntCounter,
     pub kv_cached_blocks: IntGauge,
@@ -48,6 +49,10 @@ impl Metrics {
         let kv_blocks_total = IntGauge::new("mantle_runner_kv_blocks_total", "KV-cache blocks")?;
         let preemptions =
             IntCounter::new("mantle_runner_preemptions_total", "Sequences preempted for lack of KV blocks")?;
+        let interrupted_steps = IntCounter::new(
+            "mantle_runner_interrupted_steps_total",
+            "Steps of batch (lowest-priority) sequences given up half way for a real-time arrival",
+        )?;
         let prefix_hit_tokens = IntCounter::new(
             "mantle_runner_prefix_cache_hit_tokens_total",
             "Prompt tokens served from the prefix cache",
@@ -75,6 +80,7 @@ impl Metrics {
             Box::new(kv_blocks_free.clone()),
             Box::new(kv_blocks_total.clone()),
             Box::new(preemptions.clone()),
+            Box::new(interrupted_steps.clone()),
             Box::new(prefix_hit_tokens.clone()),
             Box::new(kv_corruptions.clone()),
             Box::new(kv_cached_blocks.clone()),
@@ -95,6 +101,7 @@ impl Metrics {
             kv_blocks_free,
             kv_blocks_total,
             preemptions,
+            interrupted_steps,
             prefix_hit_tokens,
             kv_corruptions,
             kv_cached_blocks,
