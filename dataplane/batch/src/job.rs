@@ -992,7 +992,10 @@ async fn run_shard(
             run_record(job, rt, sources.schema, (&shard.file, line, &text), duplicate, stop).await
         }
     });
-    let results: Vec<Option<Done>> = futures::stream::iter(records).buffered(rt.concurrency.max(1)).collect().await;
+    // Every record waits for a slot (FIFO), so a slow record never holds back the start of the
+    // next ones (an ordered buffer would count finished records waiting for their turn as in
+    // flight); the results come back in order.
+    let results: Vec<Option<Done>> = futures::future::join_all(records).await;
     if results.iter().any(Option::is_none) {
         return Ok(None);
     }

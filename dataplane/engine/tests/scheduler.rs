@@ -169,11 +169,11 @@ fn higher_priority_requests_run_first() {
     assert_eq!(finished, vec![2, 1]);
 }
 
-/// Batch work yields to real-time work: while a normal-priority prompt is prefilled, a
-/// low-priority prompt sits the step out (its decodes, one token each, ride along); and each
-/// still says exactly what it says alone.
+/// Batch work yields to real-time work: while a normal-priority prompt is prefilled, the
+/// low-priority sequences, decoding or prefilling, sit the step out; and each still says exactly
+/// what it says alone.
 #[test]
-fn low_priority_prompts_sit_out_the_steps_that_prefill_a_higher_priority_prompt() {
+fn low_priority_sequences_sit_out_the_steps_that_prefill_a_higher_priority_prompt() {
     let mut s = Scheduler::new(support::smollm2(), SchedulerConfig::default()).expect("scheduler");
     let mut outcomes: HashMap<u64, Outcome> = HashMap::new();
     let record = |events: Vec<Event>, outcomes: &mut HashMap<u64, Outcome>| {
@@ -204,11 +204,10 @@ fn low_priority_prompts_sit_out_the_steps_that_prefill_a_higher_priority_prompt(
     late.priority = 0;
     s.add(late).unwrap();
     s.add(request(3, QUESTIONS[3], 12)).unwrap();
-    // The real-time prompt's step: its first token and the batch's decodes; the batch prompt waits.
-    let mut stepped = record(s.step(), &mut outcomes);
-    stepped.sort();
-    assert_eq!(stepped, vec![1, 2, 3], "the batch prompt sat out the real-time prefill step");
-    // Then the batch prompt is prefilled.
+    // The real-time prompt's step: its first token, and nothing of the batch.
+    let stepped = record(s.step(), &mut outcomes);
+    assert_eq!(stepped, vec![3], "the batch sat out the real-time prefill step");
+    // Then the batch prompt is prefilled, and the others decode.
     let mut stepped = record(s.step(), &mut outcomes);
     stepped.sort();
     assert_eq!(stepped, vec![1, 2, 3, 4]);
@@ -255,7 +254,7 @@ fn a_batch_step_gives_way_to_a_real_time_arrival_and_loses_nothing() {
     assert_eq!(s.stats().interrupted_steps, 1);
     s.add(request(3, QUESTIONS[3], 12)).unwrap();
     assert!(!flag.load(Ordering::Relaxed), "taking the arrival lowers the flag");
-    assert_eq!(step(&mut s), vec![1, 2, 3], "the arrival's prompt runs, the batch's decodes with it");
+    assert_eq!(step(&mut s), vec![3], "the arrival's prompt runs alone");
     flag.store(true, Ordering::Relaxed);
     assert_eq!(step(&mut s), vec![1, 2, 3], "a step with real-time work runs to its end");
     assert_eq!(s.stats().interrupted_steps, 1);
