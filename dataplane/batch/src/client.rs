@@ -5,11 +5,13 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use mantle_crds::InvocationType;
+use mantle_crds::{BatchTier, InvocationType};
 use serde_json::Value;
 
 /// The header that marks a request as batch work.
 pub const BATCH_TOKEN_HEADER: &str = "x-mantle-batch-token";
+/// The header with the job's tier, which decides how much of the model's capacity it may take.
+pub const BATCH_TIER_HEADER: &str = "x-mantle-batch-tier";
 
 #[derive(Clone)]
 pub struct RouterClient {
@@ -59,11 +61,17 @@ impl RouterClient {
         url::form_urlencoded::byte_serialize(model.as_bytes()).collect()
     }
 
-    async fn post(&self, path: &str, body: Vec<u8>) -> Result<reqwest::Response, CallError> {
+    async fn post(&self, path: &str, body: Vec<u8>, tier: BatchTier) -> Result<reqwest::Response, CallError> {
+        let tier = match tier {
+            BatchTier::Standard => "STANDARD",
+            BatchTier::Economy => "ECONOMY",
+            BatchTier::Spot => "SPOT",
+        };
         let response = self
             .http
             .post(self.url(path))
             .header(BATCH_TOKEN_HEADER, &self.token)
+            .header(BATCH_TIER_HEADER, tier)
             .header("content-type", "application/json")
             .header("accept", "application/json")
             .body(body)
@@ -116,20 +124,28 @@ impl RouterClient {
                 serde_json::json!({"input": {"converse": converse}})
             }
         };
-        let response =
-            self.post(&format!("/model/{}/count-tokens", Self::encode(model)), body.to_string().into()).await?;
+        let response = self
+            .post(&format!("/model/{}/count-tokens", Self::encode(model)), body.to_string().into(), BatchTier::Standard)
+            .await?;
         let bytes = response.bytes().await.map_err(|e| CallError::Retry(format!("CountTokens answer: {e}")))?;
         let value: Value = serde_json::from_slice(&bytes).unwrap_or_default();
         value["inputTokens"].as_u64().ok_or_else(|| CallError::Retry("CountTokens answered without inputTokens".into()))
     }
 
-    /// Runs one record.
-    pub async fn run(&self, model: &str, kind: InvocationType, body: Vec<u8>) -> Result<Answer, CallError> {
+    /// Runs one record, for a job of `tier` (the router admits it as that tier allows, and says
+    /// "try later" otherwise).
+    pub async fn run(
+        &self,
+        model: &str,
+        kind: InvocationType,
+        tier: BatchTier,
+        body: Vec<u8>,
+    ) -> Result<Answer, CallError> {
         let op = match kind {
             InvocationType::InvokeModel => "invoke",
             InvocationType::Converse => "converse",
         };
-        let response = self.post(&format!("/model/{}/{op}", Self::encode(model)), body).await?;
+        let response = self.post(&format!("/model/{}/{op}", Self::encode(model)), body, tier).await?;
         let header =
             |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
         let (mut input_tokens, mut output_tokens) =

@@ -1158,9 +1158,10 @@ async fn run_record(
     let mut faults = 0;
     let (mut spent_in, mut spent_out, mut repaired) = (0, 0, false);
     loop {
-        let answer =
-            with_retries(&mut stop, || rt.router.run(&job.spec.model_id, job.spec.invocation_type, payload.clone()))
-                .await?;
+        let answer = with_retries(&mut stop, || {
+            rt.router.run(&job.spec.model_id, job.spec.invocation_type, job.spec.tier, payload.clone())
+        })
+        .await?;
         match answer {
             Ok(a) => {
                 let output =

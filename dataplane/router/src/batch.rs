@@ -21,6 +21,9 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub const BATCH_TOKEN_HEADER: &str = "x-mantle-batch-token";
 /// The tenant a batch worker works for (trusted only with a valid batch token).
 pub const BATCH_TENANT_HEADER: &str = "x-mantle-batch-tenant";
+/// The tier of the job a batch request is for (`STANDARD`, `ECONOMY`, `SPOT`): how much of the
+/// model's capacity it may take (see `inference::batch_gate`).
+pub const BATCH_TIER_HEADER: &str = "x-mantle-batch-tier";
 
 /// Annotations that carry what Bedrock's API has and a BatchJob's spec does not.
 pub const ROLE_ARN_ANNOTATION: &str = "mantle.dev/role-arn";

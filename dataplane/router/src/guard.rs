@@ -126,7 +126,7 @@ mod tests {
             deadline: None,
             received: std::time::Instant::now(),
             cache_salt: String::new(),
-            batch: false,
+            batch: None,
             settled: Default::default(),
         }
     }

@@ -927,6 +927,51 @@ async fn cells_steer_traffic_disabled_cells_get_none_and_tenants_keep_to_their_s
 /// Batch workers present the batch token: their requests never draw on the tenant's token
 /// buckets (a batch job is never throttled by quotas) and need no signature; a wrong token, or
 /// any token when the router has none, is refused.
+/// Batch tiers: STANDARD takes what real-time traffic leaves; ECONOMY (and SPOT) wait — a 503
+/// the worker retries, never the model's fallback — while real-time requests hold over half the
+/// model's slots, and start once the model is idle again; a tier that is not one is refused.
+#[tokio::test]
+async fn economy_batch_work_waits_for_idle_capacity_and_standard_does_not() {
+    let mut options = Options::default();
+    options.config.batch_token = Some("batch-0123456789".into());
+    options.text = StandInConfig { tokens: 20, interval: Duration::from_millis(40), ..Default::default() };
+    let f = fixture(options).await;
+    let path = "/model/acme.text-v1%3A0/converse";
+    let batch = |tier: &str| {
+        Request::post(path)
+            .header("content-type", "application/json")
+            .header("x-mantle-batch-token", "batch-0123456789")
+            .header("x-mantle-batch-tier", tier)
+            .body(Body::from(converse_body("x")))
+            .unwrap()
+    };
+    // Ten real-time requests on the runner's 16 slots.
+    let mut real_time = Vec::new();
+    for _ in 0..10 {
+        let app = f.app.clone();
+        real_time.push(tokio::spawn(async move { send(&app, post(path, converse_body("hi"))).await.0 }));
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while f.text.counters.active.load(std::sync::atomic::Ordering::Relaxed) < 10 {
+        assert!(Instant::now() < deadline, "the real-time requests did not start");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (status, headers, body) = send(&f.app, batch("ECONOMY")).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(headers["x-amzn-ErrorType"], "ServiceUnavailableException");
+    assert!(String::from_utf8_lossy(&body).contains("waits for idle capacity"));
+    assert_eq!(send(&f.app, batch("SPOT")).await.0, StatusCode::SERVICE_UNAVAILABLE);
+    let (status, _, body) = send(&f.app, batch("STANDARD")).await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    for r in real_time {
+        assert_eq!(r.await.unwrap(), StatusCode::OK);
+    }
+    let (status, _, body) = send(&f.app, batch("ECONOMY")).await;
+    assert_eq!(status, StatusCode::OK, "idle again: {}", String::from_utf8_lossy(&body));
+    let (status, _, body) = send(&f.app, batch("CHEAP")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{}", String::from_utf8_lossy(&body));
+}
+
 #[tokio::test]
 async fn batch_work_skips_the_tenants_token_buckets_and_needs_the_batch_token() {
     let mut options = Options::default();

@@ -26,7 +26,7 @@ use tower_http::timeout::TimeoutLayer;
 
 use super::{Caller, Shared, error_response};
 use crate::auth::Signed;
-use crate::batch::{BATCH_TENANT_HEADER, BATCH_TOKEN_HEADER};
+use crate::batch::{BATCH_TENANT_HEADER, BATCH_TIER_HEADER, BATCH_TOKEN_HEADER};
 use crate::error::ApiError;
 use crate::tenants::Tenant;
 
@@ -170,7 +170,7 @@ async fn authenticate(state: &Shared, request: Request, request_id: &str) -> Res
     let (method, path, query) = (parts.method.as_str(), parts.uri.path(), parts.uri.query().unwrap_or(""));
     // A batch worker is known by its token; anyone else signs or presents a key.
     let door = match batch_worker(state, &parts.headers)? {
-        Some(tenant) => Door::Batch(tenant),
+        Some((tenant, tier)) => Door::Batch(tenant, tier),
         None => {
             Door::Signed(state.auth.precheck(&Signed { method, path, query, headers: headers.clone(), body: &[] })?)
         }
@@ -190,8 +190,8 @@ async fn authenticate(state: &Shared, request: Request, request_id: &str) -> Res
         Ok(Ok(body)) => body,
     };
     let (tenant, batch) = match door {
-        Door::Batch(tenant) => (tenant, true),
-        Door::Signed(pending) => (pending.finish(&Signed { method, path, query, headers, body: &body })?, false),
+        Door::Batch(tenant, tier) => (tenant, Some(tier)),
+        Door::Signed(pending) => (pending.finish(&Signed { method, path, query, headers, body: &body })?, None),
     };
     parts.extensions.insert(Caller { request_id: request_id.to_string(), tenant, received, batch });
     Ok(Request::from_parts(parts, Body::from(body)))
@@ -199,15 +199,19 @@ async fn authenticate(state: &Shared, request: Request, request_id: &str) -> Res
 
 /// How a caller came in.
 enum Door {
-    /// With the batch token, working for this tenant.
-    Batch(Tenant),
+    /// With the batch token, working for this tenant, for a job of this tier.
+    Batch(Tenant, mantle_crds::BatchTier),
     /// Through authentication, to be finished once the body is read.
     Signed(crate::auth::Pending),
 }
 
-/// A batch worker's tenant, when the request carries the batch token (`x-mantle-batch-token`);
-/// a token that does not match is refused.
-fn batch_worker(state: &Shared, headers: &axum::http::HeaderMap) -> Result<Option<Tenant>, ApiError> {
+/// A batch worker's tenant and job tier (`x-mantle-batch-tier`, `STANDARD` when absent), when the
+/// request carries the batch token (`x-mantle-batch-token`); a token that does not match, or a
+/// tier that is not one, is refused.
+fn batch_worker(
+    state: &Shared,
+    headers: &axum::http::HeaderMap,
+) -> Result<Option<(Tenant, mantle_crds::BatchTier)>, ApiError> {
     let Some(presented) = headers.get(BATCH_TOKEN_HEADER) else { return Ok(None) };
     let denied = || ApiError::Unauthenticated {
         code: "AccessDeniedException",
@@ -227,7 +231,17 @@ fn batch_worker(state: &Shared, headers: &axum::http::HeaderMap) -> Result<Optio
         .and_then(|v| v.to_str().ok())
         .filter(|n| !n.is_empty() && n.len() <= 128)
         .unwrap_or("batch");
-    Ok(Some(Tenant::unbounded(name)))
+    let tier = match headers.get(BATCH_TIER_HEADER).map(|v| v.to_str().unwrap_or("")) {
+        None | Some("STANDARD") => mantle_crds::BatchTier::Standard,
+        Some("ECONOMY") => mantle_crds::BatchTier::Economy,
+        Some("SPOT") => mantle_crds::BatchTier::Spot,
+        Some(other) => {
+            return Err(ApiError::validation(format!(
+                "{BATCH_TIER_HEADER} {other:?} must be STANDARD, ECONOMY or SPOT"
+            )));
+        }
+    };
+    Ok(Some((Tenant::unbounded(name), tier)))
 }
 
 fn is_length_limit(error: &axum::Error) -> bool {

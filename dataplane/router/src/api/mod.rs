@@ -64,7 +64,7 @@ pub struct Caller {
     pub tenant: Tenant,
     pub received: Instant,
     /// A batch worker (it presented the batch token): lowest priority, no token buckets.
-    pub batch: bool,
+    pub batch: Option<mantle_crds::BatchTier>,
 }
 
 impl Caller {
@@ -72,7 +72,7 @@ impl Caller {
     /// (`x-amz-bedrock-deadline-ms`, milliseconds from now) and cache salt
     /// (`x-mantle-cache-salt`).
     pub fn ctx(&self, api: &'static str, headers: &HeaderMap) -> Result<Ctx, ApiError> {
-        let mut priority = if self.batch { Priority::Low } else { self.tenant.priority };
+        let mut priority = if self.batch.is_some() { Priority::Low } else { self.tenant.priority };
         if let Some(value) = headers.get("x-mantle-priority") {
             let asked = match value.to_str().unwrap_or_default().to_ascii_uppercase().as_str() {
                 "CRITICAL" => Priority::Critical,

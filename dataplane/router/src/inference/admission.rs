@@ -165,9 +165,13 @@ impl Inference {
         // Buckets count input plus the output a request is expected to generate, one bucket per
         // tenant and model.
         let tokens = input_tokens + self.config.queue.expected_output_tokens(output_tokens);
-        if !ctx.batch {
-            self.spend(ctx, model, "", &limits, tokens)?;
-        }
+        let batch = match ctx.batch {
+            None => {
+                self.spend(ctx, model, "", &limits, tokens)?;
+                None
+            }
+            Some(tier) => Some(self.batch_gate(model, tier, &queue)?),
+        };
         let request = mantle_admission::Request {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             tenant: ctx.tenant.name.clone(),
@@ -201,7 +205,35 @@ impl Inference {
             .queue_wait
             .with_label_values(&[model.model_id.as_str(), key.pool_label(), permit.lane().name()])
             .observe(wait.as_secs_f64());
-        Ok(Admission { permit, queue_wait: wait })
+        Ok(Admission { permit, queue_wait: wait, _batch: batch })
+    }
+
+    /// Whether a batch request of `tier` may start now ([`super::batch_gate`]); while it runs, it
+    /// counts as the model's batch work.
+    fn batch_gate(
+        &self,
+        model: &ModelEntry,
+        tier: mantle_crds::BatchTier,
+        queue: &ModelQueue,
+    ) -> Result<BatchSlot, ApiError> {
+        let s = queue.snapshot();
+        let mut running = self.batch_in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        let now = super::batch_gate::PoolNow {
+            load: self.model_load(&model.model_id),
+            capacity: s.capacity,
+            in_flight: s.in_flight,
+            queued: s.queued,
+            batch_in_flight: running.get(&model.model_id).copied().unwrap_or(0),
+        };
+        if let Err(why) = super::batch_gate::admits(tier, now) {
+            self.reject(model, "batch_waits");
+            return Err(ApiError::Unavailable {
+                message: format!("{why} ({}; tier {tier:?}); try again later", model.model_id),
+                retry_after: Duration::from_secs(2),
+            });
+        }
+        *running.entry(model.model_id.clone()).or_default() += 1;
+        Ok(BatchSlot { counts: self.batch_in_flight.clone(), model: model.model_id.clone() })
     }
 
     /// Takes `tokens` from the tenant's bucket for the model (`purpose` names a separate bucket,
@@ -327,4 +359,24 @@ pub(super) const PRUNE_INTERVAL: Duration = Duration::from_secs(1);
 pub(super) struct Admission {
     pub(super) permit: Permit,
     pub(super) queue_wait: Duration,
+    /// A batch request's place in its model's batch work, while it runs.
+    pub(super) _batch: Option<BatchSlot>,
+}
+
+/// A running batch request, counted until dropped.
+pub(super) struct BatchSlot {
+    counts: Arc<std::sync::Mutex<HashMap<String, usize>>>,
+    model: String,
+}
+
+impl Drop for BatchSlot {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = counts.get_mut(&self.model) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                counts.remove(&self.model);
+            }
+        }
+    }
 }

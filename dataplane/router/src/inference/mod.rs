@@ -35,6 +35,7 @@ use crate::server::Platform;
 use crate::tenants::Tenant;
 
 mod admission;
+pub mod batch_gate;
 mod dispatch;
 mod generation;
 mod ledger;
@@ -62,9 +63,10 @@ pub struct Ctx {
     /// The caller's own prefix-cache salt (`x-mantle-cache-salt`, OpenAI `cache_salt`), for
     /// isolation within the tenant; empty for none.
     pub cache_salt: String,
-    /// Batch work: admitted at the lowest priority and never against the tenant's token buckets
-    /// (a batch job is not throttled by quotas; it takes what capacity real-time traffic leaves).
-    pub batch: bool,
+    /// Batch work, and its job's tier: admitted at the lowest priority and never against the
+    /// tenant's token buckets (a batch job is not throttled by quotas; it takes what capacity
+    /// real-time traffic leaves, as its tier allows: [`batch_gate`]).
+    pub batch: Option<mantle_crds::BatchTier>,
     /// Whether the request has been counted and metered (see [`Ledger`]).
     pub settled: Settled,
 }
@@ -134,6 +136,8 @@ pub struct Inference {
     /// One queue per model and pool (the shared one, and each provisioned tenant's dedicated
     /// one), kept across platform updates (requests may be waiting in it).
     queues: std::sync::Mutex<HashMap<QueueKey, ModelQueue>>,
+    /// Batch requests running, by model (the catalog's ids: bounded).
+    batch_in_flight: Arc<std::sync::Mutex<HashMap<String, usize>>>,
     limiter: std::sync::Mutex<RateLimiter>,
     next_id: AtomicU64,
     /// Randomness for power-of-two choices.
@@ -155,6 +159,7 @@ impl Inference {
             guards: std::sync::RwLock::new(Arc::new(Guards::default())),
             config,
             queues: std::sync::Mutex::new(HashMap::new()),
+            batch_in_flight: Default::default(),
             limiter: std::sync::Mutex::new(RateLimiter::new()),
             next_id: AtomicU64::new(1),
             rng: std::sync::Mutex::new(rand::SeedableRng::seed_from_u64(
@@ -219,6 +224,10 @@ impl Inference {
                 "{} is an embedding model; it does not generate text.",
                 model.model_id
             )));
+        }
+        // A batch job's records are answered by the model the job names, or wait for it.
+        if ctx.batch.is_some() {
+            return self.generate_on(ctx, model, model, req).await;
         }
         self.with_fallbacks(model, |m| async move { self.generate_on(ctx, model, &m, req).await }).await
     }
@@ -390,7 +399,7 @@ impl Inference {
     /// counting never spends inference quota and cannot keep runners tokenizing without end.
     pub async fn count_tokens(&self, ctx: &Ctx, model: &ModelEntry, req: &TextRequest) -> Result<u32, ApiError> {
         check_input_length(model, req)?;
-        if !ctx.batch {
+        if ctx.batch.is_none() {
             self.spend(ctx, model, "CountTokens", &ctx.tenant.limits(1.0, 0), req.estimated_input_tokens())?;
         }
         let runner = self.place(ctx, model, "")?;
@@ -468,7 +477,7 @@ mod tests {
             deadline: None,
             received: Instant::now(),
             cache_salt: salt.into(),
-            batch: false,
+            batch: None,
             settled: Settled::default(),
         }
     }
