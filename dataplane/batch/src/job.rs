@@ -11,6 +11,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -71,11 +72,15 @@ pub struct Progress {
     pub shards_running: u64,
     /// True once the shards are planned (`total_records` is then final).
     pub planned: bool,
+    /// Records finished in shards not committed yet (this worker's): progress between commits.
+    #[serde(default)]
+    pub partial: u64,
 }
 
 impl Progress {
+    /// Records done: those of committed shards, and those finished in running ones.
     pub fn processed(&self) -> u64 {
-        self.success + self.error + self.skipped + self.reused
+        self.success + self.error + self.skipped + self.reused + self.partial
     }
 
     fn add(&mut self, c: &ShardCommit) {
@@ -352,9 +357,13 @@ async fn run_worker(
                 return (shard, Ok(None));
             }
             progress.send_modify(|p| p.shards_running += 1);
-            let result = run_shard(job, rt, &input, &out, &shard, &sources, &slots, stop).await;
+            let finished = AtomicU64::new(0);
+            let live = Live { progress, finished: &finished };
+            let result = run_shard(job, rt, &input, &out, &shard, &sources, &slots, stop, &live).await;
+            // The shard's finished records become its commit's counts in one change.
             progress.send_modify(|p| {
                 p.shards_running -= 1;
+                p.partial -= finished.load(AtomicOrdering::Relaxed);
                 if let Ok(Some(c)) = &result {
                     p.add(c);
                 }
@@ -865,6 +874,20 @@ async fn calibrate(job: &Job, rt: &Runtime, input: &Location, first: &Path) -> R
     Ok(TokenEstimate::calibrate(&samples))
 }
 
+/// Where a running shard reports each record it finishes (status shows progress between
+/// commits); the shard's count is taken back when it commits or gives up.
+struct Live<'a> {
+    progress: &'a watch::Sender<Progress>,
+    finished: &'a AtomicU64,
+}
+
+impl Live<'_> {
+    fn record_done(&self) {
+        self.finished.fetch_add(1, AtomicOrdering::Relaxed);
+        self.progress.send_modify(|p| p.partial += 1);
+    }
+}
+
 /// What a shard's records draw on: lines that may stand for them, the output schema.
 struct Sources<'a> {
     schema: Option<&'a OutputSchema>,
@@ -894,6 +917,7 @@ async fn run_shard(
     sources: &Sources<'_>,
     slots: &Arc<Semaphore>,
     stop: watch::Receiver<bool>,
+    live: &Live<'_>,
 ) -> Result<Option<ShardCommit>, JobError> {
     let started = Instant::now();
     let started_at = micros_now();
@@ -982,14 +1006,20 @@ async fn run_shard(
             Action::Run => None,
         };
         async move {
-            if kept.is_some() {
-                return kept;
+            let done = match kept {
+                Some(kept) => Some(kept),
+                None => {
+                    let _slot = slots.acquire().await.expect("the semaphore stays open");
+                    if *stop.borrow() {
+                        return None;
+                    }
+                    run_record(job, rt, sources.schema, (&shard.file, line, &text), duplicate, stop).await
+                }
+            };
+            if done.is_some() {
+                live.record_done();
             }
-            let _slot = slots.acquire().await.expect("the semaphore stays open");
-            if *stop.borrow() {
-                return None;
-            }
-            run_record(job, rt, sources.schema, (&shard.file, line, &text), duplicate, stop).await
+            done
         }
     });
     // Every record waits for a slot (FIFO), so a slow record never holds back the start of the

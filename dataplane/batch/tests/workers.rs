@@ -35,6 +35,8 @@ async fn router() -> (String, Calls) {
                 let body: Value = serde_json::from_slice(&body).unwrap();
                 let prompt = body["prompt"].as_str().unwrap_or_default().to_string();
                 *calls.lock().unwrap().entry(prompt.clone()).or_default() += 1;
+                // A model takes a moment: records are in flight while their shard runs.
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                 let mut headers = HeaderMap::new();
                 headers.insert("x-amzn-bedrock-input-token-count", "7".parse().unwrap());
                 headers.insert("x-amzn-bedrock-output-token-count", "3".parse().unwrap());
@@ -75,12 +77,23 @@ fn runtime(url: &str) -> Runtime {
     Runtime { stores: Stores::default(), router: RouterClient::new(url, "t"), concurrency: 4, metrics: None }
 }
 
-async fn run(job: Job, rt: &Runtime) -> (Result<Outcome, JobError>, Progress) {
-    let (progress, watched) = watch::channel(Progress::default());
+/// Runs a worker; its outcome, its last progress, and the most records it ever reported done
+/// ahead of their shard's commit.
+async fn run(job: Job, rt: &Runtime) -> (Result<Outcome, JobError>, Progress, u64) {
+    let (progress, mut watched) = watch::channel(Progress::default());
     let (_stop, stopped) = watch::channel(false);
+    let mut seen = watched.clone();
+    let peak = tokio::spawn(async move {
+        let mut peak = 0;
+        while seen.changed().await.is_ok() {
+            peak = peak.max(seen.borrow().partial);
+        }
+        peak
+    });
     let result = mantle_batch::run(&job, rt, &progress, stopped).await;
-    let p = watched.borrow().clone();
-    (result, p)
+    let p = watched.borrow_and_update().clone();
+    drop(progress);
+    (result, p, peak.await.unwrap())
 }
 
 /// The record ids of the job's output files, one entry per line.
@@ -106,7 +119,7 @@ async fn three_workers_share_the_shards_and_the_coordinator_records_and_merges_t
     let rt = runtime(&url);
     let workers = (0..3).map(|index| run(job(dir.path(), Worker { index, count: 3 }), &rt));
     let results = futures::future::join_all(workers).await;
-    for (index, (result, _)) in results.iter().enumerate() {
+    for (index, (result, ..)) in results.iter().enumerate() {
         assert_eq!(result.as_ref().ok(), Some(&Outcome::Finished), "worker {index}: {result:?}");
     }
     // Every record inferred once, by some worker, and in the output once.
@@ -117,8 +130,11 @@ async fn three_workers_share_the_shards_and_the_coordinator_records_and_merges_t
     want.sort();
     assert_eq!(output_ids(dir.path()), want);
     // The coordinator's progress covers every worker's shards; the manifest counts them all.
-    let (_, coordinator) = &results[0];
+    let (_, coordinator, peak) = &results[0];
     assert_eq!((coordinator.success, coordinator.shards_done, coordinator.shards_total), (60, 12, 12));
+    // Records count as they finish, not only when their shard commits; none is counted twice.
+    assert!(*peak > 0, "progress moved between commits");
+    assert_eq!((coordinator.partial, coordinator.processed()), (0, 60));
     let manifest: Value =
         serde_json::from_slice(&std::fs::read(dir.path().join("out/job1/manifest.json.out")).unwrap()).unwrap();
     assert_eq!((manifest["successRecordCount"].as_u64(), manifest["inputTokenCount"].as_u64()), (Some(60), Some(420)));
