@@ -205,6 +205,10 @@ pub fn render_batch_job(job: &BatchJob, workers: i32, options: &BatchOptions) ->
             completions: Some(workers),
             parallelism: Some(workers),
             backoff_limit_per_index: Some(3),
+            // An index that failed for good (a worker that crashed four times) fails the Job at
+            // once: the others are stopped and the BatchJob ends Failed, rather than the
+            // coordinator waiting for shards no worker will run.
+            max_failed_indexes: Some(0),
             pod_failure_policy: Some(policy),
             // The workers stop at the job's expiry themselves; this is the backstop (an hour on).
             active_deadline_seconds: Some((hours + 1) * 3600),

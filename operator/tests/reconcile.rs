@@ -62,8 +62,15 @@ fn api_server(
                 *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
                 return Ok(response);
             }
+            let path = uri.split('?').next().unwrap_or_default().to_string();
             let answer = match method.as_str() {
                 "DELETE" => json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "metadata": {}}),
+                // A read of a known object (by the last path segment).
+                "GET" => known
+                    .iter()
+                    .find(|o| o["metadata"]["name"].as_str().is_some_and(|n| path.ends_with(&format!("/{n}"))))
+                    .cloned()
+                    .unwrap_or(Value::Null),
                 _ if uri.split('?').next().unwrap_or_default().ends_with("/status") => {
                     let path = uri.split('?').next().unwrap_or_default();
                     let name = path.trim_end_matches("/status").rsplit('/').next().unwrap_or_default();
@@ -610,10 +617,12 @@ async fn a_worker_job_that_failed_ends_the_batch_job_failed_with_its_reason() {
     let f = batch_fixture(vec![job.clone()], vec![failed]);
     reconcile_batch_job(Arc::new(job), f.ctx.clone()).await.unwrap();
     let calls = f.calls();
-    let status = &calls[0].body["status"];
+    // The job is read afresh first: its coordinator may have written the end meanwhile.
+    assert_eq!(calls[0].short(), format!("GET {BATCH}/summaries"));
+    let status = &calls[1].body["status"];
     assert_eq!(status["phase"], "Failed");
     assert!(status["message"].as_str().unwrap().contains("backoff limit"), "{status}");
-    assert_eq!((calls[1].body["reason"].as_str(), calls[1].body["type"].as_str()), (Some("Failed"), Some("Warning")));
+    assert_eq!((calls[2].body["reason"].as_str(), calls[2].body["type"].as_str()), (Some("Failed"), Some("Warning")));
 }
 
 #[tokio::test]

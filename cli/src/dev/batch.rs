@@ -137,6 +137,9 @@ impl DevBatch {
                             status.phase = Some(BatchJobPhase::Submitted);
                             status.end_time = None;
                             status.message = None;
+                            // A new run has the job's whole timeout from now.
+                            let hours = job.spec.timeout_duration_in_hours.max(1) as u64;
+                            status.job_expiration_time = Some(Time(now().0 + Duration::from_secs(hours * 3600)));
                             to_start.push(name.clone());
                         }
                     }

@@ -175,7 +175,8 @@ async fn error_of(response: reqwest::Response) -> CallError {
         .and_then(|v| v["message"].as_str().or(v["Message"].as_str()).map(str::to_string))
         .unwrap_or(text);
     match status {
-        429 | 502 | 503 | 504 => CallError::Retry(format!("{status} {kind}: {message}")),
+        // 408: the request waited past the router's timeout (real-time traffic kept the model).
+        408 | 429 | 502 | 503 | 504 => CallError::Retry(format!("{status} {kind}: {message}")),
         // A model that is loading or scaling from zero.
         _ if kind == "ModelNotReadyException" => CallError::Retry(format!("{status} {kind}: {message}")),
         400..=499 => CallError::Refused { status, kind, message },

@@ -56,6 +56,18 @@ pub enum JobError {
     Worker { worker: u32, error: String },
 }
 
+impl JobError {
+    /// Whether the job cannot go on whoever runs it (bad input, an unknown model, another
+    /// worker's such failure); other errors (the router or the store unreachable for longer
+    /// than the retries) may pass on another attempt.
+    pub fn is_fatal(&self) -> bool {
+        matches!(
+            self,
+            JobError::Invalid(_) | JobError::NoInput(_) | JobError::UnknownModel(_) | JobError::Worker { .. }
+        )
+    }
+}
+
 /// Counts a job reports while it runs, and at its end.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -256,15 +268,27 @@ pub async fn run(
     progress: &watch::Sender<Progress>,
     stop: watch::Receiver<bool>,
 ) -> Result<Outcome, JobError> {
+    let out = rt.stores.open(&job.spec.output.uri).map(|o| o.sub(&job.id));
+    let marker = |out: &Location| out.child(&format!("_mantle/failed/{}/{}.json", job.run_id(), job.worker.index));
+    // A failure this worker left in an earlier attempt is not its failure now.
+    if job.worker.count > 1
+        && let Ok(out) = &out
+        && let Err(e) = out.store.delete(&marker(out)).await
+        && !matches!(e, object_store::Error::NotFound { .. })
+    {
+        tracing::warn!(job = %job.id, error = %e, "could not clear this worker's earlier failure");
+    }
     let mut failed_shards = Vec::new();
     let result = run_worker(job, rt, progress, stop, &mut failed_shards).await;
+    // Only a failure no attempt gets past is left for the others (the Job runs this worker
+    // again after any other).
     if let Err(e) = &result
+        && e.is_fatal()
         && job.worker.count > 1
-        && let Ok(out) = rt.stores.open(&job.spec.output.uri).map(|o| o.sub(&job.id))
+        && let Ok(out) = &out
     {
         let failure = WorkerFailure { worker: job.worker.index, error: e.to_string(), shards: failed_shards };
-        let path = out.child(&format!("_mantle/failed/{}/{}.json", job.run_id(), job.worker.index));
-        if let Err(e) = put(&out, &path, serde_json::to_vec(&failure).expect("serialises").into()).await {
+        if let Err(e) = put(out, &marker(out), serde_json::to_vec(&failure).expect("serialises").into()).await {
             tracing::error!(job = %job.id, error = %e, "could not leave this worker's failure for the others");
         }
     }
@@ -423,7 +447,9 @@ async fn run_worker(
                     failed.push(f);
                 }
             }
-            for id in others.clone() {
+            // One listing a pass; only the commit records that appeared are read.
+            let committed = committed_shards(&out).await?;
+            for id in others.clone().into_iter().filter(|id| committed.contains(id)) {
                 let Some(c) = get_json::<ShardCommit>(&out, &commit_path(&out, id)).await? else { continue };
                 // A shard the rerun takes up is in once this run has committed it again.
                 if own.contains_key(&id) && c.run != job.run_id() {
@@ -452,6 +478,18 @@ async fn run_worker(
     control.finish()?;
     let stopped = *stop.borrow_and_update();
     Ok(if done.len() == plan.shards.len() && !stopped { Outcome::Finished } else { Outcome::Stopped })
+}
+
+/// The shards with a commit record.
+async fn committed_shards(out: &Location) -> Result<HashSet<u32>, JobError> {
+    let prefix = out.child("_mantle/shards");
+    let listed: Vec<_> = out
+        .store
+        .list(Some(&prefix))
+        .try_collect()
+        .await
+        .map_err(|source| JobError::Read { uri: prefix.to_string(), source })?;
+    Ok(listed.iter().filter_map(|m| m.location.filename()?.strip_suffix(".json")?.parse().ok()).collect())
 }
 
 fn commit_path(out: &Location, shard: u32) -> Path {
@@ -1504,6 +1542,15 @@ mod tests {
         assert_eq!(lines, expected);
         let duplicates: Vec<u64> = plan.shards.iter().flat_map(|s| s.duplicates.clone()).collect();
         assert_eq!(duplicates, [9], "line 9 repeats R3 (the blank line comes later)");
+    }
+
+    #[test]
+    fn only_what_no_attempt_gets_past_is_fatal() {
+        assert!(JobError::NoInput("s3://b/in/".into()).is_fatal());
+        assert!(JobError::UnknownModel("m".into()).is_fatal());
+        assert!(JobError::Worker { worker: 1, error: "x".into() }.is_fatal());
+        assert!(!JobError::Router("connection refused".into()).is_fatal(), "the router may be back");
+        assert!(!JobError::Control("x".into()).is_fatal());
     }
 
     #[test]

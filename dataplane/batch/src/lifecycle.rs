@@ -15,9 +15,9 @@ use crate::job::{JobError, Outcome, Progress};
 /// shards are planned, then InProgress, Stopping once asked to stop); and when the job is past
 /// its expiration time, that it must stop (it then ends Expired).
 pub struct Tracker {
-    started: Instant,
-    /// Records processed when the first tick saw the run (a resumed run's rate counts its own).
-    base: Option<u64>,
+    /// Records processed when a tick first saw the run planned, and when (a resumed run's rate
+    /// counts its own records only).
+    base: Option<(u64, Instant)>,
     expires: Option<Timestamp>,
     pricing: Option<Pricing>,
     /// Whether the run went past its expiration time.
@@ -26,7 +26,7 @@ pub struct Tracker {
 
 impl Tracker {
     pub fn new(expires: Option<&Time>, pricing: Option<Pricing>) -> Self {
-        Tracker { started: Instant::now(), base: None, expires: expires.map(|t| t.0), pricing, expired: false }
+        Tracker { base: None, expires: expires.map(|t| t.0), pricing, expired: false }
     }
 
     /// Updates `status` from `progress`. True the first time the job is past its expiration
@@ -36,8 +36,15 @@ impl Tracker {
     }
 
     fn tick_at(&mut self, status: &mut BatchJobStatus, p: &Progress, stopping: bool, now: Timestamp) -> bool {
-        let base = *self.base.get_or_insert(p.processed());
-        let rate = p.processed().saturating_sub(base) as f64 / self.started.elapsed().as_secs_f64().max(1e-3);
+        let rate = match self.base {
+            Some((base, since)) => p.processed().saturating_sub(base) as f64 / since.elapsed().as_secs_f64().max(1e-3),
+            None => {
+                if p.planned {
+                    self.base = Some((p.processed(), Instant::now()));
+                }
+                0.0
+            }
+        };
         crate::status::apply(status, p, (rate > 0.0).then_some(rate), self.pricing.as_ref());
         status.phase = Some(if stopping || self.expired {
             BatchJobPhase::Stopping

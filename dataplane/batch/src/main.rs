@@ -153,8 +153,10 @@ async fn from_cluster(name: &str, worker: Worker, rt: &Runtime) -> anyhow::Resul
         tokio::select! {
             result = &mut running => break result,
             _ = terminated_rx.changed(), if !*terminated.borrow() => { stop.send_replace(true); }
-            _ = ticks.tick(), if coordinator => {
-                let stopping = *asked.borrow() && !*terminated.borrow();
+            // A terminated worker writes no more status: it is run again, or the job was stopped
+            // and its end is written below.
+            _ = ticks.tick(), if coordinator && !*terminated.borrow() => {
+                let stopping = *asked.borrow();
                 if tracker.tick(&mut status, &watched.borrow(), stopping) {
                     stop.send_replace(true);
                 }
@@ -165,7 +167,8 @@ async fn from_cluster(name: &str, worker: Worker, rt: &Runtime) -> anyhow::Resul
         }
     };
     report(&job, &result, &watched.borrow());
-    if *terminated.borrow() && !object.spec.stop && !tracker.expired && api.get(name).await.is_ok_and(|j| !j.spec.stop)
+    // Terminated without being asked to stop (or unsure: the API did not answer): run again.
+    if *terminated.borrow() && !object.spec.stop && !tracker.expired && !api.get(name).await.is_ok_and(|j| j.spec.stop)
     {
         tracing::info!(job = name, "terminated: the Job runs this worker again and it resumes");
         return Ok(143);
@@ -188,10 +191,13 @@ async fn stop_on_signal(stop: watch::Sender<bool>) {
     stop.send_replace(true);
 }
 
+/// 2 when the job cannot go on whoever runs it (the Job fails the index); 1 for what another
+/// attempt may get past (the router or the store unreachable for longer than the retries).
 fn exit_code(result: &Result<Outcome, JobError>) -> i32 {
     match result {
         Ok(_) => 0,
-        Err(_) => BATCH_WORKER_FATAL_EXIT,
+        Err(e) if e.is_fatal() => BATCH_WORKER_FATAL_EXIT,
+        Err(_) => 1,
     }
 }
 

@@ -968,6 +968,36 @@ async fn economy_batch_work_waits_for_idle_capacity_and_standard_does_not() {
     }
     let (status, _, body) = send(&f.app, batch("ECONOMY")).await;
     assert_eq!(status, StatusCode::OK, "idle again: {}", String::from_utf8_lossy(&body));
+    // Batch work running is not real-time load: with six STANDARD records and five real-time
+    // requests on the runner's 16 slots, real-time traffic holds under half of them, and an
+    // ECONOMY record starts (each batch record counts as batch work until its answer ends).
+    let mut running = Vec::new();
+    let active = f.text.counters.clone();
+    let started = |n: u32| {
+        let active = active.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while active.active.load(std::sync::atomic::Ordering::Relaxed) < n {
+                assert!(Instant::now() < deadline, "{n} requests did not start");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    for _ in 0..6 {
+        let (app, request) = (f.app.clone(), batch("STANDARD"));
+        running.push(tokio::spawn(async move { send(&app, request).await.0 }));
+    }
+    started(6).await;
+    for _ in 0..5 {
+        let app = f.app.clone();
+        running.push(tokio::spawn(async move { send(&app, post(path, converse_body("hi"))).await.0 }));
+    }
+    started(11).await;
+    let (status, _, body) = send(&f.app, batch("ECONOMY")).await;
+    assert_eq!(status, StatusCode::OK, "beside batch work: {}", String::from_utf8_lossy(&body));
+    for r in running {
+        assert_eq!(r.await.unwrap(), StatusCode::OK);
+    }
     let (status, _, body) = send(&f.app, batch("CHEAP")).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{}", String::from_utf8_lossy(&body));
 }

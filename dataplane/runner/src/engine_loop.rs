@@ -81,13 +81,14 @@ impl EngineHandle {
     ) -> Result<mpsc::UnboundedReceiver<Output>, EngineError> {
         let (events, receiver) = mpsc::unbounded_channel();
         let (accepted, verdict) = oneshot::channel();
-        let urgent = request.priority > 0;
+        // Raised before the request can be taken: the scheduler lowers it as it adds the
+        // request, so raising it after could leave it up and stop every batch step after.
+        if request.priority > 0 {
+            self.interrupt.store(true, Ordering::Relaxed);
+        }
         self.submit
             .send(Submit { request, deadline, events, accepted })
             .map_err(|_| EngineError::Io("the scheduler thread has stopped".into()))?;
-        if urgent {
-            self.interrupt.store(true, Ordering::Relaxed);
-        }
         verdict.await.map_err(|_| EngineError::Io("the scheduler thread has stopped".into()))??;
         Ok(receiver)
     }

@@ -35,6 +35,10 @@ pub async fn reconcile_batch_job(job: std::sync::Arc<BatchJob>, ctx: std::sync::
 async fn reconcile(job: &BatchJob, ctx: &Context) -> Result<Action, Error> {
     let name = job.name_any();
     let namespace = job.namespace().ok_or_else(|| Error::NoNamespace(name.clone()))?;
+    // Decisions need the worker Jobs and the other BatchJobs as they are: a store not listed yet
+    // would say "no workers" after a restart.
+    super::listed(&ctx.jobs).await?;
+    super::listed(&ctx.batch_jobs).await?;
     let api: Api<BatchJob> = Api::namespaced(ctx.client.clone(), &namespace);
     let status = job.status.clone().unwrap_or_default();
     let phase = status.phase;
@@ -61,18 +65,32 @@ async fn reconcile(job: &BatchJob, ctx: &Context) -> Result<Action, Error> {
         }
         return Ok(Action::await_change());
     }
-    if ended && status.run_id.as_deref() == Some(run.as_str()) {
-        // The run ended; a new `spec.rerun.id` starts the next one.
-        if !patch.is_empty() {
-            write(&api, &name, patch).await?;
-        }
-        return Ok(Action::await_change());
-    }
     let worker_job = ctx
         .jobs
         .state()
         .into_iter()
         .find(|j| j.namespace().as_deref() == Some(namespace.as_str()) && j.name_any() == job_name(job));
+    if ended && status.run_id.as_deref() == Some(run.as_str()) {
+        // The run ended; a new `spec.rerun.id` starts the next one. Workers still running (the
+        // coordinator ended the job, say at its expiry) are stopped.
+        if let Some(j) = &worker_job
+            && j.status.as_ref().and_then(|s| s.active).unwrap_or(0) > 0
+            && !j.spec.as_ref().and_then(|s| s.suspend).unwrap_or(false)
+        {
+            suspend(ctx, &namespace, j).await?;
+        }
+        if !patch.is_empty() {
+            write(&api, &name, patch).await?;
+        }
+        return Ok(Action::await_change());
+    }
+    if !ended && status.run_id.as_ref().is_some_and(|r| *r != run) {
+        // A new rerun id while a run goes on: it starts once this run has ended.
+        if !patch.is_empty() {
+            write(&api, &name, patch).await?;
+        }
+        return Ok(Action::requeue(WATCH_EVERY));
+    }
     if ended {
         if job.spec.stop {
             // A stopped job's rerun waits until `stop` is cleared.
@@ -83,6 +101,9 @@ async fn reconcile(job: &BatchJob, ctx: &Context) -> Result<Action, Error> {
             patch.insert(key.into(), Value::Null);
         }
         patch.insert("phase".into(), json!(BatchJobPhase::Submitted));
+        // A new run has the job's whole timeout from now.
+        let hours = job.spec.timeout_duration_in_hours.max(1) as u64;
+        patch.insert("jobExpirationTime".into(), json!(Time(now().0 + Duration::from_secs(hours * 3600))));
         ctx.event(job, EventType::Normal, "Rerun", format!("run {run} starts")).await;
     }
     let Some(worker_job) = worker_job else {
@@ -127,6 +148,11 @@ async fn reconcile(job: &BatchJob, ctx: &Context) -> Result<Action, Error> {
     let job_status = worker_job.status.clone().unwrap_or_default();
     let suspended = worker_job.spec.as_ref().and_then(|s| s.suspend).unwrap_or(false);
     if let Some((phase, message)) = job_ended(job, &worker_job) {
+        // The coordinator may have written the end since the cache saw the job.
+        let fresh = api.get(&name).await.map_err(|source| Error::Status { name: name.clone(), source })?;
+        if fresh.status.as_ref().and_then(|s| s.phase).is_some_and(BatchJobPhase::is_terminal) {
+            return Ok(Action::await_change());
+        }
         end(&mut patch, phase, &message, &run);
         write(&api, &name, patch).await?;
         let type_ = if phase == BatchJobPhase::Failed { EventType::Warning } else { EventType::Normal };
@@ -135,11 +161,7 @@ async fn reconcile(job: &BatchJob, ctx: &Context) -> Result<Action, Error> {
     }
     if job.spec.stop && !suspended {
         // The workers get SIGTERM; each keeps what it committed, worker 0 writes Stopped.
-        let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &namespace);
-        let body = json!({"spec": {"suspend": true}});
-        jobs.patch(&worker_job.name_any(), &PatchParams::default(), &Patch::Merge(&body))
-            .await
-            .map_err(|source| Error::Apply { kind: "Job", name: worker_job.name_any(), source })?;
+        suspend(ctx, &namespace, &worker_job).await?;
         if !ended {
             patch.insert("phase".into(), json!(BatchJobPhase::Stopping));
         }
@@ -147,7 +169,9 @@ async fn reconcile(job: &BatchJob, ctx: &Context) -> Result<Action, Error> {
         ctx.event(job, EventType::Normal, "Stopping", "the workers were asked to stop".into()).await;
         return Ok(Action::requeue(Duration::from_secs(5)));
     }
-    if job.spec.stop && suspended && job_status.active.unwrap_or(0) == 0 && !ended {
+    // Suspended, and no worker left (running or shutting down) that could write the end.
+    let gone = job_status.active.unwrap_or(0) == 0 && job_status.terminating.unwrap_or(0) == 0;
+    if job.spec.stop && suspended && gone && !ended {
         // Suspended with no worker left that could write the end.
         let phase_now = job.status.as_ref().and_then(|s| s.phase);
         if !phase_now.is_some_and(BatchJobPhase::is_terminal) {
@@ -156,8 +180,20 @@ async fn reconcile(job: &BatchJob, ctx: &Context) -> Result<Action, Error> {
             return Ok(Action::await_change());
         }
     }
-    write(&api, &name, patch).await?;
+    if !patch.is_empty() {
+        write(&api, &name, patch).await?;
+    }
     Ok(Action::requeue(WATCH_EVERY))
+}
+
+/// Suspends a worker Job: its pods get SIGTERM.
+async fn suspend(ctx: &Context, namespace: &str, worker_job: &Job) -> Result<(), Error> {
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), namespace);
+    let body = json!({"spec": {"suspend": true}});
+    jobs.patch(&worker_job.name_any(), &PatchParams::default(), &Patch::Merge(&body))
+        .await
+        .map(|_| ())
+        .map_err(|source| Error::Apply { kind: "Job", name: worker_job.name_any(), source })
 }
 
 fn end(patch: &mut serde_json::Map<String, Value>, phase: BatchJobPhase, message: &str, run: &str) {

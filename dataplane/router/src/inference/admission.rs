@@ -205,7 +205,7 @@ impl Inference {
             .queue_wait
             .with_label_values(&[model.model_id.as_str(), key.pool_label(), permit.lane().name()])
             .observe(wait.as_secs_f64());
-        Ok(Admission { permit, queue_wait: wait, _batch: batch })
+        Ok(Admission { permit, queue_wait: wait, batch })
     }
 
     /// Whether a batch request of `tier` may start now ([`super::batch_gate`]); while it runs, it
@@ -359,8 +359,9 @@ pub(super) const PRUNE_INTERVAL: Duration = Duration::from_secs(1);
 pub(super) struct Admission {
     pub(super) permit: Permit,
     pub(super) queue_wait: Duration,
-    /// A batch request's place in its model's batch work, while it runs.
-    pub(super) _batch: Option<BatchSlot>,
+    /// A batch request's place in its model's batch work, while it runs (the generation holds
+    /// it to its end).
+    pub(super) batch: Option<BatchSlot>,
 }
 
 /// A running batch request, counted until dropped.

@@ -21,6 +21,8 @@ pub struct Generation {
     pub(super) pending: Option<GenerateResponse>,
     pub(super) permit: Option<Permit>,
     pub(super) in_flight: Option<InFlight>,
+    /// A batch request's place in its model's batch work, held until it finishes.
+    pub(super) batch: Option<super::admission::BatchSlot>,
     pub(super) queue_wait: Duration,
     pub(super) dispatched: Instant,
     pub(super) first_token: Option<Instant>,
@@ -181,6 +183,7 @@ impl Generation {
             permit.complete((input_tokens + output_tokens) as u64);
         }
         self.in_flight.take();
+        self.batch.take();
         let metrics = &self.ledger.metrics;
         let decode = self.first_token.map_or(Duration::ZERO, |t| now - t);
         if output_tokens > 1 && decode > Duration::ZERO {

@@ -277,6 +277,7 @@ impl Inference {
             pending,
             permit: Some(admission.permit),
             in_flight: Some(in_flight),
+            batch: admission.batch,
             queue_wait: admission.queue_wait,
             dispatched,
             first_token: None,
