@@ -480,15 +480,19 @@ async fn run_worker(
     Ok(if done.len() == plan.shards.len() && !stopped { Outcome::Finished } else { Outcome::Stopped })
 }
 
-/// The shards with a commit record.
-async fn committed_shards(out: &Location) -> Result<HashSet<u32>, JobError> {
-    let prefix = out.child("_mantle/shards");
-    let listed: Vec<_> = out
-        .store
+/// The objects below `prefix` (relative to the job's output folder).
+async fn list_below(out: &Location, prefix: &str) -> Result<Vec<object_store::ObjectMeta>, JobError> {
+    let prefix = out.child(prefix);
+    out.store
         .list(Some(&prefix))
         .try_collect()
         .await
-        .map_err(|source| JobError::Read { uri: prefix.to_string(), source })?;
+        .map_err(|source| JobError::Read { uri: prefix.to_string(), source })
+}
+
+/// The shards with a commit record.
+async fn committed_shards(out: &Location) -> Result<HashSet<u32>, JobError> {
+    let listed = list_below(out, "_mantle/shards").await?;
     Ok(listed.iter().filter_map(|m| m.location.filename()?.strip_suffix(".json")?.parse().ok()).collect())
 }
 
@@ -525,13 +529,7 @@ async fn wait_for_plan(
 
 /// The failures workers of this run left.
 async fn worker_failures(job: &Job, out: &Location) -> Result<Vec<WorkerFailure>, JobError> {
-    let prefix = out.child(&format!("_mantle/failed/{}", job.run_id()));
-    let listed: Vec<_> = out
-        .store
-        .list(Some(&prefix))
-        .try_collect()
-        .await
-        .map_err(|source| JobError::Read { uri: prefix.to_string(), source })?;
+    let listed = list_below(out, &format!("_mantle/failed/{}", job.run_id())).await?;
     let mut failures = Vec::new();
     for meta in listed {
         if let Some(f) = get_json::<WorkerFailure>(out, &meta.location).await? {
