@@ -11,6 +11,7 @@ pub mod model;
 pub mod quant;
 pub mod sampling;
 pub mod scheduler;
+pub mod stop;
 pub mod tensor_model;
 #[cfg(feature = "test-support")]
 pub mod test_support;
@@ -64,6 +65,33 @@ pub struct TextModel {
     grammars: std::sync::OnceLock<Result<Grammars, EngineError>>,
 }
 
+/// A model file's chat template, with its BOS and EOS text: the file's own unless `family` names
+/// one (meant for files without a template; it replaces the file's).
+pub fn chat_template(
+    gguf: &GgufFile,
+    tokenizer: &Tokenizer,
+    family: Option<TemplateFamily>,
+) -> Result<ChatTemplate, EngineError> {
+    let token_text = |id: Option<u32>| id.and_then(|i| tokenizer.decode_special(i)).unwrap_or_default();
+    let (bos, eos) = (token_text(tokenizer.bos()), token_text(Some(tokenizer.eos())));
+    match (family, gguf.string("tokenizer.chat_template")) {
+        (Some(f), own) => {
+            if own.is_ok() {
+                tracing::warn!(
+                    family = ?f,
+                    "the chat template named in the FoundationModel replaces the one in the model file; \
+                     leave chatTemplate unset to use the file's own"
+                );
+            }
+            ChatTemplate::family(f, &bos, &eos)
+        }
+        (None, Ok(source)) => ChatTemplate::from_source(source, &bos, &eos),
+        (None, Err(_)) => Err(EngineError::Template(
+            "the model file has no chat template; name a template family in the FoundationModel".into(),
+        )),
+    }
+}
+
 impl TextModel {
     /// Loads a GGUF file. The file's own chat template is used unless `family` names one (meant
     /// for files without a template; it replaces the file's); `threads` sizes the compute pool
@@ -90,26 +118,7 @@ impl TextModel {
     ) -> Result<Self, EngineError> {
         let model = LlamaModel::load_on(gguf, threads, backend)?;
         let tokenizer = Tokenizer::from_gguf(gguf)?;
-        let token_text = |id: Option<u32>| id.and_then(|i| tokenizer.decode_special(i)).unwrap_or_default();
-        let (bos, eos) = (token_text(tokenizer.bos()), token_text(Some(tokenizer.eos())));
-        let template = match (family, gguf.string("tokenizer.chat_template")) {
-            (Some(f), own) => {
-                if own.is_ok() {
-                    tracing::warn!(
-                        family = ?f,
-                        "the chat template named in the FoundationModel replaces the one in the model file; \
-                         leave chatTemplate unset to use the file's own"
-                    );
-                }
-                ChatTemplate::family(f, &bos, &eos)?
-            }
-            (None, Ok(source)) => ChatTemplate::from_source(source, &bos, &eos)?,
-            (None, Err(_)) => {
-                return Err(EngineError::Template(
-                    "the model file has no chat template; name a template family in the FoundationModel".into(),
-                ));
-            }
-        };
+        let template = chat_template(gguf, &tokenizer, family)?;
         Ok(Self { model, tokenizer, template, grammars: std::sync::OnceLock::new() })
     }
 

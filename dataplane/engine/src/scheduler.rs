@@ -612,7 +612,7 @@ impl Scheduler {
         }
         let delta = seq.decoder.push(tokenizer, token).unwrap_or_default();
         seq.held.push_str(&delta);
-        if let Some((at, stop)) = find_stop(&seq.held, &seq.req.stop_sequences) {
+        if let Some((at, stop)) = crate::stop::find_stop(&seq.held, &seq.req.stop_sequences) {
             let text = seq.held[..at].to_string();
             seq.held.clear();
             events.push(Event::Token { id, token, text, logprob, top });
@@ -625,7 +625,8 @@ impl Scheduler {
         }
         let out_of_room = seq.generated() >= seq.req.max_tokens || seq.tokens.len() >= context_length;
         let ends = complete || out_of_room;
-        let emit_len = if ends { seq.held.len() } else { safe_prefix_len(&seq.held, &seq.req.stop_sequences) };
+        let emit_len =
+            if ends { seq.held.len() } else { crate::stop::safe_prefix_len(&seq.held, &seq.req.stop_sequences) };
         let text: String = seq.held.drain(..emit_len).collect();
         events.push(Event::Token { id, token, text, logprob, top });
         ends.then(|| Event::Finished {
@@ -797,46 +798,5 @@ impl Scheduler {
                 }
             }
         }
-    }
-}
-
-/// The earliest stop sequence in `text`: (byte offset, the sequence).
-fn find_stop(text: &str, stops: &[String]) -> Option<(usize, String)> {
-    stops
-        .iter()
-        .filter(|s| !s.is_empty())
-        .filter_map(|s| text.find(s.as_str()).map(|at| (at, s.clone())))
-        .min_by_key(|(at, _)| *at)
-}
-
-/// How much of `text` can be emitted: everything except a tail that is a proper prefix of a
-/// stop sequence (it might still complete).
-fn safe_prefix_len(text: &str, stops: &[String]) -> usize {
-    let mut keep = text.len();
-    for stop in stops {
-        for (start, _) in text.char_indices() {
-            if start < keep && stop.starts_with(&text[start..]) {
-                keep = start;
-                break;
-            }
-        }
-    }
-    keep
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn text_that_may_begin_a_stop_sequence_is_held_back() {
-        let stops = vec!["END".to_string(), "\n\n".to_string()];
-        assert_eq!(safe_prefix_len("hello", &stops), 5);
-        assert_eq!(safe_prefix_len("hello E", &stops), 6);
-        assert_eq!(safe_prefix_len("hello EN", &stops), 6);
-        assert_eq!(safe_prefix_len("hello\n", &stops), 5);
-        assert_eq!(safe_prefix_len("héllo", &[]), "héllo".len());
-        assert_eq!(find_stop("a END b\n\n", &stops), Some((2, "END".into())));
-        assert_eq!(find_stop("abc", &stops), None);
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod cli;
 pub mod engine_loop;
+pub mod external;
 pub mod gpu;
 pub mod health;
 pub mod http;
