@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Mantle's test suite: the command README.md gives and CI runs. Installs what it needs (helm,
-# kubectl, the test models, a Python venv with the chart checkers and moto's S3 server) into
+# kubectl, the test models, a Python venv with the chart checkers and moto's S3 server, llama.cpp's
+# server built from source) into
 # $MANTLE_CACHE (default ~/.cache/mantle).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +13,9 @@ echo "==> tools"
 tools_bin=$(bash scripts/fetch-tools.sh | tail -n 1)
 venv=$(bash scripts/python-env.sh | tail -n 1)
 bash scripts/fetch-models.sh >/dev/null
+# llama.cpp's server, the real upstream of the external-engine tests (built once, then cached).
+MANTLE_LLAMA_SERVER=$(bash scripts/fetch-llama-server.sh | tail -n 1)
+export MANTLE_LLAMA_SERVER
 
 echo "==> cargo test"
 log=$(mktemp)

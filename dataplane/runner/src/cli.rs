@@ -11,6 +11,7 @@ use mantle_engine::TemplateFamily;
 use crate::RunnerConfig;
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per process
 pub enum Command {
     /// Load a model and serve it.
     Serve(ServeArgs),
@@ -96,9 +97,34 @@ impl CacheArgs {
 pub struct ServeArgs {
     /// The weights: a GGUF file (text model) or a directory holding model.safetensors,
     /// config.json and tokenizer.json (embedding model); a local path or an object-store URI
-    /// fetched through the node cache.
+    /// fetched through the node cache. Required by the builtin engine; with `--engine external`
+    /// optional: a GGUF whose tokenizer counts tokens when the upstream has no `/tokenize`.
     #[arg(long)]
-    pub model: String,
+    pub model: Option<String>,
+    /// What runs the model: `builtin` (Mantle's engine, loading `--model`) or `external` (an
+    /// OpenAI-compatible server at `--upstream`: vLLM, SGLang, llama.cpp's server, Ollama).
+    #[arg(long, value_enum, default_value_t = EngineKind::Builtin)]
+    pub engine: EngineKind,
+    /// The external engine's base URL (`http://127.0.0.1:8000`).
+    #[arg(long, required_if_eq("engine", "external"))]
+    pub upstream: Option<String>,
+    /// The model name to ask the upstream for (default: the first its `/v1/models` lists).
+    #[arg(long)]
+    pub upstream_model: Option<String>,
+    /// What the upstream serves: `text` (chat and completions) or `embedding`.
+    #[arg(long, value_enum, ignore_case = true, default_value_t = crate::external::Modality::Text)]
+    pub modality: crate::external::Modality,
+    /// Whether and how the upstream orders requests by priority: `none`, `lower-first` (vLLM
+    /// with `--scheduling-policy priority`), `higher-first` (SGLang with priority scheduling).
+    #[arg(long, value_enum, default_value_t = crate::external::openai::PriorityMode::None)]
+    pub upstream_priority: crate::external::openai::PriorityMode,
+    /// How often the upstream's health and metrics are read, in milliseconds; one that stops
+    /// answering is reported CRITICAL within two intervals.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(50..=60_000))]
+    pub health_interval_ms: u64,
+    /// A bearer token for the upstream.
+    #[arg(long, env = "MANTLE_UPSTREAM_API_KEY", hide_env_values = true)]
+    pub upstream_api_key: Option<String>,
     #[command(flatten)]
     pub cache: CacheArgs,
     /// The Bedrock-style model id to serve it under.
@@ -149,6 +175,12 @@ pub struct ServeArgs {
     pub auth_token_file: Option<std::path::PathBuf>,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum)]
+pub enum EngineKind {
+    Builtin,
+    External,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 pub enum Template {
     Chatml,
@@ -196,8 +228,26 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
             return Ok(());
         }
     };
+    let external = match (args.engine, args.upstream) {
+        (EngineKind::External, Some(upstream)) => Some(crate::external::ExternalConfig {
+            upstream,
+            upstream_model: args.upstream_model,
+            modality: args.modality,
+            priority: args.upstream_priority,
+            health_interval: std::time::Duration::from_millis(args.health_interval_ms),
+            api_key: args.upstream_api_key,
+        }),
+        (EngineKind::External, None) => anyhow::bail!("--engine external needs --upstream"),
+        (EngineKind::Builtin, _) => None,
+    };
+    let model = match (args.model, &external) {
+        (Some(model), _) => model,
+        (None, Some(_)) => String::new(),
+        (None, None) => anyhow::bail!("--model is required (the weights to serve) unless --engine external"),
+    };
     let config = RunnerConfig {
-        model: args.model,
+        external,
+        model,
         sha256: args.cache.sha256,
         cache_dir: args.cache.cache_dir,
         cache_budget_bytes: args.cache.cache_budget_gib << 30,

@@ -1,5 +1,5 @@
 //! The runner's HTTP side: `/metrics` (Prometheus), `/healthz` (the process is up) and `/readyz`
-//! (the weights are loaded and the gRPC API is serving).
+//! (the weights are loaded, or the external engine answers, and the gRPC API is serving).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -33,6 +33,6 @@ async fn readyz(State(state): State<HttpState>) -> (StatusCode, &'static str) {
     if state.ready.load(Ordering::Acquire) {
         (StatusCode::OK, "ready")
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "loading weights")
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready: loading weights, or the upstream engine is not answering")
     }
 }

@@ -24,6 +24,8 @@ pub struct Metrics {
     pub swap_bytes: IntGauge,
     /// Seconds the last weight load took per tier.
     pub weight_load_seconds: prometheus::GaugeVec,
+    /// External engine: 1 while the upstream answers its health check.
+    pub upstream_up: IntGauge,
 }
 
 impl Metrics {
@@ -70,6 +72,8 @@ impl Metrics {
             Opts::new("mantle_runner_weight_load_seconds", "Time the last weight load took, by cache tier"),
             &["tier"],
         )?;
+        let upstream_up =
+            IntGauge::new("mantle_runner_upstream_up", "1 while the external engine answers its health check")?;
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(prompt_tokens.clone()),
@@ -87,6 +91,7 @@ impl Metrics {
             Box::new(swaps_out.clone()),
             Box::new(swap_bytes.clone()),
             Box::new(weight_load_seconds.clone()),
+            Box::new(upstream_up.clone()),
         ] {
             registry.register(c)?;
         }
@@ -108,6 +113,7 @@ impl Metrics {
             swaps_out,
             swap_bytes,
             weight_load_seconds,
+            upstream_up,
         })
     }
 

@@ -45,6 +45,8 @@ pub enum ServerError {
     GrpcTask(#[source] tokio::task::JoinError),
     #[error("the gRPC server failed")]
     Grpc(#[source] tonic::transport::Error),
+    #[error("connecting to the external engine")]
+    External(#[source] crate::external::ExternalError),
 }
 
 #[derive(Debug, Clone)]
@@ -86,6 +88,10 @@ pub struct RunnerConfig {
     /// The token every gRPC call must carry (the router's); `None` serves anyone who reaches the
     /// port.
     pub auth_token: Option<Token>,
+    /// Serve through an OpenAI-compatible upstream instead of loading the model (`--engine
+    /// external`); `model`, when not empty, is then a GGUF whose tokenizer counts tokens for an
+    /// upstream without `/tokenize`.
+    pub external: Option<crate::external::ExternalConfig>,
 }
 
 impl RunnerConfig {
@@ -111,7 +117,13 @@ impl RunnerConfig {
             chat_template: None,
             gpu_index: 0,
             auth_token: None,
+            external: None,
         }
+    }
+
+    /// A runner in front of the OpenAI-compatible server at `upstream`, for one machine.
+    pub fn external(upstream: impl Into<String>, model_id: impl Into<String>) -> Self {
+        Self { external: Some(crate::external::ExternalConfig::new(upstream)), ..Self::local("", model_id) }
     }
 }
 
@@ -166,43 +178,89 @@ pub async fn start(config: RunnerConfig) -> Result<RunningRunner, ServerError> {
         }
     });
     let (grpc_listener, grpc_addr) = bind(config.grpc_listen).await?;
-
-    let mut weight_load = Vec::new();
-    let model_path = if config.model.contains("://") {
-        let cache = NodeCache::new(&config.cache_dir, config.cache_budget_bytes).with_priority(config.cache_priority);
-        let cached = cache
-            .fetch(&config.model, config.sha256.as_deref(), &store_options_from_env())
-            .await
-            .map_err(|source| ServerError::Fetch { uri: config.model.clone(), source })?;
-        weight_load.push(TierLoad { tier: cached.tier.name().into(), seconds: cached.seconds });
-        cached.path
-    } else {
-        PathBuf::from(&config.model)
-    };
-    let started = Instant::now();
-    let (served, info) = load(&config, &model_path, &metrics).await?;
-    weight_load.push(TierLoad { tier: "host_memory".into(), seconds: started.elapsed().as_secs_f64() });
-    for load in &weight_load {
-        metrics.weight_load_seconds.with_label_values(&[&load.tier]).set(load.seconds);
-    }
-    let info = InfoResponse { weight_load, ..info };
     let stopping = Arc::new(AtomicBool::new(false));
-    let service = RunnerService::new(served, info, crate::gpu::spawn_sampler(config.gpu_index), stopping.clone());
+    let gpu = crate::gpu::spawn_sampler(config.gpu_index);
 
+    let weights = if config.model.is_empty() { None } else { Some(weights(&config).await?) };
+    let grpc = if let Some(external) = &config.external {
+        let tokenizer = match weights {
+            None => None,
+            Some((path, _)) => {
+                let family = config.chat_template;
+                let failed = |source| ServerError::Load { path: path.clone(), source };
+                let loading = path.clone();
+                Some(
+                    tokio::task::spawn_blocking(move || crate::external::local_tokenizer(&loading, family))
+                        .await
+                        .map_err(|source| ServerError::LoadTask { path: path.clone(), source })?
+                        .map_err(failed)?,
+                )
+            }
+        };
+        // The monitor keeps `ready` in step with the upstream from here on.
+        let service = crate::external::connect(
+            external,
+            &config.model_id,
+            tokenizer,
+            gpu,
+            ready.clone(),
+            stopping.clone(),
+            metrics.clone(),
+        )
+        .await
+        .map_err(ServerError::External)?;
+        serve(service, grpc_listener, &config)
+    } else {
+        let (model_path, mut weight_load) = match weights {
+            Some(w) => w,
+            None => (PathBuf::new(), Vec::new()),
+        };
+        let started = Instant::now();
+        let (served, info) = load(&config, &model_path, &metrics).await?;
+        weight_load.push(TierLoad { tier: "host_memory".into(), seconds: started.elapsed().as_secs_f64() });
+        for load in &weight_load {
+            metrics.weight_load_seconds.with_label_values(&[&load.tier]).set(load.seconds);
+        }
+        let info = InfoResponse { weight_load, ..info };
+        let service = RunnerService::new(served, info, gpu, stopping.clone());
+        let grpc = serve(service, grpc_listener, &config);
+        ready.store(true, Ordering::Release);
+        grpc
+    };
+    tracing::info!(model_id = %config.model_id, %grpc_addr, %http_addr, "runner ready");
+    Ok(RunningRunner { grpc_addr, http_addr, shutdown: Some(grpc.1), stopping, grpc: grpc.0 })
+}
+
+type GrpcTask = (JoinHandle<Result<(), tonic::transport::Error>>, oneshot::Sender<()>);
+
+/// Serves `service` on `listener` until the returned sender fires.
+fn serve<S: mantle_proto::runner_server::Runner>(service: S, listener: TcpListener, config: &RunnerConfig) -> GrpcTask {
     let (shutdown, shutdown_rx) = oneshot::channel::<()>();
     let grpc = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(RunnerServer::with_interceptor(service, RequireToken(config.auth_token.clone())))
             .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
                 async {
                     let _ = shutdown_rx.await;
                 },
             ),
     );
-    ready.store(true, Ordering::Release);
-    tracing::info!(model_id = %config.model_id, %grpc_addr, %http_addr, "runner ready");
-    Ok(RunningRunner { grpc_addr, http_addr, shutdown: Some(shutdown), stopping, grpc })
+    (grpc, shutdown)
+}
+
+/// The weights on local disk: `config.model` itself, or its copy in the node cache (fetched now
+/// when missing) with the time each tier took.
+async fn weights(config: &RunnerConfig) -> Result<(PathBuf, Vec<TierLoad>), ServerError> {
+    if !config.model.contains("://") {
+        return Ok((PathBuf::from(&config.model), Vec::new()));
+    }
+    let cache = NodeCache::new(&config.cache_dir, config.cache_budget_bytes).with_priority(config.cache_priority);
+    let cached = cache
+        .fetch(&config.model, config.sha256.as_deref(), &store_options_from_env())
+        .await
+        .map_err(|source| ServerError::Fetch { uri: config.model.clone(), source })?;
+    Ok((cached.path, vec![TierLoad { tier: cached.tier.name().into(), seconds: cached.seconds }]))
 }
 
 /// A listener on `addr` and the address it got (`addr` may name port 0).

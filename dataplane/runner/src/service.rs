@@ -73,17 +73,7 @@ impl RunnerService {
         let Served::Text { model, .. } = &self.served else {
             return Err(self.wrong_modality("a prompt", "TEXT"));
         };
-        for (i, m) in messages.iter().enumerate() {
-            if !matches!(m.role.as_str(), "system" | "user" | "assistant") {
-                return Err(Status::invalid_argument(format!(
-                    "messages[{i}].role is {:?}; expected system, user or assistant",
-                    m.role
-                )));
-            }
-        }
-        if messages.is_empty() && prompt.is_empty() {
-            return Err(Status::invalid_argument("the request has neither messages nor a prompt"));
-        }
+        check_messages(&messages, &prompt)?;
         let model = model.clone();
         blocking(move || {
             if messages.is_empty() {
@@ -138,6 +128,51 @@ pub fn status(e: EngineError) -> Status {
         // A device fault or an unreadable file: another runner may answer.
         EngineError::Io(_) | EngineError::Device(_) => Status::unavailable(e.to_string()),
     }
+}
+
+/// Checks a conversation's roles, and that there is a conversation or a prompt.
+pub fn check_messages(messages: &[mantle_proto::ChatMessage], prompt: &str) -> Result<(), Status> {
+    for (i, m) in messages.iter().enumerate() {
+        if !matches!(m.role.as_str(), "system" | "user" | "assistant") {
+            return Err(Status::invalid_argument(format!(
+                "messages[{i}].role is {:?}; expected system, user or assistant",
+                m.role
+            )));
+        }
+    }
+    if messages.is_empty() && prompt.is_empty() {
+        return Err(Status::invalid_argument("the request has neither messages nor a prompt"));
+    }
+    Ok(())
+}
+
+/// Checks the sampling fields every engine takes the same way.
+pub fn check_sampling(r: &mantle_proto::GenerateRequest) -> Result<(), Status> {
+    if r.top_logprobs as usize > MAX_TOP_LOGPROBS {
+        return Err(Status::invalid_argument(format!(
+            "top_logprobs {} is more than {MAX_TOP_LOGPROBS}",
+            r.top_logprobs
+        )));
+    }
+    if !(r.temperature.is_finite() && r.temperature >= 0.0) {
+        return Err(Status::invalid_argument(format!("temperature {} must be 0 or more", r.temperature)));
+    }
+    if !(r.top_p.is_finite() && (0.0..=1.0).contains(&r.top_p)) {
+        return Err(Status::invalid_argument(format!("top_p {} must be between 0 and 1", r.top_p)));
+    }
+    Ok(())
+}
+
+/// The request's deadline as an instant (`None`: none), or DEADLINE_EXCEEDED when it has passed.
+pub fn deadline(unix_ms: u64) -> Result<Option<Instant>, Status> {
+    if unix_ms == 0 {
+        return Ok(None);
+    }
+    let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
+    if unix_ms <= now_ms {
+        return Err(Status::deadline_exceeded("the request's deadline has already passed"));
+    }
+    Ok(Some(Instant::now() + Duration::from_millis(unix_ms - now_ms)))
 }
 
 fn finish_reason(reason: FinishReason) -> mantle_proto::FinishReason {
@@ -213,6 +248,8 @@ impl Runner for RunnerService {
         let Served::Text { engine, model } = &self.served else {
             return Err(self.wrong_modality("Generate", "TEXT"));
         };
+        check_sampling(&r)?;
+        let deadline = deadline(r.deadline_unix_ms)?;
         let prompt = match r.prompt_token_ids {
             ids if ids.is_empty() => self.prompt_tokens(r.messages, r.prompt).await?,
             _ if !(r.messages.is_empty() && r.prompt.is_empty()) => {
@@ -226,28 +263,6 @@ impl Runner for RunnerService {
                     )));
                 }
                 ids
-            }
-        };
-        if r.top_logprobs as usize > MAX_TOP_LOGPROBS {
-            return Err(Status::invalid_argument(format!(
-                "top_logprobs {} is more than {MAX_TOP_LOGPROBS}",
-                r.top_logprobs
-            )));
-        }
-        if !(r.temperature.is_finite() && r.temperature >= 0.0) {
-            return Err(Status::invalid_argument(format!("temperature {} must be 0 or more", r.temperature)));
-        }
-        if !(r.top_p.is_finite() && (0.0..=1.0).contains(&r.top_p)) {
-            return Err(Status::invalid_argument(format!("top_p {} must be between 0 and 1", r.top_p)));
-        }
-        let deadline = match r.deadline_unix_ms {
-            0 => None,
-            ms => {
-                let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
-                if ms <= now_ms {
-                    return Err(Status::deadline_exceeded("the request's deadline has already passed"));
-                }
-                Some(Instant::now() + Duration::from_millis(ms - now_ms))
             }
         };
         let constraint = self.constraint(r.grammar).await?;

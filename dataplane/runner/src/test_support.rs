@@ -24,8 +24,7 @@ impl Drop for Moto {
 }
 
 pub async fn moto() -> Moto {
-    let root = Path::new(&std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").into()))
-        .join("../..");
+    let root = repo_root();
     let out = Command::new("bash").arg(root.join("scripts/python-env.sh")).output().expect("bash runs python-env.sh");
     assert!(out.status.success(), "python-env.sh failed: {}", String::from_utf8_lossy(&out.stderr));
     let venv = PathBuf::from(String::from_utf8_lossy(&out.stdout).lines().last().expect("venv path").trim());
@@ -85,4 +84,97 @@ pub async fn upload(moto: &Moto, bucket: &str, key: &str, data: Vec<u8>) {
         .build()
         .unwrap();
     store.put(&key.into(), PutPayload::from(data)).await.unwrap();
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(&std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").into())).join("../..")
+}
+
+/// llama.cpp's `llama-server`: `$MANTLE_LLAMA_SERVER`, else what `scripts/fetch-llama-server.sh`
+/// built (it builds it on first use).
+pub fn llama_server_binary() -> PathBuf {
+    if let Some(bin) = std::env::var_os("MANTLE_LLAMA_SERVER") {
+        return bin.into();
+    }
+    let out = Command::new("bash")
+        .arg(repo_root().join("scripts/fetch-llama-server.sh"))
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("bash runs fetch-llama-server.sh");
+    assert!(out.status.success(), "scripts/fetch-llama-server.sh failed");
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).lines().last().expect("llama-server path").trim())
+}
+
+/// A `llama-server` serving `model` on a loopback port, killed on drop: the real
+/// OpenAI-compatible engine the external-engine tests run against. AMX weight repacking is off
+/// (it crashes on some of our VMs); metrics and `/slots` are on.
+pub struct LlamaServer {
+    child: Option<Child>,
+    model: PathBuf,
+    slots: usize,
+    threads: usize,
+    pub port: u16,
+}
+
+impl LlamaServer {
+    /// Starts one with `slots` parallel sequences of 2048 tokens each and waits until it answers.
+    pub async fn start(model: &Path, slots: usize, threads: usize) -> Self {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut server = Self { child: None, model: model.to_path_buf(), slots, threads, port };
+        server.restart().await;
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server (as a crash would).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port and waits until it answers.
+    pub async fn restart(&mut self) {
+        self.kill();
+        let child = Command::new(llama_server_binary())
+            .arg("-m")
+            .arg(&self.model)
+            .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--no-repack", "--metrics", "--slots", "--no-webui", "--no-warmup"])
+            .args(["-np", &self.slots.to_string(), "-c", &(2048 * self.slots).to_string()])
+            .args(["-t", &self.threads.to_string(), "--log-disable"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("llama-server starts");
+        self.child = Some(child);
+        for _ in 0..600 {
+            if http_status(self.port, "/health").await == Some(200) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("llama-server did not become healthy on port {}", self.port);
+    }
+}
+
+impl Drop for LlamaServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The status of a plain HTTP/1.1 GET on loopback, `None` when nothing answers.
+pub async fn http_status(port: u16, path: &str) -> Option<u16> {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).await.ok()?;
+    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
 }
