@@ -113,14 +113,22 @@ pub struct LlamaServer {
     model: PathBuf,
     slots: usize,
     threads: usize,
+    /// Extra arguments (`--embeddings --pooling mean` for an embedding server).
+    extra: Vec<String>,
     pub port: u16,
 }
 
 impl LlamaServer {
     /// Starts one with `slots` parallel sequences of 2048 tokens each and waits until it answers.
     pub async fn start(model: &Path, slots: usize, threads: usize) -> Self {
+        Self::start_with(model, slots, threads, &[]).await
+    }
+
+    /// [`start`](Self::start) with extra server arguments.
+    pub async fn start_with(model: &Path, slots: usize, threads: usize, extra: &[&str]) -> Self {
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut server = Self { child: None, model: model.to_path_buf(), slots, threads, port };
+        let extra = extra.iter().map(|s| s.to_string()).collect();
+        let mut server = Self { child: None, model: model.to_path_buf(), slots, threads, extra, port };
         server.restart().await;
         server
     }
@@ -147,6 +155,7 @@ impl LlamaServer {
             .args(["--no-repack", "--metrics", "--slots", "--no-webui", "--no-warmup"])
             .args(["-np", &self.slots.to_string(), "-c", &(2048 * self.slots).to_string()])
             .args(["-t", &self.threads.to_string(), "--log-disable"])
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

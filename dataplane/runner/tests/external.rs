@@ -10,8 +10,8 @@ use mantle_engine::test_support::smollm2_path;
 use mantle_proto::grammar::Kind;
 use mantle_proto::runner_client::RunnerClient;
 use mantle_proto::{
-    ChatMessage, CountTokensRequest, FinishReason, GenerateRequest, Grammar, HealthRequest, InfoRequest, LoadState,
-    generate_response,
+    ChatMessage, CountTokensRequest, EmbedRequest, FinishReason, GenerateRequest, Grammar, HealthRequest, InfoRequest,
+    LoadState, generate_response,
 };
 use mantle_runner::test_support::{LlamaServer, http_status};
 use mantle_runner::{RunnerConfig, RunningRunner};
@@ -198,4 +198,38 @@ async fn a_dropped_stream_frees_its_slot_and_a_dead_upstream_is_critical_until_i
     let (text, _, _) = generate(&mut client, chat("What is the capital of France?", 12)).await.unwrap();
     assert!(!text.is_empty());
     assert_eq!(http_status(runner.http_addr.port(), "/readyz").await, Some(200));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_embedding_upstream_serves_unit_vectors_and_counts_their_tokens() {
+    let server = LlamaServer::start_with(&smollm2_path(), 1, 2, &["--embeddings", "--pooling", "mean"]).await;
+    let mut config = RunnerConfig::external(server.url(), "acme.smollm2-embed-v1:0");
+    if let Some(external) = config.external.as_mut() {
+        external.modality = mantle_runner::external::Modality::Embedding;
+    }
+    let runner = mantle_runner::start(config).await.expect("runner starts");
+    let mut client = RunnerClient::connect(format!("http://{}", runner.grpc_addr)).await.unwrap();
+    let info = client.info(InfoRequest {}).await.unwrap().into_inner();
+    assert_eq!((info.modality.as_str(), info.embedding_dimensions), ("EMBEDDING", 576), "SmolLM2's hidden size");
+
+    let texts = vec!["The cat sat on the mat.".to_string(), "Quarterly revenue grew.".to_string()];
+    let embedded =
+        client.embed(EmbedRequest { request_id: "e".into(), texts: texts.clone() }).await.unwrap().into_inner();
+    assert_eq!(embedded.embeddings.len(), 2);
+    for e in &embedded.embeddings {
+        let norm: f32 = e.values.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-3, "L2-normalised: {norm}");
+    }
+    let direct = post(format!("{}/v1/embeddings", server.url()), json!({"input": texts})).await;
+    assert_eq!(embedded.input_tokens as u64, direct["usage"]["prompt_tokens"].as_u64().unwrap());
+    let counted = client
+        .count_tokens(CountTokensRequest { messages: Vec::new(), prompt: texts[0].clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(counted.input_tokens > 3 && counted.input_tokens < embedded.input_tokens, "{counted:?}");
+    let err = client.generate(chat("Hello", 4)).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "Generate on an embedding model: {err:?}");
+    let err = client.embed(EmbedRequest { request_id: "e".into(), texts: Vec::new() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
 }

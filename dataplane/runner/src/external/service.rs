@@ -272,7 +272,7 @@ impl Runner for ExternalService {
                     .map_err(crate::service::status)?
             }
             (None, None) => {
-                return Err(Status::failed_precondition(format!(
+                return Err(Status::unimplemented(format!(
                     "the upstream of {} has no /tokenize; give the runner the model's weights (--model) \
                      to count tokens with its own tokenizer",
                     self.info.model_id

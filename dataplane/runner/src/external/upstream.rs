@@ -36,7 +36,8 @@ impl UpstreamError {
                 Status::unavailable(self.to_string())
             }
             UpstreamError::Status { status, message, .. } => match status {
-                401 | 403 => Status::failed_precondition(format!(
+                // The platform's misconfiguration, not the caller's: another replica may have it right.
+                401 | 403 => Status::unavailable(format!(
                     "the upstream refused the runner's credentials (HTTP {status}): {message}"
                 )),
                 429 => Status::resource_exhausted(format!("the upstream is at capacity: {message}")),
@@ -209,7 +210,7 @@ mod tests {
         assert_eq!(status(429, "busy").code(), tonic::Code::ResourceExhausted);
         assert_eq!(status(503, "loading").code(), tonic::Code::Unavailable);
         assert_eq!(status(500, "boom").code(), tonic::Code::Unavailable);
-        assert_eq!(status(401, "bad key").code(), tonic::Code::FailedPrecondition);
+        assert_eq!(status(401, "bad key").code(), tonic::Code::Unavailable);
         let timeout = UpstreamError::Timeout { url: "u".into(), timeout: Duration::from_millis(5) };
         assert_eq!(timeout.status().code(), tonic::Code::Unavailable);
     }
