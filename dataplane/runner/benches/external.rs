@@ -18,10 +18,14 @@ use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
 const MAX_TOKENS: u32 = 64;
-const ROUNDS: usize = 5;
+const ROUNDS: usize = 10;
 
-fn question(stream: usize, request: usize) -> String {
-    format!("Request {request} of stream {stream}: write a few sentences about the sea.")
+/// A question no earlier request asked, so every request computes its whole prompt (llama-server
+/// would serve a repeated one from its prompt cache, favouring whichever mode came second).
+fn question() -> String {
+    static ASKED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = ASKED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("Question {n}: write a few sentences about the sea.")
 }
 
 /// One request's time to first token and tokens generated.
@@ -91,15 +95,15 @@ async fn run(
 ) -> (Vec<Sample>, f64) {
     let started = Instant::now();
     let tasks: Vec<_> = (0..streams)
-        .map(|s| {
+        .map(|_| {
             let (http, url, client) = (http.clone(), url.to_string(), client.clone());
             tokio::spawn(async move {
                 let mut samples = Vec::new();
-                for r in 0..per_stream {
+                for _ in 0..per_stream {
                     samples.push(if through_sidecar {
-                        sidecar(client.clone(), question(s, r)).await
+                        sidecar(client.clone(), question()).await
                     } else {
-                        direct(&http, &url, question(s, r)).await
+                        direct(&http, &url, question()).await
                     });
                 }
                 samples
@@ -129,9 +133,10 @@ async fn main() {
     let config = mantle_runner::RunnerConfig::external(server.url(), "huggingfacetb.smollm2-135m-instruct-v1:0");
     let runner = mantle_runner::start(config).await.expect("runner starts");
     let client = RunnerClient::connect(format!("http://{}", runner.grpc_addr)).await.expect("client connects");
-    let http = reqwest::Client::builder().tcp_nodelay(true).build().expect("client");
+    // A new connection per request: llama-server closes one after each streamed answer anyway.
+    let http = reqwest::Client::builder().tcp_nodelay(true).pool_max_idle_per_host(0).build().expect("client");
     println!("llama-server: SmolLM2-135M-Instruct Q4_1, 16 slots, {threads} threads; {MAX_TOKENS} tokens a request");
-    for (streams, per_stream) in [(1usize, 6usize), (16, 2)] {
+    for (streams, per_stream) in [(1usize, 10usize), (16, 2)] {
         // Warm both paths (connections, the server's prompt cache).
         run(false, streams, 1, &http, &server.url(), &client).await;
         run(true, streams, 1, &http, &server.url(), &client).await;

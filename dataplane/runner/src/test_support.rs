@@ -154,10 +154,13 @@ impl LlamaServer {
             .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
             .args(["--no-repack", "--metrics", "--slots", "--no-webui", "--no-warmup"])
             .args(["-np", &self.slots.to_string(), "-c", &(2048 * self.slots).to_string()])
-            .args(["-t", &self.threads.to_string(), "--log-disable"])
+            .args(["-t", &self.threads.to_string()])
+            // A thread per open connection: room for the clients' pools beside the slots.
+            .args(["--threads-http", &(4 * self.slots + 8).to_string()])
             .args(&self.extra)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            // MANTLE_LLAMA_SERVER_LOG=1 shows the server's log.
+            .stderr(if std::env::var_os("MANTLE_LLAMA_SERVER_LOG").is_some() { Stdio::inherit() } else { Stdio::null() })
             .spawn()
             .expect("llama-server starts");
         self.child = Some(child);

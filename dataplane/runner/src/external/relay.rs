@@ -186,6 +186,7 @@ pub async fn run(
     let accepted = Instant::now();
     let mut decoder = Decoder::default();
     let deadline = deadline.map(tokio::time::Instant::from_std);
+    let mut upstream_done = false;
     let outcome = 'stream: loop {
         let next = tokio::select! {
             biased;
@@ -213,6 +214,7 @@ pub async fn run(
         };
         for event in events {
             let messages = if event.trim() == "[DONE]" {
+                upstream_done = true;
                 relay.on_end()
             } else {
                 parse_chunk(&event)
@@ -255,6 +257,11 @@ pub async fn run(
             }
         }
     };
+    if upstream_done {
+        // Read the body's end, so the connection goes back to the pool for the next request
+        // (the client already has its Finished).
+        let _ = tokio::time::timeout(std::time::Duration::from_millis(100), response.chunk()).await;
+    }
     metrics.requests.with_label_values(&[outcome]).inc();
     tracing::debug!(outcome, "generation ended");
 }

@@ -58,6 +58,8 @@ impl UpstreamError {
 pub struct Upstream {
     base: String,
     client: reqwest::Client,
+    /// Without idle connections: the second try of a request whose pooled connection died.
+    fresh: reqwest::Client,
     api_key: Option<String>,
 }
 
@@ -66,13 +68,15 @@ impl Upstream {
     /// left off), sending `api_key` as a bearer token when given.
     pub fn new(base: &str, api_key: Option<String>) -> Result<Self, reqwest::Error> {
         let base = base.trim_end_matches('/').trim_end_matches("/v1").to_string();
-        let client = reqwest::Client::builder()
-            .tcp_nodelay(true)
-            .connect_timeout(Duration::from_secs(2))
-            .pool_idle_timeout(Duration::from_secs(90))
+        let builder = || reqwest::Client::builder().tcp_nodelay(true).connect_timeout(Duration::from_secs(2));
+        let client = builder()
+            // Below the servers' own keep-alive (uvicorn's and llama.cpp's 5 s), so that an idle
+            // connection is not picked as the server times it out.
+            .pool_idle_timeout(Duration::from_secs(4))
             .pool_max_idle_per_host(256)
             .build()?;
-        Ok(Self { base, client, api_key })
+        let fresh = builder().pool_max_idle_per_host(0).build()?;
+        Ok(Self { base, client, fresh, api_key })
     }
 
     pub fn base(&self) -> &str {
@@ -84,17 +88,31 @@ impl Upstream {
     }
 
     fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        let r = self.client.request(method, self.url(path));
+        self.request_on(&self.client, method, path)
+    }
+
+    fn request_on(&self, client: &reqwest::Client, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let r = client.request(method, self.url(path));
         match &self.api_key {
             Some(key) => r.bearer_auth(key),
             None => r,
         }
     }
 
-    fn post(&self, path: &str, body: &Value) -> reqwest::RequestBuilder {
-        self.request(reqwest::Method::POST, path)
+    fn post_on(&self, client: &reqwest::Client, path: &str, body: &str) -> reqwest::RequestBuilder {
+        self.request_on(client, reqwest::Method::POST, path)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .body(body.to_string())
+    }
+
+    /// A request and its second try on a new connection.
+    fn post(&self, path: &str, body: &Value) -> (reqwest::RequestBuilder, reqwest::RequestBuilder) {
+        let body = body.to_string();
+        (self.post_on(&self.client, path, &body), self.post_on(&self.fresh, path, &body))
+    }
+
+    fn get(&self, path: &str) -> (reqwest::RequestBuilder, reqwest::RequestBuilder) {
+        (self.request(reqwest::Method::GET, path), self.request_on(&self.fresh, reqwest::Method::GET, path))
     }
 
     /// Sends `request`; a non-2xx answer becomes [`UpstreamError::Status`] with the upstream's
@@ -102,12 +120,24 @@ impl Upstream {
     async fn send(
         &self,
         path: &str,
-        request: reqwest::RequestBuilder,
+        (request, retry): (reqwest::RequestBuilder, reqwest::RequestBuilder),
         timeout: Duration,
     ) -> Result<reqwest::Response, UpstreamError> {
         let url = self.url(path);
-        let response = match tokio::time::timeout(timeout, request.send()).await {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let response = match tokio::time::timeout_at(deadline, request.send()).await {
             Err(_) => return Err(UpstreamError::Timeout { url, timeout }),
+            // A kept-alive connection the server closed as the request went out (llama.cpp's
+            // server closes one after each streamed answer, though it says keep-alive): the server
+            // never saw the request, so it is sent once more, on a new connection.
+            Ok(Err(source)) if source.is_request() && !source.is_connect() && !source.is_timeout() => {
+                tracing::debug!(error = %source, "the upstream closed a pooled connection; sending again");
+                match tokio::time::timeout_at(deadline, retry.send()).await {
+                    Err(_) => return Err(UpstreamError::Timeout { url, timeout }),
+                    Ok(Err(source)) => return Err(UpstreamError::Unreachable { url, source }),
+                    Ok(Ok(r)) => r,
+                }
+            }
             Ok(Err(source)) => return Err(UpstreamError::Unreachable { url, source }),
             Ok(Ok(r)) => r,
         };
@@ -132,26 +162,24 @@ impl Upstream {
         body: &Value,
         timeout: Duration,
     ) -> Result<reqwest::Response, UpstreamError> {
-        let request = self.post(path, body);
-        self.send(path, request, timeout).await
+        self.send(path, self.post(path, body), timeout).await
     }
 
     /// POSTs `body` and reads the JSON answer.
     pub async fn post_json(&self, path: &str, body: &Value, timeout: Duration) -> Result<Value, UpstreamError> {
-        let request = self.post(path, body);
-        let response = self.send(path, request, timeout).await?;
+        let response = self.send(path, self.post(path, body), timeout).await?;
         self.json(path, response, timeout).await
     }
 
     /// GETs `path` and reads the JSON answer.
     pub async fn get_json(&self, path: &str, timeout: Duration) -> Result<Value, UpstreamError> {
-        let response = self.send(path, self.request(reqwest::Method::GET, path), timeout).await?;
+        let response = self.send(path, self.get(path), timeout).await?;
         self.json(path, response, timeout).await
     }
 
     /// GETs `path` and reads the answer as text.
     pub async fn get_text(&self, path: &str, timeout: Duration) -> Result<String, UpstreamError> {
-        let response = self.send(path, self.request(reqwest::Method::GET, path), timeout).await?;
+        let response = self.send(path, self.get(path), timeout).await?;
         let body = self.body(path, response, timeout).await?;
         String::from_utf8(body)
             .map_err(|_| UpstreamError::Malformed { url: self.url(path), reason: "not UTF-8".into() })
