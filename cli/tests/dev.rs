@@ -165,6 +165,70 @@ fn mantle_dev_follows_its_manifests_restarts_dead_runners_and_takes_them_along_w
     std::fs::remove_dir_all(dir).ok();
 }
 
+/// Runs a phase of `tests/e2e/external_engine.py` against `mantle dev` and the upstream.
+fn external_phase(phase: &str, addr: SocketAddr, upstream: &str) {
+    let out = Command::new(cache().join("venv/bin/python"))
+        .arg(repo_root().join("tests/e2e/external_engine.py"))
+        .args([phase, &format!("http://{addr}"), upstream])
+        .output()
+        .expect("python runs");
+    let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    println!("{report}");
+    assert!(out.status.success(), "external engine, phase {phase}, failed:\n{report}");
+}
+
+#[test]
+fn mantle_dev_fronts_a_running_llama_server_through_an_external_foundation_model() {
+    use mantle_runner::test_support::LlamaServer;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let model = cache().join("models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let mut server = rt.block_on(LlamaServer::start(&model, 2, 2));
+    let dir = std::env::temp_dir().join(format!("mantle-dev-external-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("external.yaml"),
+        format!(
+            "apiVersion: mantle.dev/v1alpha1
+kind: FoundationModel
+metadata:
+  name: smollm2-external
+spec:
+  modelId: acme.smollm2-external-v1:0
+  provider: Acme
+  modality: TEXT
+  source:
+    uri: file://{model}
+    format: gguf
+  engine:
+    type: External
+    external:
+      endpoint: {endpoint}
+  contextLength: 2048
+  replicas:
+    min: 1
+    max: 1
+",
+            model = model.display(),
+            endpoint = server.url()
+        ),
+    )
+    .unwrap();
+    let (_dev, addr) = start_dev(&["--manifests".as_ref(), dir.as_os_str()], Stdio::null());
+    external_phase("up", addr, &server.url());
+    server.kill();
+    // The runner sees it within two 500 ms health intervals; the router within a Health beat.
+    std::thread::sleep(Duration::from_millis(1500));
+    external_phase("down", addr, &server.url());
+    rt.block_on(server.restart());
+    let back = Instant::now();
+    while status(addr, "/readyz") != Some(200) {
+        assert!(back.elapsed() < Duration::from_secs(10), "not ready again 10 s after the upstream returned");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    external_phase("back", addr, &server.url());
+    std::fs::remove_dir_all(dir).ok();
+}
+
 /// moto's S3 server on a free loopback port, stopped on drop.
 struct Moto(Child, String);
 

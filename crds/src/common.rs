@@ -12,6 +12,8 @@ pub const MODEL_SOURCE_URI_PATTERN: &str = r"^(s3|gs|az|https|file|pvc)://[^\s]+
 /// Where documents, batch inputs and batch outputs live: an object-store prefix (or a local
 /// directory for `mantle dev`).
 pub const DATA_URI_PATTERN: &str = r"^(s3|gs|az|file)://[^\s]+$";
+/// The base URL of a running OpenAI-compatible server (`http://127.0.0.1:8080`), without `/v1`.
+pub const ENDPOINT_URL_PATTERN: &str = r"^https?://[^\s/?#]+(/[^\s?#]*)?$";
 /// A lowercase hex SHA-256 digest.
 pub const SHA256_PATTERN: &str = r"^[a-f0-9]{64}$";
 /// A Kubernetes object name used as a reference (RFC 1123 label).

@@ -8,7 +8,9 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::common::{Condition, MODEL_ID_PATTERN, MODEL_SOURCE_URI_PATTERN, NAME_PATTERN, SHA256_PATTERN, Time};
+use crate::common::{
+    Condition, ENDPOINT_URL_PATTERN, MODEL_ID_PATTERN, MODEL_SOURCE_URI_PATTERN, NAME_PATTERN, SHA256_PATTERN, Time,
+};
 use crate::validation::{Invalid, Validate, Violations};
 
 /// A model Mantle serves under a Bedrock-style model id.
@@ -36,7 +38,8 @@ use crate::validation::{Invalid, Validate, Violations};
     validation = Rule::new("self.modality == 'TEXT' || !has(self.chatTemplate)").message("chatTemplate applies to TEXT models only").field_path(".chatTemplate"),
     validation = Rule::new("!has(self.invokeModelBody) || (self.modality == 'TEXT') == (self.invokeModelBody in ['AnthropicMessages', 'Llama', 'Mistral'])").message("invokeModelBody must be a body of the model's modality: AnthropicMessages, Llama or Mistral for TEXT; TitanEmbed or CohereEmbed for EMBEDDING").field_path(".invokeModelBody"),
     validation = Rule::new("!has(self.draftModel) || self.draftModel.modelId != self.modelId").message("a model cannot be its own draft model").field_path(".draftModel.modelId"),
-    validation = Rule::new("!has(self.fallbacks) || self.fallbacks.all(f, f.modelId != self.modelId)").message("a model cannot be its own fallback").field_path(".fallbacks")
+    validation = Rule::new("!has(self.fallbacks) || self.fallbacks.all(f, f.modelId != self.modelId)").message("a model cannot be its own fallback").field_path(".fallbacks"),
+    validation = Rule::new("has(self.source) || (has(self.engine) && has(self.engine.external) && has(self.engine.external.endpoint))").message("source is required unless the engine is an external endpoint").field_path(".source")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct FoundationModelSpec {
@@ -50,8 +53,11 @@ pub struct FoundationModelSpec {
     pub provider: String,
     /// What the model produces.
     pub modality: Modality,
-    /// Where the weights come from.
-    pub source: ModelSource,
+    /// Where the weights come from. Required, except for an external engine's `endpoint` (a
+    /// server that holds its own weights), where a GGUF named here only lends its tokenizer to
+    /// CountTokens when the server has no `/tokenize`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<ModelSource>,
     /// What runs the model.
     #[serde(default)]
     pub engine: Engine,
@@ -71,7 +77,8 @@ pub struct FoundationModelSpec {
     /// The maximum number of tokens (prompt + completion) one request may use.
     #[schemars(range(min = 128, max = 1048576))]
     pub context_length: i32,
-    /// What one replica needs.
+    /// What one replica needs: the runner's, or an External engine's container's. The runner in
+    /// front of an External `endpoint` asks for none (it only forwards).
     #[serde(default)]
     pub resources: ModelResources,
     /// How many replicas run, and when to add more.
@@ -188,20 +195,49 @@ pub enum EngineType {
     External,
 }
 
-/// An OpenAI-compatible inference server Mantle runs and routes to.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+/// An OpenAI-compatible inference server (vLLM, SGLang, llama.cpp's server, Ollama) that the
+/// runner fronts: a container Mantle runs beside the runner in each pod (`image`, what the
+/// operator renders), or a server that already runs (`endpoint`, what `mantle dev` uses). Exactly
+/// one of the two.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(
+    validation = Rule::new("has(self.image) != has(self.endpoint)").message("exactly one of image (a container Mantle runs) and endpoint (a server already running) is required"),
+    validation = Rule::new("!has(self.endpoint) || !has(self.args) || size(self.args) == 0").message("args are for the image's container; an endpoint's server is started by whoever runs it").field_path(".args")
+)]
 #[serde(rename_all = "camelCase")]
 pub struct ExternalEngine {
-    /// The container image.
+    /// The container image the operator runs beside the runner (`vllm/vllm-openai:v0.11.0`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 512))]
-    pub image: String,
-    /// Arguments for the container.
+    pub image: Option<String>,
+    /// The base URL of a server already running (`http://127.0.0.1:8080` for llama-server,
+    /// `http://127.0.0.1:11434` for Ollama), without `/v1`: no engine container is run, and no
+    /// weights are fetched for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = ENDPOINT_URL_PATTERN), length(max = 512))]
+    pub endpoint: Option<String>,
+    /// The model name the upstream serves it under; default: the first one its `/v1/models`
+    /// lists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub model: Option<String>,
+    /// Arguments for the image's container (with `image` only).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub args: Vec<String>,
-    /// The port its OpenAI API listens on.
+    /// The port the image's container serves its OpenAI API on (with `image` only).
     #[serde(default = "default_external_port")]
     #[schemars(range(min = 1, max = 65535))]
     pub port: i32,
+}
+
+impl ExternalEngine {
+    /// The base URL the runner calls: the endpoint, or the image's container in the same pod.
+    pub fn upstream(&self) -> String {
+        match &self.endpoint {
+            Some(endpoint) => endpoint.clone(),
+            None => format!("http://127.0.0.1:{}", self.port),
+        }
+    }
 }
 
 fn default_external_port() -> i32 {
@@ -497,13 +533,38 @@ pub struct CellReplicas {
     pub desired: i32,
 }
 
+impl FoundationModelSpec {
+    /// The running server an External engine names by `endpoint`: such a model has no engine
+    /// container and no weights to fetch.
+    pub fn external_endpoint(&self) -> Option<&str> {
+        match (self.engine.type_, &self.engine.external) {
+            (EngineType::External, Some(external)) => external.endpoint.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// The weights Mantle fetches and caches for the model: none for an external endpoint.
+    pub fn fetched_weights(&self) -> Option<&ModelSource> {
+        if self.external_endpoint().is_some() { None } else { self.source.as_ref() }
+    }
+}
+
 impl Validate for FoundationModelSpec {
     fn validate(&self) -> Result<(), Invalid> {
         let mut v = Violations::default();
         v.pattern(&self.model_id, MODEL_ID_PATTERN, "spec.modelId");
-        v.pattern(&self.source.uri, MODEL_SOURCE_URI_PATTERN, "spec.source.uri");
-        if let Some(sha) = &self.source.sha256 {
-            v.pattern(sha, SHA256_PATTERN, "spec.source.sha256");
+        match &self.source {
+            Some(source) => {
+                v.pattern(&source.uri, MODEL_SOURCE_URI_PATTERN, "spec.source.uri");
+                if let Some(sha) = &source.sha256 {
+                    v.pattern(sha, SHA256_PATTERN, "spec.source.sha256");
+                }
+            }
+            None => v.check(
+                self.external_endpoint().is_some(),
+                "spec.source",
+                "source is required unless the engine is an external endpoint",
+            ),
         }
         v.range(self.context_length, 128, 1_048_576, "spec.contextLength");
         v.range(self.resources.gpus, 0, 16, "spec.resources.gpus");
@@ -512,6 +573,21 @@ impl Validate for FoundationModelSpec {
             "spec.engine.external",
             "external is required when type is External, and only then",
         );
+        if let Some(external) = &self.engine.external {
+            v.check(
+                external.image.is_some() != external.endpoint.is_some(),
+                "spec.engine.external",
+                "exactly one of image (a container Mantle runs) and endpoint (a server already running) is required",
+            );
+            if let Some(endpoint) = &external.endpoint {
+                v.pattern(endpoint, ENDPOINT_URL_PATTERN, "spec.engine.external.endpoint");
+                v.check(
+                    external.args.is_empty(),
+                    "spec.engine.external.args",
+                    "args are for the image's container; an endpoint's server is started by whoever runs it",
+                );
+            }
+        }
         v.range(self.replicas.min, 0, 1000, "spec.replicas.min");
         v.range(self.replicas.max, 1, 1000, "spec.replicas.max");
         v.check(

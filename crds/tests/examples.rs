@@ -43,6 +43,56 @@ fn every_example_is_commented() {
     }
 }
 
+/// The commented-out manifests of an example (blocks of `# `-prefixed YAML from `# apiVersion:` to
+/// the first line that is not `# …`), uncommented: a `# # note` inside a block stays a comment.
+fn commented_out_manifests(text: &str) -> String {
+    let mut out = String::new();
+    let mut inside = false;
+    for line in text.lines() {
+        inside = match line.strip_prefix("# ") {
+            Some(yaml) if inside || yaml.starts_with("apiVersion:") => {
+                if !inside {
+                    out.push_str("---\n");
+                }
+                out.push_str(yaml);
+                out.push('\n');
+                true
+            }
+            _ => false,
+        };
+    }
+    out
+}
+
+/// The External engine example is commented out (it needs a running server), and still what a
+/// user can apply once uncommented: an endpoint model and an image model, valid both ways.
+#[test]
+fn the_external_engine_example_is_valid_once_uncommented() {
+    let path = repo_root().join("examples/external-engine.yaml");
+    let text = std::fs::read_to_string(&path).expect("examples/external-engine.yaml");
+    assert!(mantle_crds::parse_manifests(&text, "external-engine.yaml").expect("parses").is_empty(), "not loaded");
+    let uncommented = commented_out_manifests(&text);
+    let manifests = mantle_crds::parse_manifests(&uncommented, "external-engine.yaml").expect("uncommented parses");
+    let mut kinds = Vec::new();
+    for manifest in &manifests {
+        manifest.validate().unwrap_or_else(|e| panic!("{}: {e}", manifest.name()));
+        let mantle_crds::Manifest::FoundationModel(fm) = manifest else { panic!("{} is not a model", manifest.name()) };
+        let external = fm.spec.engine.external.as_ref().expect("an External engine");
+        kinds.push((external.endpoint.is_some(), external.image.is_some()));
+    }
+    assert_eq!(kinds, [(true, false), (false, true)], "an endpoint model, then an image model");
+    let dir = std::env::temp_dir().join(format!("mantle-external-example-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let file = dir.join("external-engine.yaml");
+    std::fs::write(&file, &uncommented).expect("written");
+    for object in yaml_documents(&file) {
+        if let Err(rejections) = admit(&object) {
+            panic!("the uncommented external engine example is rejected: {rejections:#?}");
+        }
+    }
+    std::fs::remove_dir_all(dir).ok();
+}
+
 #[test]
 fn sample_batch_input_is_bedrock_record_format() {
     let text = std::fs::read_to_string(repo_root().join("examples/batch-input.jsonl")).expect("sample input");

@@ -38,8 +38,8 @@ pub struct PodArgs {
     /// pools; `none` when runners do not authenticate the router.
     #[arg(long, default_value = "mantle-runner-token")]
     pub runner_token_secret: String,
-    /// The inference gateway's endpoint picker Service, `SERVICE:PORT`: External-engine models
-    /// then get an InferencePool (inference.networking.k8s.io/v1) of their runner pods, when that
+    /// The inference gateway's endpoint picker Service, `SERVICE:PORT`: External-engine models run
+    /// from an image then get an InferencePool (inference.networking.k8s.io/v1) of their runner pods, when that
     /// CRD is installed.
     #[arg(long)]
     pub inference_pool_endpoint_picker: Option<crate::render::EndpointPicker>,

@@ -408,7 +408,7 @@ async fn prewarm(
 }
 
 /// With an endpoint picker configured: applies the model's InferencePool, or deletes one it no
-/// longer has (an engine that is no longer External).
+/// longer has (an engine that is no longer an External image).
 async fn inference_pool(ctx: &Context, model: &FoundationModel, namespace: &str) -> Result<(), Error> {
     if ctx.options.endpoint_picker.is_none() {
         return Ok(());

@@ -13,8 +13,10 @@
 //!   copies the weights from the object store with the sha256 checked, with the source's
 //!   credentials Secret as its environment;
 //! - runs `mantle-runner serve` with [`runner_args`](crate::runner_args) — or, for an External
-//!   engine, the engine's image beside a `mantle-runner` sidecar that fronts it — as a non-root
-//!   user with a read-only root filesystem and no capabilities (IPC_LOCK only to pin weights);
+//!   engine, the engine's image beside a `mantle-runner` sidecar that fronts it, and for an
+//!   External `endpoint` (a server running elsewhere) only that sidecar, with no weights to fetch
+//!   — as a non-root user with a read-only root filesystem and no capabilities (IPC_LOCK only to
+//!   pin weights);
 //! - is ready on `/readyz` (weights loaded), with a startup probe sized for loading them;
 //! - presents the router's token when runner authentication is on (a Secret, mounted as a file).
 //!
@@ -43,7 +45,7 @@ use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec}
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use mantle_crds::{Cell, EngineType, FoundationModel, ProvisionedThroughput};
+use mantle_crds::{Cell, EngineType, FoundationModel, ModelSource, ProvisionedThroughput};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
@@ -181,14 +183,15 @@ pub fn inference_pool_resource() -> kube::api::ApiResource {
     }
 }
 
-/// For an External-engine model, when the operator is given the gateway's endpoint picker: an
-/// InferencePool (named as the model) of its runner pods' engine port, which speaks the OpenAI
-/// API, so an existing inference gateway can route to it. Builtin-engine runners speak Mantle's
-/// gRPC API only; gateways reach those models through the Mantle router.
+/// For an External-engine model run from its `image`, when the operator is given the gateway's
+/// endpoint picker: an InferencePool (named as the model) of its runner pods' engine port, which
+/// speaks the OpenAI API, so an existing inference gateway can route to it. Builtin-engine runners
+/// speak Mantle's gRPC API only, and an `endpoint` model's pods hold no engine; gateways reach
+/// those models through the Mantle router.
 pub fn render_inference_pool(model: &FoundationModel, options: &RenderOptions) -> Option<kube::api::DynamicObject> {
     let picker = options.endpoint_picker.as_ref()?;
     let external = match (model.spec.engine.type_, &model.spec.engine.external) {
-        (EngineType::External, Some(external)) => external,
+        (EngineType::External, Some(external)) if external.image.is_some() => external,
         _ => return None,
     };
     let name = model.metadata.name.clone().unwrap_or_default();
@@ -232,6 +235,8 @@ pub fn render_prewarm(
     options: &RenderOptions,
 ) -> Option<DaemonSet> {
     let prewarm = model.spec.weight_cache.prewarm.as_ref()?;
+    // An External endpoint's server holds its own weights: there is nothing to keep cached.
+    let source = model.spec.fetched_weights()?;
     let name = model.metadata.name.clone().unwrap_or_default();
     let namespace = model.metadata.namespace.clone();
     let mut cell_names: Vec<&str> = plan
@@ -297,13 +302,13 @@ pub fn render_prewarm(
     ]);
     let cache = options.cache_root.as_str();
     let image = &options.runner_image;
-    let mut args = cache_args("keep-cached", model, options, PREWARM_CACHE_PRIORITY);
+    let mut args = cache_args("keep-cached", source, options, PREWARM_CACHE_PRIORITY);
     args.push(format!("--http-listen=0.0.0.0:{HTTP_PORT}"));
     let keeper = Container {
         name: "keep-cached".into(),
         image: Some(image.clone()),
         args: Some(args),
-        env_from: credentials(model),
+        env_from: credentials(source),
         ports: Some(vec![port("http", HTTP_PORT)]),
         readiness_probe: Some(http_probe("/readyz", 10, 3)),
         liveness_probe: Some(http_probe("/healthz", 10, 6)),
@@ -430,10 +435,9 @@ pub fn pool_labels(pool: &PoolPlan) -> BTreeMap<String, String> {
     labels
 }
 
-/// The node label that says a node's cache holds the model's weights: a digest of the weights
-/// (their sha256 when the spec gives it, else the source URI).
-pub fn weights_label(model: &FoundationModel) -> String {
-    let source = &model.spec.source;
+/// The node label that says a node's cache holds these weights: a digest of the weights (their
+/// sha256 when the spec gives it, else the source URI).
+pub fn weights_label(source: &ModelSource) -> String {
     let key = source.sha256.clone().unwrap_or_else(|| source.uri.clone());
     let digest = Sha256::digest(key.as_bytes());
     let hex: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
@@ -571,8 +575,8 @@ fn port(name: &str, port: i32) -> ContainerPort {
     }
 }
 
-fn credentials(model: &FoundationModel) -> Option<Vec<EnvFromSource>> {
-    model.spec.source.credentials_secret_ref.as_ref().map(|s| {
+fn credentials(source: &ModelSource) -> Option<Vec<EnvFromSource>> {
+    source.credentials_secret_ref.as_ref().map(|s| {
         vec![EnvFromSource {
             secret_ref: Some(SecretEnvSource { name: s.name.clone(), optional: Some(false) }),
             ..EnvFromSource::default()
@@ -603,8 +607,7 @@ fn prepare_cache(image: &str, cache: &str) -> Container {
 }
 
 /// `mantle-runner fetch` or `keep-cached` arguments for the model's weights.
-fn cache_args(command: &str, model: &FoundationModel, options: &RenderOptions, priority: u8) -> Vec<String> {
-    let source = &model.spec.source;
+fn cache_args(command: &str, source: &ModelSource, options: &RenderOptions, priority: u8) -> Vec<String> {
     let mut args = vec![
         command.into(),
         format!("--source={}", source.uri),
@@ -640,21 +643,43 @@ pub const PREWARM_CACHE_PRIORITY: u8 = 1;
 fn pod_spec(model: &FoundationModel, cell: Option<&Cell>, cache_priority: u8, options: &RenderOptions) -> PodSpec {
     let spec = &model.spec;
     let cache = options.cache_root.as_str();
+    let external = match (spec.engine.type_, &spec.engine.external) {
+        (EngineType::External, Some(external)) => Some(external),
+        _ => None,
+    };
+    // The weights the pod fetches into the node cache: none for an External endpoint, whose
+    // server runs elsewhere with its own.
+    let weights = spec.fetched_weights();
     // A builtin engine on GPUs runs the runner built with CUDA; an external engine brings its
     // own GPU code and the runner beside it only forwards.
-    let on_gpu = spec.resources.gpus > 0 && spec.engine.type_ == EngineType::Builtin;
+    let on_gpu = spec.resources.gpus > 0 && external.is_none();
     let runner_image = if on_gpu { &options.runner_cuda_image } else { &options.runner_image };
     let mut node_selector = cell.map(|c| c.spec.node_selector.clone()).unwrap_or_default();
-    if let Some(gpu) = &spec.resources.gpu_type {
+    if let Some(gpu) = spec.resources.gpu_type.as_ref().filter(|_| spec.external_endpoint().is_none()) {
         node_selector.insert("nvidia.com/gpu.product".into(), gpu.clone());
     }
-    let mut volumes = vec![Volume {
-        name: "weights".into(),
-        host_path: Some(HostPathVolumeSource { path: cache.into(), type_: Some("DirectoryOrCreate".into()) }),
-        ..Volume::default()
-    }];
+    let mut volumes = Vec::new();
+    let mut runner_mounts = Vec::new();
+    let mut init_containers = Vec::new();
+    if let Some(source) = weights {
+        volumes.push(Volume {
+            name: "weights".into(),
+            host_path: Some(HostPathVolumeSource { path: cache.into(), type_: Some("DirectoryOrCreate".into()) }),
+            ..Volume::default()
+        });
+        runner_mounts.push(mount("weights", cache, false));
+        init_containers.push(prepare_cache(runner_image, cache));
+        init_containers.push(Container {
+            name: "fetch-weights".into(),
+            image: Some(runner_image.clone()),
+            args: Some(cache_args("fetch", source, options, cache_priority)),
+            env_from: credentials(source),
+            security_context: Some(restricted()),
+            volume_mounts: Some(vec![mount("weights", cache, false)]),
+            ..Container::default()
+        });
+    }
     let mut env = Vec::new();
-    let mut runner_mounts = vec![mount("weights", cache, false)];
     if let Some(secret) = &options.runner_token_secret {
         volumes.push(Volume {
             name: "runner-token".into(),
@@ -668,16 +693,6 @@ fn pod_spec(model: &FoundationModel, cell: Option<&Cell>, cache_priority: u8, op
             ..EnvVar::default()
         });
     }
-    let prepare = prepare_cache(runner_image, cache);
-    let fetch = Container {
-        name: "fetch-weights".into(),
-        image: Some(runner_image.clone()),
-        args: Some(cache_args("fetch", model, options, cache_priority)),
-        env_from: credentials(model),
-        security_context: Some(restricted()),
-        volume_mounts: Some(vec![mount("weights", cache, false)]),
-        ..Container::default()
-    };
     let mut resources = ResourceRequirements::default();
     let mut requests = BTreeMap::new();
     let mut limits = BTreeMap::new();
@@ -698,7 +713,12 @@ fn pod_spec(model: &FoundationModel, cell: Option<&Cell>, cache_priority: u8, op
     let args = runner_args(
         model,
         &RunnerPlacement {
-            model: spec.source.uri.clone(),
+            // The builtin engine loads the weights; the sidecar of an External engine counts
+            // tokens with the server's `/tokenize` (vLLM, SGLang and llama.cpp's server have one).
+            model: match (external, weights) {
+                (None, Some(source)) => source.uri.clone(),
+                _ => String::new(),
+            },
             grpc_listen: format!("0.0.0.0:{GRPC_PORT}"),
             http_listen: format!("0.0.0.0:{HTTP_PORT}"),
             threads: 0,
@@ -713,92 +733,86 @@ fn pod_spec(model: &FoundationModel, cell: Option<&Cell>, cache_priority: u8, op
         runner_security.capabilities =
             Some(Capabilities { add: Some(vec!["IPC_LOCK".into()]), drop: Some(vec!["ALL".into()]) });
     }
-    let mut runner = Container {
+    let runner = Container {
         name: "runner".into(),
         image: Some(runner_image.clone()),
         args: Some(args),
-        env: (!env.is_empty()).then(|| env.clone()),
-        env_from: credentials(model),
+        env: (!env.is_empty()).then_some(env),
+        env_from: weights.and_then(credentials),
         ports: Some(vec![port("grpc", GRPC_PORT), port("http", HTTP_PORT)]),
         readiness_probe: Some(http_probe("/readyz", 5, 3)),
         liveness_probe: Some(http_probe("/healthz", 10, 6)),
         startup_probe: Some(http_probe("/readyz", 5, startup_seconds / 5)),
-        resources: Some(resources.clone()),
+        // The model's resources are the engine's: the sidecar of an External engine only forwards.
+        resources: external.is_none().then(|| resources.clone()),
         security_context: Some(runner_security),
-        volume_mounts: Some(runner_mounts.clone()),
+        volume_mounts: Some(runner_mounts),
         ..Container::default()
     };
-    let mut containers = Vec::new();
-    if let (EngineType::External, Some(external)) = (spec.engine.type_, &spec.engine.external) {
+    let mut containers = vec![runner];
+    if let Some((external, image)) = external.and_then(|e| Some((e, e.image.as_ref()?))) {
         // The engine serves the OpenAI API on its port; the runner beside it serves the router.
         containers.push(Container {
             name: "engine".into(),
-            image: Some(external.image.clone()),
+            image: Some(image.clone()),
             args: (!external.args.is_empty()).then(|| external.args.clone()),
             ports: Some(vec![port("engine", external.port)]),
             resources: Some(resources),
             volume_mounts: Some(vec![mount("weights", cache, true)]),
             ..Container::default()
         });
-        runner.args = Some(vec![
-            "serve".into(),
-            "--engine=external".into(),
-            format!("--upstream=http://127.0.0.1:{}", external.port),
-            format!("--model-id={}", spec.model_id),
-            format!("--listen=0.0.0.0:{GRPC_PORT}"),
-            format!("--http-listen=0.0.0.0:{HTTP_PORT}"),
-        ]);
-        runner.resources = None;
-        runner.security_context = Some(restricted());
     }
-    containers.insert(0, runner);
     PodSpec {
         node_selector: (!node_selector.is_empty()).then_some(node_selector),
         tolerations: cell.map(|c| c.spec.tolerations.clone()).filter(|t| !t.is_empty()),
-        affinity: Some(Affinity {
-            node_affinity: Some(NodeAffinity {
-                // Warm nodes first: their cache already holds the weights.
-                preferred_during_scheduling_ignored_during_execution: Some(vec![PreferredSchedulingTerm {
-                    weight: 100,
-                    preference: NodeSelectorTerm {
-                        match_expressions: Some(vec![NodeSelectorRequirement {
-                            key: weights_label(model),
-                            operator: "Exists".into(),
-                            values: None,
-                        }]),
-                        ..NodeSelectorTerm::default()
-                    },
-                }]),
-                ..NodeAffinity::default()
-            }),
-            // And nodes where the model's prewarm pod keeps the weights cached.
-            pod_affinity: spec.weight_cache.prewarm.as_ref().map(|_| PodAffinity {
-                preferred_during_scheduling_ignored_during_execution: Some(vec![WeightedPodAffinityTerm {
-                    weight: 100,
-                    pod_affinity_term: PodAffinityTerm {
-                        label_selector: Some(LabelSelector {
-                            match_labels: Some(BTreeMap::from([(
-                                PREWARM_LABEL.to_string(),
-                                model.metadata.name.clone().unwrap_or_default(),
-                            )])),
-                            ..LabelSelector::default()
-                        }),
-                        topology_key: "kubernetes.io/hostname".into(),
-                        ..PodAffinityTerm::default()
-                    },
-                }]),
-                ..PodAffinity::default()
-            }),
-            ..Affinity::default()
-        }),
+        affinity: weights.map(|source| weights_affinity(model, source)),
         security_context: Some(pod_security()),
         automount_service_account_token: Some(false),
         enable_service_links: Some(false),
         termination_grace_period_seconds: Some(30),
-        init_containers: Some(vec![prepare, fetch]),
+        init_containers: (!init_containers.is_empty()).then_some(init_containers),
         containers,
-        volumes: Some(volumes),
+        volumes: (!volumes.is_empty()).then_some(volumes),
         ..PodSpec::default()
+    }
+}
+
+/// Nodes whose cache already holds the weights first: those labelled for them, and those where
+/// the model's prewarm pod keeps them.
+fn weights_affinity(model: &FoundationModel, source: &ModelSource) -> Affinity {
+    Affinity {
+        node_affinity: Some(NodeAffinity {
+            preferred_during_scheduling_ignored_during_execution: Some(vec![PreferredSchedulingTerm {
+                weight: 100,
+                preference: NodeSelectorTerm {
+                    match_expressions: Some(vec![NodeSelectorRequirement {
+                        key: weights_label(source),
+                        operator: "Exists".into(),
+                        values: None,
+                    }]),
+                    ..NodeSelectorTerm::default()
+                },
+            }]),
+            ..NodeAffinity::default()
+        }),
+        pod_affinity: model.spec.weight_cache.prewarm.as_ref().map(|_| PodAffinity {
+            preferred_during_scheduling_ignored_during_execution: Some(vec![WeightedPodAffinityTerm {
+                weight: 100,
+                pod_affinity_term: PodAffinityTerm {
+                    label_selector: Some(LabelSelector {
+                        match_labels: Some(BTreeMap::from([(
+                            PREWARM_LABEL.to_string(),
+                            model.metadata.name.clone().unwrap_or_default(),
+                        )])),
+                        ..LabelSelector::default()
+                    }),
+                    topology_key: "kubernetes.io/hostname".into(),
+                    ..PodAffinityTerm::default()
+                },
+            }]),
+            ..PodAffinity::default()
+        }),
+        ..Affinity::default()
     }
 }
 

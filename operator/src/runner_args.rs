@@ -1,12 +1,15 @@
 //! The model runner's command line for one FoundationModel replica: what the operator puts in a
-//! runner pod, and what `mantle dev` runs locally, so both start runners the same way.
+//! runner pod, and what `mantle dev` runs locally, so both start runners the same way — the
+//! builtin engine serving weights, or the sidecar fronting an External engine's server.
 
-use mantle_crds::{CacheTier, ChatTemplate, FoundationModel};
+use mantle_crds::{CacheTier, ChatTemplate, EngineType, ExternalEngine, FoundationModel, Modality};
 
 /// Where a replica runs, which the FoundationModel does not say.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RunnerPlacement {
-    /// The weights to serve: the model's source URI, or a local path already holding them.
+    /// The weights to serve: the model's source URI, or a local path already holding them. For an
+    /// External engine, optional (empty: none): a GGUF whose tokenizer counts tokens when the
+    /// server has no `/tokenize`.
     pub model: String,
     pub grpc_listen: String,
     pub http_listen: String,
@@ -22,7 +25,11 @@ pub struct RunnerPlacement {
 
 /// `mantle-runner` arguments (after the binary name) serving `model` at `placement`.
 pub fn runner_args(model: &FoundationModel, placement: &RunnerPlacement) -> Vec<String> {
+    if let (EngineType::External, Some(external)) = (model.spec.engine.type_, &model.spec.engine.external) {
+        return external_args(model, external, placement);
+    }
     let spec = &model.spec;
+    let sha256 = spec.source.as_ref().and_then(|s| s.sha256.as_ref());
     let mut args = vec![
         "serve".to_string(),
         format!("--model={}", placement.model),
@@ -31,7 +38,7 @@ pub fn runner_args(model: &FoundationModel, placement: &RunnerPlacement) -> Vec<
         format!("--http-listen={}", placement.http_listen),
         format!("--threads={}", placement.threads),
     ];
-    if let Some(sha) = &spec.source.sha256 {
+    if let Some(sha) = sha256 {
         args.push(format!("--sha256={sha}"));
     }
     if let Some(dir) = &placement.cache_dir {
@@ -53,6 +60,32 @@ pub fn runner_args(model: &FoundationModel, placement: &RunnerPlacement) -> Vec<
             ChatTemplate::Mistral => "mistral",
         };
         args.push(format!("--chat-template={name}"));
+    }
+    args
+}
+
+/// The sidecar's arguments: it calls the server (the endpoint, or the engine container in the
+/// same pod) and loads no weights, so the builtin engine's threads, device and cache do not apply.
+fn external_args(model: &FoundationModel, external: &ExternalEngine, placement: &RunnerPlacement) -> Vec<String> {
+    let spec = &model.spec;
+    let modality = match spec.modality {
+        Modality::Text => "text",
+        Modality::Embedding => "embedding",
+    };
+    let mut args = vec![
+        "serve".to_string(),
+        "--engine=external".into(),
+        format!("--upstream={}", external.upstream()),
+        format!("--model-id={}", spec.model_id),
+        format!("--listen={}", placement.grpc_listen),
+        format!("--http-listen={}", placement.http_listen),
+        format!("--modality={modality}"),
+    ];
+    if let Some(name) = &external.model {
+        args.push(format!("--upstream-model={name}"));
+    }
+    if !placement.model.is_empty() {
+        args.push(format!("--model={}", placement.model));
     }
     args
 }

@@ -130,7 +130,7 @@ pub fn model_status(model: &FoundationModel, plan: &Plan, observed: &Observed, n
                 None => format!("{}:{GRPC_PORT}", p.name),
             })
             .collect(),
-        weights_sha256: model.spec.source.sha256.clone(),
+        weights_sha256: model.spec.fetched_weights().and_then(|s| s.sha256.clone()),
         weights_cached: None,
         observed_generation: generation,
     }

@@ -1,6 +1,6 @@
 //! Golden tests of what the operator creates: the examples and the variants in
-//! `tests/golden/variants.yaml` (GPU, External engine, scale to zero, a Draining Cell, a
-//! reservation) render byte for byte to the checked-in YAML, which scripts/test.sh also validates
+//! `tests/golden/variants.yaml` (GPU, External engine by image and by endpoint, scale to zero, a
+//! Draining Cell, a reservation) render byte for byte to the checked-in YAML, which scripts/test.sh also validates
 //! against the Kubernetes 1.34 schemas. `MANTLE_UPDATE_GOLDEN=1 cargo test -p mantle-operator`
 //! rewrites the files after an intended change; review the diff.
 
@@ -140,9 +140,31 @@ fn an_external_engine_runs_beside_a_runner_that_fronts_it() {
         runner.contains(&"--engine=external".to_string())
             && runner.contains(&"--upstream=http://127.0.0.1:8000".to_string())
     );
+    assert!(pod.containers[0].resources.is_none(), "the model's resources are the engine's");
     let engine = &pod.containers[1];
     assert_eq!(engine.image.as_deref(), Some("vllm/vllm-openai:v0.11.0"));
     assert_eq!(engine.resources.as_ref().unwrap().limits.as_ref().unwrap()["nvidia.com/gpu"].0, "1");
+}
+
+#[test]
+fn an_external_endpoint_gets_a_runner_alone_with_nothing_to_fetch() {
+    let (_, objects) = variants();
+    let pod =
+        deployment(&objects, "shared-llama-server-gpu-east").spec.as_ref().unwrap().template.spec.clone().unwrap();
+    let names: Vec<&str> = pod.containers.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["runner"]);
+    let args = pod.containers[0].args.as_ref().unwrap();
+    assert_eq!(
+        args[..3],
+        ["serve", "--engine=external", "--upstream=http://llama-server.inference.svc:8080"],
+        "{args:?}"
+    );
+    assert!(args.contains(&"--upstream-model=llama-3.2-1b-instruct".to_string()), "{args:?}");
+    assert!(pod.init_containers.is_none(), "no weights to fetch");
+    assert!(pod.affinity.is_none(), "no cache to prefer");
+    let volumes: Vec<&str> = pod.volumes.iter().flatten().map(|v| v.name.as_str()).collect();
+    assert_eq!(volumes, ["runner-token"]);
+    assert!(pod.containers[0].resources.is_none());
 }
 
 #[test]
@@ -159,7 +181,7 @@ fn with_an_endpoint_picker_external_models_get_an_inference_pool_of_their_engine
     let options = RenderOptions { endpoint_picker: Some(picker), ..RenderOptions::default() };
     let objects = mantle_operator::render(&desired, &plan(&desired, &Observed::default()), &options);
     let pools: Vec<&Object> = objects.iter().filter(|o| o.kind() == "InferencePool").collect();
-    assert_eq!(pools.len(), 1, "only the External-engine model");
+    assert_eq!(pools.len(), 1, "only the External-engine model run from an image");
     let Object::InferencePool(pool) = pools[0] else { unreachable!() };
     assert_eq!(pool.metadata.name.as_deref(), Some("qwen-vllm"));
     let spec = &pool.data["spec"];

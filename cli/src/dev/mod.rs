@@ -1,7 +1,8 @@
 //! `mantle dev`: the whole platform on one machine — the operator's plan realised as local
 //! processes. Reads a directory of manifests, fetches the small models when they are missing,
 //! plans the runner pools as the operator does (`mantle_operator::plan`), runs each pool replica
-//! as a runner process with the arguments the operator puts in a runner pod, starts the router,
+//! as a runner process with the arguments the operator puts in a runner pod (for an External
+//! engine's `endpoint`, the sidecar in front of that running server), starts the router,
 //! and then follows the directory: a FoundationModel, ProvisionedThroughput or Cell file added,
 //! changed or deleted starts, restarts or stops runners and updates the router within seconds,
 //! without restarting the router or touching models that did not change. Ctrl-C stops it all.
@@ -18,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use mantle_crds::FoundationModel;
+use mantle_crds::{EngineType, FoundationModel};
 use mantle_operator::autoscale::{Autoscaler, Signal};
 use mantle_operator::plan::PoolObservation;
 use mantle_operator::{Desired, Observed, PoolPlan, plan};
@@ -94,7 +95,7 @@ fn source_name(uri: &str) -> &str {
 /// Finds a model's weights on this machine: a local path or `file://` URI as is, else a file or
 /// directory of the same name in the models directory (or one level below it).
 pub fn local_weights(fm: &FoundationModel, models_dir: &Path) -> Option<PathBuf> {
-    let uri = fm.spec.source.uri.as_str();
+    let uri = fm.spec.source.as_ref()?.uri.as_str();
     if let Some(path) = uri.strip_prefix("file://").or_else(|| uri.starts_with('/').then_some(uri)) {
         return Path::new(path).exists().then(|| PathBuf::from(path));
     }
@@ -119,30 +120,59 @@ fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
 /// How often the manifests and the runners' readiness are looked at.
 const TICK: Duration = Duration::from_secs(1);
 
-/// The models that have weights on this machine, by FoundationModel name; the others are
-/// reported once.
-fn models_with_weights(
+/// How a model runs on this machine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LocalRun {
+    /// The builtin engine, from weights on this machine.
+    Weights,
+    /// The runner in front of an External engine's `endpoint`, a server already running.
+    Endpoint,
+    /// Not at all: an External engine's `image` is a container only the operator runs.
+    ClusterOnly,
+}
+
+fn local_run(fm: &FoundationModel) -> LocalRun {
+    match (fm.spec.engine.type_, fm.spec.external_endpoint()) {
+        (EngineType::Builtin, _) => LocalRun::Weights,
+        (EngineType::External, Some(_)) => LocalRun::Endpoint,
+        (EngineType::External, None) => LocalRun::ClusterOnly,
+    }
+}
+
+/// The models that can run on this machine, by FoundationModel name, with their local weights
+/// (for an External endpoint, only when its source happens to be here: the runner counts tokens
+/// with it when the server has no `/tokenize`); the others are reported once.
+fn runnable_models(
     desired: &Desired,
     models_dir: &Path,
     reported: &mut Vec<String>,
-) -> BTreeMap<String, (FoundationModel, PathBuf)> {
+) -> BTreeMap<String, (FoundationModel, Option<PathBuf>)> {
     let mut found = BTreeMap::new();
     for fm in &desired.models {
         let name = fm.metadata.name.clone().unwrap_or_default();
-        match local_weights(fm, models_dir) {
-            Some(path) => {
-                found.insert(name, (fm.clone(), path));
+        let weights = local_weights(fm, models_dir);
+        match (local_run(fm), weights) {
+            (LocalRun::Endpoint, weights) | (LocalRun::Weights, weights @ Some(_)) => {
+                found.insert(name, (fm.clone(), weights));
             }
-            None if !reported.contains(&name) => {
+            _ if reported.contains(&name) => {}
+            (LocalRun::Weights, None) => {
                 tracing::error!(
                     model = %fm.spec.model_id,
                     "no local weights (looked for {:?} in {}); the model is listed but has no runner",
-                    source_name(&fm.spec.source.uri),
+                    fm.spec.source.as_ref().map_or("", |s| source_name(&s.uri)),
                     models_dir.display()
                 );
                 reported.push(name);
             }
-            None => {}
+            (LocalRun::ClusterOnly, _) => {
+                tracing::warn!(
+                    model = %fm.spec.model_id,
+                    "engine.external.image runs only in a cluster; the model is listed but has no runner \
+                     (give it an engine.external.endpoint to front a server running here)"
+                );
+                reported.push(name);
+            }
         }
     }
     found
@@ -182,7 +212,8 @@ struct Dev {
     models_dir: PathBuf,
     launch: Launch,
     runners: Runners,
-    missing_weights: Vec<String>,
+    /// The models already reported as having no runner here (no weights, or an image).
+    not_run: Vec<String>,
     /// What the plan could not do, as last reported.
     problems: Vec<String>,
     /// The pools of the last plan, and the autoscaler that sizes the shared ones.
@@ -206,7 +237,7 @@ impl Dev {
             }
             self.problems = problems;
         }
-        let models = models_with_weights(&desired, &self.models_dir, &mut self.missing_weights);
+        let models = runnable_models(&desired, &self.models_dir, &mut self.not_run);
         let wants = runners::wants(&plan.pools, &models, &self.launch);
         let (started, stopped) = self.runners.apply(&wants, &self.launch).await?;
         self.pools = plan.pools;
@@ -256,7 +287,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         bail!("{} holds no FoundationModel to run", args.manifests.display());
     }
     let models_dir = args.models_dir.clone().unwrap_or_else(|| cache_dir().join("models"));
-    if desired.models.iter().any(|fm| local_weights(fm, &models_dir).is_none()) {
+    if desired.models.iter().any(|fm| local_run(fm) == LocalRun::Weights && local_weights(fm, &models_dir).is_none()) {
         fetch_models(&args.manifests)?;
     }
     // The runners answer only the router: a token made for this run, in a file only we read.
@@ -275,7 +306,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         models_dir,
         launch,
         runners: Runners::default(),
-        missing_weights: Vec::new(),
+        not_run: Vec::new(),
         problems: Vec::new(),
         pools: Vec::new(),
         autoscaler: Autoscaler::default(),
@@ -506,10 +537,53 @@ mod tests {
         )
         .unwrap();
         assert_eq!(local_weights(&fm, &dir), Some(dir.join("smollm2/model.gguf")));
-        fm.spec.source.uri = "s3://bucket/minilm/".into();
+        fm.spec.source.as_mut().unwrap().uri = "s3://bucket/minilm/".into();
         assert_eq!(local_weights(&fm, &dir), Some(dir.join("minilm")));
-        fm.spec.source.uri = "s3://bucket/other.gguf".into();
+        fm.spec.source.as_mut().unwrap().uri = "s3://bucket/other.gguf".into();
         assert_eq!(local_weights(&fm, &dir), None);
+        fm.spec.source = None;
+        assert_eq!(local_weights(&fm, &dir), None);
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn endpoint_models_run_without_weights_and_image_models_not_at_all() {
+        let dir = std::env::temp_dir().join(format!("mantle-dev-external-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("smollm2")).unwrap();
+        std::fs::write(dir.join("smollm2/model.gguf"), b"x").unwrap();
+        let model = |name: &str, rest: &str| {
+            format!(
+                "---\napiVersion: mantle.dev/v1alpha1\nkind: FoundationModel\nmetadata: {{name: {name}}}\nspec:\n  modelId: a.{name}-v1:0\n  provider: p\n  modality: TEXT\n  contextLength: 2048\n{rest}"
+            )
+        };
+        let manifests = [
+            model("local", "  source: {uri: 's3://b/smollm2/model.gguf', format: gguf}\n"),
+            model("absent", "  source: {uri: 's3://b/absent.gguf', format: gguf}\n"),
+            model("ollama", "  engine: {type: External, external: {endpoint: 'http://127.0.0.1:11434'}}\n"),
+            model(
+                "tokenizer",
+                "  source: {uri: 's3://b/smollm2/model.gguf', format: gguf}\n  engine: {type: External, external: {endpoint: 'http://127.0.0.1:8080'}}\n",
+            ),
+            model(
+                "vllm",
+                "  source: {uri: 's3://b/smollm2/model.gguf', format: gguf}\n  engine: {type: External, external: {image: 'vllm/vllm-openai:v0.11.0'}}\n",
+            ),
+        ]
+        .concat();
+        let desired = Desired::from_manifests(mantle_crds::parse_manifests(&manifests, "test.yaml").unwrap());
+        let mut reported = Vec::new();
+        let runnable = runnable_models(&desired, &dir, &mut reported);
+        let weights: Vec<(&str, Option<PathBuf>)> =
+            runnable.iter().map(|(name, (_, weights))| (name.as_str(), weights.clone())).collect();
+        assert_eq!(
+            weights,
+            [
+                ("local", Some(dir.join("smollm2/model.gguf"))),
+                ("ollama", None),
+                ("tokenizer", Some(dir.join("smollm2/model.gguf"))),
+            ]
+        );
+        assert_eq!(reported, ["absent", "vllm"], "each model that cannot run here is reported once");
         std::fs::remove_dir_all(dir).ok();
     }
 }

@@ -57,17 +57,18 @@ pub struct Launch {
     pub cache_dir: PathBuf,
 }
 
-/// The processes the plan's pools make: `models[pool.model]` is the model's local weights.
+/// The processes the plan's pools make: `models[pool.model]` is a model that runs here, with its
+/// local weights (none for an External endpoint whose GGUF is not on this machine).
 pub fn wants(
     pools: &[PoolPlan],
-    models: &BTreeMap<String, (mantle_crds::FoundationModel, PathBuf)>,
+    models: &BTreeMap<String, (mantle_crds::FoundationModel, Option<PathBuf>)>,
     launch: &Launch,
 ) -> Vec<Want> {
     let mut wants = Vec::new();
     for pool in pools {
         let Some((model, weights)) = models.get(&pool.model) else { continue };
         let placement = RunnerPlacement {
-            model: weights.display().to_string(),
+            model: weights.as_ref().map(|w| w.display().to_string()).unwrap_or_default(),
             grpc_listen: "{grpc}".into(),
             http_listen: "{http}".into(),
             threads: launch.threads,
