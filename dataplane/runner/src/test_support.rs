@@ -160,7 +160,11 @@ impl LlamaServer {
             .args(&self.extra)
             .stdout(Stdio::null())
             // MANTLE_LLAMA_SERVER_LOG=1 shows the server's log.
-            .stderr(if std::env::var_os("MANTLE_LLAMA_SERVER_LOG").is_some() { Stdio::inherit() } else { Stdio::null() })
+            .stderr(if std::env::var_os("MANTLE_LLAMA_SERVER_LOG").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
             .spawn()
             .expect("llama-server starts");
         self.child = Some(child);
