@@ -122,6 +122,10 @@ pub struct ServeArgs {
     /// answering is reported CRITICAL within two intervals.
     #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(50..=60_000))]
     pub health_interval_ms: u64,
+    /// Which server the upstream is (`vllm`, `sglang`, `llama-cpp`, `generic`); default: recognised
+    /// from its `/props`, `/metrics` and `/v1/models`.
+    #[arg(long, value_enum)]
+    pub upstream_kind: Option<crate::external::Flavor>,
     /// A bearer token for the upstream.
     #[arg(long, env = "MANTLE_UPSTREAM_API_KEY", hide_env_values = true)]
     pub upstream_api_key: Option<String>,
@@ -236,6 +240,7 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
             priority: args.upstream_priority,
             health_interval: std::time::Duration::from_millis(args.health_interval_ms),
             api_key: args.upstream_api_key,
+            flavor: args.upstream_kind,
         }),
         (EngineKind::External, None) => anyhow::bail!("--engine external needs --upstream"),
         (EngineKind::Builtin, _) => None,

@@ -104,6 +104,20 @@ async fn greedy_output_and_token_counts_through_the_runner_equal_llama_servers_o
         .unwrap()
         .into_inner();
     assert_eq!(counted.input_tokens, usage.input_tokens, "CountTokens agrees with the server's usage");
+    // A server without /tokenize (SGLang, Ollama), and no tokenizer in the runner: the count comes
+    // from a one-token completion's usage.
+    let mut generic = RunnerConfig::external(server.url(), MODEL_ID);
+    if let Some(external) = generic.external.as_mut() {
+        external.flavor = Some(mantle_runner::external::Flavor::Generic);
+    }
+    let generic = mantle_runner::start(generic).await.expect("runner starts");
+    let mut generic_client = RunnerClient::connect(format!("http://{}", generic.grpc_addr)).await.unwrap();
+    let request = CountTokensRequest {
+        messages: vec![ChatMessage { role: "user".into(), content: question.into() }],
+        prompt: String::new(),
+    };
+    let counted = generic_client.count_tokens(request).await.unwrap().into_inner();
+    assert_eq!(counted.input_tokens, usage.input_tokens, "counted through a one-token completion");
 
     // A stop sequence from the middle of the greedy answer ends it there, without the sequence.
     let words: Vec<&str> = text.split_whitespace().collect();

@@ -33,7 +33,7 @@ use upstream::Upstream;
 
 /// Which server the upstream is, as far as the runner adapts to it (extra request fields, where
 /// its load and token counts are read).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Flavor {
     Vllm,
     Sglang,
@@ -76,6 +76,8 @@ pub struct ExternalConfig {
     pub health_interval: Duration,
     /// Sent as `Authorization: Bearer` (MANTLE_UPSTREAM_API_KEY).
     pub api_key: Option<String>,
+    /// Which server it is; `None`: recognised from its endpoints.
+    pub flavor: Option<Flavor>,
 }
 
 impl ExternalConfig {
@@ -87,6 +89,7 @@ impl ExternalConfig {
             priority: PriorityMode::None,
             health_interval: Duration::from_millis(500),
             api_key: None,
+            flavor: None,
         }
     }
 }
@@ -160,7 +163,7 @@ pub async fn connect(
         Err(_) => None,
     };
     let owned_by = entry.and_then(|m| m.get("owned_by")).and_then(Value::as_str).unwrap_or_default();
-    let flavor = detect(props.as_ref(), metrics_flavor, owned_by);
+    let flavor = config.flavor.unwrap_or_else(|| detect(props.as_ref(), metrics_flavor, owned_by));
     let context_length = entry
         .and_then(|m| m.get("max_model_len"))
         .or_else(|| props.as_ref().and_then(|p| p.pointer("/default_generation_settings/n_ctx")))
@@ -189,6 +192,8 @@ pub async fn connect(
         info.vocab_size = t.tokenizer.vocab_size() as u32;
     }
     tracing::info!(upstream = upstream.base(), model = %model, flavor = flavor.name(), context_length, "the upstream answers");
+    // It has just answered: ready, until the monitor finds otherwise.
+    ready.store(true, std::sync::atomic::Ordering::Release);
     let (tx, state) = watch::channel(monitor::UpstreamState::default());
     tokio::spawn(monitor::watch_upstream(upstream.clone(), flavor, config.health_interval, tx, ready, metrics.clone()));
     Ok(ExternalService {

@@ -130,6 +130,31 @@ impl ExternalService {
     }
 }
 
+impl ExternalService {
+    /// The count from the usage of a one-token completion: exact on any OpenAI-compatible server
+    /// (SGLang, Ollama), at the cost of a prefill, for those without `/tokenize` when the runner has
+    /// no tokenizer of its own.
+    async fn count_by_completion(&self, r: &CountTokensRequest) -> Result<usize, UpstreamError> {
+        let (path, mut body) = if r.messages.is_empty() {
+            ("/v1/completions", json!({"prompt": r.prompt}))
+        } else {
+            let messages: Vec<Value> =
+                r.messages.iter().map(|m| json!({"role": m.role, "content": m.content})).collect();
+            ("/v1/chat/completions", json!({"messages": messages}))
+        };
+        body["model"] = json!(self.model);
+        body["max_tokens"] = json!(1);
+        body["temperature"] = json!(0);
+        let answer = self.upstream.post_json(path, &body, CALL_TIMEOUT).await?;
+        answer.pointer("/usage/prompt_tokens").and_then(Value::as_u64).map(|n| n as usize).ok_or_else(|| {
+            UpstreamError::Malformed {
+                url: format!("{}{path}", self.upstream.base()),
+                reason: "no usage.prompt_tokens in the answer".into(),
+            }
+        })
+    }
+}
+
 /// Scales `v` to unit length (the API promises L2-normalised vectors; not every server does).
 fn normalise(mut v: Vec<f32>) -> Vec<f32> {
     let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
@@ -271,13 +296,7 @@ impl Runner for ExternalService {
                     .map_err(|e| Status::internal(format!("tokenizer task: {e}")))?
                     .map_err(crate::service::status)?
             }
-            (None, None) => {
-                return Err(Status::unimplemented(format!(
-                    "the upstream of {} has no /tokenize; give the runner the model's weights (--model) \
-                     to count tokens with its own tokenizer",
-                    self.info.model_id
-                )));
-            }
+            (None, None) => self.count_by_completion(&r).await.map_err(|e| e.status())?,
         };
         Ok(Response::new(CountTokensResponse { input_tokens: count as u32 }))
     }
