@@ -146,6 +146,17 @@ pub fn check_messages(messages: &[mantle_proto::ChatMessage], prompt: &str) -> R
     Ok(())
 }
 
+/// Checks an Embed request's batch size.
+pub fn check_embed_texts(texts: &[String]) -> Result<(), Status> {
+    if texts.is_empty() || texts.len() > MAX_EMBED_TEXTS {
+        return Err(Status::invalid_argument(format!(
+            "texts has {} entries; send 1 to {MAX_EMBED_TEXTS}",
+            texts.len()
+        )));
+    }
+    Ok(())
+}
+
 /// Checks the sampling fields every engine takes the same way.
 pub fn check_sampling(r: &mantle_proto::GenerateRequest) -> Result<(), Status> {
     if r.top_logprobs as usize > MAX_TOP_LOGPROBS {
@@ -308,12 +319,7 @@ impl Runner for RunnerService {
             return Err(self.wrong_modality("Embed", "EMBEDDING"));
         };
         let texts = request.into_inner().texts;
-        if texts.is_empty() || texts.len() > MAX_EMBED_TEXTS {
-            return Err(Status::invalid_argument(format!(
-                "texts has {} entries; send 1 to {MAX_EMBED_TEXTS}",
-                texts.len()
-            )));
-        }
+        check_embed_texts(&texts)?;
         let model = model.clone();
         let out = blocking(move || model.embed(&texts)).await?;
         Ok(Response::new(EmbedResponse {

@@ -24,7 +24,7 @@ use super::upstream::{Upstream, UpstreamError};
 use super::{Flavor, Modality};
 use crate::gpu::GpuSample;
 use crate::metrics::Metrics;
-use crate::service::{HEALTH_INTERVAL, MAX_EMBED_TEXTS, check_messages, check_sampling, deadline};
+use crate::service::{HEALTH_INTERVAL, check_embed_texts, check_messages, check_sampling, deadline};
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -244,12 +244,7 @@ impl Runner for ExternalService {
             return Err(self.wrong_modality("Embed", "EMBEDDING"));
         }
         let texts = request.into_inner().texts;
-        if texts.is_empty() || texts.len() > MAX_EMBED_TEXTS {
-            return Err(Status::invalid_argument(format!(
-                "texts has {} entries; send 1 to {MAX_EMBED_TEXTS}",
-                texts.len()
-            )));
-        }
+        check_embed_texts(&texts)?;
         self.check_up()?;
         let body = json!({"model": self.model, "input": texts, "encoding_format": "float"});
         let answer = self.upstream.post_json("/v1/embeddings", &body, CALL_TIMEOUT).await.map_err(|e| e.status())?;
