@@ -39,7 +39,8 @@ use crate::validation::{Invalid, Validate, Violations};
     validation = Rule::new("!has(self.invokeModelBody) || (self.modality == 'TEXT') == (self.invokeModelBody in ['AnthropicMessages', 'Llama', 'Mistral'])").message("invokeModelBody must be a body of the model's modality: AnthropicMessages, Llama or Mistral for TEXT; TitanEmbed or CohereEmbed for EMBEDDING").field_path(".invokeModelBody"),
     validation = Rule::new("!has(self.draftModel) || self.draftModel.modelId != self.modelId").message("a model cannot be its own draft model").field_path(".draftModel.modelId"),
     validation = Rule::new("!has(self.fallbacks) || self.fallbacks.all(f, f.modelId != self.modelId)").message("a model cannot be its own fallback").field_path(".fallbacks"),
-    validation = Rule::new("has(self.source) || (has(self.engine) && has(self.engine.external) && has(self.engine.external.endpoint))").message("source is required unless the engine is an external endpoint").field_path(".source")
+    validation = Rule::new("has(self.source) || (has(self.engine) && has(self.engine.external) && has(self.engine.external.endpoint))").message("source is required unless the engine is an external endpoint").field_path(".source"),
+    validation = Rule::new("!(has(self.engine) && has(self.engine.external) && has(self.engine.external.endpoint)) || !has(self.weightCache) || !has(self.weightCache.prewarm)").message("prewarm caches weights Mantle fetches; an external endpoint's server holds its own").field_path(".weightCache.prewarm")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct FoundationModelSpec {
@@ -602,6 +603,11 @@ impl Validate for FoundationModelSpec {
             !self.weight_cache.pin_in_host_memory || tiers.contains(&CacheTier::HostMemory),
             "spec.weightCache.pinInHostMemory",
             "pinInHostMemory needs the HostMemory tier",
+        );
+        v.check(
+            self.weight_cache.prewarm.is_none() || self.external_endpoint().is_none(),
+            "spec.weightCache.prewarm",
+            "prewarm caches weights Mantle fetches; an external endpoint's server holds its own",
         );
         v.check(
             self.weight_cache.prewarm.is_none() || tiers.contains(&CacheTier::NodeDisk),

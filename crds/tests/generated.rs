@@ -29,6 +29,7 @@ fn each_cel_rule_is_in_the_generated_yaml() {
                 "has(self.image) != has(self.endpoint)",
                 "!has(self.endpoint) || !has(self.args) || size(self.args) == 0",
                 "has(self.source) || (has(self.engine) && has(self.engine.external) && has(self.engine.external.endpoint))",
+                "!(has(self.engine) && has(self.engine.external) && has(self.engine.external.endpoint)) || !has(self.weightCache) || !has(self.weightCache.prewarm)",
                 "self.min <= self.max",
                 "!self.pinInHostMemory || 'HostMemory' in self.tiers",
                 "!has(self.prewarm) || 'NodeDisk' in self.tiers",

@@ -98,6 +98,7 @@ invalid_manifests! {
     fm_prewarm_without_node_disk_tier => "fm-prewarm-without-node-disk-tier.yaml",
     fm_source_uri_scheme => "fm-source-uri-scheme.yaml",
     fm_without_source => "fm-without-source.yaml",
+    fm_external_endpoint_with_prewarm => "fm-external-endpoint-with-prewarm.yaml",
     gr_empty_word_policy => "gr-empty-word-policy.yaml",
     gr_grounding_threshold_above_range => "gr-grounding-threshold-above-range.yaml",
     gr_invalid_regex => "gr-invalid-regex.yaml",
